@@ -236,6 +236,14 @@ class GPT(nn.Module):
         """Write a directory that transformers.GPT2LMHeadModel.from_pretrained loads."""
         write_hf_checkpoint(self, directory)
 
+    @classmethod
+    def from_checkpoint(cls, path):
+        """The model of a training checkpoint (log_dir/model_XXXXX.pt), on the CPU."""
+        checkpoint = read_checkpoint(path)
+        model = cls(GPTConfig(**checkpoint["config"]))
+        model.load_state_dict(checkpoint["model"])
+        return model
+
 
 # -----------------------------------------------------------------------------
 # a loss that never holds the (B, T, vocab) logits
@@ -446,3 +454,22 @@ def generate(model, prompt, max_new_tokens, num_samples=1, top_k=50, temperature
             next_token = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=rng)
         x = torch.cat([x, next_token], dim=1)
     return [enc.decode(row.tolist()) for row in x]
+
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+def read_checkpoint(path):
+    """A checkpoint dict, loaded with weights_only=True: opening a checkpoint never runs code."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, pickle error, ...: torch raises many types
+        raise UserError(f"checkpoint {path} is damaged or not a train_gpt2.py checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(checkpoint, dict) or not {"model", "config"} <= checkpoint.keys():
+        raise UserError(f"checkpoint {path} is not a train_gpt2.py checkpoint (no 'model' and 'config')")
+    known = {f.name for f in fields(GPTConfig)}
+    if not isinstance(checkpoint["config"], dict) or not set(checkpoint["config"]) <= known:
+        raise UserError(f"checkpoint {path} has an unreadable config: {checkpoint['config']!r}")
+    return checkpoint
