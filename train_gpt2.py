@@ -16,6 +16,7 @@ import tempfile
 from dataclasses import asdict, dataclass, fields
 from functools import lru_cache
 
+import numpy as np
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
@@ -473,3 +474,144 @@ def read_checkpoint(path):
     if not isinstance(checkpoint["config"], dict) or not set(checkpoint["config"]) <= known:
         raise UserError(f"checkpoint {path} has an unreadable config: {checkpoint['config']!r}")
     return checkpoint
+
+
+# -----------------------------------------------------------------------------
+# data: token shards written by fineweb.py (.npy, build-nanogpt's format) or llm.c (.bin)
+
+LLMC_MAGIC, LLMC_VERSION, LLMC_HEADER_BYTES = 20240520, 1, 256 * 4
+
+
+def find_shards(data_root, split):
+    """Sorted shard paths of one split: files named like `{prefix}_{split}_{idx}.npy` or `.bin`."""
+    if not os.path.isdir(data_root):
+        raise UserError(f"data directory {data_root} does not exist: run `python fineweb.py` to make it, "
+                        "or pass --data-dir")
+    pattern = re.compile(rf"(^|_){re.escape(split)}_\d+\.(npy|bin)$")
+    shards = sorted(os.path.join(data_root, name) for name in os.listdir(data_root) if pattern.search(name))
+    if not shards:
+        raise UserError(f"no '{split}' shards (*_{split}_NNNNNN.npy or .bin) in {data_root}: "
+                        "run `python fineweb.py` to make them, or pass --data-dir")
+    return shards
+
+
+def open_shard(path):
+    """A read-only memory map of a shard's uint16 tokens; checks the format, not the token values."""
+    if os.path.getsize(path) == 0:
+        raise UserError(f"shard {path} is empty (0 bytes): delete it and rerun fineweb.py")
+    if path.endswith(".bin"):
+        header = np.fromfile(path, dtype=np.int32, count=256)
+        if len(header) < 256 or header[0] != LLMC_MAGIC:
+            raise UserError(f"shard {path} is not an llm.c token file (bad magic number)")
+        if header[1] != LLMC_VERSION:
+            raise UserError(f"shard {path} has llm.c version {header[1]}, expected {LLMC_VERSION} (uint16 GPT-2 tokens)")
+        expected = LLMC_HEADER_BYTES + 2 * int(header[2])
+        if os.path.getsize(path) != expected:
+            raise UserError(f"shard {path} is {os.path.getsize(path)} bytes but its header promises "
+                            f"{header[2]} tokens ({expected} bytes): the file is truncated or damaged")
+        return np.memmap(path, dtype=np.uint16, mode="r", offset=LLMC_HEADER_BYTES, shape=(int(header[2]),))
+    try:
+        tokens = np.load(path, mmap_mode="r")
+    except (ValueError, EOFError, OSError) as e:
+        raise UserError(f"shard {path} is truncated or not a .npy file ({e}): delete it and rerun fineweb.py") from None
+    if tokens.dtype != np.uint16 or tokens.ndim != 1:
+        raise UserError(f"shard {path} holds {tokens.dtype} of shape {tokens.shape}, expected 1-D uint16 tokens")
+    return tokens
+
+
+class DataLoaderLite:
+    """Batches of (B, T) token windows from the shards of one split, read through memory maps.
+
+    The split's shards, in order (or in a seeded order that changes every epoch when
+    shuffle_seed is set), form one token stream; documents already run across shard ends.
+    Each step takes the next B*T*num_processes tokens of the stream: rank r reads the window
+    [pos + r*B*T, pos + (r+1)*B*T + 1), the extra token giving the last target. Windows may
+    cross shard boundaries, so over an epoch every token is used once, by exactly one rank; only
+    the stream's final tail, shorter than one step, is skipped before the next epoch starts.
+    The position is global, so state_dict() is the same on every rank.
+    """
+
+    def __init__(self, B, T, process_rank, num_processes, split, data_root, shuffle_seed=None,
+                 vocab_size=GPT2_VOCAB_SIZE, device="cpu"):
+        self.B, self.T = B, T
+        self.process_rank, self.num_processes = process_rank, num_processes
+        self.split, self.shuffle_seed, self.vocab_size = split, shuffle_seed, vocab_size
+        self.device = torch.device(device)
+        self.shards = find_shards(data_root, split)
+        self.shard_lengths = [len(open_shard(path)) for path in self.shards]
+        needed = B * T * num_processes + 1
+        if sum(self.shard_lengths) < needed:
+            raise UserError(f"split '{split}' in {data_root} has {sum(self.shard_lengths)} tokens, fewer than one "
+                            f"step needs ({needed} = B*T*processes + 1): use smaller -B/-T or more data")
+        self._checked = set()  # shards whose token ids were checked
+        self._open = {}  # shard index -> memmap; a few stay open
+        self.reset()
+
+    def reset(self):
+        self.epoch, self.position = 0, 0
+        self._set_order()
+
+    def _set_order(self):
+        order = list(range(len(self.shards)))
+        if self.shuffle_seed is not None:
+            rng = np.random.default_rng([self.shuffle_seed, self.epoch])
+            order = [int(i) for i in rng.permutation(order)]
+        self.order = order
+        self.starts = np.cumsum([0] + [self.shard_lengths[i] for i in order])  # stream offset of each shard
+
+    def _tokens(self, shard_index):
+        if shard_index not in self._open:
+            tokens = open_shard(self.shards[shard_index])
+            if shard_index not in self._checked:
+                if len(tokens) and int(tokens.max()) >= self.vocab_size:
+                    raise UserError(f"shard {self.shards[shard_index]} holds token id {int(tokens.max())}, "
+                                    f">= vocab size {self.vocab_size}: the file is not GPT-2 tokens")
+                self._checked.add(shard_index)
+            if len(self._open) >= 2:  # a window spans at most two shards at a time in practice
+                self._open.pop(next(iter(self._open)))
+            self._open[shard_index] = tokens
+        return self._open[shard_index]
+
+    def _read(self, start, length):
+        """`length` tokens of the stream from offset `start`, as int64."""
+        out = np.empty(length, dtype=np.int64)
+        filled = 0
+        k = int(np.searchsorted(self.starts, start, side="right")) - 1
+        while filled < length:
+            shard = self._tokens(self.order[k])
+            offset = start + filled - int(self.starts[k])
+            piece = shard[offset:offset + length - filled]
+            out[filled:filled + len(piece)] = piece
+            filled += len(piece)
+            k += 1
+        return out
+
+    def next_batch(self):
+        B, T = self.B, self.T
+        step_tokens = B * T * self.num_processes
+        if self.position + step_tokens + 1 > self.starts[-1]:  # the tail is shorter than a step
+            self.epoch += 1
+            self.position = 0
+            self._set_order()
+        buf = torch.from_numpy(self._read(self.position + self.process_rank * B * T, B * T + 1))
+        self.position += step_tokens
+        x, y = buf[:-1].view(B, T), buf[1:].view(B, T)  # targets are the inputs shifted by one
+        if self.device.type == "cuda":  # pinned memory lets the copy overlap with the GPU's work
+            x = x.pin_memory().to(self.device, non_blocking=True)
+            y = y.pin_memory().to(self.device, non_blocking=True)
+        elif self.device.type != "cpu":
+            x, y = x.to(self.device), y.to(self.device)
+        return x, y
+
+    def state_dict(self):
+        return {"split": self.split, "epoch": self.epoch, "position": self.position,
+                "shuffle_seed": self.shuffle_seed, "shards": [os.path.basename(p) for p in self.shards],
+                "shard_lengths": list(self.shard_lengths)}
+
+    def load_state_dict(self, state):
+        if state["shards"] != [os.path.basename(p) for p in self.shards] or state["shard_lengths"] != self.shard_lengths:
+            raise UserError(f"the '{self.split}' shards differ from those the checkpoint was trained on: "
+                            "resume with the same --data-dir, or start a new run with --resume none")
+        self.shuffle_seed = state["shuffle_seed"]
+        self.epoch, self.position = state["epoch"], state["position"]
+        self._set_order()
