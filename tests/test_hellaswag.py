@@ -1,0 +1,361 @@
+"""hellaswag.py: batched scoring equals per-example fp32 scoring, acc and acc_norm are not swapped,
+HF directory and train_gpt2 checkpoint agree, downloads are atomic, bad input is a clear error."""
+
+import dataclasses
+import http.server
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+import hellaswag
+from train_gpt2 import GPT, UserError, get_encoding
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+N_ROWS = 24
+WORDS = ("the man woman dog ball kitchen runs jumps slowly quickly into across table guitar plays "
+         "water bike rides mountain smiles camera then after picks up puts down holds sings").split()
+
+
+def make_rows(n, seed=0):
+    """HellaSwag-format rows with contexts of 3-30 words and endings of 1-15 words."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        ctx = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 30))).capitalize() + "."
+        endings = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 15))) + "." for _ in range(4)]
+        rows.append({"ind": i, "activity_label": "Testing", "ctx_a": ctx, "ctx_b": "", "ctx": ctx,
+                     "split": "val", "split_type": "indomain", "label": rng.randint(0, 3),
+                     "endings": endings, "source_id": f"test~{i}"})
+    return rows
+
+
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        for row in rows:
+            f.write((row if isinstance(row, str) else json.dumps(row)) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A 24-row data file, a random small HF GPT-2 directory, the same weights as a train_gpt2.py
+    checkpoint (with the vocabulary padded, as training does), and the per-example fp32 reference."""
+    import transformers
+
+    root = tmp_path_factory.mktemp("hellaswag")
+    data = write_jsonl(root / "data.jsonl", make_rows(N_ROWS))
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=128, vocab_size=50257,
+                                     initializer_range=0.2)  # large weights: clear preferences, no near-ties
+    hf_model = transformers.GPT2LMHeadModel(config).eval()
+    hf_dir = str(root / "hf")
+    hf_model.save_pretrained(hf_dir)
+    ours = GPT.from_pretrained(hf_dir, vocab_multiple=64)
+    assert ours.lm_head.weight.size(0) == 50304  # padded rows must be ignored by the scorer
+    ckpt = str(root / "model_00000.pt")
+    torch.save({"model": ours.state_dict(), "config": dataclasses.asdict(ours.config), "step": 0}, ckpt)
+    hf_model = transformers.GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+    examples = hellaswag.load_examples(data_path=data)
+    ref_sum, ref_mean = reference_losses(lambda t: hf_model(t).logits, examples)
+    labels = torch.tensor([ex["label"] for ex in examples])
+    return {"root": root, "data": data, "hf_dir": hf_dir, "ckpt": ckpt, "hf_model": hf_model, "ours": ours.eval(),
+            "examples": examples, "ref_sum": ref_sum, "ref_mean": ref_mean, "labels": labels}
+
+
+def reference_losses(logits_fn, examples):
+    """Each example on its own, in fp32, from render_example and the full logits."""
+    sums, means = [], []
+    for example in examples:
+        _, tokens, mask, _ = hellaswag.render_example(example)
+        with torch.no_grad():
+            logits = logits_fn(tokens).float()
+        losses = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), tokens[:, 1:].reshape(-1),
+                                 reduction="none").view(4, -1)
+        m = mask[:, 1:].float()
+        sums.append((losses * m).sum(1))
+        means.append((losses * m).sum(1) / m.sum(1))
+    return torch.stack(sums), torch.stack(means)
+
+
+def test_render_example_rows_and_mask():
+    enc = get_encoding()
+    example = {"ctx": "Hello there", "endings": ["cat", "dog dog dog dog", "fish fish", "x"], "label": 2}
+    data, tokens, mask, label = hellaswag.render_example(example)
+    ctx = enc.encode("Hello there")
+    assert ctx == [15496, 612] and label == 2 and data["ctx_tokens"] == ctx
+    assert data["ending_tokens"][0] == [3797] and data["ending_tokens"][1] == [3290] * 4
+    assert tokens.shape == mask.shape == (4, 6)
+    assert tokens[1].tolist() == ctx + [3290] * 4
+    assert tokens[0].tolist() == ctx + [3797, 0, 0, 0]  # right-padded with 0
+    assert mask[0].tolist() == [0, 0, 1, 0, 0, 0] and mask[1].tolist() == [0, 0, 1, 1, 1, 1]
+
+
+def test_batched_equals_per_example_fp32(workdir):
+    examples, hf = workdir["examples"], workdir["hf_model"]
+    ref_sum, ref_mean, labels = workdir["ref_sum"], workdir["ref_mean"], workdir["labels"]
+    gaps = ref_mean.sort(1).values[:, 1] - ref_mean.sort(1).values[:, 0]
+    assert gaps.min() > 1e-3  # the data really tests predictions (no near-ties)
+    assert ref_sum.argmin(1).tolist() != ref_mean.argmin(1).tolist()  # and tells the two metrics apart
+    tok = hellaswag.tokenize_examples(examples)
+    for batch_size, max_tokens in [(64, None), (2, 150)]:  # one forward; many uneven ones
+        got_sum, got_mean = hellaswag.example_losses(hf, tok, "cpu", batch_size=batch_size, max_tokens=max_tokens)
+        assert torch.allclose(got_mean, ref_mean, atol=1e-4, rtol=0)
+        assert torch.allclose(got_sum, ref_sum, atol=1e-4, rtol=1e-6)
+        assert torch.equal(got_sum.argmin(1), ref_sum.argmin(1))
+        assert torch.equal(got_mean.argmin(1), ref_mean.argmin(1))
+    assert len(tok._batches[(0, 1, 2, 150, "cpu")].batches) > 10
+    counts = hellaswag.evaluate(hf, examples, "cpu", batch_size=5).tolist()  # dicts, not pre-tokenized
+    assert counts == [N_ROWS, int((ref_sum.argmin(1) == labels).sum()), int((ref_mean.argmin(1) == labels).sum())]
+
+
+def test_our_gpt_matches_hf(workdir):
+    tok = hellaswag.tokenize_examples(workdir["examples"])
+    our_sum, our_mean = hellaswag.example_losses(workdir["ours"], tok, "cpu")
+    assert torch.allclose(our_sum, workdir["ref_sum"], atol=1e-4, rtol=1e-6)
+    assert torch.allclose(our_mean, workdir["ref_mean"], atol=1e-4)
+    # a plain logits function (our GPT called directly returns (logits, loss)) takes the full-logits path
+    fn_sum, _ = hellaswag.example_losses(lambda idx: workdir["ours"](idx), tok[:6], "cpu")
+    assert torch.allclose(fn_sum, workdir["ref_sum"][:6], atol=1e-4, rtol=1e-6)
+
+
+def test_cli_model_dir_and_checkpoint_agree(workdir, capsys):
+    root, ref_sum, ref_mean, labels = workdir["root"], workdir["ref_sum"], workdir["ref_mean"], workdir["labels"]
+    out_m, out_c = str(root / "m.json"), str(root / "c.json")
+    res_m = hellaswag.main(["-m", workdir["hf_dir"], "--data", workdir["data"], "-d", "cpu", "--json", out_m])
+    printed = capsys.readouterr().out
+    res_c = hellaswag.main(["-c", workdir["ckpt"], "--data", workdir["data"], "-d", "cpu", "--json", out_c,
+                            "--batch-size", "3"])
+    with open(out_m) as f:
+        json_m = json.load(f)
+    with open(out_c) as f:
+        json_c = json.load(f)
+    assert set(json_m) == set(json_c) == {"n", "acc", "acc_norm", "seconds"}
+    assert {k: json_m[k] for k in ("n", "acc", "acc_norm")} == {k: json_c[k] for k in ("n", "acc", "acc_norm")}
+    assert json_m["n"] == res_m["n"] == res_c["n"] == N_ROWS
+    # and they are the per-example reference's numbers
+    assert json_m["acc"] == pytest.approx((ref_sum.argmin(1) == labels).float().mean().item())
+    assert json_m["acc_norm"] == pytest.approx((ref_mean.argmin(1) == labels).float().mean().item())
+    assert f"n={N_ROWS} acc={json_m['acc']:.4f} acc_norm={json_m['acc_norm']:.4f}" in printed
+    assert not [p for p in os.listdir(root) if p.endswith(".tmp")]  # the JSON went through a renamed temp file
+    res = hellaswag.main(["-c", workdir["ckpt"], "--data", workdir["data"], "-d", "cpu", "--limit", "7"])
+    assert res["n"] == 7 and res["acc"] == pytest.approx((ref_sum[:7].argmin(1) == labels[:7]).float().mean().item())
+
+
+def cost_logits(costs, vocab=50257):
+    """A fake model whose next-token distribution is the same everywhere: token v costs costs[v] nats
+    (-log p); the other ids share the remaining probability."""
+    p = torch.zeros(vocab, dtype=torch.float64)
+    for tok, c in costs.items():
+        p[tok] = math.exp(-c)
+    rest = [v for v in range(vocab) if v not in costs]
+    p[rest] = (1 - p.sum()) / len(rest)
+    bias = p.log().float()
+
+    def logits_fn(idx):
+        return bias.expand(idx.size(0), idx.size(1), vocab)
+    return logits_fn
+
+
+def test_acc_and_acc_norm_pick_different_endings():
+    enc = get_encoding()
+    cat, dog, fish = enc.encode(" cat"), enc.encode(" dog"), enc.encode(" fish")
+    assert len(cat) == len(dog) == len(fish) == 1
+    fn = cost_logits({cat[0]: 5.0, dog[0]: 2.0, fish[0]: 10.0})  # context tokens cost about ln(50257)
+    # ending 1 " cat": sum 5, mean 5; ending 2 " dog dog dog dog": sum 8, mean 2; " fish fish": sum 20, mean 10
+    endings = ["fish fish", "cat", "dog dog dog dog", "fish fish fish"]
+    examples = [{"ctx": "Hello there", "endings": endings, "label": 1},  # acc right, acc_norm wrong
+                {"ctx": "The cat sat", "endings": endings, "label": 2},  # acc wrong, acc_norm right
+                {"ctx": "A dog", "endings": endings, "label": 2}]
+    sums, means = hellaswag.example_losses(fn, examples, "cpu")
+    assert sums[0].tolist() == pytest.approx([20.0, 5.0, 8.0, 30.0], abs=1e-3)
+    assert means[0].tolist() == pytest.approx([10.0, 5.0, 2.0, 10.0], abs=1e-3)
+    assert sums.argmin(1).tolist() == [1, 1, 1]
+    assert means.argmin(1).tolist() == [2, 2, 2]
+    assert hellaswag.evaluate(fn, examples, "cpu").tolist() == [3, 1, 2]
+    assert hellaswag.evaluate_model(fn, examples, "cpu") == {"n": 3, "acc": 1 / 3, "acc_norm": 2 / 3}
+
+
+def test_ranks_split_the_work_and_batches_are_cached(workdir):
+    tok = hellaswag.tokenize_examples(workdir["examples"][:10])
+    whole = hellaswag.evaluate(workdir["ours"], tok, "cpu", batch_size=4)
+    parts = [hellaswag.evaluate(workdir["ours"], tok, "cpu", rank=r, world_size=3, batch_size=4) for r in range(3)]
+    assert [p[0].item() for p in parts] == [4, 3, 3]
+    assert torch.equal(sum(parts), whole) and whole.dtype == torch.int64 and whole[0].item() == 10
+    ref_sum, ref_mean, labels = workdir["ref_sum"][:10], workdir["ref_mean"][:10], workdir["labels"][:10]
+    assert whole.tolist() == [10, int((ref_sum.argmin(1) == labels).sum()), int((ref_mean.argmin(1) == labels).sum())]
+    assert len(tok._batches) == 4
+    again = hellaswag.evaluate(workdir["ours"], tok, "cpu", batch_size=4)  # reuses the cached batches
+    assert torch.equal(again, whole) and len(tok._batches) == 4
+
+
+def test_row_longer_than_model_context(workdir):
+    example = {"ctx": " ".join(["word"] * 200), "endings": ["a", "b", "c", "d"], "label": 0}
+    with pytest.raises(UserError, match="more than the model's context of 128"):
+        hellaswag.evaluate(workdir["hf_model"], [example], "cpu")
+
+
+# -----------------------------------------------------------------------------
+# download
+
+class Server:
+    """http.server on 127.0.0.1 in a thread; routes: path -> (status, body, declared length or None)."""
+
+    def __init__(self):
+        self.routes, self.hits = {}, []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                server.hits.append(self.path)
+                status, body, declared = server.routes.get(self.path, (404, b"not found", None))
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body) if declared is None else declared))
+                self.end_headers()
+                self.wfile.write(body)  # fewer bytes than declared: the connection then closes
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server(monkeypatch):
+    monkeypatch.setattr(hellaswag.time, "sleep", lambda seconds: None)  # retries without the backoff wait
+    s = Server()
+    yield s
+    s.close()
+
+
+def jsonl_bytes(rows):
+    return "".join(json.dumps(r) + "\n" for r in rows).encode()
+
+
+def test_download_good_file_is_written_atomically_and_reused(server, tmp_path):
+    body = jsonl_bytes(make_rows(5))
+    server.routes["/good/hellaswag_train.jsonl"] = (200, body, None)
+    cache = tmp_path / "cache"
+    path = hellaswag.download("train", cache_dir=str(cache), url_base=server.url + "/good", backoff=0)
+    assert path == str(cache / "hellaswag_train.jsonl")
+    assert open(path, "rb").read() == body
+    assert os.listdir(cache) == ["hellaswag_train.jsonl"]  # no temporary file left behind
+    hellaswag.download("train", cache_dir=str(cache), url_base=server.url + "/good", backoff=0)
+    assert server.hits == ["/good/hellaswag_train.jsonl"]  # the second call reused the file
+
+
+@pytest.mark.parametrize("case", ["500", "truncated", "not-jsonl"])
+def test_broken_download_retries_then_fails_leaving_nothing(server, tmp_path, case):
+    body = jsonl_bytes(make_rows(5))
+    server.routes["/x/hellaswag_train.jsonl"] = {
+        "500": (500, b"oops", None),
+        "truncated": (200, body[:len(body) // 2], len(body)),
+        "not-jsonl": (200, b"<html>proxy error</html>\n", None),
+    }[case]
+    cache = tmp_path / "cache"
+    with pytest.raises(UserError, match=r"could not download .*after 3 tries.*--data"):
+        hellaswag.download("train", cache_dir=str(cache), url_base=server.url + "/x", retries=3, backoff=0)
+    assert len(server.hits) == 3
+    assert os.listdir(cache) == []  # neither the final file nor a temporary one
+
+
+def test_download_404_does_not_retry_and_network_failure_says_data(server, tmp_path):
+    with pytest.raises(UserError, match=r"HTTP 404.*--data"):
+        hellaswag.download("val", cache_dir=str(tmp_path), url_base=server.url + "/missing", backoff=0)
+    assert len(server.hits) == 1
+    port = server.httpd.server_address[1]
+    server.close()  # nothing listens any more: connection refused
+    with pytest.raises(UserError, match=r"ConnectionError.*--data FILE"):
+        hellaswag.load_examples("val", cache_dir=str(tmp_path), url_base=f"http://127.0.0.1:{port}", )
+    assert not os.path.exists(tmp_path / "hellaswag_val.jsonl")
+    server.close = lambda: None
+
+
+def test_official_val_row_count_is_checked(server, tmp_path):
+    rows = make_rows(1, seed=3) * hellaswag.VAL_ROWS
+    server.routes["/ok/hellaswag_val.jsonl"] = (200, jsonl_bytes(rows), None)
+    server.routes["/short/hellaswag_val.jsonl"] = (200, jsonl_bytes(rows[:100]), None)
+    with pytest.raises(UserError, match="expected 10,042"):
+        hellaswag.load_examples("val", cache_dir=str(tmp_path / "a"), url_base=server.url + "/short")
+    assert os.listdir(tmp_path / "a") == []
+    examples = hellaswag.load_examples("val", cache_dir=str(tmp_path / "b"), url_base=server.url + "/ok", limit=5)
+    assert len(examples) == 5 and examples[0]["endings"] == rows[0]["endings"]
+    # a --data file of any length is fine
+    assert len(hellaswag.load_examples("val", data_path=write_jsonl(tmp_path / "s.jsonl", rows[:100]))) == 100
+
+
+# -----------------------------------------------------------------------------
+# bad input: one clear line, exit code 2
+
+def bad_file(tmp_path, bad_line):
+    rows = make_rows(4)
+    return write_jsonl(tmp_path / "bad.jsonl", rows[:2] + [bad_line] + rows[2:])
+
+
+def with_change(**change):
+    row = make_rows(1, seed=7)[0]
+    row.update(change)
+    return row
+
+
+@pytest.mark.parametrize("bad_line, message", [
+    ('{"ctx": "a", "endings": ["a", "b", "c", "d"], "label": 1', "bad.jsonl:3: not valid JSON"),
+    (with_change(endings=["a", "b", "c"]), "bad.jsonl:3: 'endings' has 3 items, expected 4"),
+    (with_change(endings=["a", "b", "c", 4]), "bad.jsonl:3: ending 3 is int, expected a string"),
+    (with_change(label=4), "bad.jsonl:3: 'label' must be an integer 0-3, got 4"),
+    (with_change(label="1"), "bad.jsonl:3: 'label' must be an integer 0-3, got '1'"),
+    (with_change(ctx=None), "bad.jsonl:3: missing 'ctx'"),
+    ("[1, 2]", "bad.jsonl:3: expected a JSON object"),
+])
+def test_bad_rows_name_file_and_line(tmp_path, capsys, bad_line, message):
+    path = bad_file(tmp_path, bad_line)
+    with pytest.raises(SystemExit) as exit_info:
+        hellaswag.main(["-m", "unused", "--data", path, "-d", "cpu"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data", "nope.jsonl", "-m", "x"], "HellaSwag data file nope.jsonl does not exist"),
+    (["-m", "x", "-c", "y.pt"], "exactly one of -m/--model"),
+    ([], "exactly one of -m/--model"),
+    (["-c", "missing.pt", "--data", "DATA"], "checkpoint missing.pt does not exist"),
+    (["-m", "DIR/nothing-here", "--data", "DATA"], "could not load model"),
+])
+def test_bad_arguments_exit_2(workdir, capsys, args, message):
+    args = [a.replace("DATA", workdir["data"]).replace("DIR", str(workdir["root"])) for a in args]
+    with pytest.raises(SystemExit) as exit_info:
+        hellaswag.main(args + ["-d", "cpu"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-m", "gpt2", "-c", "x.pt"], "exactly one of -m/--model"),
+    (["-m", "gpt2", "--data", "BAD"], "bad.jsonl:3: 'label' must be an integer 0-3"),
+])
+def test_cli_subprocess_errors_have_no_traceback(tmp_path, args, message):
+    path = bad_file(tmp_path, with_change(label=7))
+    env = dict(os.environ, HELLASWAG_CACHE=str(tmp_path / "cache"))
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "hellaswag.py")] + [a.replace("BAD", path) for a in args],
+                          capture_output=True, text=True, timeout=120, env=env, cwd=str(tmp_path))
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: ") and message in proc.stderr and proc.stderr.count("\n") == 1
+    assert not os.path.exists(tmp_path / "cache")  # nothing was downloaded
