@@ -8,11 +8,16 @@ sampling, data, evaluation hooks, training, command line.
     torchrun --standalone --nproc_per_node=8 train_gpt2.py  # one node, eight GPUs
 """
 
+import argparse
+import contextlib
 import json
 import math
 import os
 import re
+import signal
+import sys
 import tempfile
+import time
 from dataclasses import asdict, dataclass, fields
 from functools import lru_cache
 
@@ -24,6 +29,15 @@ from torch.nn import functional as F
 
 class UserError(Exception):
     """A mistake in the user's input or files: the command line prints it as one line and exits 2."""
+
+
+def one_line(error):
+    """A library exception's message for a UserError: one line, without terminal escapes
+    (torch.load's weights_only errors span many lines, embed bold escapes and name the
+    refused class on their `WeightsUnpickler error:` line)."""
+    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(error)).splitlines() if line.strip()]
+    specific = [line for line in lines if line.startswith("WeightsUnpickler error:")]
+    return (specific or lines or [type(error).__name__])[0]
 
 
 # -----------------------------------------------------------------------------
@@ -329,10 +343,16 @@ def read_hf_checkpoint(directory):
             hf_config = json.load(f)
     except (OSError, ValueError) as e:
         raise UserError(f"{directory} is not a GPT-2 checkpoint: cannot read config.json ({e})") from None
-    if hf_config.get("model_type") != "gpt2":
-        raise UserError(f"{config_path}: model_type is {hf_config.get('model_type')!r}, expected 'gpt2'")
+    model_type = hf_config.get("model_type") if isinstance(hf_config, dict) else None
+    if model_type != "gpt2":
+        raise UserError(f"{config_path}: model_type is {model_type!r}, expected 'gpt2'")
     if hf_config.get("activation_function", "gelu_new") != "gelu_new":
         raise UserError(f"{config_path}: activation_function {hf_config['activation_function']!r} is not GPT-2's gelu_new")
+    bad = [k for k in ("n_positions", "vocab_size", "n_layer", "n_head", "n_embd")
+           if not isinstance(hf_config.get(k), int) or hf_config[k] <= 0]
+    if bad or hf_config["n_embd"] % hf_config["n_head"]:
+        raise UserError(f"{config_path}: not a GPT-2 shape: "
+                        + (f"{', '.join(bad)} missing or not a positive integer" if bad else "n_embd is not a multiple of n_head"))
     config = GPTConfig(block_size=hf_config["n_positions"], vocab_size=hf_config["vocab_size"],
                        n_layer=hf_config["n_layer"], n_head=hf_config["n_head"], n_embd=hf_config["n_embd"])
     return config, read_hf_tensors(directory)
@@ -354,7 +374,7 @@ def read_hf_tensors(directory):
         if os.path.exists(legacy):
             return torch.load(legacy, map_location="cpu", weights_only=True)
     except Exception as e:  # safetensors and torch.load raise assorted errors on damaged files
-        raise UserError(f"{directory}: cannot read the weights ({type(e).__name__}: {e})") from None
+        raise UserError(f"{directory}: cannot read the weights ({type(e).__name__}: {one_line(e)})") from None
     raise UserError(f"{directory} is not a GPT-2 checkpoint: no model.safetensors or pytorch_model.bin")
 
 
@@ -385,8 +405,17 @@ def state_dict_from_hf(hf_state, our_state, source):
     return out
 
 
+def unwrap_model(model):
+    """The GPT inside torch.compile (`_orig_mod.`) and DDP (`module.`) wrappers, whose state_dict
+    keys carry those prefixes."""
+    while isinstance(inner := getattr(model, "_orig_mod", getattr(model, "module", None)), nn.Module):
+        model = inner
+    return model
+
+
 def hf_state_dict(model):
     """Our state_dict in HF's layout: Conv1D weights transposed, vocabulary padding cropped."""
+    model = unwrap_model(model)
     vocab = model.config.vocab_size
     out = {}
     for key, tensor in model.state_dict().items():
@@ -403,6 +432,7 @@ def write_hf_checkpoint(model, directory):
     so a crash never leaves a half-written export."""
     from safetensors.torch import save_file
 
+    model = unwrap_model(model)
     cfg = model.config
     hf_config = {
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "activation_function": "gelu_new",
@@ -467,7 +497,7 @@ def read_checkpoint(path):
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, pickle error, ...: torch raises many types
-        raise UserError(f"checkpoint {path} is damaged or not a train_gpt2.py checkpoint ({type(e).__name__}: {e})") from None
+        raise UserError(f"checkpoint {path} is damaged or not a train_gpt2.py checkpoint ({type(e).__name__}: {one_line(e)})") from None
     if not isinstance(checkpoint, dict) or not {"model", "config"} <= checkpoint.keys():
         raise UserError(f"checkpoint {path} is not a train_gpt2.py checkpoint (no 'model' and 'config')")
     known = {f.name for f in fields(GPTConfig)}
@@ -615,3 +645,551 @@ class DataLoaderLite:
         self.shuffle_seed = state["shuffle_seed"]
         self.epoch, self.position = state["epoch"], state["position"]
         self._set_order()
+
+
+# -----------------------------------------------------------------------------
+# evaluation hooks: val loss, HellaSwag and samples, run every --eval-every / --sample-every steps
+
+@torch.no_grad()
+def evaluate_val_loss(model, val_loader, val_steps, autocast, dist_ctx):
+    """Mean loss over the first val_steps batches of the val split, averaged over all ranks."""
+    model.eval()
+    val_loader.reset()
+    loss_sum = torch.zeros((), device=dist_ctx.device)
+    for _ in range(val_steps):
+        x, y = val_loader.next_batch()
+        with autocast():
+            _, loss = model(x, y, return_logits=False)
+        loss_sum += loss.float()
+    model.train()
+    return dist_ctx.mean(loss_sum / val_steps)
+
+
+def load_hellaswag(data_path, master_process):
+    """Tokenized HellaSwag val examples, or None (with a warning) when the data is unavailable."""
+    import hellaswag  # hellaswag.py imports this module; see main() for why that is safe
+
+    try:
+        return hellaswag.prepare_examples(hellaswag.load_examples("val", data_path=data_path))
+    except UserError as e:
+        if master_process:
+            print(f"warning: HellaSwag eval is off: {e}")
+        return None
+
+
+@torch.no_grad()
+def evaluate_hellaswag(raw_model, examples, autocast_dtype, dist_ctx):
+    """acc_norm over all of HellaSwag's val split, examples divided among the ranks. Runs on the
+    uncompiled module (sharing weights with the compiled one), so new shapes never recompile."""
+    import hellaswag
+
+    raw_model.eval()
+    counts = hellaswag.evaluate(raw_model, examples, dist_ctx.device, rank=dist_ctx.rank,
+                                world_size=dist_ctx.world_size, autocast_dtype=autocast_dtype)
+    raw_model.train()
+    n, correct, correct_norm = dist_ctx.sum(counts.to(torch.float64)).tolist()
+    return {"n": int(n), "acc": correct / n, "acc_norm": correct_norm / n}
+
+
+# -----------------------------------------------------------------------------
+# training
+
+@dataclass
+class TrainConfig:
+    model: str = "gpt2"  # gpt2, gpt2-medium, gpt2-large, gpt2-xl, or dN
+    data_dir: str = "edu_fineweb10B"
+    batch_size: int = 64  # micro-batch B, sequences per forward pass per GPU
+    seq_len: int = 1024  # T
+    total_batch_size: int = 524288  # tokens per optimizer step, 2**19 ~ 0.5M as in GPT-3 124M
+    max_steps: int = 19073  # 10B tokens / 2**19: one epoch of FineWeb-Edu sample-10BT
+    warmup_steps: int = 715  # 375M tokens, as in GPT-3
+    lr: float = 6e-4
+    min_lr_ratio: float = 0.1  # cosine decays to 10% of lr
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    eval_every: int = 250
+    val_steps: int = 20
+    hellaswag: bool = True
+    hellaswag_data: str = ""  # a local hellaswag_val.jsonl; empty: download it
+    sample_every: int = 250
+    sample_prompt: str = "Hello, I'm a language model,"
+    checkpoint_every: int = 1000
+    keep_last: int = 3  # checkpoints kept in log_dir; 0 keeps all
+    log_dir: str = "log"
+    resume: str = "auto"  # auto: the newest good checkpoint in log_dir; none; or a path
+    device: str = "auto"
+    dtype: str = "auto"  # autocast dtype: bf16 on CUDA, fp32 elsewhere
+    compile: bool | None = None  # None: on with CUDA
+    chunked_loss: bool = True  # loss without materialising the (B, T, vocab) logits
+    shuffle: bool = False  # seeded shuffle of the train shard order every epoch
+    seed: int = 1337
+    vocab_multiple: int = 64  # 50257 -> 50304
+
+
+# A few minutes on a laptop CPU: a d4 model on the Python docs prepared by `python fineweb.py --demo`.
+DEMO = dict(model="d4", data_dir="data/pydoc", batch_size=8, seq_len=128, total_batch_size=2048,
+            max_steps=300, warmup_steps=20, lr=3e-3, eval_every=50, val_steps=4, hellaswag=False,
+            sample_every=100, sample_prompt="The", checkpoint_every=100, log_dir="log_demo")
+
+
+def validate(cfg, world_size):
+    """Every problem with the settings, as a list of one-line messages (empty when all is well)."""
+    problems = []
+    try:
+        model_config = config_for(cfg.model)
+    except UserError as e:
+        problems.append(f"--model: {e}")
+        model_config = None
+    for name in ("batch_size", "seq_len", "total_batch_size", "max_steps", "val_steps"):
+        if getattr(cfg, name) <= 0:
+            problems.append(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    for name in ("warmup_steps", "eval_every", "sample_every", "checkpoint_every", "keep_last", "weight_decay", "grad_clip"):
+        if getattr(cfg, name) < 0:
+            problems.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.lr <= 0:
+        problems.append(f"--lr must be positive, got {cfg.lr}")
+    if not 0 <= cfg.min_lr_ratio <= 1:
+        problems.append(f"--min-lr-ratio must be in [0, 1], got {cfg.min_lr_ratio}")
+    if model_config and cfg.seq_len > model_config.block_size:
+        problems.append(f"--seq-len {cfg.seq_len} exceeds the model's block size {model_config.block_size}")
+    micro = cfg.batch_size * cfg.seq_len * world_size
+    if micro > 0 and cfg.total_batch_size % micro:
+        problems.append(f"--total-batch-size {cfg.total_batch_size} is not divisible by B*T*processes = "
+                        f"{cfg.batch_size}*{cfg.seq_len}*{world_size} = {micro}")
+    if cfg.dtype not in ("auto", "bf16", "fp32"):
+        problems.append(f"--dtype must be auto, bf16 or fp32, got {cfg.dtype}")
+    if cfg.device not in ("auto", "cpu", "cuda", "mps") and not re.fullmatch(r"cuda:\d+", cfg.device):
+        problems.append(f"--device must be auto, cpu, cuda, cuda:N or mps, got {cfg.device}")
+    if cfg.resume not in ("auto", "none") and not os.path.isfile(cfg.resume):
+        problems.append(f"--resume {cfg.resume}: no such checkpoint file (or use auto / none)")
+    if cfg.vocab_multiple <= 0:
+        problems.append(f"--vocab-multiple must be positive, got {cfg.vocab_multiple}")
+    return problems
+
+
+def get_lr(step, cfg):
+    """Linear warmup to cfg.lr, then cosine decay to cfg.lr * min_lr_ratio at max_steps."""
+    min_lr = cfg.lr * cfg.min_lr_ratio
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if step >= cfg.max_steps:
+        return min_lr
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - min_lr)
+
+
+def configure_optimizer(model, weight_decay, lr, device_type):
+    """AdamW with weight decay on matrices and embeddings only (not on biases and LayerNorm gains)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    # the fused kernel does the whole update in one launch: noticeably faster on CUDA
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=device_type == "cuda")
+
+
+class DistContext:
+    """Rank, world size and device of this process, and the collectives the loop needs.
+    A single process (no torchrun) is world_size 1 and every collective is a no-op."""
+
+    def __init__(self, rank=0, local_rank=0, world_size=1, device=torch.device("cpu")):
+        self.rank, self.local_rank, self.world_size, self.device = rank, local_rank, world_size, device
+        self.master_process = rank == 0
+
+    @property
+    def ddp(self):
+        return self.world_size > 1
+
+    def sum(self, tensor):
+        if self.ddp:
+            tensor = tensor.clone()
+            torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+        return tensor
+
+    def mean(self, tensor):
+        return self.sum(tensor) / self.world_size
+
+    def gather_objects(self, obj):
+        if not self.ddp:
+            return [obj]
+        out = [None] * self.world_size
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+
+def pick_device(requested):
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available():
+        return "cuda"
+    if hasattr(torch.backends, "mps") and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def setup_distributed(requested_device):
+    """DistContext from torchrun's environment (NCCL on CUDA, gloo otherwise), or a single process."""
+    device = pick_device(requested_device)
+    if "RANK" not in os.environ:
+        return DistContext(device=torch.device(device))
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    world_size = int(os.environ["WORLD_SIZE"])
+    if device.startswith("cuda"):
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return DistContext(rank, local_rank, world_size, torch.device(device))
+
+
+class NonFiniteLoss(Exception):
+    """The loss or gradient norm is NaN or infinite: the run stops before the optimizer step."""
+
+
+def train_step(model, optimizer, train_loader, grad_accum_steps, autocast, dist_ctx, grad_clip, stop_requested=False):
+    """One optimizer step over grad_accum_steps micro-batches. Returns (loss, grad norm, stop):
+    the loss averaged over micro-steps and ranks, and whether any rank asked to stop.
+    Raises NonFiniteLoss, on every rank alike, instead of stepping on NaN/inf."""
+    optimizer.zero_grad(set_to_none=True)
+    loss_sum = torch.zeros((), device=dist_ctx.device)
+    for micro_step in range(grad_accum_steps):
+        x, y = train_loader.next_batch()
+        if dist_ctx.ddp:
+            # DDP decides in forward() whether the coming backward all-reduces the gradients, so
+            # the flag must be set before the forward pass: only the last micro-step syncs.
+            model.require_backward_grad_sync = micro_step == grad_accum_steps - 1
+        with autocast():
+            _, loss = model(x, y, return_logits=False)
+        # the gradients of a big batch are the mean over its micro-batches, not their sum
+        loss = loss / grad_accum_steps
+        loss_sum += loss.detach().float()
+        loss.backward()
+    # one collective carries the loss and every rank's stop request (e.g. SIGTERM on one node)
+    summed = dist_ctx.sum(torch.stack([loss_sum, torch.tensor(float(stop_requested), device=loss_sum.device)]))
+    loss_mean, stop = summed[0] / dist_ctx.world_size, bool(summed[1].item() > 0)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    if not (math.isfinite(loss_mean.item()) and math.isfinite(norm.item())):
+        raise NonFiniteLoss(f"non-finite loss {loss_mean.item()} or gradient norm {norm.item()}: "
+                            "stopped before the optimizer step; resume from the last checkpoint with a lower --lr")
+    optimizer.step()
+    return loss_mean.item(), norm.item(), stop
+
+
+def flops_per_token(config, seq_len):
+    """Training FLOPs per token, nanoGPT's estimate: 6N for the matmuls of forward and backward plus
+    the attention scores; N counts the (tied) token embedding but not the position embedding."""
+    C, L = config.n_embd, config.n_layer
+    n = config.padded_vocab_size * C + L * (12 * C * C + 13 * C) + 2 * C  # each block: 12C^2 weights + 13C biases/gains
+    return 6 * n + 12 * L * C * seq_len
+
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H20": 148e12, "A100": 312e12, "A10G": 125e12,
+                   "L4": 121e12, "4090": 165e12, "3090": 71e12, "V100": 125e12}
+
+
+def peak_flops(device):
+    """Datasheet dense bf16 FLOP/s of the GPU, or None when unknown (then no MFU is shown)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+# ---- checkpoints and logs
+
+CHECKPOINT_PATTERN = re.compile(r"^model_(\d+)\.pt$")
+
+
+def list_checkpoints(log_dir):
+    """Checkpoint paths in log_dir, newest (highest step) first."""
+    if not os.path.isdir(log_dir):
+        return []
+    found = [(int(m.group(1)), name) for name in os.listdir(log_dir) if (m := CHECKPOINT_PATTERN.match(name))]
+    return [os.path.join(log_dir, name) for _, name in sorted(found, reverse=True)]
+
+
+def atomic_torch_save(obj, path):
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def find_resume_checkpoint(cfg, master_process):
+    """The checkpoint to resume from, already read, or None to start fresh."""
+    if cfg.resume == "none":
+        return None
+    if cfg.resume != "auto":
+        return read_checkpoint(cfg.resume)  # an explicit path that is bad is an error
+    for path in list_checkpoints(cfg.log_dir):
+        try:
+            checkpoint = read_checkpoint(path)
+            if {"optimizer", "step", "loader"} <= checkpoint.keys():
+                return checkpoint
+            problem = "it has no optimizer or loader state"
+        except UserError as e:
+            problem = str(e)
+        if master_process:
+            print(f"warning: skipping {path}: {problem}")
+    return None
+
+
+def write_checkpoint(step, raw_model, optimizer, cfg, val_loss, loader_states, rng_states):
+    path = os.path.join(cfg.log_dir, f"model_{step:05d}.pt")
+    atomic_torch_save({
+        "model": raw_model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "step": step,  # optimizer steps done; training resumes at this step index
+        "config": asdict(raw_model.config),
+        "train_config": asdict(cfg),
+        "val_loss": val_loss,
+        "loader": loader_states,  # per rank
+        "rng": rng_states,  # per rank
+    }, path)
+    if cfg.keep_last:
+        for old in list_checkpoints(cfg.log_dir)[cfg.keep_last:]:
+            os.remove(old)
+    return path
+
+
+def rng_state(device):
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+class RunLog:
+    """log.txt with build-nanogpt's lines (`{step} train {loss}`, `... val ...`, `... hella ...`)
+    and metrics.jsonl with everything else. Only the master process writes."""
+
+    def __init__(self, log_dir, enabled, resume_step=None):
+        self.enabled = enabled
+        self.text_path = os.path.join(log_dir, "log.txt")
+        self.jsonl_path = os.path.join(log_dir, "metrics.jsonl")
+        if enabled:
+            os.makedirs(log_dir, exist_ok=True)
+            for path in (self.text_path, self.jsonl_path):
+                self._truncate_after(path, resume_step)
+
+    @staticmethod
+    def _truncate_after(path, resume_step):
+        """Keep the lines of steps before resume_step; a crashed run's later lines will be redone.
+        A fresh run (resume_step None) starts with empty files."""
+        kept = []
+        if resume_step is not None and os.path.exists(path):
+            with open(path) as f:
+                for line in f:
+                    step = json.loads(line)["step"] if line.startswith("{") else int(line.split()[0])
+                    if step < resume_step:
+                        kept.append(line)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
+
+    def write(self, step, kind, value, **metrics):
+        if not self.enabled:
+            return
+        with open(self.text_path, "a") as f:
+            f.write(f"{step} {kind} {value:.6f}\n" if kind == "train" else f"{step} {kind} {value:.4f}\n")
+        with open(self.jsonl_path, "a") as f:
+            f.write(json.dumps({"step": step, "kind": kind, "value": value, **metrics}) + "\n")
+
+
+class StopRequest:
+    """Set by SIGTERM/SIGINT: the loop finishes its step, writes a checkpoint and exits cleanly."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __call__(self, signum, frame):
+        self.requested = True
+
+
+def make_autocast(device, dtype):
+    if dtype == "fp32":
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def restore(checkpoint, raw_model, optimizer, train_loader, dist_ctx, model_config):
+    """Load a checkpoint's model, optimizer, data position and RNG into this process."""
+    if checkpoint["config"] != asdict(model_config):
+        raise UserError(f"the checkpoint's model {checkpoint['config']} differs from --model's {asdict(model_config)}: "
+                        "pass the same --model and --vocab-multiple, or --resume none")
+    raw_model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    # every rank's state is stored; with another world size the (global) data position still holds
+    same_world = len(checkpoint["loader"]) == dist_ctx.world_size
+    train_loader.load_state_dict(checkpoint["loader"][dist_ctx.rank if same_world else 0])
+    set_rng_state(checkpoint["rng"][dist_ctx.rank if same_world else 0], dist_ctx.device)
+    return checkpoint["step"]
+
+
+def due(every, step, last_step):
+    return every > 0 and (step % every == 0 or last_step)
+
+
+def train(cfg, dist_ctx, stop=None):
+    """Train as configured; returns {"losses": [train loss per step run], "val_loss": last val loss}."""
+    stop = stop or StopRequest()
+    master, device = dist_ctx.master_process, dist_ctx.device
+    dtype = cfg.dtype if cfg.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    autocast = make_autocast(device, dtype)
+    use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left outside autocast
+        torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+
+    model_config = config_for(cfg.model, vocab_multiple=cfg.vocab_multiple)
+    raw_model = GPT(model_config).to(device)
+    grad_accum_steps = cfg.total_batch_size // (cfg.batch_size * cfg.seq_len * dist_ctx.world_size)
+    loader_args = dict(B=cfg.batch_size, T=cfg.seq_len, process_rank=dist_ctx.rank,
+                       num_processes=dist_ctx.world_size, data_root=cfg.data_dir, device=device)
+    train_loader = DataLoaderLite(split="train", shuffle_seed=cfg.seed if cfg.shuffle else None, **loader_args)
+    val_loader = DataLoaderLite(split="val", **loader_args) if cfg.eval_every else None
+    optimizer = configure_optimizer(raw_model, cfg.weight_decay, cfg.lr, device.type)
+
+    checkpoint = find_resume_checkpoint(cfg, master)
+    start_step = restore(checkpoint, raw_model, optimizer, train_loader, dist_ctx, model_config) if checkpoint else 0
+    val_loss = checkpoint.get("val_loss") if checkpoint else None
+    del checkpoint
+    hella_examples = load_hellaswag(cfg.hellaswag_data or None, master) if cfg.hellaswag and cfg.eval_every else None
+
+    # Training runs through the compiled (and DDP-wrapped) module; evals with new shapes, sampling
+    # and checkpoints use raw_model, the same parameters without compilation or prefixes.
+    model = torch.compile(raw_model) if use_compile else raw_model
+    if dist_ctx.ddp:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[dist_ctx.local_rank] if device.type == "cuda" else None)
+    log = RunLog(cfg.log_dir, master, resume_step=start_step if start_step else None)
+    step_flops = flops_per_token(model_config, cfg.seq_len) * cfg.total_batch_size
+    gpu_flops = peak_flops(device)
+    if master:
+        print(f"model {cfg.model}: {raw_model.num_parameters():,} parameters | {dist_ctx.world_size} process(es) on "
+              f"{device.type} | {dtype} | compile {use_compile} | grad accum {grad_accum_steps} | "
+              f"{'resuming at step ' + str(start_step) if start_step else 'fresh start'}")
+
+    losses = []
+    for step in range(start_step, cfg.max_steps + 1):
+        last_step = step == cfg.max_steps
+        if val_loader is not None and due(cfg.eval_every, step, last_step):
+            val_loss = evaluate_val_loss(model, val_loader, cfg.val_steps, autocast, dist_ctx).item()
+            if master:
+                print(f"step {step:5d} | val loss {val_loss:.4f}")
+            log.write(step, "val", val_loss)
+            if hella_examples is not None:
+                hella = evaluate_hellaswag(raw_model, hella_examples, torch.bfloat16 if dtype == "bf16" else None, dist_ctx)
+                if master:
+                    print(f"step {step:5d} | HellaSwag acc_norm {hella['acc_norm']:.4f} ({hella['n']} examples)")
+                log.write(step, "hella", hella["acc_norm"], acc=hella["acc"], n=hella["n"])
+        if master and step > 0 and due(cfg.sample_every, step, last_step):
+            raw_model.eval()
+            with autocast():
+                for text in generate(raw_model, cfg.sample_prompt, max_new_tokens=32, num_samples=4, seed=cfg.seed + step):
+                    print(f"sample: {text!r}")
+            raw_model.train()
+        if step > start_step and (due(cfg.checkpoint_every, step, last_step) or stop.requested):
+            save(step, raw_model, optimizer, cfg, val_loss, train_loader, dist_ctx)
+            if stop.requested:
+                if master:
+                    print(f"stopped by signal after step {step - 1}; resume with the same command")
+                break
+        if last_step:
+            break
+
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = get_lr(step, cfg)
+        loss, norm, stop.requested = train_step(model, optimizer, train_loader, grad_accum_steps, autocast,
+                                                dist_ctx, cfg.grad_clip, stop.requested)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        dt = time.perf_counter() - t0  # the step alone: evals, samples and checkpoints are not counted
+        losses.append(loss)
+        metrics = {"lr": get_lr(step, cfg), "norm": norm, "dt_ms": dt * 1000, "tokens_per_sec": cfg.total_batch_size / dt}
+        line = (f"step {step:5d} | loss {loss:.6f} | lr {metrics['lr']:.4e} | norm {norm:.4f} | "
+                f"dt {dt * 1000:.2f}ms | tok/sec {metrics['tokens_per_sec']:.0f}")
+        if gpu_flops:
+            metrics["mfu"] = step_flops / dt / dist_ctx.world_size / gpu_flops
+            metrics["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            line += f" | mfu {metrics['mfu'] * 100:.1f}% | mem {metrics['peak_mem_gib']:.1f}GiB"
+        if master:
+            print(line)
+        log.write(step, "train", loss, **metrics)
+    return {"losses": losses, "val_loss": val_loss}
+
+
+def save(step, raw_model, optimizer, cfg, val_loss, train_loader, dist_ctx):
+    """Gather every rank's data position and RNG state; the master writes the checkpoint."""
+    loader_states = dist_ctx.gather_objects(train_loader.state_dict())
+    rng_states = dist_ctx.gather_objects(rng_state(dist_ctx.device))
+    if dist_ctx.master_process:
+        path = write_checkpoint(step, raw_model, optimizer, cfg, val_loss, loader_states, rng_states)
+        print(f"step {step:5d} | saved {path}")
+    if dist_ctx.ddp:
+        torch.distributed.barrier()
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        description="Pretrain GPT-2. Defaults reproduce GPT-2 124M on FineWeb-Edu 10B (build-nanogpt's run).",
+        argument_default=argparse.SUPPRESS)  # unset flags keep the config's (or --demo's) value
+    parser.add_argument("--demo", action="store_true",
+                        help="small d4 model on the Python docs prepared by `python fineweb.py --demo`; minutes on a CPU")
+    short = {"batch_size": "-B", "seq_len": "-T"}
+    defaults = TrainConfig()
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        names = [short[f.name], flag] if f.name in short else [flag]
+        default = getattr(defaults, f.name)
+        if f.type in (bool, bool | None):
+            parser.add_argument(*names, action=argparse.BooleanOptionalAction, help=f"(default: {default})")
+        else:
+            parser.add_argument(*names, type=f.type, help=f"(default: {default})")
+    return parser
+
+
+def parse_config(argv=None):
+    args = vars(build_parser().parse_args(argv))
+    preset = DEMO if args.pop("demo", False) else {}
+    return TrainConfig(**{**preset, **args})
+
+
+def main(argv=None):
+    # hellaswag.py imports this file as `train_gpt2`; run as a script, this file is `__main__`.
+    # Registering it under its own name too gives both one module, not two copies of every class.
+    sys.modules.setdefault("train_gpt2", sys.modules[__name__])
+    cfg = parse_config(argv)
+    problems = validate(cfg, int(os.environ.get("WORLD_SIZE", 1)))
+    if problems:
+        sys.exit("error: " + "\nerror: ".join(problems))
+    stop = StopRequest()
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    dist_ctx = None
+    try:
+        dist_ctx = setup_distributed(cfg.device)
+        train(cfg, dist_ctx, stop)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except NonFiniteLoss as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        if dist_ctx is not None and dist_ctx.ddp:
+            torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
