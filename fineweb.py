@@ -103,6 +103,21 @@ def file_is_empty(path, builder):
     return False
 
 
+def bad_json_line(path):
+    """The number of the first line of a jsonl file that isn't a JSON object (pyarrow reads blocks of
+    lines and can't say), or None. Only called once reading has already failed."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                if line.strip() and not isinstance(json.loads(line), dict):
+                    return i
+    except ValueError:  # json's JSONDecodeError and UnicodeDecodeError both are
+        return i
+    except OSError:
+        return None
+    return None
+
+
 def iter_rows(ds, text_column, where):
     """Yield the text of each row of one streaming dataset; `where` names it in errors."""
     names = ds.column_names  # known up front for parquet; None for json until rows are read
@@ -118,18 +133,17 @@ def iter_rows(ds, text_column, where):
             batch = next(it)
         except StopIteration:
             return
-        except UserError:
-            raise
         except Exception as e:  # datasets/pyarrow raise lazily, while iterating, with their own types
-            raise UserError(f"{where}: cannot read row {row + 1} or after ({first_line(e)}): "
-                            f"fix or remove the file") from None
+            line = bad_json_line(where) if where.endswith(".jsonl") else None
+            at = f"line {line}" if line else f"after row {row}" if row else "near the start"
+            raise UserError(f"{where}: malformed data at {at} ({first_line(e)}): fix or remove it") from None
         if text_column not in batch:
             raise UserError(f"{where}: no column {text_column!r}; columns are {', '.join(batch) or '(none)'}: "
                             f"pass --text-column")
         for text in batch[text_column]:
             row += 1
             if not isinstance(text, str):
-                what = "null" if text is None else f"a {type(text).__name__}, not a string"
+                what = "null" if text is None else f"{type(text).__name__}, not a string"
                 raise UserError(f"{where}: row {row}: column {text_column!r} is {what}: fix or remove the row")
             yield text
 
@@ -485,12 +499,13 @@ def write_synthetic_corpus(path, megabytes, seed=0):
                 f.write(json.dumps({"text": doc}) + "\n")
 
 
-def peak_rss_mb():
-    """Peak resident memory of this process and of its largest (finished) child, in MB."""
-    scale = 1 / 1024 if sys.platform != "darwin" else 1 / 1024 ** 2  # ru_maxrss: KiB on Linux, bytes on macOS
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
-    child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * scale
-    return own, child
+def usage():
+    """Peak resident memory (MB) of this process and of its largest finished child, and CPU seconds
+    used by this process and its finished children together."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    mb = 1 / 1024 if sys.platform != "darwin" else 1 / 1024 ** 2  # ru_maxrss: KiB on Linux, bytes on macOS
+    cpu = me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+    return me.ru_maxrss * mb, kids.ru_maxrss * mb, cpu
 
 
 def benchmark(args):
@@ -502,18 +517,21 @@ def benchmark(args):
             write_synthetic_corpus(path, args.synthetic_mb)
             args.input = [path]
         args.out = os.path.join(tmp, "shards")
+        cpu0 = usage()[2]
         summary = run(args)
-        own, child = peak_rss_mb()  # before the digest below reads the shards back
+        own, child, cpu = usage()  # before the digest below reads the shards back
         digest = hashlib.sha256()
         for name in sorted(existing_shards(args.out, args.prefix), key=lambda n: n[-10:]):
             tokens = np.load(os.path.join(args.out, name), mmap_mode="r")
             for i in range(0, len(tokens), 1 << 24):
                 digest.update(tokens[i:i + (1 << 24)].tobytes())
     tokens, seconds = summary["tokens"], summary["seconds"]
+    # CPU seconds separate the cost from a busy machine's noise; wall time is what a user waits for
     print(f"benchmark: {tokens:,} tokens ({summary['documents']:,} documents, {summary['shards']} shards) "
-          f"in {seconds:.2f} s = {tokens / seconds / 1e6:.2f}M tokens/s with {args.workers} worker(s)")
-    print(f"peak RSS: main process {own:.0f} MB, largest worker {child:.0f} MB "
-          f"(at most {own + args.workers * child:.0f} MB together)" if args.workers > 1 else
+          f"in {seconds:.2f} s = {tokens / seconds / 1e6:.2f}M tokens/s with {args.workers} worker(s), "
+          f"{cpu - cpu0:.1f} CPU s")
+    print(f"peak RSS: main process {own:.0f} MB, largest worker {child:.0f} MB (a forked worker's RSS "
+          f"counts the pages it shares with the main process)" if args.workers > 1 else
           f"peak RSS: {own:.0f} MB (one process)")
     print(f"sha256 of the tokens: {digest.hexdigest()}")
 

@@ -308,9 +308,9 @@ def test_unknown_extension(tmp_path, capsys):
 
 def test_malformed_json_line(tmp_path, capsys):
     good = write_jsonl(tmp_path / "good.jsonl", [{"text": "fine"}])
-    bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "ok"}, '{"text": not json}'])
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "ok"}, {"text": "fine"}, '{"text": not json}'])
     err = error_of(capsys, "--input", good, bad, "--out", tmp_path / "out")
-    assert "bad.jsonl" in err and "good.jsonl" not in err and "JSON" in err
+    assert "bad.jsonl" in err and "good.jsonl" not in err and "line 3" in err and "JSON" in err
 
 
 def test_text_column_missing_lists_columns(tmp_path, capsys):
