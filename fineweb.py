@@ -450,7 +450,7 @@ def run(args):
 
 
 def write_demo_corpus(path):
-    """Python's own help topics (pydoc_data.topics, shipped with every CPython: 79 documents, ~110k
+    """Python's own help topics (pydoc_data.topics, shipped with every CPython: 79 documents, ~140k
     tokens) as a jsonl file: the offline corpus for the demo. Rewritten only if its content changed, so
     a rerun of --demo sees the same input and finds its shards complete."""
     from pydoc_data.topics import topics
@@ -550,7 +550,7 @@ def parse_args(argv=None):
     p.add_argument("--shard-size", type=int, help="tokens per shard (default: 10**8, or 2**14 with --demo)")
     p.add_argument("--workers", type=int, default=available_cpus(), help="tokenizer processes (default: all "
                    "cores, %(default)s here); 1 tokenizes in this process")
-    p.add_argument("--demo", action="store_true", help="shard Python's pydoc_data.topics (offline, ~110k tokens) "
+    p.add_argument("--demo", action="store_true", help="shard Python's pydoc_data.topics (offline, ~140k tokens) "
                    "into data/pydoc for a quick training demo")
     p.add_argument("--benchmark", action="store_true", help="tokenize into a temporary directory, deleted after, "
                    "and print tokens/s and peak memory")
