@@ -118,7 +118,7 @@ def bad_json_line(path):
     return None
 
 
-def iter_rows(ds, text_column, where):
+def iter_rows(ds, text_column, where, remote=False):
     """Yield the text of each row of one streaming dataset; `where` names it in errors."""
     names = ds.column_names  # known up front for parquet; None for json until rows are read
     if names is not None:
@@ -134,6 +134,9 @@ def iter_rows(ds, text_column, where):
         except StopIteration:
             return
         except Exception as e:  # datasets/pyarrow raise lazily, while iterating, with their own types
+            if remote:  # most likely the connection: what is written so far stays, a rerun continues
+                raise UserError(f"{where}: reading failed after {row:,} documents ({first_line(e)}): rerun the "
+                                f"same command to continue after the last complete shard") from None
             line = bad_json_line(where) if where.endswith(".jsonl") else None
             at = f"line {line}" if line else f"after row {row}" if row else "near the start"
             raise UserError(f"{where}: malformed data at {at} ({first_line(e)}): fix or remove it") from None
@@ -159,7 +162,7 @@ def iter_documents(dataset="HuggingFaceFW/fineweb-edu", name="sample-10BT", file
             except Exception as e:
                 raise UserError(f"cannot open {where} on the HuggingFace hub ({first_line(e)}): check the "
                                 f"--dataset/--name and your connection, or pass local files with --input") from None
-            yield from iter_rows(ds, text_column, where)
+            yield from iter_rows(ds, text_column, where, remote=True)
             return
         # parquet/json: one load_dataset per file, so each file's own columns are checked and errors name it;
         # runs of .txt files share one (a load costs ~0.15 s), and each file is one shard of that dataset
@@ -272,11 +275,16 @@ def shard_name(prefix, idx):
 def atomic_write(path, write):
     """write(f) into path + '.tmp', fsync, then rename over path: readers see the old file or the new one."""
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:  # disk full, permissions: say which file, leave no partial one behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise UserError(f"{path}: cannot write ({first_line(e)}): check free space and permissions") from None
 
 
 def save_shard(path, tokens):
@@ -354,10 +362,17 @@ def source_of(args):
     return {"dataset": args.dataset, "name": args.name, "text_column": args.text_column}
 
 
+def make_dir(path):
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{path}: cannot create the output directory ({first_line(e)})") from None
+
+
 def prepare_output(out_dir, prefix, settings):
     """Make out_dir ready and return (manifest, done): the manifest to continue from (shards already
     verified) and whether the output is already complete."""
-    os.makedirs(out_dir, exist_ok=True)
+    make_dir(out_dir)
     for tmp in glob.glob(os.path.join(glob.escape(out_dir), glob.escape(prefix) + "_*.tmp")):
         os.remove(tmp)  # an interrupted write: never part of the output
     manifest_path = os.path.join(out_dir, f"{prefix}_manifest.json")
@@ -590,7 +605,7 @@ def main(argv=None):
         if args.benchmark:
             return benchmark(args)
         if args.demo:
-            os.makedirs(args.out, exist_ok=True)
+            make_dir(args.out)
             args.input = [os.path.join(args.out, "pydoc_topics.jsonl")]
             write_demo_corpus(args.input[0])
         summary = run(args)

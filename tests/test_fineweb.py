@@ -194,6 +194,36 @@ def test_hub_failure_is_one_line(tmp_path, monkeypatch, capsys):
     assert "HuggingFaceFW/fineweb (sample-100BT)" in err and "--input" in err
 
 
+class FlakyHub:
+    """A stand-in for a streamed hub dataset whose connection drops after `fail_after` batches."""
+    column_names = None
+
+    def __init__(self, docs, fail_after=None):
+        self.docs, self.fail_after = docs, fail_after
+
+    def iter(self, batch_size):
+        for i in range(0, len(self.docs), 4):
+            if self.fail_after is not None and i // 4 == self.fail_after:
+                raise ConnectionError("Read timed out.\n(full HTTP details)")
+            yield {"text": self.docs[i:i + 4]}
+
+
+def test_hub_connection_drop_keeps_shards_and_rerun_continues(tmp_path, monkeypatch, capsys, enc):
+    import datasets
+    docs = DOCS * 3
+    monkeypatch.setattr(fineweb, "BATCH_CHARS", 1000)
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **kw: FlakyHub(docs, fail_after=20))
+    out = tmp_path / "out"
+    err = error_of(capsys, "--out", out, "--shard-size", 400, "--workers", 1)
+    assert "HuggingFaceFW/fineweb-edu (sample-10BT)" in err and "ConnectionError" in err and "rerun" in err
+    written = sorted(n for n in os.listdir(out) if n.endswith(".npy"))
+    assert len(written) >= 2
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **kw: FlakyHub(docs))
+    run_main("--out", out, "--shard-size", 400, "--workers", 1)
+    assert f"continuing after {len(written)} existing" in capsys.readouterr().out
+    check_shards(read_shards(out, "edufineweb"), 400, expected_tokens(enc, docs))
+
+
 # -----------------------------------------------------------------------------
 # interruption, resume, reruns
 
@@ -294,9 +324,13 @@ def test_output_of_another_run_is_not_mixed_in(tmp_path, capsys):
 # bad input: one line, naming the file and what to do
 
 
-def test_missing_file(tmp_path, capsys):
+def test_missing_file_and_unusable_output_dir(tmp_path, capsys):
     err = error_of(capsys, "--input", tmp_path / "nope.jsonl", "--out", tmp_path / "out")
     assert "nope.jsonl" in err and "not found" in err
+    src = write_jsonl(tmp_path / "c.jsonl", [{"text": "hello"}])
+    (tmp_path / "a_file").write_text("")
+    err = error_of(capsys, "--input", src, "--out", tmp_path / "a_file" / "out")
+    assert "a_file" in err and "output directory" in err
 
 
 def test_unknown_extension(tmp_path, capsys):
