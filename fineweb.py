@@ -249,7 +249,7 @@ def tokenize_stream(batches, workers):
             yield first, len(docs), tokenize_batch(docs)
         return
     import multiprocessing as mp
-    get_encoding()  # build it once here; forked workers inherit it
+    get_encoding()  # build it once here (cached); forked workers inherit it
     # the pool forks its workers before the first batch is read, i.e. before datasets/pyarrow start threads
     with mp.Pool(workers, initializer=ignore_sigint) as pool:
         pending = deque()
@@ -311,9 +311,10 @@ def shard_ok(path, n_tokens):
 
 
 def write_shards(token_arrays, out_dir, prefix, shard_size, manifest, manifest_path, progress=None):
-    """Pack (first_doc, tokens) items into shards of exactly shard_size tokens, continuing after the
-    shards already in manifest["shards"]. first_doc is the index of the document the array starts with;
-    with the offset into the array it is the resume point recorded after each shard."""
+    """Pack (first_doc, n_docs, tokens) items into shards of exactly shard_size tokens, continuing after
+    the shards already in manifest["shards"]; returns the number of documents in the whole stream.
+    first_doc is the index of the document `tokens` starts with: it and the offset into `tokens` are the
+    resume point recorded after each shard (skip that many documents, then that many tokens)."""
     shards = manifest["shards"]
     start = shards[-1]["next"] if shards else {"docs": 0, "tokens": 0}
     drop = start["tokens"]  # tokens of the stream (from document start["docs"]) already in earlier shards
@@ -418,6 +419,10 @@ def run(args):
     """Tokenize the source into shards in args.out; returns a summary dict."""
     if args.input:
         check_inputs(args.input)
+    # set-up outside the timed part: building the tokenizer offline takes seconds, importing datasets one;
+    # and a missing tokenizer fails here, before the output directory is touched
+    get_encoding()
+    import datasets  # noqa: F401
     settings = {"format": MANIFEST_FORMAT, "tokenizer": "gpt2", "prefix": args.prefix,
                 "shard_size": args.shard_size, "source": source_of(args)}
     manifest, done = prepare_output(args.out, args.prefix, settings)
