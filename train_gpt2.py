@@ -1074,7 +1074,7 @@ def train(cfg, dist_ctx, stop=None):
               f"{device.type} | {dtype} | compile {use_compile} | grad accum {grad_accum_steps} | "
               f"{'resuming at step ' + str(start_step) if start_step else 'fresh start'}")
 
-    losses = []
+    losses, stopping = [], False
     for step in range(start_step, cfg.max_steps + 1):
         last_step = step == cfg.max_steps
         if val_loader is not None and due(cfg.eval_every, step, last_step):
@@ -1093,9 +1093,9 @@ def train(cfg, dist_ctx, stop=None):
                 for text in generate(raw_model, cfg.sample_prompt, max_new_tokens=32, num_samples=4, seed=cfg.seed + step):
                     print(f"sample: {text!r}")
             raw_model.train()
-        if step > start_step and (due(cfg.checkpoint_every, step, last_step) or stop.requested):
+        if step > start_step and (due(cfg.checkpoint_every, step, last_step) or stopping):
             save(step, raw_model, optimizer, cfg, val_loss, train_loader, dist_ctx)
-            if stop.requested:
+            if stopping:
                 if master:
                     print(f"stopped by signal after step {step - 1}; resume with the same command")
                 break
@@ -1107,8 +1107,9 @@ def train(cfg, dist_ctx, stop=None):
         t0 = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = get_lr(step, cfg)
-        loss, norm, stop.requested = train_step(model, optimizer, train_loader, grad_accum_steps, autocast,
-                                                dist_ctx, cfg.grad_clip, stop.requested)
+        # stop.requested is this process's signal; stopping, all ranks' verdict, is what everyone acts on
+        loss, norm, stopping = train_step(model, optimizer, train_loader, grad_accum_steps, autocast,
+                                          dist_ctx, cfg.grad_clip, stop.requested)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         dt = time.perf_counter() - t0  # the step alone: evals, samples and checkpoints are not counted
