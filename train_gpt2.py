@@ -18,7 +18,7 @@ import signal
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from functools import lru_cache
 
 import numpy as np
@@ -724,6 +724,7 @@ class TrainConfig:
     shuffle: bool = False  # seeded shuffle of the train shard order every epoch
     seed: int = 1337
     vocab_multiple: int = 64  # 50257 -> 50304
+    benchmark: int = 0  # time this many steps on random tokens (no data, evals or checkpoints); 0: train
 
 
 # A few minutes on a laptop CPU: a d4 model on the Python docs prepared by `python fineweb.py --demo`.
@@ -743,7 +744,7 @@ def validate(cfg, world_size):
     for name in ("batch_size", "seq_len", "total_batch_size", "max_steps", "val_steps"):
         if getattr(cfg, name) <= 0:
             problems.append(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    for name in ("warmup_steps", "eval_every", "sample_every", "checkpoint_every", "keep_last", "weight_decay", "grad_clip"):
+    for name in ("benchmark", "warmup_steps", "eval_every", "sample_every", "checkpoint_every", "keep_last", "weight_decay", "grad_clip"):
         if getattr(cfg, name) < 0:
             problems.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
     if cfg.lr <= 0:
@@ -1034,7 +1035,8 @@ def due(every, step, last_step):
 
 
 def train(cfg, dist_ctx, stop=None):
-    """Train as configured; returns {"losses": [train loss per step run], "val_loss": last val loss}."""
+    """Train as configured; returns {"losses": [...], "metrics": [...], "val_loss": float}, the train loss
+    and the logged metrics of every step this call ran, and the last val loss."""
     stop = stop or StopRequest()
     master, device = dist_ctx.master_process, dist_ctx.device
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
@@ -1074,7 +1076,7 @@ def train(cfg, dist_ctx, stop=None):
               f"{device.type} | {dtype} | compile {use_compile} | grad accum {grad_accum_steps} | "
               f"{'resuming at step ' + str(start_step) if start_step else 'fresh start'}")
 
-    losses, stopping = [], False
+    losses, step_metrics, stopping = [], [], False
     for step in range(start_step, cfg.max_steps + 1):
         last_step = step == cfg.max_steps
         if val_loader is not None and due(cfg.eval_every, step, last_step):
@@ -1124,7 +1126,35 @@ def train(cfg, dist_ctx, stop=None):
         if master:
             print(line)
         log.write(step, "train", loss, **metrics)
-    return {"losses": losses, "val_loss": val_loss}
+        step_metrics.append(metrics)
+    return {"losses": losses, "metrics": step_metrics, "val_loss": val_loss}
+
+
+BENCHMARK_WARMUP_STEPS = 3  # the first steps compile and warm up allocators: not timed
+
+
+def benchmark(cfg, dist_ctx, stop=None):
+    """Train cfg.benchmark steps on random tokens and report the median step: ms, tokens/s, MFU and
+    peak memory. No data, evals, samples or checkpoints; compilation and warm-up are excluded."""
+    steps = BENCHMARK_WARMUP_STEPS + cfg.benchmark
+    with tempfile.TemporaryDirectory() as tmp:
+        tokens = np.random.default_rng(cfg.seed).integers(0, GPT2_VOCAB_SIZE, 2 * cfg.total_batch_size + 1)
+        np.save(os.path.join(tmp, "random_train_000001.npy"), tokens.astype(np.uint16))
+        run = replace(cfg, data_dir=tmp, log_dir=os.path.join(tmp, "log"), max_steps=steps, benchmark=0,
+                      eval_every=0, sample_every=0, checkpoint_every=0, hellaswag=False, resume="none")
+        timed = train(run, dist_ctx, stop)["metrics"][BENCHMARK_WARMUP_STEPS:]
+    if not timed:
+        return None
+    median = {key: float(np.median([m[key] for m in timed])) for key in timed[0] if key != "peak_mem_gib"}
+    if "peak_mem_gib" in timed[0]:
+        median["peak_mem_gib"] = max(m["peak_mem_gib"] for m in timed)
+    if dist_ctx.master_process:
+        line = (f"benchmark {cfg.model} | B {cfg.batch_size} T {cfg.seq_len} x {dist_ctx.world_size} process(es) | "
+                f"{len(timed)} steps | median {median['dt_ms']:.1f} ms/step | {median['tokens_per_sec']:,.0f} tokens/s")
+        if "mfu" in median:
+            line += f" | MFU {median['mfu'] * 100:.1f}% | peak memory {median['peak_mem_gib']:.2f} GiB"
+        print(line)
+    return median
 
 
 def save(step, raw_model, optimizer, cfg, val_loss, train_loader, dist_ctx):
@@ -1180,7 +1210,7 @@ def main(argv=None):
     dist_ctx = None
     try:
         dist_ctx = setup_distributed(cfg.device)
-        train(cfg, dist_ctx, stop)
+        (benchmark if cfg.benchmark else train)(cfg, dist_ctx, stop)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -360,3 +360,15 @@ def test_flops_per_token_matches_the_124m_figure():
     n = sum(p.numel() for p in GPT(config_for("d1", vocab_multiple=64)).parameters()) - 1024 * 64
     assert flops == pytest.approx(855e6, rel=0.01)
     assert train_gpt2.flops_per_token(config_for("d1", vocab_multiple=64), 1024) == 6 * n + 12 * 1 * 64 * 1024
+
+
+def test_benchmark_times_only_the_steps_after_warmup(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = tiny_config("unused", "unused", benchmark=3, max_steps=1000)
+    result = train_gpt2.benchmark(cfg, DistContext())
+    out = capsys.readouterr().out
+    timed_steps = [line for line in out.splitlines() if line.startswith("step ")]
+    assert len(timed_steps) == train_gpt2.BENCHMARK_WARMUP_STEPS + 3  # ran warm-up + timed steps only
+    assert "benchmark d1 | B 2 T 16 x 1 process(es) | 3 steps | median" in out
+    assert result["tokens_per_sec"] > 0 and result["dt_ms"] > 0
+    assert os.listdir(tmp_path) == []  # no data, logs or checkpoints left behind
