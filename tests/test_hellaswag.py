@@ -7,6 +7,7 @@ import json
 import math
 import os
 import random
+import socket
 import subprocess
 import sys
 import threading
@@ -263,7 +264,7 @@ def test_broken_download_retries_then_fails_leaving_nothing(server, tmp_path, ca
     body = jsonl_bytes(make_rows(5))
     server.routes["/x/hellaswag_train.jsonl"] = {
         "500": (500, b"oops", None),
-        "truncated": (200, body[:len(body) // 2], len(body)),
+        "truncated": (200, jsonl_bytes(make_rows(2)), len(body)),  # whole lines: only the length shows it
         "not-jsonl": (200, b"<html>proxy error</html>\n", None),
     }[case]
     cache = tmp_path / "cache"
@@ -273,16 +274,21 @@ def test_broken_download_retries_then_fails_leaving_nothing(server, tmp_path, ca
     assert os.listdir(cache) == []  # neither the final file nor a temporary one
 
 
-def test_download_404_does_not_retry_and_network_failure_says_data(server, tmp_path):
+def test_download_404_does_not_retry(server, tmp_path):
     with pytest.raises(UserError, match=r"HTTP 404.*--data"):
-        hellaswag.download("val", cache_dir=str(tmp_path), url_base=server.url + "/missing", backoff=0)
-    assert len(server.hits) == 1
-    port = server.httpd.server_address[1]
-    server.close()  # nothing listens any more: connection refused
-    with pytest.raises(UserError, match=r"ConnectionError.*--data FILE"):
-        hellaswag.load_examples("val", cache_dir=str(tmp_path), url_base=f"http://127.0.0.1:{port}", )
-    assert not os.path.exists(tmp_path / "hellaswag_val.jsonl")
-    server.close = lambda: None
+        hellaswag.download("val", cache_dir=str(tmp_path), url_base=server.url + "/missing")
+    assert server.hits == ["/missing/hellaswag_val.jsonl"]
+    assert os.listdir(tmp_path) == []
+
+
+def test_no_network_is_a_user_error_naming_data(tmp_path, monkeypatch):
+    monkeypatch.setattr(hellaswag.time, "sleep", lambda seconds: None)
+    with socket.socket() as sock:  # a port that nothing listens on: connection refused
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(UserError, match=r"could not download .*ConnectionError.*--data FILE"):
+        hellaswag.load_examples("val", cache_dir=str(tmp_path), url_base=f"http://127.0.0.1:{port}")
+    assert os.listdir(tmp_path) == []
 
 
 def test_official_val_row_count_is_checked(server, tmp_path):
