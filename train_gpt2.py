@@ -670,7 +670,7 @@ def load_hellaswag(data_path, master_process):
     import hellaswag  # hellaswag.py imports this module; see main() for why that is safe
 
     try:
-        return hellaswag.prepare_examples(hellaswag.load_examples("val", data_path=data_path))
+        return hellaswag.tokenize_examples(hellaswag.load_examples("val", data_path=data_path))
     except UserError as e:
         if master_process:
             print(f"warning: HellaSwag eval is off: {e}")
@@ -1085,7 +1085,8 @@ def train(cfg, dist_ctx, stop=None):
                 print(f"step {step:5d} | val loss {val_loss:.4f}")
             log.write(step, "val", val_loss)
             if hella_examples is not None:
-                hella = evaluate_hellaswag(raw_model, hella_examples, torch.bfloat16 if dtype == "bf16" else None, dist_ctx)
+                hella = evaluate_hellaswag(raw_model, hella_examples, torch.bfloat16 if dtype == "bf16" else torch.float32,
+                                           dist_ctx)
                 if master:
                     print(f"step {step:5d} | HellaSwag acc_norm {hella['acc_norm']:.4f} ({hella['n']} examples)")
                 log.write(step, "hella", hella["acc_norm"], acc=hella["acc"], n=hella["n"])

@@ -167,9 +167,23 @@ def logged(log_dir, kind="train"):
     return {r["step"]: r["value"] for r in rows if r["kind"] == kind}
 
 
+def write_hellaswag(path, n=10, seed=0):
+    rng = np.random.default_rng(seed)
+    words = "the a cat dog runs jumps over under quickly slowly and then".split()
+    with open(path, "w") as f:
+        for i in range(n):
+            sentence = lambda k: " ".join(rng.choice(words, k))
+            row = {"ind": i, "ctx": sentence(int(rng.integers(3, 12))), "label": int(rng.integers(0, 4)),
+                   "endings": [sentence(int(rng.integers(1, 8))) for _ in range(4)]}
+            f.write(json.dumps(row) + "\n")
+    return str(path)
+
+
 def test_two_ranks_match_one_rank_with_more_accumulation(tmp_path):
     data_dir = make_data(tmp_path / "data")
-    single = tiny_config(data_dir, str(tmp_path / "single"), max_steps=4, checkpoint_every=4)
+    hella = write_hellaswag(tmp_path / "hellaswag.jsonl", n=11)  # 11 examples: ranks get 6 and 5
+    single = tiny_config(data_dir, str(tmp_path / "single"), max_steps=4, checkpoint_every=4,
+                         hellaswag=True, hellaswag_data=hella)
     train(single, DistContext())
     double = replace(single, log_dir=str(tmp_path / "double"))  # same total batch: accum 4 -> 2
     spawn_train(double)
@@ -182,6 +196,11 @@ def test_two_ranks_match_one_rank_with_more_accumulation(tmp_path):
     assert la.keys() == lb.keys() == {0, 1, 2, 3}
     for step in la:
         assert abs(la[step] - lb[step]) < 1e-5
+    # HellaSwag split across the two ranks, counts all-reduced: the same as one process scoring all
+    ha, hb = logged(single.log_dir, "hella"), logged(double.log_dir, "hella")
+    assert ha.keys() == {0, 3, 4} and ha == hb
+    with open(os.path.join(double.log_dir, "metrics.jsonl")) as f:
+        assert all(json.loads(line).get("n", 11) == 11 for line in f)
 
 
 def test_resume_is_bitwise_identical_single_process(tmp_path, monkeypatch):
