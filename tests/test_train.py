@@ -391,3 +391,16 @@ def test_benchmark_times_only_the_steps_after_warmup(tmp_path, capsys, monkeypat
     assert "benchmark d1 | B 2 T 16 x 1 process(es) | 3 steps | median" in out
     assert result["tokens_per_sec"] > 0 and result["dt_ms"] > 0
     assert os.listdir(tmp_path) == []  # no data, logs or checkpoints left behind
+
+
+def test_cli_runs_hellaswag_or_warns_when_its_data_is_missing(tmp_path):
+    data_dir = make_data(tmp_path / "data")
+    args = ["--model", "d1", "--data-dir", data_dir, "-B", "2", "-T", "16", "--total-batch-size", "32",
+            "--max-steps", "1", "--val-steps", "1", "--sample-every", "0", "--device", "cpu", "--log-dir", "log"]
+    ok = run_cli(args + ["--hellaswag-data", write_hellaswag(tmp_path / "h.jsonl")], cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    assert "HellaSwag acc_norm" in ok.stdout and " hella " in (tmp_path / "log" / "log.txt").read_text()
+    # run as a script, a UserError raised inside hellaswag.py is still this module's UserError
+    missing = run_cli(args + ["--hellaswag-data", "nope.jsonl", "--resume", "none"], cwd=tmp_path)
+    assert missing.returncode == 0, missing.stderr
+    assert "warning: HellaSwag eval is off" in missing.stdout and "nope.jsonl" in missing.stdout
