@@ -26,7 +26,6 @@ import json
 import os
 import random
 import re
-import resource
 import signal
 import sys
 import tempfile
@@ -151,6 +150,15 @@ def iter_rows(ds, text_column, where, remote=False):
             yield text
 
 
+def one_row_group_at_a_time(ds):
+    """A streamed parquet file is read by a pyarrow scanner that runs ahead of a slow consumer (we are one:
+    tokenizing is far slower than reading), buffering up to the whole file: 1 GB of RSS for a 250 MB file.
+    Resharding makes every row group its own shard, so at most one row group is in memory. The order of
+    the rows is unchanged; builders other than parquet are left as they are."""
+    reshard = getattr(ds, "reshard", None)  # datasets >= 4
+    return reshard() if reshard is not None else ds
+
+
 def iter_documents(dataset="HuggingFaceFW/fineweb-edu", name="sample-10BT", files=None, text_column="text"):
     """Yield the text of every document, in a fixed order: the hub dataset's `train` split (streamed),
     or the local files in the order given. Both go through `datasets.load_dataset(..., streaming=True)`."""
@@ -162,7 +170,7 @@ def iter_documents(dataset="HuggingFaceFW/fineweb-edu", name="sample-10BT", file
             except Exception as e:
                 raise UserError(f"cannot open {where} on the HuggingFace hub ({first_line(e)}): check the "
                                 f"--dataset/--name and your connection, or pass local files with --input") from None
-            yield from iter_rows(ds, text_column, where, remote=True)
+            yield from iter_rows(one_row_group_at_a_time(ds), text_column, where, remote=True)
             return
         # parquet/json: one load_dataset per file, so each file's own columns are checked and errors name it;
         # runs of .txt files share one (a load costs ~0.15 s), and each file is one shard of that dataset
@@ -184,6 +192,8 @@ def iter_documents(dataset="HuggingFaceFW/fineweb-edu", name="sample-10BT", file
                 raise UserError(f"{paths[0] if len(paths) == 1 else ', '.join(paths)}: cannot open as {builder} "
                                 f"({first_line(e)}): fix or remove the file") from None
             column = "text" if builder == "text" else text_column
+            if builder == "parquet":
+                ds = one_row_group_at_a_time(ds)
             if len(paths) == 1:
                 yield from iter_rows(ds, column, paths[0])
             elif ds.num_shards == len(paths):  # one shard per file, in order
@@ -522,6 +532,7 @@ def write_synthetic_corpus(path, megabytes, seed=0):
 def usage():
     """Peak resident memory (MB) of this process and of its largest finished child, and CPU seconds
     used by this process and its finished children together."""
+    import resource  # POSIX only, and only needed here
     me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     mb = 1 / 1024 if sys.platform != "darwin" else 1 / 1024 ** 2  # ru_maxrss: KiB on Linux, bytes on macOS
     cpu = me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
