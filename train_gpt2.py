@@ -727,9 +727,9 @@ class TrainConfig:
     benchmark: int = 0  # time this many steps on random tokens (no data, evals or checkpoints); 0: train
 
 
-# A few minutes on a laptop CPU: a d4 model on the Python docs prepared by `python fineweb.py --demo`.
-DEMO = dict(model="d4", data_dir="data/pydoc", batch_size=8, seq_len=128, total_batch_size=2048,
-            max_steps=300, warmup_steps=20, lr=3e-3, eval_every=50, val_steps=4, hellaswag=False,
+# A few minutes on a CPU: a d4 model on the Python docs that `python fineweb.py --demo` prepares.
+DEMO = dict(model="d4", data_dir="data/pydoc", batch_size=8, seq_len=128, total_batch_size=1024,
+            max_steps=200, warmup_steps=10, lr=3e-3, eval_every=50, val_steps=4, hellaswag=False,
             sample_every=100, sample_prompt="The", checkpoint_every=100, log_dir="log_demo")
 
 
