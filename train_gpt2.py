@@ -651,7 +651,7 @@ class DataLoaderLite:
 # evaluation hooks: val loss, HellaSwag and samples, run every --eval-every / --sample-every steps
 
 @torch.no_grad()
-def evaluate_val_loss(model, val_loader, val_steps, autocast, dist_ctx):
+def evaluate_val_loss(model, val_loader, val_steps, autocast, dist_ctx, chunked_loss=True):
     """Mean loss over the first val_steps batches of the val split, averaged over all ranks."""
     model.eval()
     val_loader.reset()
@@ -659,7 +659,7 @@ def evaluate_val_loss(model, val_loader, val_steps, autocast, dist_ctx):
     for _ in range(val_steps):
         x, y = val_loader.next_batch()
         with autocast():
-            _, loss = model(x, y, return_logits=False)
+            _, loss = model(x, y, return_logits=not chunked_loss)
         loss_sum += loss.float()
     model.train()
     return dist_ctx.mean(loss_sum / val_steps)
@@ -847,7 +847,8 @@ class NonFiniteLoss(Exception):
     """The loss or gradient norm is NaN or infinite: the run stops before the optimizer step."""
 
 
-def train_step(model, optimizer, train_loader, grad_accum_steps, autocast, dist_ctx, grad_clip, stop_requested=False):
+def train_step(model, optimizer, train_loader, grad_accum_steps, autocast, dist_ctx, grad_clip, stop_requested=False,
+               chunked_loss=True):
     """One optimizer step over grad_accum_steps micro-batches. Returns (loss, grad norm, stop):
     the loss averaged over micro-steps and ranks, and whether any rank asked to stop.
     Raises NonFiniteLoss, on every rank alike, instead of stepping on NaN/inf."""
@@ -860,7 +861,7 @@ def train_step(model, optimizer, train_loader, grad_accum_steps, autocast, dist_
             # the flag must be set before the forward pass: only the last micro-step syncs.
             model.require_backward_grad_sync = micro_step == grad_accum_steps - 1
         with autocast():
-            _, loss = model(x, y, return_logits=False)
+            _, loss = model(x, y, return_logits=not chunked_loss)
         # the gradients of a big batch are the mean over its micro-batches, not their sum
         loss = loss / grad_accum_steps
         loss_sum += loss.detach().float()
@@ -1080,7 +1081,7 @@ def train(cfg, dist_ctx, stop=None):
     for step in range(start_step, cfg.max_steps + 1):
         last_step = step == cfg.max_steps
         if val_loader is not None and due(cfg.eval_every, step, last_step):
-            val_loss = evaluate_val_loss(model, val_loader, cfg.val_steps, autocast, dist_ctx).item()
+            val_loss = evaluate_val_loss(model, val_loader, cfg.val_steps, autocast, dist_ctx, cfg.chunked_loss).item()
             if master:
                 print(f"step {step:5d} | val loss {val_loss:.4f}")
             log.write(step, "val", val_loss)
@@ -1112,7 +1113,7 @@ def train(cfg, dist_ctx, stop=None):
             group["lr"] = get_lr(step, cfg)
         # stop.requested is this process's signal; stopping, all ranks' verdict, is what everyone acts on
         loss, norm, stopping = train_step(model, optimizer, train_loader, grad_accum_steps, autocast,
-                                          dist_ctx, cfg.grad_clip, stop.requested)
+                                          dist_ctx, cfg.grad_clip, stop.requested, cfg.chunked_loss)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         dt = time.perf_counter() - t0  # the step alone: evals, samples and checkpoints are not counted

@@ -404,3 +404,13 @@ def test_cli_runs_hellaswag_or_warns_when_its_data_is_missing(tmp_path):
     missing = run_cli(args + ["--hellaswag-data", "nope.jsonl", "--resume", "none"], cwd=tmp_path)
     assert missing.returncode == 0, missing.stderr
     assert "warning: HellaSwag eval is off" in missing.stdout and "nope.jsonl" in missing.stdout
+
+
+def test_chunked_loss_run_tracks_the_full_logits_run(tmp_path):
+    data_dir = make_data(tmp_path / "data")
+    cfg = tiny_config(data_dir, str(tmp_path / "a"), max_steps=8, checkpoint_every=0, eval_every=4)
+    chunked = train(cfg, DistContext())
+    full = train(replace(cfg, log_dir=str(tmp_path / "b"), chunked_loss=False), DistContext())
+    assert chunked["losses"][-1] < chunked["losses"][0] - 0.1
+    np.testing.assert_allclose(chunked["losses"], full["losses"], rtol=0, atol=1e-5)
+    assert chunked["val_loss"] == pytest.approx(full["val_loss"], abs=1e-5)
