@@ -110,6 +110,8 @@ def count_allreduces_worker(rank, world_size, port, data_dir, step_fn_name, resu
                          "ranks_agree": all(torch.equal(gathered[0], g) for g in gathered)}
     if rank == 0:
         results.put(report)
+    del model, optimizer  # free DDP's reducer while its process group still exists
+    dist.barrier()
     dist.destroy_process_group()
 
 
