@@ -1011,12 +1011,6 @@ class StopRequest:
         self.requested = True
 
 
-def make_autocast(device, dtype):
-    if dtype == "fp32":
-        return contextlib.nullcontext
-    return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
-
 def restore(checkpoint, raw_model, optimizer, train_loader, dist_ctx, model_config):
     """Load a checkpoint's model, optimizer, data position and RNG into this process."""
     if checkpoint["config"] != asdict(model_config):
@@ -1035,14 +1029,35 @@ def due(every, step, last_step):
     return every > 0 and (step % every == 0 or last_step)
 
 
-def train(cfg, dist_ctx, stop=None):
-    """Train as configured; returns {"losses": [...], "metrics": [...], "val_loss": float}, the train loss
-    and the logged metrics of every step this call ran, and the last val loss."""
-    stop = stop or StopRequest()
+@dataclass
+class Run:
+    """Everything a training run holds. `model` is what trains: compiled and DDP-wrapped as
+    configured; `raw_model` is the same parameters without wrappers, for evals with new shapes,
+    sampling and checkpoints (so they never recompile and never see key prefixes)."""
+    cfg: TrainConfig
+    dist_ctx: DistContext
+    raw_model: GPT
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    train_loader: DataLoaderLite
+    val_loader: DataLoaderLite | None
+    hella_examples: object  # hellaswag.TokenizedExamples, or None when HellaSwag is off
+    log: RunLog
+    dtype: str  # bf16 or fp32
+    grad_accum_steps: int
+    start_step: int
+    val_loss: float | None
+
+    def autocast(self):
+        if self.dtype == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.dist_ctx.device.type, dtype=torch.bfloat16)
+
+
+def setup_run(cfg, dist_ctx):
+    """Model, optimizer, data and logs, resumed from a checkpoint when there is one."""
     master, device = dist_ctx.master_process, dist_ctx.device
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    autocast = make_autocast(device, dtype)
-    use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left outside autocast
         torch.backends.cudnn.allow_tf32 = True
@@ -1050,7 +1065,6 @@ def train(cfg, dist_ctx, stop=None):
 
     model_config = config_for(cfg.model, vocab_multiple=cfg.vocab_multiple)
     raw_model = GPT(model_config).to(device)
-    grad_accum_steps = cfg.total_batch_size // (cfg.batch_size * cfg.seq_len * dist_ctx.world_size)
     loader_args = dict(B=cfg.batch_size, T=cfg.seq_len, process_rank=dist_ctx.rank,
                        num_processes=dist_ctx.world_size, data_root=cfg.data_dir, device=device)
     train_loader = DataLoaderLite(split="train", shuffle_seed=cfg.seed if cfg.shuffle else None, **loader_args)
@@ -1060,76 +1074,106 @@ def train(cfg, dist_ctx, stop=None):
     checkpoint = find_resume_checkpoint(cfg, master)
     start_step = restore(checkpoint, raw_model, optimizer, train_loader, dist_ctx, model_config) if checkpoint else 0
     val_loss = checkpoint.get("val_loss") if checkpoint else None
-    del checkpoint
     hella_examples = load_hellaswag(cfg.hellaswag_data or None, master) if cfg.hellaswag and cfg.eval_every else None
 
-    # Training runs through the compiled (and DDP-wrapped) module; evals with new shapes, sampling
-    # and checkpoints use raw_model, the same parameters without compilation or prefixes.
+    use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
     model = torch.compile(raw_model) if use_compile else raw_model
     if dist_ctx.ddp:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[dist_ctx.local_rank] if device.type == "cuda" else None)
-    log = RunLog(cfg.log_dir, master, resume_step=start_step if start_step else None)
-    step_flops = flops_per_token(model_config, cfg.seq_len) * cfg.total_batch_size
-    gpu_flops = peak_flops(device)
+    grad_accum_steps = cfg.total_batch_size // (cfg.batch_size * cfg.seq_len * dist_ctx.world_size)
     if master:
         print(f"model {cfg.model}: {raw_model.num_parameters():,} parameters | {dist_ctx.world_size} process(es) on "
               f"{device.type} | {dtype} | compile {use_compile} | grad accum {grad_accum_steps} | "
               f"{'resuming at step ' + str(start_step) if start_step else 'fresh start'}")
+    log = RunLog(cfg.log_dir, master, resume_step=start_step if start_step else None)
+    return Run(cfg, dist_ctx, raw_model, model, optimizer, train_loader, val_loader, hella_examples, log,
+               dtype, grad_accum_steps, start_step, val_loss)
 
+
+def run_evals(run, step):
+    """Val loss (through the training module: same shapes, no recompile) and HellaSwag."""
+    master = run.dist_ctx.master_process
+    run.val_loss = evaluate_val_loss(run.model, run.val_loader, run.cfg.val_steps, run.autocast, run.dist_ctx,
+                                     run.cfg.chunked_loss).item()
+    if master:
+        print(f"step {step:5d} | val loss {run.val_loss:.4f}")
+    run.log.write(step, "val", run.val_loss)
+    if run.hella_examples is not None:
+        hella = evaluate_hellaswag(run.raw_model, run.hella_examples,
+                                   torch.bfloat16 if run.dtype == "bf16" else torch.float32, run.dist_ctx)
+        if master:
+            print(f"step {step:5d} | HellaSwag acc_norm {hella['acc_norm']:.4f} ({hella['n']} examples)")
+        run.log.write(step, "hella", hella["acc_norm"], acc=hella["acc"], n=hella["n"])
+
+
+def print_samples(run, step):
+    run.raw_model.eval()
+    with run.autocast():
+        for text in generate(run.raw_model, run.cfg.sample_prompt, max_new_tokens=32, num_samples=4,
+                             seed=run.cfg.seed + step):
+            print(f"sample: {text!r}")
+    run.raw_model.train()
+
+
+def timed_train_step(run, step, stop_requested):
+    """One optimizer step, timed alone (evals, samples and checkpoints are not counted), logged.
+    Returns (loss, metrics, whether any rank asked to stop)."""
+    cfg, device = run.cfg, run.dist_ctx.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    lr = get_lr(step, cfg)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    loss, norm, stopping = train_step(run.model, run.optimizer, run.train_loader, run.grad_accum_steps, run.autocast,
+                                      run.dist_ctx, cfg.grad_clip, stop_requested, cfg.chunked_loss)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    dt = time.perf_counter() - t0
+    metrics = {"lr": lr, "norm": norm, "dt_ms": dt * 1000, "tokens_per_sec": cfg.total_batch_size / dt}
+    line = (f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | "
+            f"dt {dt * 1000:.2f}ms | tok/sec {metrics['tokens_per_sec']:.0f}")
+    gpu_flops = peak_flops(device)
+    if gpu_flops:
+        step_flops = flops_per_token(run.raw_model.config, cfg.seq_len) * cfg.total_batch_size
+        metrics["mfu"] = step_flops / dt / run.dist_ctx.world_size / gpu_flops
+        metrics["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        line += f" | mfu {metrics['mfu'] * 100:.1f}% | mem {metrics['peak_mem_gib']:.1f}GiB"
+    if run.dist_ctx.master_process:
+        print(line)
+    run.log.write(step, "train", loss, **metrics)
+    return loss, metrics, stopping
+
+
+def train(cfg, dist_ctx, stop=None):
+    """Train as configured; returns {"losses": [...], "metrics": [...], "val_loss": float}, the train loss
+    and the logged metrics of every step this call ran, and the last val loss.
+
+    At the top of step s the model has had s updates: evals, samples and checkpoints happen there,
+    and once more at s = max_steps, after the final update."""
+    stop = stop or StopRequest()
+    run = setup_run(cfg, dist_ctx)
     losses, step_metrics, stopping = [], [], False
-    for step in range(start_step, cfg.max_steps + 1):
+    for step in range(run.start_step, cfg.max_steps + 1):
         last_step = step == cfg.max_steps
-        if val_loader is not None and due(cfg.eval_every, step, last_step):
-            val_loss = evaluate_val_loss(model, val_loader, cfg.val_steps, autocast, dist_ctx, cfg.chunked_loss).item()
-            if master:
-                print(f"step {step:5d} | val loss {val_loss:.4f}")
-            log.write(step, "val", val_loss)
-            if hella_examples is not None:
-                hella = evaluate_hellaswag(raw_model, hella_examples, torch.bfloat16 if dtype == "bf16" else torch.float32,
-                                           dist_ctx)
-                if master:
-                    print(f"step {step:5d} | HellaSwag acc_norm {hella['acc_norm']:.4f} ({hella['n']} examples)")
-                log.write(step, "hella", hella["acc_norm"], acc=hella["acc"], n=hella["n"])
-        if master and step > 0 and due(cfg.sample_every, step, last_step):
-            raw_model.eval()
-            with autocast():
-                for text in generate(raw_model, cfg.sample_prompt, max_new_tokens=32, num_samples=4, seed=cfg.seed + step):
-                    print(f"sample: {text!r}")
-            raw_model.train()
-        if step > start_step and (due(cfg.checkpoint_every, step, last_step) or stopping):
-            save(step, raw_model, optimizer, cfg, val_loss, train_loader, dist_ctx)
+        if run.val_loader is not None and due(cfg.eval_every, step, last_step):
+            run_evals(run, step)
+        if dist_ctx.master_process and step > 0 and due(cfg.sample_every, step, last_step):
+            print_samples(run, step)
+        if step > run.start_step and (due(cfg.checkpoint_every, step, last_step) or stopping):
+            save(step, run)
             if stopping:
-                if master:
+                if dist_ctx.master_process:
                     print(f"stopped by signal after step {step - 1}; resume with the same command")
                 break
         if last_step:
             break
-
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        t0 = time.perf_counter()
-        for group in optimizer.param_groups:
-            group["lr"] = get_lr(step, cfg)
         # stop.requested is this process's signal; stopping, all ranks' verdict, is what everyone acts on
-        loss, norm, stopping = train_step(model, optimizer, train_loader, grad_accum_steps, autocast,
-                                          dist_ctx, cfg.grad_clip, stop.requested, cfg.chunked_loss)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        dt = time.perf_counter() - t0  # the step alone: evals, samples and checkpoints are not counted
+        loss, metrics, stopping = timed_train_step(run, step, stop.requested)
         losses.append(loss)
-        metrics = {"lr": get_lr(step, cfg), "norm": norm, "dt_ms": dt * 1000, "tokens_per_sec": cfg.total_batch_size / dt}
-        line = (f"step {step:5d} | loss {loss:.6f} | lr {metrics['lr']:.4e} | norm {norm:.4f} | "
-                f"dt {dt * 1000:.2f}ms | tok/sec {metrics['tokens_per_sec']:.0f}")
-        if gpu_flops:
-            metrics["mfu"] = step_flops / dt / dist_ctx.world_size / gpu_flops
-            metrics["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-            line += f" | mfu {metrics['mfu'] * 100:.1f}% | mem {metrics['peak_mem_gib']:.1f}GiB"
-        if master:
-            print(line)
-        log.write(step, "train", loss, **metrics)
         step_metrics.append(metrics)
-    return {"losses": losses, "metrics": step_metrics, "val_loss": val_loss}
+    return {"losses": losses, "metrics": step_metrics, "val_loss": run.val_loss}
 
 
 BENCHMARK_WARMUP_STEPS = 3  # the first steps compile and warm up allocators: not timed
@@ -1159,14 +1203,14 @@ def benchmark(cfg, dist_ctx, stop=None):
     return median
 
 
-def save(step, raw_model, optimizer, cfg, val_loss, train_loader, dist_ctx):
+def save(step, run):
     """Gather every rank's data position and RNG state; the master writes the checkpoint."""
-    loader_states = dist_ctx.gather_objects(train_loader.state_dict())
-    rng_states = dist_ctx.gather_objects(rng_state(dist_ctx.device))
-    if dist_ctx.master_process:
-        path = write_checkpoint(step, raw_model, optimizer, cfg, val_loss, loader_states, rng_states)
+    loader_states = run.dist_ctx.gather_objects(run.train_loader.state_dict())
+    rng_states = run.dist_ctx.gather_objects(rng_state(run.dist_ctx.device))
+    if run.dist_ctx.master_process:
+        path = write_checkpoint(step, run.raw_model, run.optimizer, run.cfg, run.val_loss, loader_states, rng_states)
         print(f"step {step:5d} | saved {path}")
-    if dist_ctx.ddp:
+    if run.dist_ctx.ddp:
         torch.distributed.barrier()
 
 
