@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from train_gpt2 import UserError, get_encoding
+from train_gpt2 import UserError, get_encoding, pick_device
 
 DATA_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data"
 SPLITS = ("val", "train")
@@ -482,25 +482,6 @@ def example_losses(model, examples, device=None, batch_size=DEFAULT_BATCH_SIZE, 
 
 # -----------------------------------------------------------------------------
 # command line
-
-def pick_device(name=None):
-    """torch.device for --device; None or 'auto' picks cuda, then mps, then cpu."""
-    if name in (None, "auto"):
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise UserError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {name} requested but CUDA is not available")
-    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise UserError(f"device {name} requested but MPS is not available")
-    return device
-
 
 def load_model(model_name=None, checkpoint=None):
     """An fp32 model from an HF hub name or directory (-m) or a train_gpt2.py checkpoint (-c)."""

@@ -819,28 +819,32 @@ class DistContext:
         return out
 
 
-def pick_device(requested):
-    if requested != "auto":
-        return requested
-    if torch.cuda.is_available():
-        return "cuda"
-    if hasattr(torch.backends, "mps") and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+def pick_device(name="auto"):
+    """torch.device for a --device setting; auto picks cuda, then mps, then cpu."""
+    mps_available = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps_available else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
+    if (device.type == "cuda" and not torch.cuda.is_available()) or (device.type == "mps" and not mps_available):
+        raise UserError(f"device {name} requested but {device.type.upper()} is not available on this machine")
+    return device
 
 
 def setup_distributed(requested_device):
     """DistContext from torchrun's environment (NCCL on CUDA, gloo otherwise), or a single process."""
     device = pick_device(requested_device)
     if "RANK" not in os.environ:
-        return DistContext(device=torch.device(device))
+        return DistContext(device=device)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     world_size = int(os.environ["WORLD_SIZE"])
-    if device.startswith("cuda"):
-        device = f"cuda:{local_rank}"
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)  # one GPU per process
         torch.cuda.set_device(device)
-    torch.distributed.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    return DistContext(rank, local_rank, world_size, torch.device(device))
+    torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return DistContext(rank, local_rank, world_size, device)
 
 
 class NonFiniteLoss(Exception):
