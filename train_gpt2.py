@@ -256,7 +256,12 @@ class GPT(nn.Module):
         """The model of a training checkpoint (log_dir/model_XXXXX.pt), on the CPU."""
         checkpoint = read_checkpoint(path)
         model = cls(GPTConfig(**checkpoint["config"]))
-        model.load_state_dict(checkpoint["model"])
+        # a compiled or DDP-wrapped model's state_dict (other projects save those) has prefixed keys
+        state = {re.sub(r"^(_orig_mod\.|module\.)+", "", key): value for key, value in checkpoint["model"].items()}
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            raise UserError(f"checkpoint {path}: the weights do not fit its config ({one_line(e)})") from None
         return model
 
 

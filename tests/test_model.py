@@ -782,3 +782,19 @@ def test_import_is_fast_and_has_no_side_effects(tmp_path):
             break
     else:
         pytest.fail(f"import train_gpt2 took (total, torch alone) seconds: {times}")
+
+
+def test_from_checkpoint_strips_wrapper_prefixes_and_names_mismatches(tmp_path):
+    import dataclasses
+
+    model = GPT(config_for("d1"))
+    prefixed = {"_orig_mod." + k: v for k, v in model.state_dict().items()}
+    path = tmp_path / "wrapped.pt"
+    torch.save({"model": prefixed, "config": dataclasses.asdict(model.config)}, path)
+    loaded = GPT.from_checkpoint(str(path))
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    wrong = tmp_path / "wrong.pt"
+    torch.save({"model": model.state_dict(), "config": dataclasses.asdict(config_for("d2"))}, wrong)
+    with pytest.raises(UserError, match=r"wrong.pt: the weights do not fit its config") as info:
+        GPT.from_checkpoint(str(wrong))
+    assert "\n" not in str(info.value)
