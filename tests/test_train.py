@@ -416,3 +416,24 @@ def test_chunked_loss_run_tracks_the_full_logits_run(tmp_path):
     assert chunked["losses"][-1] < chunked["losses"][0] - 0.1
     np.testing.assert_allclose(chunked["losses"], full["losses"], rtol=0, atol=1e-5)
     assert chunked["val_loss"] == pytest.approx(full["val_loss"], abs=1e-5)
+
+
+def test_compiled_run_matches_eager_and_evals_never_recompile(tmp_path):
+    """torch.compile (inductor on the CPU here) trains the same losses as eager; HellaSwag and
+    sampling run on the uncompiled module, so they add no compiled graphs whatever their shapes."""
+    from torch._dynamo.utils import counters
+
+    data_dir = make_data(tmp_path / "data")
+    cfg = tiny_config(data_dir, str(tmp_path / "eager"), max_steps=3, checkpoint_every=0, eval_every=3)
+    eager = train(cfg, DistContext())
+    graphs = {}
+    for name, extras in (("plain", {}), ("evals", dict(hellaswag=True, sample_every=1,
+                                                       hellaswag_data=write_hellaswag(tmp_path / "h.jsonl")))):
+        torch._dynamo.reset()  # forget graphs compiled by the previous run
+        counters.clear()
+        compiled = train(replace(cfg, log_dir=str(tmp_path / name), compile=True, **extras), DistContext())
+        graphs[name] = counters["stats"]["unique_graphs"]
+        np.testing.assert_allclose(compiled["losses"], eager["losses"], rtol=0, atol=1e-5)
+        assert compiled["val_loss"] == pytest.approx(eager["val_loss"], abs=1e-5)
+    assert logged(str(tmp_path / "evals"), "hella").keys() == {0, 3}
+    assert graphs["plain"] > 0 and graphs["evals"] == graphs["plain"], graphs
