@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from train_gpt2 import UserError, get_encoding, pick_device
+from train_gpt2 import UserError, get_encoding, pick_device, unwrap_model
 
 DATA_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data"
 SPLITS = ("val", "train")
@@ -337,23 +337,12 @@ def _local_batches(examples, device, rank, world_size, batch_size, max_tokens):
 # -----------------------------------------------------------------------------
 # scoring
 
-def _unwrap(model):
-    """The module itself: strip DistributedDataParallel (.module) and torch.compile (._orig_mod)."""
-    while True:
-        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif isinstance(model, torch.nn.Module) and isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
-            model = model._orig_mod
-        else:
-            return model
-
-
 def _model_parts(model):
     """(hidden_fn, head_fn, context_length) for a model. With a hidden_fn, only the positions
     that are scored go through the lm_head; otherwise head_fn maps tokens to full logits.
     Understands train_gpt2.GPT, transformers' GPT2LMHeadModel and any callable returning logits,
     a (logits, ...) tuple, or an object with .logits."""
-    m = _unwrap(model)
+    m = unwrap_model(model)
     config = getattr(m, "config", None)
     lm_head = getattr(m, "lm_head", None)
     if callable(getattr(m, "hidden_states", None)) and lm_head is not None and hasattr(config, "block_size"):
@@ -400,7 +389,7 @@ def _row_losses(model, batches, device, autocast_dtype, progress):
         raise UserError(f"a HellaSwag row is {batches.max_len} tokens long, more than the model's "
                         f"context of {context_length}")
     row_loss = torch.zeros(batches.n_rows, dtype=torch.float32, device=device)
-    module = _unwrap(model)
+    module = unwrap_model(model)
     was_training = getattr(module, "training", False)
     if isinstance(module, torch.nn.Module):
         module.eval()  # no dropout; restored below
@@ -461,7 +450,7 @@ def evaluate_model(model, examples, device=None, batch_size=DEFAULT_BATCH_SIZE, 
                    max_tokens=None, progress=False):
     """Single process: {"n", "acc", "acc_norm"} over all examples (one host sync)."""
     if device is None:
-        device = next(_unwrap(model).parameters()).device
+        device = next(unwrap_model(model).parameters()).device
     n, correct, correct_norm = evaluate(model, examples, device, batch_size=batch_size, autocast_dtype=autocast_dtype,
                                         max_tokens=max_tokens, progress=progress).tolist()
     if n == 0:
@@ -473,7 +462,7 @@ def example_losses(model, examples, device=None, batch_size=DEFAULT_BATCH_SIZE, 
     """Per-example ending losses in input order, on the CPU: (sum (n, 4), mean (n, 4)).
     For analysis and tests; predictions are sum.argmin(1) (acc) and mean.argmin(1) (acc_norm)."""
     if device is None:
-        device = next(_unwrap(model).parameters()).device
+        device = next(unwrap_model(model).parameters()).device
     device = torch.device(device)
     batches = _local_batches(examples, device, 0, 1, batch_size, max_tokens)
     sums = _row_losses(model, batches, device, autocast_dtype, progress=False)

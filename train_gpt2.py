@@ -1,8 +1,8 @@
 """
 Pretrain GPT-2 (124M and its larger siblings) from scratch, nanoGPT-style.
 
-Read top to bottom: errors and tokenizer, config, model, HuggingFace interchange,
-sampling, data, evaluation hooks, training, command line.
+Read top to bottom: errors and tokenizer, config, model (and its chunked loss), HuggingFace
+interchange, sampling, checkpoint reading, data, evaluation hooks, training, command line.
 
     python train_gpt2.py                                  # one GPU (or CPU/MPS for small models)
     torchrun --standalone --nproc_per_node=8 train_gpt2.py  # one node, eight GPUs
@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import sys
 import tempfile
@@ -459,7 +460,6 @@ def write_hf_checkpoint(model, directory):
         old = tempfile.mkdtemp(prefix=".old-export-", dir=parent)
         os.rename(directory, os.path.join(old, "x"))
         os.rename(tmp, directory)
-        import shutil
         shutil.rmtree(old)
     else:
         os.rename(tmp, directory)
