@@ -35,7 +35,7 @@ from contextlib import closing, contextmanager
 
 import numpy as np
 
-from train_gpt2 import GPT2_EOT, GPT2_VOCAB_SIZE, UserError, get_encoding
+from train_gpt2 import GPT2_EOT, GPT2_VOCAB_SIZE, UserError, atomic_write, get_encoding, one_line
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MANIFEST_FORMAT = 1
@@ -60,12 +60,6 @@ def quiet_datasets():
         datasets.logging.set_verbosity(level)
 
 
-def first_line(e):
-    """An exception as one short line: its type and the first line of its message."""
-    msg = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {msg[0][:300]}" if msg else type(e).__name__
-
-
 def builder_for(path):
     ext = os.path.splitext(path)[1].lower()
     if ext not in BUILDERS:
@@ -86,7 +80,7 @@ def check_inputs(paths):
             with open(path, "rb") as f:
                 f.read(1)
         except OSError as e:
-            raise UserError(f"{path}: cannot read input file ({first_line(e)})") from None
+            raise UserError(f"{path}: cannot read input file ({one_line(e)})") from None
 
 
 def file_is_empty(path, builder):
@@ -134,11 +128,11 @@ def iter_rows(ds, text_column, where, remote=False):
             return
         except Exception as e:  # datasets/pyarrow raise lazily, while iterating, with their own types
             if remote:  # most likely the connection: what is written so far stays, a rerun continues
-                raise UserError(f"{where}: reading failed after {row:,} documents ({first_line(e)}): rerun the "
+                raise UserError(f"{where}: reading failed after {row:,} documents ({one_line(e)}): rerun the "
                                 f"same command to continue after the last complete shard") from None
             line = bad_json_line(where) if where.endswith(".jsonl") else None
             at = f"line {line}" if line else f"after row {row}" if row else "near the start"
-            raise UserError(f"{where}: malformed data at {at} ({first_line(e)}): fix or remove it") from None
+            raise UserError(f"{where}: malformed data at {at} ({one_line(e)}): fix or remove it") from None
         if text_column not in batch:
             raise UserError(f"{where}: no column {text_column!r}; columns are {', '.join(batch) or '(none)'}: "
                             f"pass --text-column")
@@ -168,7 +162,7 @@ def iter_documents(dataset="HuggingFaceFW/fineweb-edu", name="sample-10BT", file
             try:
                 ds = datasets.load_dataset(dataset, name=name, split="train", streaming=True)
             except Exception as e:
-                raise UserError(f"cannot open {where} on the HuggingFace hub ({first_line(e)}): check the "
+                raise UserError(f"cannot open {where} on the HuggingFace hub ({one_line(e)}): check the "
                                 f"--dataset/--name and your connection, or pass local files with --input") from None
             yield from iter_rows(one_row_group_at_a_time(ds), text_column, where, remote=True)
             return
@@ -190,7 +184,7 @@ def iter_documents(dataset="HuggingFaceFW/fineweb-edu", name="sample-10BT", file
                                            split="train", streaming=True, **options)
             except Exception as e:
                 raise UserError(f"{paths[0] if len(paths) == 1 else ', '.join(paths)}: cannot open as {builder} "
-                                f"({first_line(e)}): fix or remove the file") from None
+                                f"({one_line(e)}): fix or remove the file") from None
             column = "text" if builder == "text" else text_column
             if builder == "parquet":
                 ds = one_row_group_at_a_time(ds)
@@ -282,21 +276,6 @@ def shard_name(prefix, idx):
     return f"{prefix}_{split}_{idx:06d}.npy"
 
 
-def atomic_write(path, write):
-    """write(f) into path + '.tmp', fsync, then rename over path: readers see the old file or the new one."""
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:  # disk full, permissions: say which file, leave no partial one behind
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise UserError(f"{path}: cannot write ({first_line(e)}): check free space and permissions") from None
-
-
 def save_shard(path, tokens):
     atomic_write(path, lambda f: np.save(f, tokens))
 
@@ -377,7 +356,7 @@ def make_dir(path):
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:
-        raise UserError(f"{path}: cannot create the output directory ({first_line(e)})") from None
+        raise UserError(f"{path}: cannot create the output directory ({one_line(e)})") from None
 
 
 def prepare_output(out_dir, prefix, settings):

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from train_gpt2 import UserError, get_encoding, pick_device, unwrap_model
+from train_gpt2 import UserError, atomic_write, get_encoding, one_line, pick_device, unwrap_model
 
 DATA_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data"
 SPLITS = ("val", "train")
@@ -483,8 +483,7 @@ def load_model(model_name=None, checkpoint=None):
     try:
         model = transformers.GPT2LMHeadModel.from_pretrained(model_name)
     except Exception as e:  # hub, file and format errors come in many types
-        message = " ".join(str(e).split())  # one line
-        raise UserError(f"could not load model {model_name!r} ({type(e).__name__}: {message[:300]})") from None
+        raise UserError(f"could not load model {model_name!r} ({one_line(e)})") from None
     return model.float()
 
 
@@ -493,17 +492,9 @@ def write_json_atomic(path, obj):
     directory = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(obj, f, indent=2)
-                f.write("\n")
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
     except OSError as e:
         raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
 
 
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -1,7 +1,7 @@
 """
 Pretrain GPT-2 (124M and its larger siblings) from scratch, nanoGPT-style.
 
-Read top to bottom: errors and tokenizer, config, model (and its chunked loss), HuggingFace
+Read top to bottom: errors and atomic writes, tokenizer, config, model (and its chunked loss), HuggingFace
 interchange, sampling, checkpoint reading, data, evaluation hooks, training, command line.
 
     python train_gpt2.py                                  # one GPU (or CPU/MPS for small models)
@@ -33,12 +33,31 @@ class UserError(Exception):
 
 
 def one_line(error):
-    """A library exception's message for a UserError: one line, without terminal escapes
-    (torch.load's weights_only errors span many lines, embed bold escapes and name the
-    refused class on their `WeightsUnpickler error:` line)."""
+    """A library exception as one short line for a UserError: its type and the first line of its
+    message, without terminal escapes (torch.load's weights_only errors span many lines, embed bold
+    escapes and name the refused class on their `WeightsUnpickler error:` line)."""
     lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(error)).splitlines() if line.strip()]
     specific = [line for line in lines if line.startswith("WeightsUnpickler error:")]
-    return (specific or lines or [type(error).__name__])[0]
+    message = (specific or lines or [""])[0][:300]
+    return f"{type(error).__name__}: {message}" if message else type(error).__name__
+
+
+def atomic_write(path, write):
+    """write(f) into path + '.tmp', fsync, then rename over path: readers see the old file or the
+    new one, never half of one. An OSError (disk full, permissions) becomes a UserError naming path."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            raise UserError(f"{path}: cannot write ({one_line(e)}): check free space and permissions") from None
+        raise
 
 
 # -----------------------------------------------------------------------------
@@ -380,7 +399,7 @@ def read_hf_tensors(directory):
         if os.path.exists(legacy):
             return torch.load(legacy, map_location="cpu", weights_only=True)
     except Exception as e:  # safetensors and torch.load raise assorted errors on damaged files
-        raise UserError(f"{directory}: cannot read the weights ({type(e).__name__}: {one_line(e)})") from None
+        raise UserError(f"{directory}: cannot read the weights ({one_line(e)})") from None
     raise UserError(f"{directory} is not a GPT-2 checkpoint: no model.safetensors or pytorch_model.bin")
 
 
@@ -502,7 +521,7 @@ def read_checkpoint(path):
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, pickle error, ...: torch raises many types
-        raise UserError(f"checkpoint {path} is damaged or not a train_gpt2.py checkpoint ({type(e).__name__}: {one_line(e)})") from None
+        raise UserError(f"checkpoint {path} is damaged or not a train_gpt2.py checkpoint ({one_line(e)})") from None
     if not isinstance(checkpoint, dict) or not {"model", "config"} <= checkpoint.keys():
         raise UserError(f"checkpoint {path} is not a train_gpt2.py checkpoint (no 'model' and 'config')")
     known = {f.name for f in fields(GPTConfig)}
@@ -764,8 +783,10 @@ def validate(cfg, world_size):
                         f"{cfg.batch_size}*{cfg.seq_len}*{world_size} = {micro}")
     if cfg.dtype not in ("auto", "bf16", "fp32"):
         problems.append(f"--dtype must be auto, bf16 or fp32, got {cfg.dtype}")
-    if cfg.device not in ("auto", "cpu", "cuda", "mps") and not re.fullmatch(r"cuda:\d+", cfg.device):
-        problems.append(f"--device must be auto, cpu, cuda, cuda:N or mps, got {cfg.device}")
+    try:
+        pick_device(cfg.device)
+    except UserError as e:
+        problems.append(f"--device: {e}")
     if cfg.resume not in ("auto", "none") and not os.path.isfile(cfg.resume):
         problems.append(f"--resume {cfg.resume}: no such checkpoint file (or use auto / none)")
     if cfg.vocab_multiple <= 0:
@@ -919,12 +940,6 @@ def list_checkpoints(log_dir):
     return [os.path.join(log_dir, name) for _, name in sorted(found, reverse=True)]
 
 
-def atomic_torch_save(obj, path):
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def find_resume_checkpoint(cfg, master_process):
     """The checkpoint to resume from, already read, or None to start fresh."""
     if cfg.resume == "none":
@@ -946,7 +961,7 @@ def find_resume_checkpoint(cfg, master_process):
 
 def write_checkpoint(step, raw_model, optimizer, cfg, val_loss, loader_states, rng_states):
     path = os.path.join(cfg.log_dir, f"model_{step:05d}.pt")
-    atomic_torch_save({
+    checkpoint = {
         "model": raw_model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "step": step,  # optimizer steps done; training resumes at this step index
@@ -955,7 +970,8 @@ def write_checkpoint(step, raw_model, optimizer, cfg, val_loss, loader_states, r
         "val_loss": val_loss,
         "loader": loader_states,  # per rank
         "rng": rng_states,  # per rank
-    }, path)
+    }
+    atomic_write(path, lambda f: torch.save(checkpoint, f))
     if cfg.keep_last:
         for old in list_checkpoints(cfg.log_dir)[cfg.keep_last:]:
             os.remove(old)
@@ -996,10 +1012,7 @@ class RunLog:
                     step = json.loads(line)["step"] if line.startswith("{") else int(line.split()[0])
                     if step < resume_step:
                         kept.append(line)
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(kept)
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: f.write("".join(kept).encode()))
 
     def write(self, step, kind, value, **metrics):
         if not self.enabled:
@@ -1054,6 +1067,7 @@ class Run:
     log: RunLog
     dtype: str  # bf16 or fp32
     grad_accum_steps: int
+    gpu_peak_flops: float | None  # for MFU; None off CUDA or on an unknown GPU
     start_step: int
     val_loss: float | None
 
@@ -1097,7 +1111,7 @@ def setup_run(cfg, dist_ctx):
               f"{'resuming at step ' + str(start_step) if start_step else 'fresh start'}")
     log = RunLog(cfg.log_dir, master, resume_step=start_step if start_step else None)
     return Run(cfg, dist_ctx, raw_model, model, optimizer, train_loader, val_loader, hella_examples, log,
-               dtype, grad_accum_steps, start_step, val_loss)
+               dtype, grad_accum_steps, peak_flops(device), start_step, val_loss)
 
 
 def run_evals(run, step):
@@ -1143,10 +1157,9 @@ def timed_train_step(run, step, stop_requested):
     metrics = {"lr": lr, "norm": norm, "dt_ms": dt * 1000, "tokens_per_sec": cfg.total_batch_size / dt}
     line = (f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | "
             f"dt {dt * 1000:.2f}ms | tok/sec {metrics['tokens_per_sec']:.0f}")
-    gpu_flops = peak_flops(device)
-    if gpu_flops:
+    if run.gpu_peak_flops:
         step_flops = flops_per_token(run.raw_model.config, cfg.seq_len) * cfg.total_batch_size
-        metrics["mfu"] = step_flops / dt / run.dist_ctx.world_size / gpu_flops
+        metrics["mfu"] = step_flops / dt / run.dist_ctx.world_size / run.gpu_peak_flops
         metrics["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         line += f" | mfu {metrics['mfu'] * 100:.1f}% | mem {metrics['peak_mem_gib']:.1f}GiB"
     if run.dist_ctx.master_process:

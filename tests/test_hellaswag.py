@@ -329,8 +329,13 @@ def with_change(**change):
 ])
 def test_bad_rows_name_file_and_line(tmp_path, capsys, bad_line, message):
     path = bad_file(tmp_path, bad_line)
+    assert_cli_error(capsys, ["-m", "unused", "--data", path, "-d", "cpu"], message)
+
+
+def assert_cli_error(capsys, argv, message):
+    """hellaswag.main(argv) exits 2 with one `error: ...` line on stderr that contains message."""
     with pytest.raises(SystemExit) as exit_info:
-        hellaswag.main(["-m", "unused", "--data", path, "-d", "cpu"])
+        hellaswag.main(argv)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
@@ -345,11 +350,7 @@ def test_bad_rows_name_file_and_line(tmp_path, capsys, bad_line, message):
 ])
 def test_bad_arguments_exit_2(workdir, capsys, args, message):
     args = [a.replace("DATA", workdir["data"]).replace("DIR", str(workdir["root"])) for a in args]
-    with pytest.raises(SystemExit) as exit_info:
-        hellaswag.main(args + ["-d", "cpu"])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert_cli_error(capsys, args + ["-d", "cpu"], message)
 
 
 @pytest.mark.parametrize("args, message", [
