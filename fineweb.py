@@ -22,6 +22,7 @@ without re-tokenizing what is already written. A different command aimed at the 
 import argparse
 import glob
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -215,11 +216,6 @@ def batched(docs, max_chars=None):
 # tokenizing
 
 
-def tokenize(doc):
-    """One document -> uint16 array `[EOT] + encode_ordinary(doc)`."""
-    return tokenize_batch([doc])
-
-
 def tokenize_batch(docs):
     """Documents -> one uint16 array, the EOT-prefixed tokens of each document back to back.
     encode_to_numpy with no special tokens allowed or disallowed is encode_ordinary without building a Python
@@ -395,15 +391,6 @@ def prepare_output(out_dir, prefix, settings):
     return manifest, done
 
 
-def skip_documents(docs, n):
-    """Skip the first n documents (already in written shards): read, not tokenized."""
-    for i, doc in enumerate(docs):
-        if i >= n:
-            yield doc
-            break
-    yield from docs
-
-
 def run(args):
     """Tokenize the source into shards in args.out; returns a summary dict."""
     if args.input:
@@ -424,7 +411,8 @@ def run(args):
     start = manifest["shards"][-1]["next"] if manifest["shards"] else {"docs": 0, "tokens": 0}
     resumed = len(manifest["shards"])
 
-    docs = skip_documents(iter_documents(args.dataset, args.name, args.input, args.text_column), start["docs"])
+    # documents already in the kept shards are read again but not tokenized
+    docs = itertools.islice(iter_documents(args.dataset, args.name, args.input, args.text_column), start["docs"], None)
 
     def numbered(batches):  # (index of the batch's first document in the whole stream, batch)
         first = start["docs"]

@@ -133,7 +133,7 @@ def test_txt_files_are_one_document_each(tmp_path, enc):
 def test_tokenize_matches_encode_ordinary(enc):
     docs = DOCS + ["lone surrogate \ud800 here"]  # encode_to_numpy can't take it; the fallback must
     np.testing.assert_array_equal(fineweb.tokenize_batch(docs), expected_tokens(enc, docs))
-    one = fineweb.tokenize("Hello, world")
+    one = fineweb.tokenize_batch(["Hello, world"])
     assert one.dtype == np.uint16 and one.tolist() == [GPT2_EOT, 15496, 11, 995]
 
 
