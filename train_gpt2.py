@@ -675,41 +675,41 @@ class DataLoaderLite:
 # evaluation hooks: val loss, HellaSwag and samples, run every --eval-every / --sample-every steps
 
 @torch.no_grad()
-def evaluate_val_loss(model, val_loader, val_steps, autocast, dist_ctx, chunked_loss=True):
+def evaluate_val_loss(model, val_loader, val_steps, precision, dist_ctx, chunked_loss=True):
     """Mean loss over the first val_steps batches of the val split, averaged over all ranks."""
     model.eval()
     val_loader.reset()
     loss_sum = torch.zeros((), device=dist_ctx.device)
     for _ in range(val_steps):
         x, y = val_loader.next_batch()
-        with autocast():
+        with precision.autocast():
             _, loss = model(x, y, return_logits=not chunked_loss)
         loss_sum += loss.float()
     model.train()
     return dist_ctx.mean(loss_sum / val_steps)
 
 
-def load_hellaswag(data_path, master_process):
-    """Tokenized HellaSwag val examples, or None (with a warning) when the data is unavailable."""
+def load_hellaswag(data_path):
+    """Tokenized HellaSwag val examples, or None (with a warning) when the data is unavailable.
+    Runs on rank 0 only: one download, and the examples are sent to the other ranks."""
     import hellaswag  # hellaswag.py imports this module; see main() for why that is safe
 
     try:
         return hellaswag.tokenize_examples(hellaswag.load_examples("val", data_path=data_path))
     except UserError as e:
-        if master_process:
-            print(f"warning: HellaSwag eval is off: {e}")
+        print(f"warning: HellaSwag eval is off: {e}")
         return None
 
 
 @torch.no_grad()
-def evaluate_hellaswag(raw_model, examples, autocast_dtype, dist_ctx):
+def evaluate_hellaswag(raw_model, examples, precision, dist_ctx):
     """acc_norm over all of HellaSwag's val split, examples divided among the ranks. Runs on the
     uncompiled module (sharing weights with the compiled one), so new shapes never recompile."""
     import hellaswag
 
     raw_model.eval()
     counts = hellaswag.evaluate(raw_model, examples, dist_ctx.device, rank=dist_ctx.rank,
-                                world_size=dist_ctx.world_size, autocast_dtype=autocast_dtype)
+                                world_size=dist_ctx.world_size, autocast_dtype=precision.dtype)
     raw_model.train()
     n, correct, correct_norm = dist_ctx.sum(counts.to(torch.float64)).tolist()
     return {"n": int(n), "acc": correct / n, "acc_norm": correct_norm / n}
@@ -738,11 +738,11 @@ class TrainConfig:
     sample_every: int = 250
     sample_prompt: str = "Hello, I'm a language model,"
     checkpoint_every: int = 1000
-    keep_last: int = 3  # checkpoints kept in log_dir; 0 keeps all
+    keep_last: int = 3  # checkpoints of this run kept in log_dir; 0 keeps all
     log_dir: str = "log"
     resume: str = "auto"  # auto: the newest good checkpoint in log_dir; none; or a path
     device: str = "auto"
-    dtype: str = "auto"  # autocast dtype: bf16 on CUDA, fp32 elsewhere
+    dtype: str = "auto"  # bf16, fp16 (with loss scaling) or fp32; auto: bf16 on CUDA (fp16 where unsupported), fp32 elsewhere
     compile: bool | None = None  # None: on with CUDA
     chunked_loss: bool = True  # loss without materialising the (B, T, vocab) logits
     shuffle: bool = False  # seeded shuffle of the train shard order every epoch
@@ -756,9 +756,12 @@ DEMO = dict(model="d4", data_dir="data/pydoc", batch_size=8, seq_len=128, total_
             max_steps=200, warmup_steps=10, lr=3e-3, eval_every=50, val_steps=4, hellaswag=False,
             sample_every=100, sample_prompt="The", checkpoint_every=100, log_dir="log_demo")
 
+DTYPES = ("auto", "bf16", "fp16", "fp32")
+
 
 def validate(cfg, world_size):
-    """Every problem with the settings, as a list of one-line messages (empty when all is well)."""
+    """Every problem with the settings, as a list of one-line messages (empty when all is well).
+    It reads no files, so every rank finds the same problems; files are checked on rank 0."""
     problems = []
     try:
         model_config = config_for(cfg.model)
@@ -781,14 +784,12 @@ def validate(cfg, world_size):
     if micro > 0 and cfg.total_batch_size % micro:
         problems.append(f"--total-batch-size {cfg.total_batch_size} is not divisible by B*T*processes = "
                         f"{cfg.batch_size}*{cfg.seq_len}*{world_size} = {micro}")
-    if cfg.dtype not in ("auto", "bf16", "fp32"):
-        problems.append(f"--dtype must be auto, bf16 or fp32, got {cfg.dtype}")
+    if cfg.dtype not in DTYPES:
+        problems.append(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype}")
     try:
         pick_device(cfg.device)
     except UserError as e:
         problems.append(f"--device: {e}")
-    if cfg.resume not in ("auto", "none") and not os.path.isfile(cfg.resume):
-        problems.append(f"--resume {cfg.resume}: no such checkpoint file (or use auto / none)")
     if cfg.vocab_multiple <= 0:
         problems.append(f"--vocab-multiple must be positive, got {cfg.vocab_multiple}")
     return problems
@@ -814,6 +815,50 @@ def configure_optimizer(model, weight_decay, lr, device_type):
     ]
     # the fused kernel does the whole update in one launch: noticeably faster on CUDA
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=device_type == "cuda")
+
+
+# ---- precision: one autocast policy for training, val loss, HellaSwag and sampling
+
+def resolve_dtype(name, device):
+    """bf16, fp16 or fp32 for a --dtype setting; auto is bf16 on CUDA cards that have it (Ampere
+    and newer), fp16 on older ones (T4, V100), and fp32 on CPU and MPS."""
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+class Precision:
+    """Matmuls in `dtype` under autocast (weights and optimizer stay fp32). fp16's narrow range
+    underflows small gradients, so with fp16 the loss is scaled up before backward and the
+    gradients are unscaled before clipping; a step whose gradients overflowed is skipped."""
+
+    TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+    def __init__(self, name, device):
+        self.name, self.device = name, device
+        self.dtype = self.TORCH_DTYPES[name]
+        self.scaler = torch.amp.GradScaler(device.type, enabled=name == "fp16")
+
+    def autocast(self):
+        if self.name == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+
+# ---- processes: every decision that steers the run is taken on rank 0 or agreed by all ranks
+
+class FollowerStop(UserError):
+    """Raised on every rank but 0 when rank 0 (or another rank) stopped the run with a UserError:
+    the run ends on all ranks alike, and only rank 0 prints the message."""
+
+
+class _Slot:
+    """A tensor's place in a structure sent from rank 0: the tensor itself follows separately."""
+
+    def __init__(self, index, shape, dtype):
+        self.index, self.shape, self.dtype = index, shape, dtype
 
 
 class DistContext:
@@ -844,6 +889,75 @@ class DistContext:
         torch.distributed.all_gather_object(out, obj)
         return out
 
+    def decide(self, fn):
+        """fn() on rank 0 only; its result (tensors included) on every rank. When fn fails on rank 0,
+        every rank stops: nothing waits forever for a rank that is gone."""
+        if not self.ddp:
+            return fn()
+        result, failure = None, None
+        if self.master_process:
+            try:
+                result = fn()
+            except Exception as e:
+                failure = e
+                result = ("failed", str(e) if isinstance(e, UserError) else f"rank 0 failed: {one_line(e)}")
+        result = self.broadcast(result)
+        if failure is not None:
+            raise failure
+        if isinstance(result, tuple) and len(result) == 2 and result[0] == "failed":
+            raise FollowerStop(result[1])
+        return result
+
+    def on_every_rank(self, fn):
+        """fn() on each rank (for what each rank must do for itself, like opening its data). If fn
+        raises a UserError on any rank, every rank stops with that rank's message."""
+        try:
+            value, error = fn(), None
+        except UserError as e:
+            value, error = None, str(e)
+        failed = [(rank, message) for rank, message in enumerate(self.gather_objects(error)) if message]
+        if failed:
+            rank, message = failed[0]
+            message = message if not self.ddp else f"rank {rank}: {message}"
+            raise FollowerStop(message) if not self.master_process else UserError(message)
+        return value
+
+    def broadcast(self, obj):
+        """Rank 0's obj on every rank. Its structure is pickled; its tensors are sent one by one
+        on this process's device (NCCL moves device tensors only) and arrive on the CPU, so no rank
+        needs rank 0's files."""
+        if not self.ddp:
+            return obj
+        tensors = []
+
+        def strip(value):
+            if isinstance(value, torch.Tensor):
+                tensors.append(value)
+                return _Slot(len(tensors) - 1, value.shape, value.dtype)
+            if isinstance(value, dict):
+                return {k: strip(v) for k, v in value.items()}
+            if isinstance(value, (list, tuple)):
+                return type(value)(strip(v) for v in value)
+            return value
+
+        def fill(value):
+            if isinstance(value, _Slot):
+                if self.master_process:
+                    tensor = tensors[value.index].to(self.device)
+                else:
+                    tensor = torch.empty(value.shape, dtype=value.dtype, device=self.device)
+                torch.distributed.broadcast(tensor, src=0)
+                return tensor.cpu()
+            if isinstance(value, dict):
+                return {k: fill(v) for k, v in value.items()}
+            if isinstance(value, (list, tuple)):
+                return type(value)(fill(v) for v in value)
+            return value
+
+        box = [strip(obj) if self.master_process else None]
+        torch.distributed.broadcast_object_list(box, src=0, device=self.device)
+        return fill(box[0])
+
 
 def pick_device(name="auto"):
     """torch.device for a --device setting; auto picks cuda, then mps, then cpu."""
@@ -873,38 +987,74 @@ def setup_distributed(requested_device):
     return DistContext(rank, local_rank, world_size, device)
 
 
+# ---- one optimizer step, in the order it happens
+
 class NonFiniteLoss(Exception):
     """The loss or gradient norm is NaN or infinite: the run stops before the optimizer step."""
 
 
-def train_step(model, optimizer, train_loader, grad_accum_steps, autocast, dist_ctx, grad_clip, stop_requested=False,
-               chunked_loss=True):
-    """One optimizer step over grad_accum_steps micro-batches. Returns (loss, grad norm, stop):
-    the loss averaged over micro-steps and ranks, and whether any rank asked to stop.
-    Raises NonFiniteLoss, on every rank alike, instead of stepping on NaN/inf."""
-    optimizer.zero_grad(set_to_none=True)
-    loss_sum = torch.zeros((), device=dist_ctx.device)
+@dataclass
+class StepResult:
+    loss: float  # mean over micro-steps and ranks
+    norm: float  # gradient norm before clipping
+    stop: bool  # some rank asked to stop
+
+
+def accumulate_gradients(model, loader, grad_accum_steps, precision, ddp, chunked_loss=True):
+    """Forward and backward over grad_accum_steps micro-batches; returns the mean loss as a tensor
+    (no host sync). Only the last micro-step's backward all-reduces the gradients."""
+    loss_sum = torch.zeros((), device=precision.device)
     for micro_step in range(grad_accum_steps):
-        x, y = train_loader.next_batch()
-        if dist_ctx.ddp:
+        x, y = loader.next_batch()
+        if ddp:
             # DDP decides in forward() whether the coming backward all-reduces the gradients, so
             # the flag must be set before the forward pass: only the last micro-step syncs.
             model.require_backward_grad_sync = micro_step == grad_accum_steps - 1
-        with autocast():
+        with precision.autocast():
             _, loss = model(x, y, return_logits=not chunked_loss)
         # the gradients of a big batch are the mean over its micro-batches, not their sum
         loss = loss / grad_accum_steps
         loss_sum += loss.detach().float()
-        loss.backward()
-    # one collective carries the loss and every rank's stop request (e.g. SIGTERM on one node)
-    summed = dist_ctx.sum(torch.stack([loss_sum, torch.tensor(float(stop_requested), device=loss_sum.device)]))
-    loss_mean, stop = summed[0] / dist_ctx.world_size, bool(summed[1].item() > 0)
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
-    if not (math.isfinite(loss_mean.item()) and math.isfinite(norm.item())):
-        raise NonFiniteLoss(f"non-finite loss {loss_mean.item()} or gradient norm {norm.item()}: "
+        precision.scaler.scale(loss).backward()
+    return loss_sum
+
+
+def clip_gradients(model, optimizer, precision, grad_clip):
+    """The gradient norm (a tensor), after clipping it to grad_clip (0: no clipping)."""
+    precision.scaler.unscale_(optimizer)  # a no-op unless fp16 scaled the loss
+    return torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+
+
+def share_step_outcome(loss, norm, stop_requested, dist_ctx):
+    """One all-reduce carries the loss and every rank's stop request (e.g. a SIGTERM on one node),
+    and one host sync reads loss, norm and the verdict. The norm is the same on every rank: the
+    gradients it measures were all-reduced."""
+    stop = torch.tensor(float(stop_requested), device=loss.device)
+    summed = dist_ctx.sum(torch.stack([loss, stop]))
+    mean_loss, norm, stops = torch.stack([summed[0] / dist_ctx.world_size, norm.float(), summed[1]]).tolist()
+    return StepResult(mean_loss, norm, stops > 0)
+
+
+def check_finite(result, precision):
+    """Stop before stepping on a non-finite loss or gradient norm. With fp16 an overflowing
+    gradient is routine: the scaler skips that step and lowers its scale, so only the loss counts."""
+    if not math.isfinite(result.loss) or (not math.isfinite(result.norm) and not precision.scaler.is_enabled()):
+        raise NonFiniteLoss(f"non-finite loss {result.loss} or gradient norm {result.norm}: "
                             "stopped before the optimizer step; resume from the last checkpoint with a lower --lr")
-    optimizer.step()
-    return loss_mean.item(), norm.item(), stop
+
+
+def train_step(run, stop_requested=False):
+    """One optimizer step over run.grad_accum_steps micro-batches, on every rank alike.
+    Raises NonFiniteLoss, on every rank, instead of stepping on NaN/inf."""
+    run.optimizer.zero_grad(set_to_none=True)
+    loss = accumulate_gradients(run.model, run.train_loader, run.grad_accum_steps, run.precision,
+                                run.dist_ctx.ddp, run.cfg.chunked_loss)
+    norm = clip_gradients(run.model, run.optimizer, run.precision, run.cfg.grad_clip)
+    result = share_step_outcome(loss, norm, stop_requested, run.dist_ctx)
+    check_finite(result, run.precision)
+    run.precision.scaler.step(run.optimizer)  # optimizer.step(), skipped by fp16 on overflow
+    run.precision.scaler.update()
+    return result
 
 
 def flops_per_token(config, seq_len):
@@ -915,21 +1065,29 @@ def flops_per_token(config, seq_len):
     return 6 * n + 12 * L * C * seq_len
 
 
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H20": 148e12, "A100": 312e12, "A10G": 125e12,
-                   "L4": 121e12, "4090": 165e12, "3090": 71e12, "V100": 125e12}
+# Datasheet dense (no sparsity) 16-bit tensor-core FLOP/s, by exact model: torch.cuda.get_device_name()
+# with "NVIDIA ", "Tesla " and "GeForce " removed, matched in full. Cards without bf16 (V100, T4) give
+# their fp16 peak, the dtype --dtype auto picks there.
+GPU_PEAK_FLOPS = [
+    (r"H100( 80GB HBM3| SXM5?.*)", 989e12), (r"H100 PCIe.*", 756e12), (r"H100 NVL.*", 835e12),
+    (r"H200( SXM.*)?", 989e12), (r"H200 NVL.*", 835e12), (r"GH200.*", 989e12), (r"H20", 148e12),
+    (r"A100[- ](SXM4?|PCIE|PCIe)?[- ]?(40|80)GB( PCIe)?", 312e12), (r"A100", 312e12),
+    (r"A10", 125e12), (r"L4", 121e12), (r"L40", 181e12), (r"L40S", 362e12),
+    (r"RTX 4090", 165e12), (r"RTX 3090( Ti)?", 71e12), (r"RTX A6000", 155e12), (r"RTX 6000 Ada Generation", 364e12),
+    (r"V100-SXM2-(16|32)GB", 125e12), (r"V100-PCIE-(16|32)GB", 112e12), (r"T4", 65e12),
+]
 
 
-def peak_flops(device):
-    """Datasheet dense bf16 FLOP/s of the GPU, or None when unknown (then no MFU is shown)."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+def peak_flops(device_name):
+    """Dense 16-bit FLOP/s of a GPU by its exact name, or None when it is not in the table."""
+    name = re.sub(r"^(NVIDIA |Tesla |GeForce )+", "", device_name.strip())
+    return next((flops for pattern, flops in GPU_PEAK_FLOPS if re.fullmatch(pattern, name)), None)
 
 
-# ---- checkpoints and logs
+# ---- checkpoints and logs: one run per log dir
 
 CHECKPOINT_PATTERN = re.compile(r"^model_(\d+)\.pt$")
+LOG_FILES = ("log.txt", "metrics.jsonl")
 
 
 def list_checkpoints(log_dir):
@@ -940,30 +1098,69 @@ def list_checkpoints(log_dir):
     return [os.path.join(log_dir, name) for _, name in sorted(found, reverse=True)]
 
 
-def find_resume_checkpoint(cfg, master_process):
-    """The checkpoint to resume from, already read, or None to start fresh."""
+def checkpoint_step(path):
+    return int(CHECKPOINT_PATTERN.match(os.path.basename(path)).group(1))
+
+
+def find_resume_checkpoint(cfg):
+    """(path, checkpoint already read) to resume from, or (None, None) to start fresh."""
     if cfg.resume == "none":
-        return None
+        return None, None
     if cfg.resume != "auto":
-        return read_checkpoint(cfg.resume)  # an explicit path that is bad is an error
+        return cfg.resume, read_checkpoint(cfg.resume)  # an explicit path that is bad is an error
     for path in list_checkpoints(cfg.log_dir):
         try:
             checkpoint = read_checkpoint(path)
             if {"optimizer", "step", "loader"} <= checkpoint.keys():
-                return checkpoint
+                return path, checkpoint
             problem = "it has no optimizer or loader state"
         except UserError as e:
             problem = str(e)
-        if master_process:
-            print(f"warning: skipping {path}: {problem}")
-    return None
+        print(f"warning: skipping {path}: {problem}")
+    return None, None
 
 
-def write_checkpoint(step, raw_model, optimizer, cfg, val_loss, loader_states, rng_states):
+def files_of_other_runs(log_dir, resume_path, resume_step):
+    """Files in log_dir that the run about to start does not continue: everything, on a fresh start
+    or when resuming from a checkpoint kept elsewhere; checkpoints newer than the resume point
+    (another branch of the run, or damaged ones that were skipped) when resuming from log_dir."""
+    if not os.path.isdir(log_dir):
+        return []
+    checkpoints = list_checkpoints(log_dir)
+    logs = [os.path.join(log_dir, name) for name in LOG_FILES
+            if os.path.isfile(os.path.join(log_dir, name)) and os.path.getsize(os.path.join(log_dir, name))]
+    continues_here = resume_path is not None and os.path.isfile(resume_path) and \
+        os.path.samefile(os.path.dirname(os.path.abspath(resume_path)), log_dir)
+    if not continues_here:
+        return checkpoints + logs
+    newer = [path for path in checkpoints if checkpoint_step(path) > resume_step]
+    # the logs stay (their lines before the resume step are this run's); the set aside run gets a copy
+    return newer + [path + "\0copy" for path in logs] if newer else []
+
+
+def set_aside(log_dir, paths):
+    """Move paths (a "\\0copy" suffix: copy) into a new log_dir/previous_N/: nothing of an earlier run
+    is deleted or overwritten. Returns that directory."""
+    n = 1
+    while os.path.exists(os.path.join(log_dir, f"previous_{n}")):
+        n += 1
+    aside = os.path.join(log_dir, f"previous_{n}")
+    os.makedirs(aside)
+    for path in paths:
+        source, copy = (path[:-len("\0copy")], True) if path.endswith("\0copy") else (path, False)
+        target = os.path.join(aside, os.path.basename(source))
+        shutil.copy2(source, target) if copy else os.replace(source, target)
+    return aside
+
+
+def write_checkpoint(step, raw_model, optimizer, precision, cfg, val_loss, loader_states, rng_states):
+    """Write log_dir/model_{step}.pt atomically; then, with --keep-last, delete this run's oldest
+    checkpoints (log_dir holds only this run's: others were set aside at start)."""
     path = os.path.join(cfg.log_dir, f"model_{step:05d}.pt")
     checkpoint = {
         "model": raw_model.state_dict(),
         "optimizer": optimizer.state_dict(),
+        "scaler": precision.scaler.state_dict(),  # empty unless fp16
         "step": step,  # optimizer steps done; training resumes at this step index
         "config": asdict(raw_model.config),
         "train_config": asdict(cfg),
@@ -974,7 +1171,8 @@ def write_checkpoint(step, raw_model, optimizer, cfg, val_loss, loader_states, r
     atomic_write(path, lambda f: torch.save(checkpoint, f))
     if cfg.keep_last:
         for old in list_checkpoints(cfg.log_dir)[cfg.keep_last:]:
-            os.remove(old)
+            if checkpoint_step(old) < step:
+                os.remove(old)
     return path
 
 
@@ -992,27 +1190,46 @@ class RunLog:
     """log.txt with build-nanogpt's lines (`{step} train {loss}`, `... val ...`, `... hella ...`)
     and metrics.jsonl with everything else. Only the master process writes."""
 
-    def __init__(self, log_dir, enabled, resume_step=None):
+    def __init__(self, log_dir, enabled):
         self.enabled = enabled
         self.text_path = os.path.join(log_dir, "log.txt")
         self.jsonl_path = os.path.join(log_dir, "metrics.jsonl")
-        if enabled:
-            os.makedirs(log_dir, exist_ok=True)
-            for path in (self.text_path, self.jsonl_path):
-                self._truncate_after(path, resume_step)
 
     @staticmethod
-    def _truncate_after(path, resume_step):
-        """Keep the lines of steps before resume_step; a crashed run's later lines will be redone.
-        A fresh run (resume_step None) starts with empty files."""
-        kept = []
-        if resume_step is not None and os.path.exists(path):
-            with open(path) as f:
-                for line in f:
-                    step = json.loads(line)["step"] if line.startswith("{") else int(line.split()[0])
-                    if step < resume_step:
-                        kept.append(line)
-        atomic_write(path, lambda f: f.write("".join(kept).encode()))
+    def prepare(log_dir, resume_step):
+        """Keep the lines of steps before resume_step (a crashed run's later lines will be redone)
+        and drop a line torn by a kill in mid-append, with a warning. A fresh run (resume_step None)
+        starts with empty files; earlier runs' files were set aside before."""
+        os.makedirs(log_dir, exist_ok=True)
+        for name in LOG_FILES:
+            path = os.path.join(log_dir, name)
+            kept, torn = [], 0
+            if resume_step is not None and os.path.exists(path):
+                with open(path, errors="replace") as f:
+                    for line in f:
+                        step = RunLog.line_step(line)
+                        if step is None:
+                            torn += 1
+                        elif step < resume_step:
+                            kept.append(line)
+            if torn:
+                print(f"warning: {path}: dropped {torn} malformed line(s), left by a run killed while writing")
+            atomic_write(path, lambda f: f.write("".join(kept).encode()))
+
+    @staticmethod
+    def line_step(line):
+        """The step of a well-formed log.txt or metrics.jsonl line, else None."""
+        if not line.endswith("\n"):
+            return None
+        try:
+            if line.startswith("{"):
+                row = json.loads(line)
+                return row["step"] if isinstance(row, dict) and isinstance(row.get("step"), int) else None
+            step, kind, value = line.split()
+            float(value)
+            return int(step)
+        except ValueError:
+            return None
 
     def write(self, step, kind, value, **metrics):
         if not self.enabled:
@@ -1033,13 +1250,29 @@ class StopRequest:
         self.requested = True
 
 
-def restore(checkpoint, raw_model, optimizer, train_loader, dist_ctx, model_config):
-    """Load a checkpoint's model, optimizer, data position and RNG into this process."""
-    if checkpoint["config"] != asdict(model_config):
+def prepare_log_dir(cfg, model_config):
+    """On rank 0: choose the checkpoint to resume from (or none), set aside what other runs left
+    in log_dir, and trim the logs to the resume point. Returns the checkpoint, or None."""
+    path, checkpoint = find_resume_checkpoint(cfg)
+    if checkpoint is not None and checkpoint["config"] != asdict(model_config):
         raise UserError(f"the checkpoint's model {checkpoint['config']} differs from --model's {asdict(model_config)}: "
                         "pass the same --model and --vocab-multiple, or --resume none")
+    resume_step = checkpoint["step"] if checkpoint else None
+    others = files_of_other_runs(cfg.log_dir, path, resume_step)
+    if others:
+        aside = set_aside(cfg.log_dir, others)
+        print(f"{cfg.log_dir} held files this run does not continue: moved them to {aside} "
+              f"({', '.join(sorted(os.listdir(aside)))})")
+    RunLog.prepare(cfg.log_dir, resume_step)
+    return checkpoint
+
+
+def restore(checkpoint, raw_model, optimizer, precision, train_loader, dist_ctx):
+    """Load a checkpoint's model, optimizer, loss scale, data position and RNG into this process."""
     raw_model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
+    if checkpoint.get("scaler"):
+        precision.scaler.load_state_dict(checkpoint["scaler"])
     # every rank's state is stored; with another world size the (global) data position still holds
     same_world = len(checkpoint["loader"]) == dist_ctx.world_size
     train_loader.load_state_dict(checkpoint["loader"][dist_ctx.rank if same_world else 0])
@@ -1061,70 +1294,110 @@ class Run:
     raw_model: GPT
     model: nn.Module
     optimizer: torch.optim.Optimizer
+    precision: Precision
     train_loader: DataLoaderLite
     val_loader: DataLoaderLite | None
     hella_examples: object  # hellaswag.TokenizedExamples, or None when HellaSwag is off
     log: RunLog
-    dtype: str  # bf16 or fp32
     grad_accum_steps: int
     gpu_peak_flops: float | None  # for MFU; None off CUDA or on an unknown GPU
     start_step: int
     val_loss: float | None
 
-    def autocast(self):
-        if self.dtype == "fp32":
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.dist_ctx.device.type, dtype=torch.bfloat16)
+
+def make_loaders(cfg, dist_ctx):
+    """This rank's train and val loaders. Every rank reads its own --data-dir (nodes need not share
+    a filesystem), so all ranks check that they see the same shards as rank 0."""
+    loader_args = dict(B=cfg.batch_size, T=cfg.seq_len, process_rank=dist_ctx.rank,
+                       num_processes=dist_ctx.world_size, data_root=cfg.data_dir, device=dist_ctx.device)
+
+    def open_loaders():
+        train_loader = DataLoaderLite(split="train", shuffle_seed=cfg.seed if cfg.shuffle else None, **loader_args)
+        val_loader = DataLoaderLite(split="val", **loader_args) if cfg.eval_every else None
+        return train_loader, val_loader
+
+    train_loader, val_loader = dist_ctx.on_every_rank(open_loaders)
+    seen = [([os.path.basename(p) for p in loader.shards], loader.shard_lengths)
+            for loader in (train_loader, val_loader) if loader is not None]
+    rank0_seen = dist_ctx.gather_objects(seen)[0]
+
+    def check_same_shards():
+        if seen != rank0_seen:
+            raise UserError(f"the shards in {cfg.data_dir} differ from rank 0's (names or lengths): "
+                            "give every node the same data")
+
+    dist_ctx.on_every_rank(check_same_shards)
+    return train_loader, val_loader
+
+
+def setup_model(cfg, dist_ctx):
+    """The model in training mode on this rank's device, the same initial weights on every rank."""
+    torch.manual_seed(cfg.seed)
+    model_config = config_for(cfg.model, vocab_multiple=cfg.vocab_multiple)
+    return GPT(model_config).to(dist_ctx.device)
+
+
+def wrap_model(raw_model, cfg, dist_ctx):
+    """What trains: compiled (on CUDA unless --no-compile), then DDP-wrapped under torchrun."""
+    use_compile = cfg.compile if cfg.compile is not None else dist_ctx.device.type == "cuda"
+    model = torch.compile(raw_model) if use_compile else raw_model
+    if dist_ctx.ddp:
+        device_ids = [dist_ctx.local_rank] if dist_ctx.device.type == "cuda" else None
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    return model, use_compile
+
+
+def gpu_peak_flops(device, master_process):
+    """Peak FLOP/s of this CUDA device for MFU, or None (said once when the card is unknown)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    flops = peak_flops(name)
+    if flops is None and master_process:
+        print(f"note: no peak FLOP/s known for '{name}': MFU is not shown")
+    return flops
 
 
 def setup_run(cfg, dist_ctx):
-    """Model, optimizer, data and logs, resumed from a checkpoint when there is one."""
+    """Model, optimizer, data and logs, resumed from a checkpoint when rank 0 finds one."""
     master, device = dist_ctx.master_process, dist_ctx.device
-    dtype = cfg.dtype if cfg.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left outside autocast
         torch.backends.cudnn.allow_tf32 = True
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-
-    model_config = config_for(cfg.model, vocab_multiple=cfg.vocab_multiple)
-    raw_model = GPT(model_config).to(device)
-    loader_args = dict(B=cfg.batch_size, T=cfg.seq_len, process_rank=dist_ctx.rank,
-                       num_processes=dist_ctx.world_size, data_root=cfg.data_dir, device=device)
-    train_loader = DataLoaderLite(split="train", shuffle_seed=cfg.seed if cfg.shuffle else None, **loader_args)
-    val_loader = DataLoaderLite(split="val", **loader_args) if cfg.eval_every else None
+    precision = Precision(resolve_dtype(cfg.dtype, device), device)
+    raw_model = setup_model(cfg, dist_ctx)
     optimizer = configure_optimizer(raw_model, cfg.weight_decay, cfg.lr, device.type)
+    train_loader, val_loader = make_loaders(cfg, dist_ctx)
 
-    checkpoint = find_resume_checkpoint(cfg, master)
-    start_step = restore(checkpoint, raw_model, optimizer, train_loader, dist_ctx, model_config) if checkpoint else 0
-    val_loss = checkpoint.get("val_loss") if checkpoint else None
-    hella_examples = load_hellaswag(cfg.hellaswag_data or None, master) if cfg.hellaswag and cfg.eval_every else None
+    checkpoint = dist_ctx.decide(lambda: prepare_log_dir(cfg, raw_model.config))
+    resumed = checkpoint is not None
+    start_step = restore(checkpoint, raw_model, optimizer, precision, train_loader, dist_ctx) if resumed else 0
+    val_loss = checkpoint.get("val_loss") if resumed else None
+    del checkpoint  # a full copy of the weights and optimizer state
+    hella_examples = None
+    if cfg.hellaswag and cfg.eval_every:
+        hella_examples = dist_ctx.decide(lambda: load_hellaswag(cfg.hellaswag_data or None))
 
-    use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
-    model = torch.compile(raw_model) if use_compile else raw_model
-    if dist_ctx.ddp:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[dist_ctx.local_rank] if device.type == "cuda" else None)
+    model, use_compile = wrap_model(raw_model, cfg, dist_ctx)
     grad_accum_steps = cfg.total_batch_size // (cfg.batch_size * cfg.seq_len * dist_ctx.world_size)
     if master:
         print(f"model {cfg.model}: {raw_model.num_parameters():,} parameters | {dist_ctx.world_size} process(es) on "
-              f"{device.type} | {dtype} | compile {use_compile} | grad accum {grad_accum_steps} | "
-              f"{'resuming at step ' + str(start_step) if start_step else 'fresh start'}")
-    log = RunLog(cfg.log_dir, master, resume_step=start_step if start_step else None)
-    return Run(cfg, dist_ctx, raw_model, model, optimizer, train_loader, val_loader, hella_examples, log,
-               dtype, grad_accum_steps, peak_flops(device), start_step, val_loss)
+              f"{device.type} | {precision.name} | compile {use_compile} | grad accum {grad_accum_steps} | "
+              f"{'resuming at step ' + str(start_step) if resumed else 'fresh start'}")
+    return Run(cfg, dist_ctx, raw_model, model, optimizer, precision, train_loader, val_loader, hella_examples,
+               RunLog(cfg.log_dir, master), grad_accum_steps, gpu_peak_flops(device, master), start_step, val_loss)
 
 
 def run_evals(run, step):
     """Val loss (through the training module: same shapes, no recompile) and HellaSwag."""
     master = run.dist_ctx.master_process
-    run.val_loss = evaluate_val_loss(run.model, run.val_loader, run.cfg.val_steps, run.autocast, run.dist_ctx,
+    run.val_loss = evaluate_val_loss(run.model, run.val_loader, run.cfg.val_steps, run.precision, run.dist_ctx,
                                      run.cfg.chunked_loss).item()
     if master:
         print(f"step {step:5d} | val loss {run.val_loss:.4f}")
     run.log.write(step, "val", run.val_loss)
     if run.hella_examples is not None:
-        hella = evaluate_hellaswag(run.raw_model, run.hella_examples,
-                                   torch.bfloat16 if run.dtype == "bf16" else torch.float32, run.dist_ctx)
+        hella = evaluate_hellaswag(run.raw_model, run.hella_examples, run.precision, run.dist_ctx)
         if master:
             print(f"step {step:5d} | HellaSwag acc_norm {hella['acc_norm']:.4f} ({hella['n']} examples)")
         run.log.write(step, "hella", hella["acc_norm"], acc=hella["acc"], n=hella["n"])
@@ -1132,7 +1405,7 @@ def run_evals(run, step):
 
 def print_samples(run, step):
     run.raw_model.eval()
-    with run.autocast():
+    with run.precision.autocast():
         for text in generate(run.raw_model, run.cfg.sample_prompt, max_new_tokens=32, num_samples=4,
                              seed=run.cfg.seed + step):
             print(f"sample: {text!r}")
@@ -1141,7 +1414,7 @@ def print_samples(run, step):
 
 def timed_train_step(run, step, stop_requested):
     """One optimizer step, timed alone (evals, samples and checkpoints are not counted), logged.
-    Returns (loss, metrics, whether any rank asked to stop)."""
+    Returns (StepResult, metrics)."""
     cfg, device = run.cfg, run.dist_ctx.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -1149,23 +1422,24 @@ def timed_train_step(run, step, stop_requested):
     lr = get_lr(step, cfg)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
-    loss, norm, stopping = train_step(run.model, run.optimizer, run.train_loader, run.grad_accum_steps, run.autocast,
-                                      run.dist_ctx, cfg.grad_clip, stop_requested, cfg.chunked_loss)
+    result = train_step(run, stop_requested)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     dt = time.perf_counter() - t0
-    metrics = {"lr": lr, "norm": norm, "dt_ms": dt * 1000, "tokens_per_sec": cfg.total_batch_size / dt}
-    line = (f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | "
+    metrics = {"lr": lr, "norm": result.norm, "dt_ms": dt * 1000, "tokens_per_sec": cfg.total_batch_size / dt}
+    line = (f"step {step:5d} | loss {result.loss:.6f} | lr {lr:.4e} | norm {result.norm:.4f} | "
             f"dt {dt * 1000:.2f}ms | tok/sec {metrics['tokens_per_sec']:.0f}")
     if run.gpu_peak_flops:
         step_flops = flops_per_token(run.raw_model.config, cfg.seq_len) * cfg.total_batch_size
         metrics["mfu"] = step_flops / dt / run.dist_ctx.world_size / run.gpu_peak_flops
+        line += f" | mfu {metrics['mfu'] * 100:.1f}%"
+    if device.type == "cuda":
         metrics["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-        line += f" | mfu {metrics['mfu'] * 100:.1f}% | mem {metrics['peak_mem_gib']:.1f}GiB"
+        line += f" | mem {metrics['peak_mem_gib']:.1f}GiB"
     if run.dist_ctx.master_process:
         print(line)
-    run.log.write(step, "train", loss, **metrics)
-    return loss, metrics, stopping
+    run.log.write(step, "train", result.loss, **metrics)
+    return result, metrics
 
 
 def train(cfg, dist_ctx, stop=None):
@@ -1173,27 +1447,30 @@ def train(cfg, dist_ctx, stop=None):
     and the logged metrics of every step this call ran, and the last val loss.
 
     At the top of step s the model has had s updates: evals, samples and checkpoints happen there,
-    and once more at s = max_steps, after the final update."""
+    and once more at s = max_steps, after the final update. Once any rank has asked to stop, the
+    next top of a step writes a checkpoint and nothing else: the evals would be redone on resume."""
     stop = stop or StopRequest()
     run = setup_run(cfg, dist_ctx)
     losses, step_metrics, stopping = [], [], False
     for step in range(run.start_step, cfg.max_steps + 1):
         last_step = step == cfg.max_steps
+        if stopping:
+            save(step, run)
+            if dist_ctx.master_process:
+                print(f"stopped by signal after step {step - 1}; resume with the same command")
+            break
         if run.val_loader is not None and due(cfg.eval_every, step, last_step):
             run_evals(run, step)
         if dist_ctx.master_process and step > 0 and due(cfg.sample_every, step, last_step):
             print_samples(run, step)
-        if step > run.start_step and (due(cfg.checkpoint_every, step, last_step) or stopping):
+        if step > run.start_step and due(cfg.checkpoint_every, step, last_step):
             save(step, run)
-            if stopping:
-                if dist_ctx.master_process:
-                    print(f"stopped by signal after step {step - 1}; resume with the same command")
-                break
         if last_step:
             break
-        # stop.requested is this process's signal; stopping, all ranks' verdict, is what everyone acts on
-        loss, metrics, stopping = timed_train_step(run, step, stop.requested)
-        losses.append(loss)
+        # stop.requested is this process's signal; result.stop, all ranks' verdict, is what everyone acts on
+        result, metrics = timed_train_step(run, step, stop.requested)
+        stopping = result.stop
+        losses.append(result.loss)
         step_metrics.append(metrics)
     return {"losses": losses, "metrics": step_metrics, "val_loss": run.val_loss}
 
@@ -1220,20 +1497,22 @@ def benchmark(cfg, dist_ctx, stop=None):
         line = (f"benchmark {cfg.model} | B {cfg.batch_size} T {cfg.seq_len} x {dist_ctx.world_size} process(es) | "
                 f"{len(timed)} steps | median {median['dt_ms']:.1f} ms/step | {median['tokens_per_sec']:,.0f} tokens/s")
         if "mfu" in median:
-            line += f" | MFU {median['mfu'] * 100:.1f}% | peak memory {median['peak_mem_gib']:.2f} GiB"
+            line += f" | MFU {median['mfu'] * 100:.1f}%"
+        if "peak_mem_gib" in median:
+            line += f" | peak memory {median['peak_mem_gib']:.2f} GiB"
         print(line)
     return median
 
 
 def save(step, run):
-    """Gather every rank's data position and RNG state; the master writes the checkpoint."""
+    """Gather every rank's data position and RNG state; rank 0 writes the checkpoint, and every
+    rank learns whether it could (a full disk stops all ranks, not just rank 0)."""
     loader_states = run.dist_ctx.gather_objects(run.train_loader.state_dict())
     rng_states = run.dist_ctx.gather_objects(rng_state(run.dist_ctx.device))
+    path = run.dist_ctx.decide(lambda: write_checkpoint(step, run.raw_model, run.optimizer, run.precision, run.cfg,
+                                                        run.val_loss, loader_states, rng_states))
     if run.dist_ctx.master_process:
-        path = write_checkpoint(step, run.raw_model, run.optimizer, run.cfg, run.val_loss, loader_states, rng_states)
         print(f"step {step:5d} | saved {path}")
-    if run.dist_ctx.ddp:
-        torch.distributed.barrier()
 
 
 # -----------------------------------------------------------------------------
@@ -1279,6 +1558,8 @@ def main(argv=None):
     try:
         dist_ctx = setup_distributed(cfg.device)
         (benchmark if cfg.benchmark else train)(cfg, dist_ctx, stop)
+    except FollowerStop:
+        sys.exit(2)  # rank 0 prints the reason
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -2,7 +2,6 @@
 
 Models are d1 (one layer, 64 wide) on random tokens; distributed runs use 2 gloo processes."""
 
-import contextlib
 import json
 import os
 import shutil
@@ -23,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import train_gpt2
 from train_gpt2 import (GPT, DataLoaderLite, DistContext, TrainConfig, UserError, config_for, configure_optimizer,
-                        parse_config, train, train_step, validate)
+                        parse_config, train, validate)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -65,23 +64,21 @@ def final_weights(log_dir, step):
 
 # ---- gradient synchronisation: the flag must be set before the forward pass
 
-def late_flag_train_step(model, optimizer, loader, grad_accum_steps, autocast, dist_ctx, grad_clip, stop=False):
+def late_flag_accumulate(model, loader, grad_accum_steps, precision, ddp):
     """The anchors' old bug: the sync flag is set after forward, just before backward."""
-    optimizer.zero_grad(set_to_none=True)
     for micro_step in range(grad_accum_steps):
         x, y = loader.next_batch()
         _, loss = model(x, y, return_logits=False)
         model.require_backward_grad_sync = micro_step == grad_accum_steps - 1
         (loss / grad_accum_steps).backward()
-    optimizer.step()
-    return 0.0, 0.0, False
 
 
 def count_allreduces_worker(rank, world_size, port, data_dir, step_fn_name, results):
     """Per accumulation setting: how many bucket all-reduces ran, during which micro-step's backward
     (as a batch index), and whether both ranks ended with the same weights."""
     ctx = init_gloo(rank, world_size, port)
-    step_fn = {"ours": train_step, "late": late_flag_train_step}[step_fn_name]
+    accumulate = {"ours": train_gpt2.accumulate_gradients, "late": late_flag_accumulate}[step_fn_name]
+    precision = train_gpt2.Precision("fp32", torch.device("cpu"))
     report = {}
     for accum in (1, 4):
         torch.manual_seed(0)
@@ -102,7 +99,9 @@ def count_allreduces_worker(rank, world_size, port, data_dir, step_fn_name, resu
         model.register_comm_hook(None, counting_hook)
         optimizer = configure_optimizer(model.module, 0.1, 1e-3, "cpu")
         for _ in range(3):
-            step_fn(model, optimizer, loader, accum, contextlib.nullcontext, ctx, 1.0)
+            optimizer.zero_grad(set_to_none=True)
+            accumulate(model, loader, accum, precision, ctx.ddp)
+            optimizer.step()
         weights = torch.cat([p.detach().flatten() for p in model.parameters()])
         gathered = [torch.empty_like(weights) for _ in range(world_size)]
         dist.all_gather(gathered, weights)
@@ -155,9 +154,9 @@ def install_stop_after(n):
     calls = [0]
 
     def stopping_step(*args, **kwargs):
-        loss, norm, _ = original(*args, **kwargs)
+        result = original(*args, **kwargs)
         calls[0] += 1
-        return loss, norm, calls[0] >= n
+        return replace(result, stop=calls[0] >= n)
 
     train_gpt2.train_step = stopping_step
     return original
@@ -329,11 +328,11 @@ def test_sigterm_writes_a_checkpoint_and_exits_zero(tmp_path):
 
 def test_bad_settings_are_all_reported_at_once(tmp_path):
     result = run_cli(["--model", "gpt5", "-B", "0", "--total-batch-size", "1000", "--dtype", "fp8",
-                      "--resume", "nope.pt", "--lr", "-1"], cwd=tmp_path)
+                      "--lr", "-1"], cwd=tmp_path)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     for needle in ("unknown model 'gpt5'", "--batch-size must be positive", "--dtype must be",
-                   "--resume nope.pt", "--lr must be positive"):
+                   "--lr must be positive"):
         assert any(needle in line for line in lines), (needle, lines)
     assert all(line.startswith("error: ") for line in lines)
 
