@@ -1,0 +1,299 @@
+"""Long runs: one run per log dir, torn log lines, decisions taken once for all ranks (two nodes
+without a shared filesystem), quick stops, torchrun restarts, a resume on another world size, MFU
+lookup, weight init, and torch.compile with bf16 autocast and with DDP.
+
+Multi-process runs go through torchrun (`python -m torch.distributed.run`) with gloo on 127.0.0.1;
+models are d1 on random tokens."""
+
+import hashlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+
+import pytest
+import torch
+
+import train_gpt2
+from test_train import (REPO, final_weights, free_port, install_stop_after, logged, make_data, spawn_train,
+                        tiny_config, write_hellaswag)
+from train_gpt2 import GPT, DistContext, config_for, train
+
+TRAIN = os.path.join(REPO, "train_gpt2.py")
+TINY_ARGS = ["--model", "d1", "--data-dir", "data", "-B", "2", "-T", "16", "--device", "cpu", "--dtype", "fp32",
+             "--no-compile", "--log-dir", "log", "--warmup-steps", "2", "--lr", "1e-3", "--val-steps", "2"]
+
+
+def digest(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def tree_digests(directory):
+    return {name: digest(os.path.join(directory, name)) for name in sorted(os.listdir(directory))
+            if os.path.isfile(os.path.join(directory, name))}
+
+
+def checkpoints(log_dir):
+    return sorted(n for n in os.listdir(log_dir) if n.endswith(".pt"))
+
+
+def same_weights(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---- one run per log dir
+
+def test_fresh_start_sets_an_older_run_aside_and_keeps_only_its_own_checkpoints(tmp_path, capsys):
+    data_dir = make_data(tmp_path / "data")
+    old = tiny_config(data_dir, str(tmp_path / "log"), max_steps=6, checkpoint_every=2, keep_last=2)
+    train(old, DistContext())
+    before = tree_digests(old.log_dir)
+    assert checkpoints(old.log_dir) == ["model_00004.pt", "model_00006.pt"]
+
+    new = replace(old, max_steps=2, lr=2e-3)  # --resume none into the same directory
+    train(new, DistContext())
+    out = capsys.readouterr().out
+    aside = os.path.join(old.log_dir, "previous_1")
+    assert "saved " + os.path.join(old.log_dir, "model_00002.pt") in out and f"moved them to {aside}" in out
+    assert checkpoints(old.log_dir) == ["model_00002.pt"], "a saved checkpoint was pruned by the older run's"
+    assert tree_digests(aside) == before, "the older run must be kept byte for byte"
+    assert max(logged(old.log_dir)) == 1 and max(logged(aside)) == 5
+
+    result = train(replace(new, resume="auto", max_steps=3), DistContext())  # continues the new run
+    assert "resuming at step 2" in capsys.readouterr().out and len(result["losses"]) == 1
+
+
+def test_resume_from_an_older_checkpoint_sets_the_later_ones_aside(tmp_path, capsys):
+    data_dir = make_data(tmp_path / "data")
+    cfg = tiny_config(data_dir, str(tmp_path / "log"), max_steps=6, checkpoint_every=2, keep_last=1)
+    train(replace(cfg, keep_last=0), DistContext())
+    later = {name: digest(os.path.join(cfg.log_dir, name)) for name in ("model_00004.pt", "model_00006.pt")}
+    full_log = digest(os.path.join(cfg.log_dir, "log.txt"))
+
+    train(replace(cfg, resume=os.path.join(cfg.log_dir, "model_00002.pt"), lr=2e-3), DistContext())
+    aside = os.path.join(cfg.log_dir, "previous_1")
+    assert {n: digest(os.path.join(aside, n)) for n in later} == later
+    assert digest(os.path.join(aside, "log.txt")) == full_log  # the set-aside branch keeps its whole log
+    # keep_last=1 prunes this run's model_00002/4, never the just-saved model_00006
+    assert checkpoints(cfg.log_dir) == ["model_00006.pt"]
+    assert "resuming at step 2" in capsys.readouterr().out
+
+
+def test_torn_log_lines_are_dropped_on_resume(tmp_path, capsys):
+    data_dir = make_data(tmp_path / "data")
+    full = tiny_config(data_dir, str(tmp_path / "full"), max_steps=6, checkpoint_every=6)
+    train(full, DistContext())
+    cut = replace(full, log_dir=str(tmp_path / "cut"), resume="auto")
+    original = install_stop_after(4)
+    try:
+        train(cut, DistContext())
+    finally:
+        train_gpt2.train_step = original
+    # a SIGKILL in mid-append leaves half a line at the end of each log
+    with open(os.path.join(cut.log_dir, "log.txt"), "a") as f:
+        f.write("4 train 9.87")
+    with open(os.path.join(cut.log_dir, "metrics.jsonl"), "a") as f:
+        f.write('{"step": 4, "kind": "tr')
+    capsys.readouterr()
+    train(cut, DistContext())
+    out = capsys.readouterr().out
+    assert "dropped 1 malformed line(s)" in out and "resuming at step 4" in out
+    for name in ("log.txt", "metrics.jsonl"):
+        with open(os.path.join(cut.log_dir, name)) as f, open(os.path.join(full.log_dir, name)) as g:
+            # every line but the timings equals the uninterrupted run's
+            strip = lambda text: re.sub(r'"(dt_ms|tokens_per_sec)": [0-9.e+-]+', "", text)
+            assert strip(f.read()) == strip(g.read()), name
+
+
+# ---- processes started by torchrun
+
+def torchrun(args, cwd, nnodes=1, node_rank=0, nproc=1, port=None, extra=()):
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--nproc-per-node={nproc}"]
+    if nnodes == 1:
+        cmd += ["--standalone"]
+    else:
+        cmd += [f"--node-rank={node_rank}", "--master-addr=127.0.0.1", f"--master-port={port}"]
+    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([*cmd, *extra, TRAIN, *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def two_nodes(tmp_path, args):
+    """Two single-process 'nodes' of one run, each in its own working directory (no shared files)."""
+    port = free_port()
+    procs = [torchrun(args, tmp_path / f"node{n}", nnodes=2, node_rank=n, port=port) for n in (0, 1)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    return [(p.returncode, out, err) for p, (out, err) in zip(procs, outputs)]
+
+
+def test_two_nodes_without_a_shared_filesystem_resume_and_evaluate_together(tmp_path):
+    for node in (0, 1):
+        make_data(tmp_path / f"node{node}" / "data")
+    write_hellaswag(tmp_path / "node0" / "hellaswag.jsonl", n=9)  # on node 0 only
+    args = TINY_ARGS + ["--total-batch-size", "64", "--max-steps", "6", "--checkpoint-every", "2", "--keep-last", "0",
+                        "--eval-every", "2", "--sample-every", "0", "--hellaswag-data", "hellaswag.jsonl"]
+    first = two_nodes(tmp_path, args)
+    assert [rc for rc, _, _ in first] == [0, 0], first
+    log0 = tmp_path / "node0" / "log"
+    assert logged(log0, "hella").keys() == {0, 2, 4, 6}
+    assert not (tmp_path / "node1" / "log").exists() or not checkpoints(tmp_path / "node1" / "log")
+    uninterrupted = final_weights(log0, 6)
+    (log0 / "model_00006.pt").unlink()  # as if the run had died before its last checkpoint
+
+    second = two_nodes(tmp_path, args)
+    assert [rc for rc, _, _ in second] == [0, 0], second
+    assert "resuming at step 4" in second[0][1]
+    assert same_weights(final_weights(log0, 6), uninterrupted), "node 1 must have resumed from rank 0's state"
+
+
+def test_nodes_with_different_data_stop_together_with_one_line(tmp_path):
+    make_data(tmp_path / "node0" / "data")
+    make_data(tmp_path / "node1" / "data", n_train=8000)
+    results = two_nodes(tmp_path, TINY_ARGS + ["--total-batch-size", "64", "--max-steps", "2", "--eval-every", "0"])
+    assert all(rc != 0 for rc, _, _ in results), results
+    # torchrun adds its own failure report after the worker's line; the worker prints one line, on rank 0
+    assert results[0][2].splitlines()[0] == ("error: rank 1: the shards in data differ from rank 0's "
+                                             "(names or lengths): give every node the same data")
+    assert "exitcode  : 2" in results[0][2] and "exitcode  : 2" in results[1][2]
+    assert "error:" not in results[1][2] and 'train_gpt2.py", line' not in results[0][2] + results[1][2]
+
+
+def worker_pid(torchrun_pid, rank, timeout=60):
+    """The pid of torchrun's worker process with the given RANK."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    parent = int(f.read().rsplit(")", 1)[1].split()[1])
+                with open(f"/proc/{pid}/environ", "rb") as f:
+                    env = f.read().split(b"\0")
+            except OSError:
+                continue
+            if parent == torchrun_pid and f"RANK={rank}".encode() in env:
+                return int(pid)
+        time.sleep(0.1)
+    raise AssertionError(f"no worker with RANK={rank} under {torchrun_pid}")
+
+
+def wait_for(predicate, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline and not predicate():
+        time.sleep(0.05)
+    assert predicate(), "timed out"
+
+
+def test_sigterm_to_one_rank_stops_all_at_once_without_evals(tmp_path):
+    make_data(tmp_path / "data", n_train=200000)
+    write_hellaswag(tmp_path / "h.jsonl")
+    args = TINY_ARGS + ["--total-batch-size", "64", "--max-steps", "100000", "--eval-every", "1", "--sample-every", "1",
+                        "--checkpoint-every", "0", "--hellaswag-data", "h.jsonl"]
+    proc = torchrun(args, tmp_path, nproc=2)
+    log = tmp_path / "log" / "log.txt"
+    wait_for(lambda: log.exists() and log.read_text().count(" train ") >= 3)
+    signalled = time.time()
+    os.kill(worker_pid(proc.pid, rank=1), signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    stop_seconds = time.time() - signalled
+    [name] = checkpoints(tmp_path / "log")
+    step = int(name[6:11])
+    text = log.read_text()
+    assert f"stopped by signal after step {step - 1}" in out and text.count(" train ") == step
+    assert not re.search(rf"^{step} (val|hella) ", text, re.M), "the stop step must not run evals"
+    assert out.count("sample:") == 4 * (step - 1), "nor samples"
+    print(f"SIGTERM to exit: {stop_seconds:.2f} s")
+
+
+def test_torchrun_restart_after_sigkill_ends_like_an_uninterrupted_run(tmp_path):
+    make_data(tmp_path / "data", n_train=200000)
+    args = TINY_ARGS + ["--total-batch-size", "512", "--max-steps", "200", "--eval-every", "0", "--sample-every", "0",
+                        "--checkpoint-every", "5", "--keep-last", "2"]
+    reference = torchrun(args + ["--log-dir", "reference"], tmp_path, nproc=2)
+    reference.communicate(timeout=300)
+    assert reference.returncode == 0
+
+    proc = torchrun(args, tmp_path, nproc=2, extra=["--max-restarts=1"])
+    wait_for(lambda: (tmp_path / "log" / "model_00010.pt").exists())
+    os.kill(worker_pid(proc.pid, rank=1), signal.SIGKILL)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert re.search(r"resuming at step (1[05]|[2-9]\d|1\d\d)", out), out[-2000:]
+    assert same_weights(final_weights(tmp_path / "log", 200), final_weights(tmp_path / "reference", 200))
+    assert logged(tmp_path / "log") == logged(tmp_path / "reference")
+
+
+def test_resume_on_half_the_ranks_with_twice_the_accumulation(tmp_path):
+    data_dir = make_data(tmp_path / "data")
+    full = tiny_config(data_dir, str(tmp_path / "full"), max_steps=4, checkpoint_every=4, eval_every=0)
+    spawn_train(full)  # 2 ranks, accumulation 2
+    cut = replace(full, log_dir=str(tmp_path / "cut"), resume="auto")
+    spawn_train(cut, stop_after=2)
+    result = train(cut, DistContext())  # 1 rank, accumulation 4, from step 2
+    assert len(result["losses"]) == 2
+    a, b = final_weights(full.log_dir, 4), final_weights(cut.log_dir, 4)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0, msg=key)
+
+
+# ---- MFU
+
+@pytest.mark.parametrize("name, peak", [
+    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
+    ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-40GB", 312e12), ("NVIDIA A100 80GB PCIe", 312e12),
+    ("NVIDIA L4", 121e12), ("NVIDIA L40S", 362e12), ("NVIDIA L40", 181e12), ("NVIDIA GeForce RTX 4090", 165e12),
+    ("Tesla V100-SXM2-16GB", 125e12), ("Tesla T4", 65e12), ("NVIDIA A10G", None), ("NVIDIA B200", None),
+])
+def test_gpu_peak_is_looked_up_by_exact_model(name, peak):
+    assert train_gpt2.peak_flops(name) == peak
+
+
+def test_unknown_gpu_is_named_once_and_gets_no_mfu(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA Future GPU")
+    assert train_gpt2.gpu_peak_flops(torch.device("cuda"), master_process=True) is None
+    assert capsys.readouterr().out == "note: no peak FLOP/s known for 'NVIDIA Future GPU': MFU is not shown\n"
+    assert train_gpt2.gpu_peak_flops(torch.device("cpu"), master_process=True) is None
+
+
+# ---- init, and torch.compile with bf16 autocast and with DDP
+
+def test_init_std_and_scaled_residual_projections():
+    torch.manual_seed(0)
+    model = GPT(config_for("d8"))  # 8 layers: residual projections get 0.02 / sqrt(16) = 0.005
+    params = dict(model.named_parameters())
+    for name, std in (("transformer.wte.weight", 0.02), ("transformer.wpe.weight", 0.02),
+                      ("transformer.h.3.attn.c_attn.weight", 0.02), ("transformer.h.3.mlp.c_fc.weight", 0.02),
+                      ("transformer.h.3.attn.c_proj.weight", 0.005), ("transformer.h.3.mlp.c_proj.weight", 0.005)):
+        assert params[name].std().item() == pytest.approx(std, rel=0.03), name
+        assert abs(params[name].mean().item()) < std / 20, name
+    assert all(params[n].abs().max() == 0 for n in params if n.endswith(".bias"))
+    assert all(torch.equal(params[n], torch.ones_like(params[n])) for n in params if re.search(r"ln_.*weight", n))
+
+
+def test_compiled_bf16_autocast_training_tracks_eager(tmp_path):
+    data_dir = make_data(tmp_path / "data")
+    cfg = tiny_config(data_dir, str(tmp_path / "eager"), max_steps=3, checkpoint_every=0, eval_every=3, dtype="bf16")
+    eager = train(cfg, DistContext())
+    torch._dynamo.reset()
+    compiled = train(replace(cfg, log_dir=str(tmp_path / "compiled"), compile=True), DistContext())
+    fp32 = train(replace(cfg, log_dir=str(tmp_path / "fp32"), dtype="fp32"), DistContext())
+    assert eager["losses"] != fp32["losses"], "bf16 autocast must have been active"
+    for run in (compiled, fp32):
+        torch.testing.assert_close(torch.tensor(run["losses"]), torch.tensor(eager["losses"]), atol=2e-2, rtol=0)
+
+
+def test_ddp_over_a_compiled_model_matches_one_eager_process(tmp_path):
+    """DDP's optimizer splits the compiled graph at gradient buckets, around the chunked loss's
+    autograd Function; two compiled ranks must still train the weights of one eager process."""
+    data_dir = make_data(tmp_path / "data")
+    single = tiny_config(data_dir, str(tmp_path / "single"), max_steps=3, checkpoint_every=3, eval_every=3)
+    train(single, DistContext())
+    spawn_train(replace(single, log_dir=str(tmp_path / "ddp"), compile=True))
+    a, b = final_weights(single.log_dir, 3), final_weights(str(tmp_path / "ddp"), 3)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0, msg=key)
+    assert logged(single.log_dir, "val").keys() == logged(str(tmp_path / "ddp"), "val").keys() == {0, 3}
