@@ -211,7 +211,7 @@ def test_sigterm_to_one_rank_stops_all_at_once_without_evals(tmp_path):
 
 def test_torchrun_restart_after_sigkill_ends_like_an_uninterrupted_run(tmp_path):
     make_data(tmp_path / "data", n_train=200000)
-    args = TINY_ARGS + ["--total-batch-size", "512", "--max-steps", "200", "--eval-every", "0", "--sample-every", "0",
+    args = TINY_ARGS + ["--total-batch-size", "256", "--max-steps", "60", "--eval-every", "0", "--sample-every", "0",
                         "--checkpoint-every", "5", "--keep-last", "2"]
     reference = torchrun(args + ["--log-dir", "reference"], tmp_path, nproc=2)
     reference.communicate(timeout=300)
@@ -222,8 +222,8 @@ def test_torchrun_restart_after_sigkill_ends_like_an_uninterrupted_run(tmp_path)
     os.kill(worker_pid(proc.pid, rank=1), signal.SIGKILL)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
-    assert re.search(r"resuming at step (1[05]|[2-9]\d|1\d\d)", out), out[-2000:]
-    assert same_weights(final_weights(tmp_path / "log", 200), final_weights(tmp_path / "reference", 200))
+    assert re.search(r"resuming at step ([1-5][05])", out), out[-2000:]
+    assert same_weights(final_weights(tmp_path / "log", 60), final_weights(tmp_path / "reference", 60))
     assert logged(tmp_path / "log") == logged(tmp_path / "reference")
 
 
