@@ -1,14 +1,21 @@
 """
-HellaSwag evaluation, completion style (the same scoring as build-nanogpt, so numbers compare).
+HellaSwag evaluation in two scoring styles:
+  completion (default): build-nanogpt's, so numbers compare with it and with training logs;
+  harness: lm-evaluation-harness 0.4's zero-shot `hellaswag` task, so numbers compare with its tables.
 
     python hellaswag.py -m gpt2                      # an OpenAI GPT-2 from the HuggingFace hub
     python hellaswag.py -m path/to/hf_dir --limit 200
     python hellaswag.py -c log/model_19072.pt --json result.json
+    python hellaswag.py -m gpt2 --style harness
 
 Each example is a context and four candidate endings. Every candidate becomes one row,
 context tokens followed by the ending's tokens, and the model's cross-entropy is taken over
 the ending tokens only (token t predicted from position t-1). `acc` picks the ending with the
-lowest summed loss, `acc_norm` the lowest mean loss per token.
+lowest summed loss. Completion style: the context is `ctx`, each ending `" " + ending`, and
+`acc_norm` picks the lowest mean loss per token. Harness style: the context is
+`activity_label: ctx_a Ctx_b` and the endings are cleaned of WikiHow's [tags] (see
+harness_query), the ending tokens are those of context+ending encoded as one string after the
+context's own tokens, and `acc_norm` picks the lowest loss per character of the cleaned ending.
 
 For speed the rows of many examples are scored in one forward: rows are sorted by length,
 right-padded, and only the positions that predict an ending token go through the lm_head.
@@ -24,6 +31,7 @@ The training loop uses the functions:
 import argparse
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -41,6 +49,8 @@ VAL_ROWS = 10042  # rows in the official hellaswag_val.jsonl
 DEFAULT_BATCH_SIZE = 64  # examples (4 rows each) per forward
 TOKENS_PER_ROW = 128  # with batch_size, bounds rows * T per forward
 LOGITS_CHUNK = 4096  # positions whose (chunk, vocab) logits exist at once
+STYLES = ("completion", "harness")
+HARNESS_FIELDS = ("activity_label", "ctx_a", "ctx_b")  # what harness style reads besides endings and label
 
 
 # -----------------------------------------------------------------------------
@@ -144,8 +154,14 @@ def download(split="val", cache_dir=None, url_base=None, retries=3, backoff=1.0,
                     f"check the network, or pass --data FILE with a local copy of {name}")
 
 
-def validate_example(row, where):
-    """Raise UserError (prefixed with where, e.g. 'file:line') unless row is a usable HellaSwag example."""
+def _check_style(style):
+    if style not in STYLES:
+        raise UserError(f"unknown HellaSwag style {style!r}: use one of {', '.join(STYLES)}")
+
+
+def validate_example(row, where, style="completion"):
+    """Raise UserError (prefixed with where, e.g. 'file:line') unless row is a usable HellaSwag
+    example for this scoring style."""
     if not isinstance(row, dict):
         raise UserError(f"{where}: expected a JSON object, got {type(row).__name__}")
     ctx = row.get("ctx")
@@ -168,10 +184,16 @@ def validate_example(row, where):
         raise UserError(f"{where}: missing 'label'")
     if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label <= 3:
         raise UserError(f"{where}: 'label' must be an integer 0-3, got {label!r}")
+    if style == "harness":
+        for field in HARNESS_FIELDS:
+            if not isinstance(row.get(field), str):
+                problem = "missing" if row.get(field) is None else "not a string:"
+                raise UserError(f"{where}: {problem} {field!r}, which --style harness needs "
+                                "(the official HellaSwag jsonl has it; or use --style completion)")
 
 
-def read_jsonl(path, name=None):
-    """The validated rows of a HellaSwag jsonl file; errors name `name:line` (name defaults to path)."""
+def read_jsonl(path, name=None, style="completion"):
+    """The rows of a HellaSwag jsonl file, validated for `style`; errors name `name:line` (name defaults to path)."""
     name = name or path
     rows = []
     try:
@@ -188,7 +210,7 @@ def read_jsonl(path, name=None):
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise UserError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-                validate_example(row, where)
+                validate_example(row, where, style)
                 rows.append(row)
     except FileNotFoundError:
         raise UserError(f"HellaSwag data file {name} does not exist") from None
@@ -199,19 +221,21 @@ def read_jsonl(path, name=None):
     return rows
 
 
-def load_examples(split="val", data_path=None, limit=None, cache_dir=None, url_base=None):
-    """The validated examples (dicts with at least ctx, endings, label) of a split, in file order.
+def load_examples(split="val", data_path=None, limit=None, cache_dir=None, url_base=None, style="completion"):
+    """The validated examples (dicts with at least ctx, endings, label; with style="harness" also
+    activity_label, ctx_a, ctx_b) of a split, in file order.
     data_path: a local jsonl; None downloads the official file into cache_dir (see download).
     limit: keep only the first `limit`. Raises UserError for unavailable or malformed data, so a
     training loop can catch it and skip HellaSwag with a warning."""
     _check_split(split)
+    _check_style(style)
     if limit is not None and limit < 1:
         raise UserError(f"limit must be at least 1, got {limit}")
     if data_path is not None:
-        examples = read_jsonl(data_path)
+        examples = read_jsonl(data_path, style=style)
     else:
         path = download(split, cache_dir=cache_dir, url_base=url_base)
-        examples = read_jsonl(path)
+        examples = read_jsonl(path, style=style)
         if split == "val" and len(examples) != VAL_ROWS:
             raise UserError(f"{path} has {len(examples):,} rows, expected {VAL_ROWS:,} for the official val "
                             "split: delete it to download it again")
@@ -244,12 +268,15 @@ def render_example(example):
 
 
 class TokenizedExamples:
-    """Pre-tokenized examples: ctx[i] a list of ids, endings[i] four lists, labels[i] an int.
+    """Pre-tokenized examples: ctx[i] a list of ids, endings[i] four lists, labels[i] an int,
+    norm_lengths[i] the four lengths acc_norm divides the summed loss by (default: the endings'
+    token counts), style the scoring style they were tokenized for.
     evaluate() keeps the padded device batches it builds from this object, so a training loop
     that tokenizes once pays for tokenizing, sorting and copying once."""
 
-    def __init__(self, ctx, endings, labels):
-        self.ctx, self.endings, self.labels = ctx, endings, labels
+    def __init__(self, ctx, endings, labels, norm_lengths=None, style="completion"):
+        self.ctx, self.endings, self.labels, self.style = ctx, endings, labels, style
+        self.norm_lengths = norm_lengths if norm_lengths is not None else [[len(e) for e in ends] for ends in endings]
         self._batches = {}  # (rank, world_size, batch_size, max_tokens, device) -> _Batches
 
     def __len__(self):
@@ -257,21 +284,67 @@ class TokenizedExamples:
 
     def __getitem__(self, index):
         if isinstance(index, slice):
-            return TokenizedExamples(self.ctx[index], self.endings[index], self.labels[index])
+            return TokenizedExamples(self.ctx[index], self.endings[index], self.labels[index],
+                                     self.norm_lengths[index], self.style)
         return self.ctx[index], self.endings[index], self.labels[index]
 
     def max_length(self):
         return max((len(c) + max(len(e) for e in ends) for c, ends in zip(self.ctx, self.endings)), default=0)
 
 
-def tokenize_examples(examples):
-    """Tokenize validated example dicts once: the context as is, each ending with a leading space."""
-    enc = get_encoding()
+def tokenize_examples(examples, style="completion"):
+    """Tokenize validated example dicts once for a scoring style (see the module docstring).
+    completion: the context `ctx` as is, each ending with a leading space, encoded apart."""
+    _check_style(style)
     examples = list(examples)
+    if style == "harness":
+        return _tokenize_harness(examples)
+    enc = get_encoding()
     ctx = enc.encode_ordinary_batch([ex["ctx"] for ex in examples])
     flat = enc.encode_ordinary_batch([" " + ending for ex in examples for ending in ex["endings"]])
     endings = [flat[4 * i:4 * i + 4] for i in range(len(examples))]
     return TokenizedExamples(ctx, endings, [int(ex["label"]) for ex in examples])
+
+
+def harness_preprocess(text):
+    """lm-evaluation-harness's cleanup of HellaSwag text. The WikiHow rows carry markers such as
+    "[header]", "[title]", "[step]": " [title]" ends a sentence, every other [tag] goes, and then
+    each pair of spaces becomes one, in a single pass (three spaces leave two, as there)."""
+    text = text.strip().replace(" [title]", ". ")
+    text = re.sub(r"\[.*?\]", "", text)
+    return text.replace("  ", " ")
+
+
+def harness_query(example):
+    """The harness's context. str.capitalize() also lowercases the rest of ctx_b, as there."""
+    ctx = example["ctx_a"] + " " + example["ctx_b"].capitalize()
+    return harness_preprocess(example["activity_label"] + ": " + ctx)
+
+
+def harness_choices(example):
+    """The harness's four choices; each is scored as the continuation " " + choice."""
+    return [harness_preprocess(ending) for ending in example["endings"]]
+
+
+def _tokenize_harness(examples):
+    """Harness style, as its HF backend splits a (context, " " + choice) request: whitespace at the
+    end of the context moves to the start of the continuation, context + continuation is encoded
+    as one string, and the continuation's tokens are those after the context's own tokens. A
+    context left empty is replaced by <|endoftext|>, as the harness does with an empty one."""
+    enc = get_encoding()
+    queries = [harness_query(ex) for ex in examples]
+    choices = [harness_choices(ex) for ex in examples]
+    contexts = [query.rstrip() for query in queries]
+    wholes = enc.encode_ordinary_batch([query + " " + choice for query, four in zip(queries, choices)
+                                        for choice in four])
+    ctx, endings = [], []
+    for i, context_tokens in enumerate(enc.encode_ordinary_batch(contexts)):
+        endings.append([whole[len(context_tokens):] for whole in wholes[4 * i:4 * i + 4]])
+        ctx.append(context_tokens or [enc.eot_token])
+    # acc_norm divides by len(choice): the cleaned ending without the " " the continuation adds,
+    # as the harness's process_results computes completion_len from doc_to_choice
+    norm_lengths = [[len(choice) for choice in four] for four in choices]
+    return TokenizedExamples(ctx, endings, [int(ex["label"]) for ex in examples], norm_lengths, style="harness")
 
 
 # -----------------------------------------------------------------------------
@@ -280,7 +353,7 @@ def tokenize_examples(examples):
 class _Batches:
     """Device tensors for scoring n examples: a list of (tokens (R, T), positions (P,) into the
     flattened (R*T) predictions, targets (P,), row ids (P,) into the n*4 rows), plus the
-    ending lengths (n, 4) and labels (n,)."""
+    lengths acc_norm divides by (n, 4) and labels (n,)."""
 
     def __init__(self, batches, lengths, labels, n, n_rows, max_len):
         self.batches, self.lengths, self.labels = batches, lengths, labels
@@ -314,24 +387,27 @@ def _build_batches(tok, device, batch_size, max_tokens):
         batches.append(tuple(torch.from_numpy(a).to(device) for a in
                              (tokens, np.concatenate(positions), np.concatenate(targets), np.concatenate(row_ids))))
         start += count
-    lengths = torch.tensor([[len(e) for e in ends] for ends in tok.endings], dtype=torch.float32).reshape(n, 4)
+    lengths = torch.tensor(tok.norm_lengths, dtype=torch.float32).reshape(n, 4)
     labels = torch.tensor(tok.labels, dtype=torch.long)
     max_len = rows[0][0] if rows else 0
     return _Batches(batches, lengths.to(device), labels.to(device), n, 4 * n, max_len)
 
 
-def _local_batches(examples, device, rank, world_size, batch_size, max_tokens):
+def _local_batches(examples, device, rank, world_size, batch_size, max_tokens, style):
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, {world_size})")
     if batch_size < 1:
         raise UserError(f"batch size must be at least 1, got {batch_size}")
     max_tokens = max_tokens or batch_size * 4 * TOKENS_PER_ROW
     if isinstance(examples, TokenizedExamples):
+        if style is not None and style != examples.style:
+            raise ValueError(f"examples were tokenized for style {examples.style!r}, not {style!r}")
         key = (rank, world_size, batch_size, max_tokens, str(device))
         if key not in examples._batches:
             examples._batches[key] = _build_batches(examples[rank::world_size], device, batch_size, max_tokens)
         return examples._batches[key]
-    return _build_batches(tokenize_examples(list(examples)[rank::world_size]), device, batch_size, max_tokens)
+    tokenized = tokenize_examples(list(examples)[rank::world_size], style=style or "completion")
+    return _build_batches(tokenized, device, batch_size, max_tokens)
 
 
 # -----------------------------------------------------------------------------
@@ -422,7 +498,7 @@ def _row_losses(model, batches, device, autocast_dtype, progress):
 
 
 def evaluate(model, examples, device, rank=0, world_size=1, batch_size=DEFAULT_BATCH_SIZE,
-             autocast_dtype=None, max_tokens=None, progress=False):
+             autocast_dtype=None, max_tokens=None, progress=False, style=None):
     """This rank's LOCAL counts over its share examples[rank::world_size], as an int64 tensor
     [n, n_correct, n_correct_norm] on `device`: all_reduce it (SUM) across ranks once.
 
@@ -431,40 +507,44 @@ def evaluate(model, examples, device, rank=0, world_size=1, batch_size=DEFAULT_B
     already on `device`. examples: dicts from load_examples or, better, tokenize_examples(...),
     whose device batches are then cached between calls. batch_size: examples per forward (at most
     4*batch_size rows and max_tokens = rows*T, default batch_size*4*128). autocast_dtype: None
-    means bf16 on CUDA and fp32 elsewhere; torch.float32 forces full precision.
-    Nothing syncs with the host."""
+    means bf16 on CUDA and fp32 elsewhere; torch.float32 forces full precision. style: the scoring
+    style for dicts (None: completion); tokenized examples carry their own, and a different one
+    given here is an error. Nothing syncs with the host."""
     device = torch.device(device)
     counts = torch.zeros(3, dtype=torch.long, device=device)
-    batches = _local_batches(examples, device, rank, world_size, batch_size, max_tokens)
+    batches = _local_batches(examples, device, rank, world_size, batch_size, max_tokens, style)
     if batches.n == 0:
         return counts
     sums = _row_losses(model, batches, device, autocast_dtype, progress)
-    means = sums / batches.lengths
+    normalized = sums / batches.lengths  # per token (completion) or per character (harness)
     counts[0] = batches.n
     counts[1] = (sums.argmin(dim=1) == batches.labels).sum()
-    counts[2] = (means.argmin(dim=1) == batches.labels).sum()
+    counts[2] = (normalized.argmin(dim=1) == batches.labels).sum()
     return counts
 
 
 def evaluate_model(model, examples, device=None, batch_size=DEFAULT_BATCH_SIZE, autocast_dtype=None,
-                   max_tokens=None, progress=False):
+                   max_tokens=None, progress=False, style=None):
     """Single process: {"n", "acc", "acc_norm"} over all examples (one host sync)."""
     if device is None:
         device = next(unwrap_model(model).parameters()).device
     n, correct, correct_norm = evaluate(model, examples, device, batch_size=batch_size, autocast_dtype=autocast_dtype,
-                                        max_tokens=max_tokens, progress=progress).tolist()
+                                        max_tokens=max_tokens, progress=progress, style=style).tolist()
     if n == 0:
         raise UserError("no HellaSwag examples to evaluate")
     return {"n": n, "acc": correct / n, "acc_norm": correct_norm / n}
 
 
-def example_losses(model, examples, device=None, batch_size=DEFAULT_BATCH_SIZE, autocast_dtype=None, max_tokens=None):
-    """Per-example ending losses in input order, on the CPU: (sum (n, 4), mean (n, 4)).
-    For analysis and tests; predictions are sum.argmin(1) (acc) and mean.argmin(1) (acc_norm)."""
+def example_losses(model, examples, device=None, batch_size=DEFAULT_BATCH_SIZE, autocast_dtype=None, max_tokens=None,
+                   style=None):
+    """Per-example ending losses in input order, on the CPU: (sum (n, 4), normalized (n, 4)), where
+    normalized is the sum per ending token (completion style) or per character of the cleaned
+    ending (harness style). For analysis and tests; predictions are sum.argmin(1) (acc) and
+    normalized.argmin(1) (acc_norm)."""
     if device is None:
         device = next(unwrap_model(model).parameters()).device
     device = torch.device(device)
-    batches = _local_batches(examples, device, 0, 1, batch_size, max_tokens)
+    batches = _local_batches(examples, device, 0, 1, batch_size, max_tokens, style)
     sums = _row_losses(model, batches, device, autocast_dtype, progress=False)
     return sums.cpu(), (sums / batches.lengths).cpu()
 
@@ -501,7 +581,8 @@ DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "f
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="HellaSwag accuracy (completion style, as build-nanogpt).")
+    parser = argparse.ArgumentParser(description="HellaSwag accuracy, scored as build-nanogpt (completion style) "
+                                                 "or as lm-evaluation-harness 0.4 (harness style).")
     parser.add_argument("-m", "--model", help="HuggingFace hub name (gpt2 ... gpt2-xl) or local HF directory")
     parser.add_argument("-c", "--checkpoint", help="a train_gpt2.py checkpoint, e.g. log/model_19072.pt")
     parser.add_argument("-d", "--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps")
@@ -511,7 +592,10 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="examples per forward")
     parser.add_argument("--dtype", default="auto", choices=list(DTYPES),
                         help="autocast dtype; auto: bfloat16 on CUDA, float32 elsewhere")
-    parser.add_argument("--json", help='write {"n", "acc", "acc_norm", "seconds"} to this file')
+    parser.add_argument("--style", default="completion", choices=STYLES,
+                        help="completion: build-nanogpt's scoring (the training loop's); "
+                             "harness: lm-evaluation-harness 0.4's zero-shot hellaswag task")
+    parser.add_argument("--json", help='write {"n", "acc", "acc_norm", "style", "seconds"} to this file')
     return parser.parse_args(argv)
 
 
@@ -522,16 +606,18 @@ def run(args):
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
     device = pick_device(args.device)
-    examples = load_examples(args.split, data_path=args.data, limit=args.limit)  # data errors before the slow part
+    # data errors before the slow part
+    examples = load_examples(args.split, data_path=args.data, limit=args.limit, style=args.style)
     model = load_model(args.model, args.checkpoint).to(device)
     model.eval()
     t0 = time.time()
-    tokenized = tokenize_examples(examples)
+    tokenized = tokenize_examples(examples, style=args.style)
     result = evaluate_model(model, tokenized, device, batch_size=args.batch_size,
                             autocast_dtype=DTYPES[args.dtype], progress=True)
+    result["style"] = args.style
     result["seconds"] = round(time.time() - t0, 3)
-    print(f"hellaswag {args.split}: n={result['n']} acc={result['acc']:.4f} acc_norm={result['acc_norm']:.4f} "
-          f"({result['seconds']:.1f} s on {device})")
+    print(f"hellaswag {args.split}, {args.style} style: n={result['n']} acc={result['acc']:.4f} "
+          f"acc_norm={result['acc_norm']:.4f} ({result['seconds']:.1f} s on {device})")
     if args.json:
         write_json_atomic(args.json, result)
     return result

@@ -138,7 +138,8 @@ def test_cli_model_dir_and_checkpoint_agree(workdir, capsys):
         json_m = json.load(f)
     with open(out_c) as f:
         json_c = json.load(f)
-    assert set(json_m) == set(json_c) == {"n", "acc", "acc_norm", "seconds"}
+    assert set(json_m) == set(json_c) == {"n", "acc", "acc_norm", "style", "seconds"}
+    assert json_m["style"] == json_c["style"] == "completion"
     assert {k: json_m[k] for k in ("n", "acc", "acc_norm")} == {k: json_c[k] for k in ("n", "acc", "acc_norm")}
     assert json_m["n"] == res_m["n"] == res_c["n"] == N_ROWS
     # and they are the per-example reference's numbers
@@ -201,6 +202,196 @@ def test_row_longer_than_model_context(workdir):
     example = {"ctx": " ".join(["word"] * 200), "endings": ["a", "b", "c", "d"], "label": 0}
     with pytest.raises(UserError, match="more than the model's context of 128"):
         hellaswag.evaluate(workdir["hf_model"], [example], "cpu")
+
+
+# -----------------------------------------------------------------------------
+# harness style (lm-evaluation-harness 0.4's hellaswag task)
+
+@pytest.mark.parametrize("row, query, choices", [
+    # WikiHow: " [title]" ends a sentence, other tags go, double spaces collapse; capitalize() meets "[" first
+    ({"activity_label": "Home and Garden", "ctx_a": "[header] How to grow basil [title] Pick a sunny spot.",
+      "ctx_b": "[step] water it  Daily.",
+      "endings": ["  [substeps] Use a  pencil. ", "Wash the cat [title] Dry it.", "a   b", "x"]},
+     "Home and Garden: How to grow basil. Pick a sunny spot. water it daily.",
+     [" Use a pencil.", "Wash the cat. Dry it.", "a  b", "x"]),
+    # ctx_b non-empty: its first letter goes up, the rest down
+    ({"activity_label": "Playing guitar", "ctx_a": "A man sits on a stool.", "ctx_b": "he plays a Fender NOW.",
+      "endings": ["He smiles.", "b", "c", "d"]},
+     "Playing guitar: A man sits on a stool. He plays a fender now.", ["He smiles.", "b", "c", "d"]),
+    # ctx_b empty; outer whitespace stripped; three spaces leave two (one pass of "  " -> " ")
+    ({"activity_label": " Surfing", "ctx_a": "  A woman rides a wave. ", "ctx_b": "",
+      "endings": [" She falls. ", "b", "c", "d"]},
+     "Surfing:  A woman rides a wave.", ["She falls.", "b", "c", "d"]),
+    # a trailing [title] leaves the query ending with a space
+    ({"activity_label": "Arts", "ctx_a": "[header] How to draw a cat [title]", "ctx_b": "",
+      "endings": ["Take a pencil.", "b", "c", "d"]},
+     "Arts: How to draw a cat. ", ["Take a pencil.", "b", "c", "d"]),
+])
+def test_harness_preprocessing(row, query, choices):
+    assert hellaswag.harness_query(row) == query
+    assert hellaswag.harness_choices(row) == choices
+
+
+def test_harness_tokenization_splits_as_the_hf_backend():
+    enc = get_encoding()
+    base = {"ctx_b": "", "label": 0, "endings": ["Take a pencil.", "[substeps] Use  ink.", "b", "c"]}
+    rows = [dict(base, activity_label="Arts", ctx_a="[header] How to draw a cat [title]"),  # query ends with " "
+            dict(base, activity_label="[x", ctx_a="y]")]  # the query is empty after cleanup
+    tok = hellaswag.tokenize_examples(rows, style="harness")
+    # the query's trailing space moves to the continuation: "cat." | "  Take a pencil."; the second
+    # choice keeps the space its removed tag left: "cat." | "   Use ink."
+    assert tok.ctx[0] == enc.encode("Arts: How to draw a cat.")
+    assert tok.endings[0][0] == enc.encode("  Take a pencil.") and tok.endings[0][1] == enc.encode("   Use ink.")
+    assert enc.encode("  Take a pencil.")[0] == enc.encode(" ")[0]  # the moved space is a token of its own
+    # an empty context becomes <|endoftext|>, as the harness does
+    assert tok.ctx[1] == [enc.eot_token] and tok.endings[1][0] == enc.encode(" Take a pencil.")
+    # acc_norm divides by the cleaned ending's characters, without the continuation's leading " "
+    assert tok.norm_lengths == [[14, 9, 1, 1], [14, 9, 1, 1]] and tok.style == "harness"
+    assert tok[1:].norm_lengths == [[14, 9, 1, 1]] and tok[1:].style == "harness"
+    default = hellaswag.tokenize_examples([dict(rows[0], ctx="x")])
+    assert default.style == "completion" and default.norm_lengths == [[len(e) for e in default.endings[0]]]
+
+
+def make_harness_rows(n, seed=0):
+    """Rows shaped like the val split's WikiHow and ActivityNet rows, drawing on every cleanup rule:
+    tags, " [title]", double spaces, outer whitespace, empty and non-empty ctx_b, queries that end
+    with a space, endings that start with one."""
+    rng = random.Random(seed)
+
+    def words(lo, hi):
+        return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
+
+    ctx_bs = [lambda: "", lambda: words(2, 8), lambda: words(1, 3) + " The Man " + words(1, 3), lambda: "[step]"]
+    endings = [lambda: words(1, 12) + ".", lambda: "[substeps] " + words(1, 8) + ".",
+               lambda: words(1, 5) + "  " + words(1, 5) + ".", lambda: "  " + words(1, 8) + ". ",
+               lambda: words(1, 5) + " [title] " + words(1, 5).capitalize() + "."]
+    rows = []
+    for i in range(n):
+        ctx_a = words(3, 12).capitalize() + "."
+        if rng.random() < 0.5:
+            ctx_a = f"[header] How to {words(2, 4)} [title] " + ctx_a
+        ctx_b = rng.choice(ctx_bs)()
+        rows.append({"ind": i, "activity_label": rng.choice(["Surfing", "Home and Garden", " Cooking "]),
+                     "ctx_a": ctx_a, "ctx_b": ctx_b, "ctx": ctx_a + " " + ctx_b if ctx_b else ctx_a,
+                     "split": "val", "split_type": "zeroshot", "label": rng.randint(0, 3),
+                     "endings": [rng.choice(endings)() for _ in range(4)], "source_id": f"test~{i}"})
+    return rows
+
+
+def harness_reference(model, rows):
+    """Each continuation on its own, as the harness's HF backend scores it: split the strings, encode
+    whole and context, one full forward of context + continuation tokens, log_softmax, and the sum
+    over the continuation. Returns (log-likelihoods (n, 4), choice lengths in characters (n, 4))."""
+    enc = get_encoding()
+    lls, chars = [], []
+    for row in rows:
+        query, choices = hellaswag.harness_query(row), hellaswag.harness_choices(row)
+        row_lls = []
+        for choice in choices:
+            context, continuation = query, " " + choice
+            while context[-1:].isspace():
+                context, continuation = context[:-1], context[-1] + continuation
+            ctx_ids = enc.encode_ordinary(context)
+            cont_ids = enc.encode_ordinary(context + continuation)[len(ctx_ids):]
+            with torch.no_grad():
+                logp = F.log_softmax(model(torch.tensor([ctx_ids + cont_ids])).logits[0].float(), dim=-1)
+            row_lls.append(sum(logp[len(ctx_ids) - 1 + k, t].item() for k, t in enumerate(cont_ids)))
+        lls.append(row_lls)
+        chars.append([len(c) for c in choices])
+    return torch.tensor(lls, dtype=torch.float64), torch.tensor(chars, dtype=torch.float64)
+
+
+@pytest.fixture(scope="module")
+def harness(workdir):
+    rows = make_harness_rows(N_ROWS, seed=1)
+    data = write_jsonl(workdir["root"] / "harness.jsonl", rows)
+    lls, chars = harness_reference(workdir["hf_model"], rows)
+    return {"rows": rows, "data": data, "lls": lls, "chars": chars,
+            "labels": torch.tensor([row["label"] for row in rows])}
+
+
+def top_gap(scores):
+    top2 = scores.sort(1, descending=True).values[:, :2]
+    return (top2[:, 0] - top2[:, 1]).min().item()
+
+
+def test_harness_style_equals_per_example_reference(workdir, harness):
+    rows, lls, chars, labels = harness["rows"], harness["lls"], harness["chars"], harness["labels"]
+    queries = [hellaswag.harness_query(row) for row in rows]
+    choices = [c for row in rows for c in hellaswag.harness_choices(row)]
+    # the data exercises the whitespace move and tells the two metrics apart, without near-ties
+    assert any(q.endswith(" ") for q in queries) and any(c.startswith(" ") for c in choices)
+    assert lls.argmax(1).tolist() != (lls / chars).argmax(1).tolist()
+    assert top_gap(lls) > 1e-3 and top_gap(lls / chars) > 1e-3
+    tok = hellaswag.tokenize_examples(rows, style="harness")
+    for batch_size, max_tokens in [(64, None), (2, 150)]:
+        got_sum, got_norm = hellaswag.example_losses(workdir["hf_model"], tok, "cpu", batch_size=batch_size,
+                                                     max_tokens=max_tokens)
+        assert torch.allclose(-got_sum.double(), lls, atol=1e-4, rtol=0)
+        assert torch.allclose(-got_norm.double(), lls / chars, atol=1e-4, rtol=0)
+        assert torch.equal(got_sum.argmin(1), lls.argmax(1))
+        assert torch.equal(got_norm.argmin(1), (lls / chars).argmax(1))
+    expected = [N_ROWS, int((lls.argmax(1) == labels).sum()), int(((lls / chars).argmax(1) == labels).sum())]
+    assert hellaswag.evaluate(workdir["hf_model"], rows, "cpu", batch_size=5, style="harness").tolist() == expected
+    # our GPT, split across ranks, gives the same counts
+    parts = [hellaswag.evaluate(workdir["ours"], tok, "cpu", rank=r, world_size=2) for r in range(2)]
+    assert sum(parts).tolist() == expected
+    # the completion style scores other strings and gets other losses from the same rows
+    completion_sum, _ = hellaswag.example_losses(workdir["hf_model"], rows, "cpu")
+    assert not torch.allclose(-completion_sum.double(), lls, atol=1e-2)
+
+
+def test_cli_harness_style(workdir, harness, capsys):
+    lls, chars, labels = harness["lls"], harness["chars"], harness["labels"]
+    out = str(workdir["root"] / "harness.json")
+    hellaswag.main(["-c", workdir["ckpt"], "--data", harness["data"], "-d", "cpu", "--style", "harness",
+                    "--json", out, "--batch-size", "3"])
+    assert "harness style: n=24" in capsys.readouterr().out
+    with open(out) as f:
+        result = json.load(f)
+    assert result["style"] == "harness" and result["n"] == N_ROWS
+    assert result["acc"] == pytest.approx((lls.argmax(1) == labels).float().mean().item())
+    assert result["acc_norm"] == pytest.approx(((lls / chars).argmax(1) == labels).float().mean().item())
+
+
+def test_harness_normalizes_by_characters_not_tokens():
+    """Every token costs a fixed amount, so the styles' normalizations disagree by construction:
+    " cat" costs 1.55 nats, " international" 6, " fish" 10 (each one token).
+    per token:                     cat 1.55,      international 6        -> cat
+    per character of the choice:   cat 1.55/3,    international 6/13     -> international
+    per character of " " + choice: cat 1.55/4,    international 6/14     -> cat"""
+    enc = get_encoding()
+    costs = {enc.encode(" cat")[0]: 1.55, enc.encode(" international")[0]: 6.0, enc.encode(" fish")[0]: 10.0}
+    fn = cost_logits(costs)
+    row = {"activity_label": "Pets", "ctx_a": "A man", "ctx_b": "", "ctx": "A man",
+           "endings": ["fish fish", "cat", "international", "fish"], "label": 2}
+    h_sum, h_norm = hellaswag.example_losses(fn, [row], "cpu", style="harness")
+    c_sum, c_norm = hellaswag.example_losses(fn, [row], "cpu")
+    assert h_sum[0].tolist() == pytest.approx([20.0, 1.55, 6.0, 10.0], abs=1e-3)
+    assert torch.equal(h_sum, c_sum)
+    assert h_norm[0].tolist() == pytest.approx([20 / 9, 1.55 / 3, 6 / 13, 10 / 4], abs=1e-3)
+    assert c_norm[0].tolist() == pytest.approx([10.0, 1.55, 6.0, 10.0], abs=1e-3)
+    assert hellaswag.evaluate(fn, [row], "cpu", style="harness").tolist() == [1, 0, 1]
+    assert hellaswag.evaluate(fn, [row], "cpu").tolist() == [1, 0, 0]
+    with pytest.raises(ValueError, match="tokenized for style 'completion'"):
+        hellaswag.evaluate(fn, hellaswag.tokenize_examples([row]), "cpu", style="harness")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"activity_label": None}, "bad.jsonl:3: missing 'activity_label', which --style harness needs"),
+    ({"ctx_a": 5}, "bad.jsonl:3: not a string: 'ctx_a', which --style harness needs"),
+    ({"ctx_b": None}, "bad.jsonl:3: missing 'ctx_b'"),
+])
+def test_harness_style_needs_its_fields(tmp_path, capsys, change, message):
+    row = make_rows(1, seed=7)[0]
+    for field, value in change.items():
+        if value is None:
+            del row[field]
+        else:
+            row[field] = value
+    path = bad_file(tmp_path, row)
+    assert_cli_error(capsys, ["-m", "unused", "--data", path, "-d", "cpu", "--style", "harness"], message)
+    assert len(hellaswag.load_examples(data_path=path)) == 5  # the completion style does not need them
 
 
 # -----------------------------------------------------------------------------
