@@ -502,7 +502,7 @@ def hf_gpt2_tokenizer(model_max_length):
     # left, where a decoder-only model's generation needs the padding
     return GPT2TokenizerFast(tokenizer_object=bpe, bos_token=eot, eos_token=eot, unk_token=eot, pad_token=eot,
                              padding_side="left", model_max_length=model_max_length,
-                             clean_up_tokenization_spaces=False)  # else decode turns " ." into "." and " 's" into "'s"
+                             clean_up_tokenization_spaces=False)  # transformers 4 would decode " ." as "." and " 's" as "'s"
 
 
 def check_replaceable(directory):
@@ -541,14 +541,14 @@ def write_hf_checkpoint(model, directory):
     from safetensors.torch import save_file
     from transformers import GenerationConfig
 
+    directory = os.path.abspath(directory)
+    check_replaceable(directory)
     model = unwrap_model(model)
     state = hf_state_dict(model)
     del state["lm_head.weight"]  # tied to wte; safetensors refuses shared storage
     tokenizer = hf_gpt2_tokenizer(model.config.block_size)
     # pad_token_id: generate() pads finished rows with it and warns when it has to guess one
     generation = GenerationConfig(bos_token_id=GPT2_EOT, eos_token_id=GPT2_EOT, pad_token_id=GPT2_EOT)
-    directory = os.path.abspath(directory)
-    check_replaceable(directory)
     tmp = None
     try:
         os.makedirs(os.path.dirname(directory), exist_ok=True)

@@ -41,7 +41,7 @@ SPECIAL_TEXTS = ["<|endoftext|>", "end.<|endoftext|>Start", "a <|endoftext|> b\n
 
 def tiny_model(seed):
     """A d2-shaped GPT with a short context and a padded vocabulary, every weight random; the
-    padding rows are huge, so any leak of them into the export would show in the logits."""
+    padding rows hold large values that must not reach the export."""
     torch.manual_seed(seed)
     model = GPT(config_for("d2", block_size=BLOCK, vocab_multiple=64)).eval()
     perturb_(model, seed=seed + 100)
@@ -103,20 +103,22 @@ def test_exported_tokenizer_ids_equal_tiktoken(hf_tokenizer, text):
 
 
 def test_exported_tokenizer_on_a_long_corpus(hf_tokenizer):
-    """Prose and code, 15k tokens, and test_model's VARIED_TEXT (which holds one "<|endoftext|>")."""
+    """Prose and code, 15k tokens, including test_model's VARIED_TEXT."""
     enc = train_gpt2.get_encoding()
     text = _corpus_text()
-    ordinary = hf_tokenizer(text, split_special_tokens=True).input_ids
-    assert len(ordinary) > 10_000
-    assert ordinary == enc.encode_ordinary(text)
+    assert text.count("<|endoftext|>") == 1
     assert hf_tokenizer(text).input_ids == enc.encode(text, allowed_special="all")
-    assert hf_tokenizer.decode(ordinary) == text
+    ordinary = text.replace("<|endoftext|>", "")
+    ids = hf_tokenizer(ordinary).input_ids
+    assert len(ids) > 10_000
+    assert ids == enc.encode_ordinary(ordinary)
+    assert hf_tokenizer.decode(ids) == ordinary
 
 
 @pytest.mark.parametrize("text", SPECIAL_TEXTS)
 def test_endoftext_text_is_the_special_token(hf_tokenizer, text):
     """HF maps the text "<|endoftext|>" to 50256, as tiktoken's encode(allowed_special="all") does;
-    encode_ordinary spells it out, and split_special_tokens=True gives encode_ordinary's ids."""
+    encode_ordinary spells it out, and so does HF with split_special_tokens=True (transformers >= 4.45)."""
     enc = train_gpt2.get_encoding()
     ids = hf_tokenizer(text).input_ids
     assert ids == enc.encode(text, allowed_special="all")
@@ -157,7 +159,7 @@ class WarningRecorder(logging.Handler):
 
 def test_pipeline_greedy_text_equals_our_greedy_decoding(exported):
     """A batch of two prompts of different lengths: padding (left, with <|endoftext|>) must not
-    change the generation, and transformers must not warn about it."""
+    change the generation, and transformers must not warn about padding."""
     from transformers import pipeline
 
     model, directory = exported
@@ -175,7 +177,9 @@ def test_pipeline_greedy_text_equals_our_greedy_decoding(exported):
     finally:
         hf_logger.removeHandler(recorder)
     assert [o[0]["generated_text"] for o in out] == ours
-    assert recorder.messages == []
+    # about padding ("right-padding was detected", "Setting pad_token_id to eos_token_id"); other
+    # warnings depend on the transformers version (4.57's pipeline warns about its own temperature)
+    assert [m for m in recorder.messages if "pad" in m.lower()] == []
 
 
 def test_our_reader_round_trips_the_export(exported):
