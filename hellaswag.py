@@ -35,13 +35,13 @@ import re
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 
-from train_gpt2 import UserError, atomic_write, get_encoding, one_line, pick_device, unwrap_model
+from train_gpt2 import (TORCH_DTYPES, UserError, atomic_write, autocast_context, get_encoding, one_line, pick_device,
+                        resolve_dtype, unwrap_model)
 
 DATA_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data"
 SPLITS = ("val", "train")
@@ -448,13 +448,12 @@ def _model_parts(model):
 
 
 def _resolve_autocast(device, autocast_dtype):
-    """None: bf16 (fp16 where bf16 is unsupported) on CUDA, full precision elsewhere. float32 disables."""
+    """The training loop's autocast policy: None picks what `train_gpt2.py --dtype auto` does (bf16 on
+    CUDA, fp16 on CUDA cards without bf16, full precision elsewhere); torch.float32 disables it."""
     device = torch.device(device)
-    if autocast_dtype is None and device.type == "cuda":
-        autocast_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if autocast_dtype is None or autocast_dtype == torch.float32:
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=autocast_dtype)
+    if autocast_dtype is None:
+        autocast_dtype = TORCH_DTYPES[resolve_dtype("auto", device)]
+    return autocast_context(device, autocast_dtype)
 
 
 @torch.no_grad()

@@ -911,22 +911,28 @@ def resolve_dtype(name, device):
     return "fp32"
 
 
+TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def autocast_context(device, dtype):
+    """Matmuls in dtype (a torch dtype) on device; float32 runs everything in full precision."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
 class Precision:
     """Matmuls in `dtype` under autocast (weights and optimizer stay fp32). fp16's narrow range
     underflows small gradients, so with fp16 the loss is scaled up before backward and the
     gradients are unscaled before clipping; a step whose gradients overflowed is skipped."""
 
-    TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
     def __init__(self, name, device):
         self.name, self.device = name, device
-        self.dtype = self.TORCH_DTYPES[name]
+        self.dtype = TORCH_DTYPES[name]
         self.scaler = torch.amp.GradScaler(device.type, enabled=name == "fp16")
 
     def autocast(self):
-        if self.name == "fp32":
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+        return autocast_context(self.device, self.dtype)
 
 
 # ---- processes: every decision that steers the run is taken on rank 0 or agreed by all ranks

@@ -6,6 +6,7 @@ Multi-process runs go through torchrun (`python -m torch.distributed.run`) with 
 models are d1 on random tokens."""
 
 import hashlib
+import math
 import os
 import re
 import signal
@@ -297,3 +298,45 @@ def test_ddp_over_a_compiled_model_matches_one_eager_process(tmp_path):
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0, msg=key)
     assert logged(single.log_dir, "val").keys() == logged(str(tmp_path / "ddp"), "val").keys() == {0, 3}
+
+
+# ---- fp16 with loss scaling (--dtype fp16, for GPUs without bf16; CPU autocast runs it here too)
+
+def test_fp16_tracks_fp32_and_resumes_exactly(tmp_path):
+    data_dir = make_data(tmp_path / "data")
+    fp16 = tiny_config(data_dir, str(tmp_path / "fp16"), dtype="fp16", checkpoint_every=6)
+    fp32 = train(replace(fp16, log_dir=str(tmp_path / "fp32"), dtype="fp32"), DistContext())["losses"]
+    reference = train(fp16, DistContext())["losses"]
+    assert reference != fp32, "fp16 autocast must have been active"
+    torch.testing.assert_close(torch.tensor(reference), torch.tensor(fp32), atol=1e-3, rtol=0)
+    scaler = torch.load(os.path.join(fp16.log_dir, "model_00006.pt"), weights_only=True)["scaler"]
+    assert scaler["scale"] > 0 and scaler["_growth_tracker"] == 6
+
+    cut = replace(fp16, log_dir=str(tmp_path / "cut"), resume="auto")
+    original = install_stop_after(3)
+    try:
+        train(cut, DistContext())
+    finally:
+        train_gpt2.train_step = original
+    assert train(cut, DistContext())["losses"] == reference[3:], "the loss scale must resume too"
+
+
+def test_fp16_overflow_skips_the_step_instead_of_stopping(tmp_path, monkeypatch):
+    """A loss scale of 2**30 overflows fp16 gradients: the scaler skips those steps and halves its
+    scale until gradients fit, and the run goes on (a non-finite norm is no reason to stop in fp16)."""
+    original_init = train_gpt2.Precision.__init__
+
+    def huge_scale(self, name, device):
+        original_init(self, name, device)
+        self.scaler = torch.amp.GradScaler(device.type, init_scale=2.0 ** 30, enabled=name == "fp16")
+
+    monkeypatch.setattr(train_gpt2.Precision, "__init__", huge_scale)
+    cfg = tiny_config(make_data(tmp_path / "data"), str(tmp_path / "log"), dtype="fp16", max_steps=30,
+                      checkpoint_every=30, eval_every=0)
+    result = train(cfg, DistContext())
+    norms = [m["norm"] for m in result["metrics"]]
+    skipped = sum(not math.isfinite(n) for n in norms)
+    assert not math.isfinite(norms[0]) and math.isfinite(norms[-1]) and 0 < skipped < 30, norms
+    scaler = torch.load(os.path.join(cfg.log_dir, "model_00030.pt"), weights_only=True)["scaler"]
+    assert scaler["scale"] == 2.0 ** (30 - skipped)
+    assert result["losses"][-1] < result["losses"][0]
