@@ -1071,8 +1071,19 @@ def setup_distributed(requested_device):
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)  # one GPU per process
         torch.cuda.set_device(device)
-    torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    torch.distributed.init_process_group(backend, store=attempt_store(), rank=rank, world_size=world_size)
     return DistContext(rank, local_rank, world_size, device)
+
+
+def attempt_store():
+    """The key-value store the processes meet in, private to this torchrun attempt. After a restart
+    (--max-restarts) torchrun gives the new workers the store their predecessors used, whose stale
+    addresses they could read and then wait on forever; a prefix per attempt keeps them apart."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None  # init_process_group's own env:// rendezvous
+    store = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
+    return torch.distributed.PrefixStore(f"train_gpt2/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 # ---- one optimizer step, in the order it happens
