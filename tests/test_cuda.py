@@ -28,7 +28,9 @@ CUDA = torch.device("cuda", 0)
 
 @pytest.fixture(autouse=True)
 def true_fp32():
-    """GPU references in real fp32: no TF32, whatever an earlier train() call set."""
+    """GPU references in real fp32: no TF32, whatever an earlier train() call set. And no compiled
+    graphs left from earlier tests: GPT.forward would hit dynamo's recompile limit and run eagerly."""
+    torch._dynamo.reset()
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     yield

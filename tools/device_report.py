@@ -21,7 +21,7 @@ ANCHOR_WARMUP_STEPS = 3  # as train_gpt2.BENCHMARK_WARMUP_STEPS: compilation and
 
 # train_gpt2.py --benchmark's summary line
 BENCHMARK_LINE = re.compile(r"^benchmark .*\| median (?P<ms>[\d,.]+) ms/step \| (?P<tok>[\d,.]+) tokens/s"
-                            r"(?: \| MFU (?P<mfu>[\d.]+)% \| peak memory (?P<mem>[\d.]+) GiB)?", re.M)
+                            r"(?: \| MFU (?P<mfu>[\d.]+)%)?(?: \| peak memory (?P<mem>[\d.]+) GiB)?", re.M)
 # build-nanogpt's per-step line, and the peak memory line tools/nanogpt_anchor.py adds after its run
 ANCHOR_STEP = re.compile(r"^step\s+(?P<step>\d+) \|.*\| dt: (?P<ms>[\d.]+)ms \| tok/sec: (?P<tok>[\d.]+)", re.M)
 PEAK_MEMORY = re.compile(r"^peak memory allocated: (?P<mem>[\d.]+) GiB", re.M)
@@ -30,13 +30,18 @@ HELLASWAG_LINE = re.compile(r"^hellaswag timing \| (?P<n>\d+) examples \| first 
                             r"peak memory (?P<mem>[\d.]+|-) GiB", re.M)
 
 
+def last_match(pattern, log):
+    matches = list(pattern.finditer(log))
+    return matches[-1] if matches else None
+
+
 def number(text):
     return float(text.replace(",", ""))
 
 
 def parse_benchmark(log):
     """{ms_per_step, tokens_per_s, mfu, peak_mem_gib} from train_gpt2.py --benchmark output; None if absent."""
-    m = BENCHMARK_LINE.search(log)
+    m = last_match(BENCHMARK_LINE, log)
     if m is None:
         return None
     return {"ms_per_step": number(m["ms"]), "tokens_per_s": number(m["tok"]),
@@ -51,7 +56,7 @@ def parse_anchor(log, mfu_inputs=None):
     if not steps:
         return None
     tokens_per_s = statistics.median(number(m["tok"]) for m in steps)
-    memory = PEAK_MEMORY.search(log)
+    memory = last_match(PEAK_MEMORY, log)
     mfu = None
     if mfu_inputs:
         flops_per_token, peak = mfu_inputs
@@ -61,7 +66,7 @@ def parse_anchor(log, mfu_inputs=None):
 
 
 def parse_hellaswag(log):
-    m = HELLASWAG_LINE.search(log)
+    m = last_match(HELLASWAG_LINE, log)
     if m is None:
         return None
     return {"ms_per_step": number(m["s"]) * 1000, "tokens_per_s": number(m["tok"]), "mfu": None,
@@ -78,7 +83,7 @@ def gpt2_mfu_inputs():
 
     if not torch.cuda.is_available():
         return None
-    peak = train_gpt2.peak_flops(torch.device("cuda"))
+    peak = train_gpt2.peak_flops(torch.cuda.get_device_name(0))
     if peak is None:
         return None
     return train_gpt2.flops_per_token(train_gpt2.config_for("gpt2", vocab_multiple=64), 1024), peak
