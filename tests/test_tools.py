@@ -15,6 +15,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tools"))
 
 import device_report  # noqa: E402
+import hellaswag_timing  # noqa: E402
 import nanogpt_anchor  # noqa: E402
 
 
@@ -49,6 +50,22 @@ def test_anchor_log_median_skips_warmup_steps():
     assert parsed["mfu"] == pytest.approx(524288 / 1.010 * 855e6 / 989e12, rel=1e-6)
     assert parsed["peak_mem_gib"] == 40.5
     assert device_report.parse_anchor("step     1 | loss: 10.9 | dt: 5.0ms | tok/sec: 1.0\n") is None
+
+
+def test_hellaswag_timing_line_is_parsed(capsys):
+    hellaswag_timing.main(["--model", "d1", "--examples", "20", "--batch-size", "4", "--device", "cpu"])
+    parsed = device_report.parse_hellaswag(capsys.readouterr().out)
+    assert parsed["examples"] == 20 and parsed["peak_mem_gib"] is None
+    assert parsed["ms_per_example"] == pytest.approx(parsed["ms_per_step"] / 20, rel=0.01)
+    assert parsed["tokens_per_s"] > 0 and parsed["first_eval_s"] > 0
+
+
+def test_synthetic_hellaswag_examples_have_the_val_split_shape():
+    examples = hellaswag_timing.synthetic_examples(500)
+    assert len(examples) == 500 and set(examples.labels) == {0, 1, 2, 3}
+    assert min(map(len, examples.ctx)) >= 30 and max(map(len, examples.ctx)) <= 100
+    ending_lengths = [len(e) for ends in examples.endings for e in ends]
+    assert len(ending_lengths) == 2000 and min(ending_lengths) >= 10 and max(ending_lengths) <= 30
 
 
 def test_missing_flags_against_the_real_help():

@@ -70,8 +70,8 @@ def parse_hellaswag(log):
     if m is None:
         return None
     return {"ms_per_step": number(m["s"]) * 1000, "tokens_per_s": number(m["tok"]), "mfu": None,
-            "peak_mem_gib": None if m["mem"] == "-" else number(m["mem"]), "examples": int(m["n"]), "first_eval_s": number(m["first"]),
-            "ms_per_example": number(m["ms_ex"])}
+            "peak_mem_gib": None if m["mem"] == "-" else number(m["mem"]), "examples": int(m["n"]),
+            "first_eval_s": number(m["first"]), "ms_per_example": number(m["ms_ex"])}
 
 
 def gpt2_mfu_inputs():
@@ -156,6 +156,8 @@ def render(env, rows, pytest_summary):
     ]
     for row in rows:
         what = row["what"] if row["status"] == "ok" else f"{row['what']} ({row['status']})"
+        if "first_eval_s" in row:
+            what += f"; {row['ms_per_example']:.3f} ms/example; the first eval, which builds the batches, {row['first_eval_s']:.1f} s"
         lines.append("| " + " | ".join([
             row["variant"], card, torch_version,
             cell(row.get("ms_per_step"), "{:,.1f}"), cell(row.get("tokens_per_s"), "{:,.0f}"),
