@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 class UserError(Exception):
@@ -151,6 +152,26 @@ def config_for(name, **overrides):
 # -----------------------------------------------------------------------------
 # model
 
+# Attention kernels by name (GPT.set_sdpa_backend). "default" leaves the choice to PyTorch (flash
+# attention for bf16 on Hopper); a name puts that kernel first, with only the math kernel behind it
+# for inputs the first cannot take (cuDNN and flash need fp16/bf16: an fp32 eval still runs, slowly).
+SDPA_BACKENDS = {
+    "default": None,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "math": SDPBackend.MATH,
+}
+
+
+def sdpa_priority(name):
+    """The SDPA kernels allowed, in order of preference, for an SDPA_BACKENDS name; None for PyTorch's choice."""
+    if name not in SDPA_BACKENDS:
+        raise ValueError(f"unknown SDPA backend {name!r}: use one of {', '.join(SDPA_BACKENDS)}")
+    first = SDPA_BACKENDS[name]
+    return None if first is None else list(dict.fromkeys([first, SDPBackend.MATH]))
+
+
 class CausalSelfAttention(nn.Module):
 
     def __init__(self, config):
@@ -160,6 +181,7 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads at once
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.c_proj.is_residual_projection = True
+        self.sdpa_kernels = None  # a plain attribute, not a buffer: state_dict keys stay HF's; see GPT.set_sdpa_backend
 
     def forward(self, x):
         B, T, C = x.size()
@@ -167,7 +189,10 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+        kernels = (sdpa_kernel(self.sdpa_kernels, set_priority=True) if self.sdpa_kernels is not None
+                   else contextlib.nullcontext())
+        with kernels:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
         return self.c_proj(y)
 
@@ -240,18 +265,27 @@ class GPT(nn.Module):
             x = block(x)
         return self.transformer.ln_f(x)
 
-    def forward(self, idx, targets=None, return_logits=True):
+    def set_sdpa_backend(self, name):
+        """Prefer one attention kernel (an SDPA_BACKENDS name, e.g. "cudnn") in every layer; "default"
+        leaves the choice to PyTorch. Set it before torch.compile traces the model."""
+        kernels = sdpa_priority(name)
+        for block in self.transformer.h:
+            block.attn.sdpa_kernels = kernels
+
+    def forward(self, idx, targets=None, return_logits=True, loss_impl="chunked"):
         """Returns (logits, loss): logits (B, T, vocab_size) over the real vocabulary only, loss
-        the mean cross-entropy when targets are given. With return_logits=False the loss is
-        computed in chunks without ever holding the (B, T, vocab) logits, and logits is None."""
+        the mean cross-entropy when targets are given. With return_logits=False, logits is None and
+        loss_impl (see LOSS_IMPLS) picks how the loss is computed; "chunked" and "fused" never hold
+        the (B, T, vocab) logits."""
         x = self.hidden_states(idx)
-        if targets is not None and not return_logits:
-            return None, chunked_cross_entropy(x, self.lm_head.weight, targets, self.config.vocab_size)
+        if targets is not None and not return_logits and loss_impl != "full":
+            return None, chunked_cross_entropy(x, self.lm_head.weight, targets, self.config.vocab_size,
+                                               loss_impl=loss_impl)
         logits = self.lm_head(x)[..., :self.config.vocab_size]  # (B, T, V)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1))
-        return logits, loss
+        return (logits if return_logits else None), loss
 
     # HuggingFace interchange: see the functions below the model
 
@@ -296,23 +330,20 @@ class GPT(nn.Module):
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of x @ weight.T against targets, computed chunk by chunk; the gradients
     are computed in the same pass, so neither the logits nor the softmax are kept for backward.
-    Matmuls follow the ambient autocast, the softmax is always fp32."""
+    Matmuls follow the ambient autocast, the softmax is always fp32. loss_impl names the function
+    in CHUNK_LOSSES that turns a chunk into its loss and logits gradient."""
 
     @staticmethod
-    def forward(ctx, x, weight, targets, vocab_size, chunk_size):
+    def forward(ctx, x, weight, targets, vocab_size, chunk_size, loss_impl):
         n = x.size(0)
+        chunk_loss = CHUNK_LOSSES[loss_impl]
         grad_x = torch.empty_like(x)
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         loss_sum = torch.zeros((), dtype=torch.float32, device=x.device)
         for start in range(0, n, chunk_size):
-            x_chunk, t_chunk = x[start:start + chunk_size], targets[start:start + chunk_size]
-            logits = masked_logits(x_chunk, weight, vocab_size)  # (n_chunk, Vp) fp32
-            lse = torch.logsumexp(logits, dim=1)
-            loss_sum += (lse - logits.gather(1, t_chunk[:, None]).squeeze(1)).sum()
-            # d(loss_sum / n)/d(logits) = (softmax - one_hot(targets)) / n; padded columns get exactly 0
-            grad_logits = torch.exp(logits - lse[:, None])
-            grad_logits.scatter_add_(1, t_chunk[:, None], torch.full_like(lse[:, None], -1.0))
-            grad_logits /= n
+            x_chunk = x[start:start + chunk_size]
+            chunk_loss_sum, grad_logits = chunk_loss(x_chunk, weight, targets[start:start + chunk_size], vocab_size, n)
+            loss_sum += chunk_loss_sum
             grad_x[start:start + chunk_size] = grad_logits @ weight
             grad_weight += grad_logits.t() @ x_chunk
         ctx.save_for_backward(grad_x, grad_weight.to(weight.dtype))
@@ -321,7 +352,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         grad_x, grad_weight = ctx.saved_tensors
-        return grad_x * grad_loss, grad_weight * grad_loss, None, None, None
+        return grad_x * grad_loss, grad_weight * grad_loss, None, None, None, None
 
 
 def masked_logits(x, weight, vocab_size):
@@ -332,13 +363,49 @@ def masked_logits(x, weight, vocab_size):
     return logits
 
 
-def chunked_cross_entropy(x, weight, targets, vocab_size, chunk_size=8192):
+def chunk_loss_scatter(x, weight, targets, vocab_size, n):
+    """(summed loss, d(loss_sum / n)/d(logits) in fp32) of one chunk: fp32 logits, the one-hot
+    subtracted in place. Eager-friendly, but in-place writes and scatter_add_ keep torch.compile from
+    fusing it, and the chunk's logits exist in the matmul's dtype and in fp32."""
+    logits = masked_logits(x, weight, vocab_size)  # (n_chunk, Vp) fp32
+    lse = torch.logsumexp(logits, dim=1)
+    loss_sum = (lse - logits.gather(1, targets[:, None]).squeeze(1)).sum()
+    # (softmax - one_hot(targets)) / n; padded columns get exactly 0
+    grad_logits = torch.exp(logits - lse[:, None])
+    grad_logits.scatter_add_(1, targets[:, None], torch.full_like(lse[:, None], -1.0))
+    grad_logits /= n
+    return loss_sum, grad_logits
+
+
+def chunk_loss_fused(x, weight, targets, vocab_size, n):
+    """The same loss and gradient from out-of-place elementwise ops and row reductions only, so that
+    under torch.compile they fuse into a few passes that read the logits in the matmul's dtype
+    (bf16 under autocast) and write the gradient in it, with no fp32 copy of the logits in memory.
+    Run eagerly, it is slower than chunk_loss_scatter."""
+    logits = x @ weight.t()  # (n_chunk, Vp)
+    cols = torch.arange(logits.size(1), device=logits.device)
+    z = torch.where(cols < vocab_size, logits.float(), float("-inf"))  # padded ids never win
+    lse = torch.logsumexp(z, dim=1)
+    loss_sum = (lse - logits.gather(1, targets[:, None]).squeeze(1).float()).sum()
+    p = torch.exp(z - lse[:, None])
+    grad_logits = torch.where(cols == targets[:, None], p - 1.0, p) / n
+    return loss_sum, grad_logits.to(logits.dtype)
+
+
+CHUNK_LOSSES = {"chunked": chunk_loss_scatter, "fused": chunk_loss_fused}
+# GPT.forward's loss_impl: the plain loss on the (B, T, vocab) logits, or one of the chunked ones
+LOSS_IMPLS = ("full", *CHUNK_LOSSES)
+
+
+def chunked_cross_entropy(x, weight, targets, vocab_size, chunk_size=8192, loss_impl="chunked"):
     """Mean cross-entropy of the (B, T, C) hidden states x through the (Vp, C) lm_head weight,
-    never holding more than chunk_size rows of logits."""
+    never holding more than chunk_size rows of logits. loss_impl: a CHUNK_LOSSES name."""
+    if loss_impl not in CHUNK_LOSSES:
+        raise ValueError(f"unknown chunked loss {loss_impl!r}: use one of {', '.join(CHUNK_LOSSES)}")
     x = x.reshape(-1, x.size(-1))  # (B*T, C)
     targets = targets.reshape(-1)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return _ChunkedLinearCrossEntropy.apply(x, weight, targets, vocab_size, chunk_size)
+        return _ChunkedLinearCrossEntropy.apply(x, weight, targets, vocab_size, chunk_size, loss_impl)
     loss_sum = sum(F.cross_entropy(masked_logits(x[s:s + chunk_size], weight, vocab_size),
                                    targets[s:s + chunk_size], reduction="sum")
                    for s in range(0, x.size(0), chunk_size))
