@@ -824,7 +824,7 @@ class DataLoaderLite:
 # evaluation hooks: val loss, HellaSwag and samples, run every --eval-every / --sample-every steps
 
 @torch.no_grad()
-def evaluate_val_loss(model, val_loader, val_steps, precision, dist_ctx, chunked_loss=True):
+def evaluate_val_loss(model, val_loader, val_steps, precision, dist_ctx, loss_impl="chunked"):
     """Mean loss over the first val_steps batches of the val split, averaged over all ranks."""
     model.eval()
     val_loader.reset()
@@ -832,7 +832,7 @@ def evaluate_val_loss(model, val_loader, val_steps, precision, dist_ctx, chunked
     for _ in range(val_steps):
         x, y = val_loader.next_batch()
         with precision.autocast():
-            _, loss = model(x, y, return_logits=not chunked_loss)
+            _, loss = model(x, y, return_logits=False, loss_impl=loss_impl)
         loss_sum += loss.float()
     model.train()
     return dist_ctx.mean(loss_sum / val_steps)
@@ -893,7 +893,8 @@ class TrainConfig:
     device: str = "auto"
     dtype: str = "auto"  # bf16, fp16 (with loss scaling) or fp32; auto: bf16 on CUDA (fp16 where unsupported), fp32 elsewhere
     compile: bool | None = None  # None: on with CUDA
-    chunked_loss: bool = True  # loss without materialising the (B, T, vocab) logits
+    loss_impl: str = "chunked"  # full, or chunked/fused: without materialising the (B, T, vocab) logits
+    sdpa_backend: str = "default"  # attention kernel to prefer: default (PyTorch's choice), cudnn, flash, ...
     shuffle: bool = False  # seeded shuffle of the train shard order every epoch
     seed: int = 1337
     vocab_multiple: int = 64  # 50257 -> 50304
@@ -941,6 +942,10 @@ def validate(cfg, world_size):
         problems.append(f"--device: {e}")
     if cfg.vocab_multiple <= 0:
         problems.append(f"--vocab-multiple must be positive, got {cfg.vocab_multiple}")
+    if cfg.loss_impl not in LOSS_IMPLS:
+        problems.append(f"--loss-impl must be one of {', '.join(LOSS_IMPLS)}, got {cfg.loss_impl}")
+    if cfg.sdpa_backend not in SDPA_BACKENDS:
+        problems.append(f"--sdpa-backend must be one of {', '.join(SDPA_BACKENDS)}, got {cfg.sdpa_backend}")
     return problems
 
 
@@ -1166,7 +1171,7 @@ class StepResult:
     stop: bool  # some rank asked to stop
 
 
-def accumulate_gradients(model, loader, grad_accum_steps, precision, ddp, chunked_loss=True):
+def accumulate_gradients(model, loader, grad_accum_steps, precision, ddp, loss_impl="chunked"):
     """Forward and backward over grad_accum_steps micro-batches; returns the mean loss as a tensor
     (no host sync). Only the last micro-step's backward all-reduces the gradients."""
     loss_sum = torch.zeros((), device=precision.device)
@@ -1177,7 +1182,7 @@ def accumulate_gradients(model, loader, grad_accum_steps, precision, ddp, chunke
             # the flag must be set before the forward pass: only the last micro-step syncs.
             model.require_backward_grad_sync = micro_step == grad_accum_steps - 1
         with precision.autocast():
-            _, loss = model(x, y, return_logits=not chunked_loss)
+            _, loss = model(x, y, return_logits=False, loss_impl=loss_impl)
         # the gradients of a big batch are the mean over its micro-batches, not their sum
         loss = loss / grad_accum_steps
         loss_sum += loss.detach().float()
@@ -1214,7 +1219,7 @@ def train_step(run, stop_requested=False):
     Raises NonFiniteLoss, on every rank, instead of stepping on NaN/inf."""
     run.optimizer.zero_grad(set_to_none=True)
     loss = accumulate_gradients(run.model, run.train_loader, run.grad_accum_steps, run.precision,
-                                run.dist_ctx.ddp, run.cfg.chunked_loss)
+                                run.dist_ctx.ddp, run.cfg.loss_impl)
     norm = clip_gradients(run.model, run.optimizer, run.precision, run.cfg.grad_clip)
     result = share_step_outcome(loss, norm, stop_requested, run.dist_ctx)
     check_finite(result, run.precision)
@@ -1500,7 +1505,9 @@ def setup_model(cfg, dist_ctx):
     """The model in training mode on this rank's device, the same initial weights on every rank."""
     torch.manual_seed(cfg.seed)
     model_config = config_for(cfg.model, vocab_multiple=cfg.vocab_multiple)
-    return GPT(model_config).to(dist_ctx.device)
+    model = GPT(model_config).to(dist_ctx.device)
+    model.set_sdpa_backend(cfg.sdpa_backend)  # before torch.compile traces the attention
+    return model
 
 
 def wrap_model(raw_model, cfg, dist_ctx):
@@ -1558,7 +1565,7 @@ def run_evals(run, step):
     """Val loss (through the training module: same shapes, no recompile) and HellaSwag."""
     master = run.dist_ctx.master_process
     run.val_loss = evaluate_val_loss(run.model, run.val_loader, run.cfg.val_steps, run.precision, run.dist_ctx,
-                                     run.cfg.chunked_loss).item()
+                                     run.cfg.loss_impl).item()
     if master:
         print(f"step {step:5d} | val loss {run.val_loss:.4f}")
     run.log.write(step, "val", run.val_loss)

@@ -411,7 +411,7 @@ def test_chunked_loss_run_tracks_the_full_logits_run(tmp_path):
     data_dir = make_data(tmp_path / "data")
     cfg = tiny_config(data_dir, str(tmp_path / "a"), max_steps=8, checkpoint_every=0, eval_every=4)
     chunked = train(cfg, DistContext())
-    full = train(replace(cfg, log_dir=str(tmp_path / "b"), chunked_loss=False), DistContext())
+    full = train(replace(cfg, log_dir=str(tmp_path / "b"), loss_impl="full"), DistContext())
     assert chunked["losses"][-1] < chunked["losses"][0] - 0.1
     np.testing.assert_allclose(chunked["losses"], full["losses"], rtol=0, atol=1e-5)
     assert chunked["val_loss"] == pytest.approx(full["val_loss"], abs=1e-5)

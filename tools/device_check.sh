@@ -22,9 +22,9 @@ VARIANTS=(
   "compiled|--compile|this project's default: chunked loss, PyTorch's SDPA kernel choice, torch.compile"
   "fused-loss|--compile --loss-impl fused|chunked loss in the fusable formulation (no fp32 logits copy)"
   "cudnn-attention|--compile --loss-impl fused --sdpa-backend cudnn|fused loss + cuDNN attention preferred"
-  "full-logits|--compile --no-chunked-loss; --compile --loss-impl full|full (B, T, vocab) logits and F.cross_entropy, compiled"
+  "full-logits|--compile --loss-impl full|full (B, T, vocab) logits and F.cross_entropy, compiled"
   "eager|--no-compile|chunked loss, no torch.compile"
-  "eager-full-logits|--no-compile --no-chunked-loss; --no-compile --loss-impl full|full logits, no torch.compile (build-nanogpt as shipped)"
+  "eager-full-logits|--no-compile --loss-impl full|full logits, no torch.compile (build-nanogpt as shipped)"
 )
 STEPS=${STEPS:-5}            # timed steps per benchmark, after train_gpt2.py's 3 warm-up steps
 BUDGET_S=${BUDGET_S:-450}    # no stage starts that would end past this; none runs past BUDGET_S + 50
