@@ -10,6 +10,7 @@ interchange, sampling, checkpoint reading, data, evaluation hooks, training, com
 
 import argparse
 import contextlib
+import gc
 import hashlib
 import json
 import math
@@ -1741,6 +1742,9 @@ def main(argv=None):
         sys.exit(1)
     finally:
         if dist_ctx is not None and dist_ctx.ddp:
+            # DDP's hooks form reference cycles: collect the wrapper now, while its process group exists
+            # (freed at interpreter exit instead, its reducer sometimes aborted the process)
+            gc.collect()
             torch.distributed.destroy_process_group()
 
 

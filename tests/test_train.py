@@ -2,6 +2,7 @@
 
 Models are d1 (one layer, 64 wide) on random tokens; distributed runs use 2 gloo processes."""
 
+import gc
 import json
 import os
 import shutil
@@ -109,7 +110,8 @@ def count_allreduces_worker(rank, world_size, port, data_dir, step_fn_name, resu
                          "ranks_agree": all(torch.equal(gathered[0], g) for g in gathered)}
     if rank == 0:
         results.put(report)
-    del model, optimizer  # free DDP's reducer while its process group still exists
+    del model, optimizer
+    gc.collect()  # free DDP's reducers (kept by reference cycles) while their process group still exists
     dist.barrier()
     dist.destroy_process_group()
 
@@ -141,6 +143,7 @@ def train_worker(rank, world_size, port, cfg, stop_after):
     if stop_after:
         install_stop_after(stop_after)
     train(cfg, ctx)
+    gc.collect()  # as main() does: DDP's reducer goes before its process group
     dist.destroy_process_group()
 
 
