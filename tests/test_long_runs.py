@@ -341,3 +341,27 @@ def test_fp16_overflow_skips_the_step_instead_of_stopping(tmp_path, monkeypatch)
     scaler = torch.load(os.path.join(cfg.log_dir, "model_00016.pt"), weights_only=True)["scaler"]
     assert scaler["scale"] == 2.0 ** (24 - skipped)
     assert result["losses"][-1] < result["losses"][0]
+
+
+def refused_resume_worker(rank, world_size, port, cfg, results):
+    from test_train import init_gloo
+    import torch.distributed as dist
+    ctx = init_gloo(rank, world_size, port)
+    try:
+        train(cfg, ctx)
+        results.put((rank, "trained", ""))
+    except train_gpt2.UserError as e:
+        results.put((rank, type(e).__name__, str(e)))
+    dist.destroy_process_group()
+
+
+def test_a_setting_rank_0_refuses_stops_every_rank(tmp_path):
+    """--resume of a file only rank 0 looks at: rank 0 raises the UserError, the other ranks stop
+    with it (FollowerStop, which main() exits on without printing) instead of training alone."""
+    import torch.multiprocessing as mp
+    cfg = tiny_config(make_data(tmp_path / "data"), str(tmp_path / "log"), resume=str(tmp_path / "missing.pt"))
+    results = mp.get_context("spawn").SimpleQueue()
+    mp.spawn(refused_resume_worker, args=(2, free_port(), cfg, results), nprocs=2)
+    outcome = sorted(results.get() for _ in range(2))
+    message = f"checkpoint {tmp_path / 'missing.pt'} does not exist"
+    assert outcome == [(0, "UserError", message), (1, "FollowerStop", message)]
