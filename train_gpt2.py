@@ -1293,35 +1293,35 @@ def find_resume_checkpoint(cfg):
 
 
 def files_of_other_runs(log_dir, resume_path, resume_step):
-    """Files in log_dir that the run about to start does not continue: everything, on a fresh start
-    or when resuming from a checkpoint kept elsewhere; checkpoints newer than the resume point
-    (another branch of the run, or damaged ones that were skipped) when resuming from log_dir."""
+    """(files to move, files to copy) out of log_dir before this run starts. On a fresh start, or when
+    resuming from a checkpoint kept elsewhere, everything in log_dir belongs to another run. Resuming
+    from log_dir, checkpoints newer than the resume point (another branch of the run, or damaged ones
+    that were skipped) are another run's; the logs stay, and that run gets a copy of them."""
     if not os.path.isdir(log_dir):
-        return []
+        return [], []
     checkpoints = list_checkpoints(log_dir)
     logs = [os.path.join(log_dir, name) for name in LOG_FILES
             if os.path.isfile(os.path.join(log_dir, name)) and os.path.getsize(os.path.join(log_dir, name))]
-    continues_here = resume_path is not None and os.path.isfile(resume_path) and \
+    continues_here = resume_path is not None and \
         os.path.samefile(os.path.dirname(os.path.abspath(resume_path)), log_dir)
     if not continues_here:
-        return checkpoints + logs
+        return checkpoints + logs, []
     newer = [path for path in checkpoints if checkpoint_step(path) > resume_step]
-    # the logs stay (their lines before the resume step are this run's); the set aside run gets a copy
-    return newer + [path + "\0copy" for path in logs] if newer else []
+    return (newer, logs) if newer else ([], [])
 
 
-def set_aside(log_dir, paths):
-    """Move paths (a "\\0copy" suffix: copy) into a new log_dir/previous_N/: nothing of an earlier run
-    is deleted or overwritten. Returns that directory."""
+def set_aside(log_dir, move, copy):
+    """Move (or copy) files into a new log_dir/previous_N/: nothing of an earlier run is deleted or
+    overwritten. Returns that directory."""
     n = 1
     while os.path.exists(os.path.join(log_dir, f"previous_{n}")):
         n += 1
     aside = os.path.join(log_dir, f"previous_{n}")
     os.makedirs(aside)
-    for path in paths:
-        source, copy = (path[:-len("\0copy")], True) if path.endswith("\0copy") else (path, False)
-        target = os.path.join(aside, os.path.basename(source))
-        shutil.copy2(source, target) if copy else os.replace(source, target)
+    for path in copy:
+        shutil.copy2(path, os.path.join(aside, os.path.basename(path)))
+    for path in move:
+        os.replace(path, os.path.join(aside, os.path.basename(path)))
     return aside
 
 
@@ -1430,9 +1430,9 @@ def prepare_log_dir(cfg, model_config):
         raise UserError(f"the checkpoint's model {checkpoint['config']} differs from --model's {asdict(model_config)}: "
                         "pass the same --model and --vocab-multiple, or --resume none")
     resume_step = checkpoint["step"] if checkpoint else None
-    others = files_of_other_runs(cfg.log_dir, path, resume_step)
-    if others:
-        aside = set_aside(cfg.log_dir, others)
+    move, copy = files_of_other_runs(cfg.log_dir, path, resume_step)
+    if move:
+        aside = set_aside(cfg.log_dir, move, copy)
         print(f"{cfg.log_dir} held files this run does not continue: moved them to {aside} "
               f"({', '.join(sorted(os.listdir(aside)))})")
     RunLog.prepare(cfg.log_dir, resume_step)
