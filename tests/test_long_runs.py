@@ -42,6 +42,15 @@ def checkpoints(log_dir):
     return sorted(n for n in os.listdir(log_dir) if n.endswith(".pt"))
 
 
+def train_until_stop(cfg, steps):
+    """One process trains cfg as if a signal arrived during step `steps - 1`: checkpoint, then exit."""
+    original = install_stop_after(steps)
+    try:
+        return train(cfg, DistContext())
+    finally:
+        train_gpt2.train_step = original
+
+
 def same_weights(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -89,11 +98,7 @@ def test_torn_log_lines_are_dropped_on_resume(tmp_path, capsys):
     full = tiny_config(data_dir, str(tmp_path / "full"), max_steps=6, checkpoint_every=6)
     train(full, DistContext())
     cut = replace(full, log_dir=str(tmp_path / "cut"), resume="auto")
-    original = install_stop_after(4)
-    try:
-        train(cut, DistContext())
-    finally:
-        train_gpt2.train_step = original
+    train_until_stop(cut, 4)
     # a SIGKILL in mid-append leaves half a line at the end of each log
     with open(os.path.join(cut.log_dir, "log.txt"), "a") as f:
         f.write("4 train 9.87")
@@ -314,11 +319,7 @@ def test_fp16_tracks_fp32_and_resumes_exactly(tmp_path):
     assert scaler["scale"] > 0 and scaler["_growth_tracker"] == 6
 
     cut = replace(fp16, log_dir=str(tmp_path / "cut"), resume="auto")
-    original = install_stop_after(3)
-    try:
-        train(cut, DistContext())
-    finally:
-        train_gpt2.train_step = original
+    train_until_stop(cut, 3)
     assert train(cut, DistContext())["losses"] == reference[3:], "the loss scale must resume too"
 
 
