@@ -6,6 +6,7 @@ interchange, sampling, checkpoint reading, data, evaluation hooks, training, com
 
     python train_gpt2.py                                  # one GPU (or CPU/MPS for small models)
     torchrun --standalone --nproc_per_node=8 train_gpt2.py  # one node, eight GPUs
+    python train_gpt2.py --init-from gpt2 --data-dir data/mine --log-dir log_ft  # fine-tune OpenAI's 124M
 """
 
 import argparse
@@ -870,7 +871,10 @@ def evaluate_hellaswag(raw_model, examples, precision, dist_ctx):
 
 @dataclass
 class TrainConfig:
-    model: str = "gpt2"  # gpt2, gpt2-medium, gpt2-large, gpt2-xl, or dN
+    model: str = ""  # gpt2, gpt2-medium, gpt2-large, gpt2-xl, or dN; empty: gpt2, or --init-from's shape
+    init_from: str = ""  # start from these weights (fine-tuning): an OpenAI GPT-2 name, an HF directory or a .pt
+    eval_only: bool = False  # evaluate the initial (or resumed) model, then exit
+    export_hf: str = ""  # write the --init-from (or resumable) model as an HF directory here, then exit
     data_dir: str = "edu_fineweb10B"
     batch_size: int = 64  # micro-batch B, sequences per forward pass per GPU
     seq_len: int = 1024  # T
@@ -908,17 +912,19 @@ DEMO = dict(model="d4", data_dir="data/pydoc", batch_size=8, seq_len=128, total_
             sample_every=100, sample_prompt="The", checkpoint_every=100, log_dir="log_demo")
 
 DTYPES = ("auto", "bf16", "fp16", "fp32")
+DEFAULT_MODEL = "gpt2"
 
 
 def validate(cfg, world_size):
     """Every problem with the settings, as a list of one-line messages (empty when all is well).
     It reads no files, so every rank finds the same problems; files are checked on rank 0."""
     problems = []
-    try:
-        model_config = config_for(cfg.model)
-    except UserError as e:
-        problems.append(f"--model: {e}")
-        model_config = None
+    model_config = None
+    if cfg.model or not cfg.init_from:  # with --init-from alone the shape is only known once it is read
+        try:
+            model_config = config_for(cfg.model or DEFAULT_MODEL)
+        except UserError as e:
+            problems.append(f"--model: {e}")
     for name in ("batch_size", "seq_len", "total_batch_size", "max_steps", "val_steps"):
         if getattr(cfg, name) <= 0:
             problems.append(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
@@ -947,6 +953,12 @@ def validate(cfg, world_size):
         problems.append(f"--loss-impl must be one of {', '.join(LOSS_IMPLS)}, got {cfg.loss_impl}")
     if cfg.sdpa_backend not in SDPA_BACKENDS:
         problems.append(f"--sdpa-backend must be one of {', '.join(SDPA_BACKENDS)}, got {cfg.sdpa_backend}")
+    modes = [flag for flag, on in (("--benchmark", cfg.benchmark), ("--eval-only", cfg.eval_only),
+                                   ("--export-hf", cfg.export_hf)) if on]
+    if len(modes) > 1:
+        problems.append(f"{' and '.join(modes)} exclude each other: choose one")
+    if cfg.export_hf and world_size > 1:
+        problems.append("--export-hf runs in one process: run it with python, not torchrun")
     return problems
 
 
@@ -1422,26 +1434,120 @@ class StopRequest:
         self.requested = True
 
 
-def prepare_log_dir(cfg, model_config):
-    """On rank 0: choose the checkpoint to resume from (or none), set aside what other runs left
-    in log_dir, and trim the logs to the resume point. Returns the checkpoint, or None."""
+# ---- how a run starts: a seeded init, --init-from's weights, or a checkpoint of this run to resume
+
+SHAPE_FIELDS = ("n_layer", "n_head", "n_embd")
+
+
+def shape_text(config):
+    return f"{config['n_layer']} layers, {config['n_head']} heads, width {config['n_embd']}"
+
+
+def model_name(cfg):
+    """The model as the command line names it: --init-from's source, else --model (gpt2 by default)."""
+    return cfg.init_from or cfg.model or DEFAULT_MODEL
+
+
+def load_init_source(source, vocab_multiple):
+    """The model of --init-from SOURCE on the CPU, its vocabulary padded to vocab_multiple: an OpenAI
+    GPT-2 from the hub (`gpt2` ... `gpt2-xl`), a local HF directory, or a training checkpoint."""
+    if os.path.isdir(source) or source in OPENAI_SIZES:
+        model = GPT.from_pretrained(source, vocab_multiple)
+    elif os.path.isfile(source) or source.endswith(".pt"):
+        trained = GPT.from_checkpoint(source)
+        model = GPT(replace(trained.config, vocab_multiple=vocab_multiple))
+        # through HF's layout, which has no padding rows: padded again as configured
+        model.load_state_dict(state_dict_from_hf(hf_state_dict(trained), model.state_dict(), source))
+    else:
+        raise UserError(f"--init-from {source}: not one of {', '.join(OPENAI_SIZES)}, an existing HF model "
+                        "directory or a training checkpoint (.pt)")
+    if model.config.vocab_size != GPT2_VOCAB_SIZE:
+        raise UserError(f"--init-from {source}: its vocabulary has {model.config.vocab_size} tokens, not GPT-2's "
+                        f"{GPT2_VOCAB_SIZE}: the shards, HellaSwag and samples use the GPT-2 tokenizer")
+    return model
+
+
+def check_model_flag(config, source, cfg):
+    """An explicit --model must have the shape of the model that `source` brings."""
+    if not cfg.model:
+        return
+    wanted = asdict(config_for(cfg.model))
+    if any(wanted[k] != config[k] for k in SHAPE_FIELDS):
+        raise UserError(f"--model {cfg.model} ({shape_text(wanted)}) conflicts with {source} ({shape_text(config)}): "
+                        f"leave --model out, the shape comes from {source}")
+
+
+def same_source(a, b):
+    return os.path.normpath(a) == os.path.normpath(b) if a and b else a == b
+
+
+def origin_text(init_from):
+    return f"--init-from {init_from}" if init_from else "scratch (no --init-from)"
+
+
+def check_resumable(path, checkpoint, cfg):
+    """Resume only a checkpoint of this run: one started from the same --init-from (or from scratch),
+    with the same model."""
+    started_from = (checkpoint.get("train_config") or {}).get("init_from", "")
+    if not same_source(started_from, cfg.init_from):
+        raise UserError(f"{path} is a run started from {origin_text(started_from)}, not from "
+                        f"{origin_text(cfg.init_from)}: pass the same --init-from, another --log-dir, or --resume none")
+    config = asdict(GPTConfig(**checkpoint["config"]))
+    if not cfg.init_from:
+        expected = asdict(config_for(cfg.model or DEFAULT_MODEL, vocab_multiple=cfg.vocab_multiple))
+        if config != expected:
+            raise UserError(f"the checkpoint's model {config} differs from --model's {expected}: "
+                            "pass the same --model and --vocab-multiple, or --resume none")
+        return config
+    check_model_flag(config, path, cfg)
+    if config["vocab_multiple"] != cfg.vocab_multiple:
+        raise UserError(f"{path} pads its vocabulary to a multiple of {config['vocab_multiple']}, not "
+                        f"{cfg.vocab_multiple}: pass the same --vocab-multiple, or --resume none")
+    return config
+
+
+def choose_start(cfg):
+    """On rank 0: (resume path or None, start), start being {"config": GPTConfig's fields, "checkpoint":
+    the checkpoint to resume or None, "weights": --init-from's state_dict or None (a seeded init)}.
+    A checkpoint of this run takes precedence over --init-from: a preempted fine-tune continues."""
     path, checkpoint = find_resume_checkpoint(cfg)
-    if checkpoint is not None and checkpoint["config"] != asdict(model_config):
-        raise UserError(f"the checkpoint's model {checkpoint['config']} differs from --model's {asdict(model_config)}: "
-                        "pass the same --model and --vocab-multiple, or --resume none")
-    resume_step = checkpoint["step"] if checkpoint else None
+    if checkpoint is not None:
+        config, weights, source = check_resumable(path, checkpoint, cfg), None, path
+        if cfg.init_from:
+            print(f"resuming {path}, a run started from --init-from {cfg.init_from}, which is not loaded again")
+    elif cfg.init_from:
+        model = load_init_source(cfg.init_from, cfg.vocab_multiple)
+        config, weights, source = asdict(model.config), model.state_dict(), f"--init-from {cfg.init_from}"
+        check_model_flag(config, source, cfg)
+    else:
+        config, weights = asdict(config_for(cfg.model or DEFAULT_MODEL, vocab_multiple=cfg.vocab_multiple)), None
+        source = f"--model {cfg.model or DEFAULT_MODEL}"
+    if cfg.seq_len > config["block_size"]:
+        raise UserError(f"--seq-len {cfg.seq_len} exceeds the block size {config['block_size']} of {source}")
+    return path, {"config": config, "checkpoint": checkpoint, "weights": weights}
+
+
+def prepare_log_dir(cfg):
+    """On rank 0: choose how the run starts, then (every input read, so a bad one moves nothing) set
+    aside what other runs left in log_dir and trim the logs to the resume point. Returns the start
+    (see choose_start)."""
+    path, start = choose_start(cfg)
+    resume_step = start["checkpoint"]["step"] if start["checkpoint"] else None
     move, copy = files_of_other_runs(cfg.log_dir, path, resume_step)
     if move:
         aside = set_aside(cfg.log_dir, move, copy)
         print(f"{cfg.log_dir} held files this run does not continue: moved them to {aside} "
               f"({', '.join(sorted(os.listdir(aside)))})")
     RunLog.prepare(cfg.log_dir, resume_step)
-    return checkpoint
+    return start
 
 
 def restore(checkpoint, raw_model, optimizer, precision, train_loader, dist_ctx):
-    """Load a checkpoint's model, optimizer, loss scale, data position and RNG into this process."""
+    """Load a checkpoint's model into this process and, when it trains (an optimizer is given), its
+    optimizer, loss scale, data position and RNG."""
     raw_model.load_state_dict(checkpoint["model"])
+    if optimizer is None:  # --eval-only
+        return checkpoint["step"]
     optimizer.load_state_dict(checkpoint["optimizer"])
     if checkpoint.get("scaler"):
         precision.scaler.load_state_dict(checkpoint["scaler"])
@@ -1465,9 +1571,9 @@ class Run:
     dist_ctx: DistContext
     raw_model: GPT
     model: nn.Module
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer | None  # None with --eval-only
     precision: Precision
-    train_loader: DataLoaderLite
+    train_loader: DataLoaderLite | None  # None with --eval-only
     val_loader: DataLoaderLite | None
     hella_examples: object  # hellaswag.TokenizedExamples, or None when HellaSwag is off
     log: RunLog
@@ -1484,8 +1590,9 @@ def make_loaders(cfg, dist_ctx):
                        num_processes=dist_ctx.world_size, data_root=cfg.data_dir, device=dist_ctx.device)
 
     def open_loaders():
-        train_loader = DataLoaderLite(split="train", shuffle_seed=cfg.seed if cfg.shuffle else None, **loader_args)
-        val_loader = DataLoaderLite(split="val", **loader_args) if cfg.eval_every else None
+        train_loader = None if cfg.eval_only else \
+            DataLoaderLite(split="train", shuffle_seed=cfg.seed if cfg.shuffle else None, **loader_args)
+        val_loader = DataLoaderLite(split="val", **loader_args) if cfg.eval_every or cfg.eval_only else None
         return train_loader, val_loader
 
     train_loader, val_loader = dist_ctx.on_every_rank(open_loaders)
@@ -1502,13 +1609,16 @@ def make_loaders(cfg, dist_ctx):
     return train_loader, val_loader
 
 
-def setup_model(cfg, dist_ctx):
-    """The model in training mode on this rank's device, the same initial weights on every rank."""
+def setup_model(start, cfg, dist_ctx):
+    """The model in training mode on this rank's device, the same initial weights on every rank:
+    --init-from's (read by rank 0, sent to the others) or a seeded init. A resumed checkpoint's
+    weights are loaded later, by restore."""
     torch.manual_seed(cfg.seed)
-    model_config = config_for(cfg.model, vocab_multiple=cfg.vocab_multiple)
-    model = GPT(model_config).to(dist_ctx.device)
+    model = GPT(GPTConfig(**start["config"]))
+    if start["weights"] is not None:
+        model.load_state_dict(start["weights"])
     model.set_sdpa_backend(cfg.sdpa_backend)  # before torch.compile traces the attention
-    return model
+    return model.to(dist_ctx.device)
 
 
 def wrap_model(raw_model, cfg, dist_ctx):
@@ -1533,31 +1643,35 @@ def gpu_peak_flops(device, master_process):
 
 
 def setup_run(cfg, dist_ctx):
-    """Model, optimizer, data and logs, resumed from a checkpoint when rank 0 finds one."""
+    """Model (seeded, from --init-from, or resumed from a checkpoint of this run when rank 0 finds one),
+    optimizer, data and logs."""
     master, device = dist_ctx.master_process, dist_ctx.device
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left outside autocast
         torch.backends.cudnn.allow_tf32 = True
     precision = Precision(resolve_dtype(cfg.dtype, device), device)
-    raw_model = setup_model(cfg, dist_ctx)
-    optimizer = configure_optimizer(raw_model, cfg.weight_decay, cfg.lr, device.type)
     train_loader, val_loader = make_loaders(cfg, dist_ctx)
-
-    checkpoint = dist_ctx.decide(lambda: prepare_log_dir(cfg, raw_model.config))
+    start = dist_ctx.decide(lambda: prepare_log_dir(cfg))
+    raw_model = setup_model(start, cfg, dist_ctx)
+    optimizer = None if cfg.eval_only else configure_optimizer(raw_model, cfg.weight_decay, cfg.lr, device.type)
+    checkpoint = start["checkpoint"]
     resumed = checkpoint is not None
     start_step = restore(checkpoint, raw_model, optimizer, precision, train_loader, dist_ctx) if resumed else 0
     val_loss = checkpoint.get("val_loss") if resumed else None
-    del checkpoint  # a full copy of the weights and optimizer state
+    del checkpoint, start  # full copies of the weights (and optimizer state)
     hella_examples = None
-    if cfg.hellaswag and cfg.eval_every:
+    if cfg.hellaswag and (cfg.eval_every or cfg.eval_only):
         hella_examples = dist_ctx.decide(lambda: load_hellaswag(cfg.hellaswag_data or None))
 
-    model, use_compile = wrap_model(raw_model, cfg, dist_ctx)
+    # evals alone need neither compilation nor DDP's gradient hooks
+    model, use_compile = (raw_model, False) if cfg.eval_only else wrap_model(raw_model, cfg, dist_ctx)
     grad_accum_steps = cfg.total_batch_size // (cfg.batch_size * cfg.seq_len * dist_ctx.world_size)
     if master:
-        print(f"model {cfg.model}: {raw_model.num_parameters():,} parameters | {dist_ctx.world_size} process(es) on "
-              f"{device.type} | {precision.name} | compile {use_compile} | grad accum {grad_accum_steps} | "
-              f"{'resuming at step ' + str(start_step) if resumed else 'fresh start'}")
+        how = (f"resuming at step {start_step}" if resumed else "weights from --init-from" if cfg.init_from
+               else "fresh start")
+        print(f"model {model_name(cfg)}: {raw_model.num_parameters():,} parameters | {dist_ctx.world_size} process(es) "
+              f"on {device.type} | {precision.name} | compile {use_compile} | grad accum {grad_accum_steps} | {how}"
+              f"{' | eval only' if cfg.eval_only else ''}")
     return Run(cfg, dist_ctx, raw_model, model, optimizer, precision, train_loader, val_loader, hella_examples,
                RunLog(cfg.log_dir, master), grad_accum_steps, gpu_peak_flops(device, master), start_step, val_loss)
 
@@ -1622,9 +1736,15 @@ def train(cfg, dist_ctx, stop=None):
 
     At the top of step s the model has had s updates: evals, samples and checkpoints happen there,
     and once more at s = max_steps, after the final update. Once any rank has asked to stop, the
-    next top of a step writes a checkpoint and nothing else: the evals would be redone on resume."""
+    next top of a step writes a checkpoint and nothing else: the evals would be redone on resume.
+
+    With --eval-only, only the evals of the start step run (logged as a training run logs them):
+    no training, no checkpoint."""
     stop = stop or StopRequest()
     run = setup_run(cfg, dist_ctx)
+    if cfg.eval_only:
+        run_evals(run, run.start_step)
+        return {"losses": [], "metrics": [], "val_loss": run.val_loss}
     losses, step_metrics, stopping = [], [], False
     for step in range(run.start_step, cfg.max_steps + 1):
         last_step = step == cfg.max_steps
@@ -1668,8 +1788,8 @@ def benchmark(cfg, dist_ctx, stop=None):
     if "peak_mem_gib" in timed[0]:
         median["peak_mem_gib"] = max(m["peak_mem_gib"] for m in timed)
     if dist_ctx.master_process:
-        line = (f"benchmark {cfg.model} | B {cfg.batch_size} T {cfg.seq_len} x {dist_ctx.world_size} process(es) | "
-                f"{len(timed)} steps | median {median['dt_ms']:.1f} ms/step | {median['tokens_per_sec']:,.0f} tokens/s")
+        line = (f"benchmark {model_name(cfg)} | B {cfg.batch_size} T {cfg.seq_len} x {dist_ctx.world_size} "
+                f"process(es) | {len(timed)} steps | median {median['dt_ms']:.1f} ms/step | {median['tokens_per_sec']:,.0f} tokens/s")
         if "mfu" in median:
             line += f" | MFU {median['mfu'] * 100:.1f}%"
         if "peak_mem_gib" in median:
@@ -1689,12 +1809,39 @@ def save(step, run):
         print(f"step {step:5d} | saved {path}")
 
 
+def export_hf(cfg):
+    """--export-hf DIR: the model of --init-from, else of the checkpoint --resume picks, written as a
+    self-contained HF directory. A path of its own: it reads no data and leaves log_dir as it is."""
+    check_replaceable(os.path.abspath(cfg.export_hf))  # before a load that may take minutes
+    if cfg.init_from:
+        source, model = f"--init-from {cfg.init_from}", load_init_source(cfg.init_from, cfg.vocab_multiple)
+    else:
+        path, _ = find_resume_checkpoint(cfg)
+        if path is None:
+            reason = "--resume none" if cfg.resume == "none" else f"no checkpoint in {cfg.log_dir}"
+            raise UserError(f"--export-hf: no model to export ({reason}): pass --init-from SOURCE or --resume PATH")
+        source, model = path, GPT.from_checkpoint(path)
+    model.save_pretrained(cfg.export_hf)
+    print(f"wrote {cfg.export_hf} from {source}: {model.num_parameters():,} parameters, "
+          f"{shape_text(asdict(model.config))}")
+
+
 # -----------------------------------------------------------------------------
 # command line
 
+FLAG_HELP = {
+    "model": "gpt2, gpt2-medium, gpt2-large, gpt2-xl or dN (default: gpt2, or the shape of --init-from)",
+    "init_from": "fine-tune: start from the weights and shape of an OpenAI GPT-2 (gpt2 ... gpt2-xl), an HF "
+                 "directory or a training checkpoint (.pt), with a fresh optimizer at step 0",
+    "eval_only": "evaluate the initial (--init-from, seeded or resumed) model, log it at its step, and exit",
+    "export_hf": "write the --init-from model, else the checkpoint --resume picks, as an HF directory, and exit",
+}
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
-        description="Pretrain GPT-2. Defaults reproduce GPT-2 124M on FineWeb-Edu 10B (build-nanogpt's run).",
+        description="Pretrain or fine-tune GPT-2. Defaults reproduce GPT-2 124M on FineWeb-Edu 10B "
+                    "(build-nanogpt's run).",
         argument_default=argparse.SUPPRESS)  # unset flags keep the config's (or --demo's) value
     parser.add_argument("--demo", action="store_true",
                         help="small d4 model on the Python docs prepared by `python fineweb.py --demo`; minutes on a CPU")
@@ -1703,17 +1850,19 @@ def build_parser():
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         names = [short[f.name], flag] if f.name in short else [flag]
-        default = getattr(defaults, f.name)
+        text = FLAG_HELP.get(f.name, f"(default: {getattr(defaults, f.name)})")
         if f.type in (bool, bool | None):
-            parser.add_argument(*names, action=argparse.BooleanOptionalAction, help=f"(default: {default})")
+            parser.add_argument(*names, action=argparse.BooleanOptionalAction, help=text)
         else:
-            parser.add_argument(*names, type=f.type, help=f"(default: {default})")
+            parser.add_argument(*names, type=f.type, help=text)
     return parser
 
 
 def parse_config(argv=None):
     args = vars(build_parser().parse_args(argv))
     preset = DEMO if args.pop("demo", False) else {}
+    if "init_from" in args:  # the model comes from there, not from the preset
+        preset = {k: v for k, v in preset.items() if k != "model"}
     return TrainConfig(**{**preset, **args})
 
 
@@ -1726,10 +1875,13 @@ def main(argv=None):
     if problems:
         sys.exit("error: " + "\nerror: ".join(problems))
     stop = StopRequest()
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
     dist_ctx = None
     try:
+        if cfg.export_hf:
+            export_hf(cfg)
+            return
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
         dist_ctx = setup_distributed(cfg.device)
         (benchmark if cfg.benchmark else train)(cfg, dist_ctx, stop)
     except FollowerStop:
