@@ -58,7 +58,7 @@ def main(argv=None):
     seconds = timed_eval(model, examples, device, args.batch_size)
     memory = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f}" if device.type == "cuda" else "-"
     tokens = sum(4 * len(c) + sum(len(e) for e in ends) for c, ends in zip(examples.ctx, examples.endings))
-    print(f"hellaswag timing | {len(examples)} examples | first eval {first:.2f} s | eval {seconds:.2f} s | "
+    print(f"hellaswag timing | {len(examples)} examples | first eval {first:.2f} s | eval {seconds:.3f} s | "
           f"{seconds / len(examples) * 1000:.3f} ms/example | {tokens / seconds:,.0f} tokens/s | "
           f"peak memory {memory} GiB")
 
