@@ -1116,7 +1116,7 @@ class DistContext:
         def fill(value):
             if isinstance(value, _Slot):
                 if self.master_process:
-                    tensor = tensors[value.index].to(self.device)
+                    tensor = tensors[value.index].to(self.device).contiguous()
                 else:
                     tensor = torch.empty(value.shape, dtype=value.dtype, device=self.device)
                 torch.distributed.broadcast(tensor, src=0)
