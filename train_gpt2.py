@@ -1067,18 +1067,18 @@ class DistContext:
         every rank stops: nothing waits forever for a rank that is gone."""
         if not self.ddp:
             return fn()
-        result, failure = None, None
+        result, failure, reason = None, None, None
         if self.master_process:
             try:
                 result = fn()
             except Exception as e:
                 failure = e
-                result = ("failed", str(e) if isinstance(e, UserError) else f"rank 0 failed: {one_line(e)}")
-        result = self.broadcast(result)
+                reason = str(e) if isinstance(e, UserError) else f"rank 0 failed: {one_line(e)}"
+        reason, result = self.broadcast((reason, result))
         if failure is not None:
             raise failure
-        if isinstance(result, tuple) and len(result) == 2 and result[0] == "failed":
-            raise FollowerStop(result[1])
+        if reason is not None:
+            raise FollowerStop(reason)
         return result
 
     def on_every_rank(self, fn):
