@@ -36,7 +36,7 @@ from contextlib import closing, contextmanager
 
 import numpy as np
 
-from train_gpt2 import GPT2_EOT, GPT2_VOCAB_SIZE, UserError, atomic_write, get_encoding, one_line
+from gpt2lib.common import GPT2_EOT, GPT2_VOCAB_SIZE, UserError, atomic_write, get_encoding, one_line
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MANIFEST_FORMAT = 1

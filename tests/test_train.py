@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -22,6 +23,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import train_gpt2
+from gpt2lib import metrics
 from train_gpt2 import (GPT, DataLoaderLite, DistContext, TrainConfig, UserError, config_for, configure_optimizer,
                         parse_config, train, validate)
 
@@ -65,21 +67,22 @@ def final_weights(log_dir, step):
 
 # ---- gradient synchronisation: the flag must be set before the forward pass
 
-def late_flag_accumulate(model, loader, grad_accum_steps, precision, ddp):
+def late_flag_step(run, step, stop_requested=False):
     """The anchors' old bug: the sync flag is set after forward, just before backward."""
-    for micro_step in range(grad_accum_steps):
-        x, y = loader.next_batch()
-        _, loss = model(x, y, return_logits=False)
-        model.require_backward_grad_sync = micro_step == grad_accum_steps - 1
-        (loss / grad_accum_steps).backward()
+    run.optimizer.zero_grad(set_to_none=True)
+    for micro_step in range(run.grad_accum_steps):
+        x, y = run.train_loader.next_batch()
+        _, loss = run.model(x, y, loss_impl="chunked")
+        run.model.require_backward_grad_sync = micro_step == run.grad_accum_steps - 1
+        (loss / run.grad_accum_steps).backward()
+    run.optimizer.step()
 
 
 def count_allreduces_worker(rank, world_size, port, data_dir, step_fn_name, results):
     """Per accumulation setting: how many bucket all-reduces ran, during which micro-step's backward
     (as a batch index), and whether both ranks ended with the same weights."""
     ctx = init_gloo(rank, world_size, port)
-    accumulate = {"ours": train_gpt2.accumulate_gradients, "late": late_flag_accumulate}[step_fn_name]
-    precision = train_gpt2.Precision("fp32", torch.device("cpu"))
+    step_fn = {"ours": train_gpt2.train_step, "late": late_flag_step}[step_fn_name]
     report = {}
     for accum in (1, 4):
         torch.manual_seed(0)
@@ -98,11 +101,13 @@ def count_allreduces_worker(rank, world_size, port, data_dir, step_fn_name, resu
 
         loader.next_batch = counting_next_batch
         model.register_comm_hook(None, counting_hook)
-        optimizer = configure_optimizer(model.module, 0.1, 1e-3, "cpu")
-        for _ in range(3):
-            optimizer.zero_grad(set_to_none=True)
-            accumulate(model, loader, accum, precision, ctx.ddp)
-            optimizer.step()
+        # the parts of a train_gpt2.Run that a step uses
+        run = SimpleNamespace(model=model, optimizer=configure_optimizer(model.module, 0.1, 1e-3, "cpu"),
+                              precision=train_gpt2.Precision("fp32", torch.device("cpu")), train_loader=loader,
+                              grad_accum_steps=accum, dist_ctx=ctx,
+                              cfg=TrainConfig(lr=1e-3, warmup_steps=0, max_steps=3, loss_impl="chunked"))
+        for step in range(3):
+            step_fn(run, step)
         weights = torch.cat([p.detach().flatten() for p in model.parameters()])
         gathered = [torch.empty_like(weights) for _ in range(world_size)]
         dist.all_gather(gathered, weights)
@@ -110,7 +115,7 @@ def count_allreduces_worker(rank, world_size, port, data_dir, step_fn_name, resu
                          "ranks_agree": all(torch.equal(gathered[0], g) for g in gathered)}
     if rank == 0:
         results.put(report)
-    del model, optimizer
+    del model, run
     gc.collect()  # free DDP's reducers (kept by reference cycles) while their process group still exists
     dist.barrier()
     dist.destroy_process_group()
@@ -379,10 +384,10 @@ def test_optimizer_decays_only_matrices():
 
 def test_flops_per_token_matches_the_124m_figure():
     # about 855 MFLOP per token for 124M with the padded vocabulary (6N + 12*L*H*Q*T)
-    flops = train_gpt2.flops_per_token(config_for("gpt2", vocab_multiple=64), 1024)
+    flops = metrics.flops_per_token(config_for("gpt2", vocab_multiple=64), 1024)
     n = sum(p.numel() for p in GPT(config_for("d1", vocab_multiple=64)).parameters()) - 1024 * 64
     assert flops == pytest.approx(855e6, rel=0.01)
-    assert train_gpt2.flops_per_token(config_for("d1", vocab_multiple=64), 1024) == 6 * n + 12 * 1 * 64 * 1024
+    assert metrics.flops_per_token(config_for("d1", vocab_multiple=64), 1024) == 6 * n + 12 * 1 * 64 * 1024
 
 
 def test_benchmark_times_only_the_steps_after_warmup(tmp_path, capsys, monkeypatch):

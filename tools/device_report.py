@@ -79,14 +79,15 @@ def gpt2_mfu_inputs():
     gpt2 with the vocabulary padded to 50304 at T=1024; None off CUDA or on an unknown card."""
     sys.path.insert(0, REPO)
     import torch
-    import train_gpt2
+    from gpt2lib.metrics import flops_per_token, peak_flops
+    from train_gpt2 import config_for
 
     if not torch.cuda.is_available():
         return None
-    peak = train_gpt2.peak_flops(torch.cuda.get_device_name(0))
+    peak = peak_flops(torch.cuda.get_device_name(0))
     if peak is None:
         return None
-    return train_gpt2.flops_per_token(train_gpt2.config_for("gpt2", vocab_multiple=64), 1024), peak
+    return flops_per_token(config_for("gpt2", vocab_multiple=64), 1024), peak
 
 
 def environment():

@@ -19,8 +19,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import hellaswag  # noqa: E402
-from train_gpt2 import GPT2_VOCAB_SIZE, GPT, config_for, pick_device  # noqa: E402
+from gpt2lib import hellaswag_scoring  # noqa: E402
+from gpt2lib.hellaswag_data import VAL_ROWS  # noqa: E402
+from gpt2lib.common import GPT2_VOCAB_SIZE, pick_device  # noqa: E402
+from train_gpt2 import GPT, config_for  # noqa: E402
 
 
 def synthetic_examples(n, seed=0):
@@ -29,22 +31,22 @@ def synthetic_examples(n, seed=0):
     ctx = [rng.integers(0, GPT2_VOCAB_SIZE, int(rng.integers(30, 101))).tolist() for _ in range(n)]
     endings = [[rng.integers(0, GPT2_VOCAB_SIZE, int(rng.integers(10, 31))).tolist() for _ in range(4)]
                for _ in range(n)]
-    return hellaswag.TokenizedExamples(ctx, endings, rng.integers(0, 4, n).tolist())
+    return hellaswag_scoring.TokenizedExamples(ctx, endings, rng.integers(0, 4, n).tolist())
 
 
 def timed_eval(model, examples, device, batch_size):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t0 = time.perf_counter()
-    hellaswag.evaluate(model, examples, device, batch_size=batch_size).tolist()  # .tolist() waits for the GPU
+    hellaswag_scoring.evaluate(model, examples, device, batch_size=batch_size).tolist()  # .tolist() waits for the GPU
     return time.perf_counter() - t0
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="gpt2")
-    parser.add_argument("--examples", type=int, default=hellaswag.VAL_ROWS)
-    parser.add_argument("--batch-size", type=int, default=hellaswag.DEFAULT_BATCH_SIZE)
+    parser.add_argument("--examples", type=int, default=VAL_ROWS)
+    parser.add_argument("--batch-size", type=int, default=hellaswag_scoring.DEFAULT_BATCH_SIZE)
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
     device = pick_device(args.device)

