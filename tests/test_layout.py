@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ("train_gpt2", "hellaswag", "fineweb")
@@ -122,3 +123,18 @@ def test_names_users_import_from_train_gpt2_stay():
         assert hasattr(train_gpt2, name), name
     for method in ("from_pretrained", "from_checkpoint", "save_pretrained"):
         assert callable(getattr(train_gpt2.GPT, method)), method
+
+
+def test_one_set_of_dtype_names_with_torchs_spelling_as_aliases(capsys):
+    import hellaswag
+    import train_gpt2
+
+    for given, canonical in (("bfloat16", "bf16"), ("float16", "fp16"), ("float32", "fp32"), ("bf16", "bf16")):
+        assert train_gpt2.parse_config(["--dtype", given]).dtype == canonical
+        assert hellaswag.parse_args(["-m", "gpt2", "--dtype", given]).dtype == canonical
+    assert hellaswag.autocast_dtype("fp32") == torch.float32 and hellaswag.autocast_dtype("auto") is None
+    assert train_gpt2.validate(train_gpt2.parse_config(["--dtype", "float64"]), 1) == \
+        ["--dtype must be one of auto, bf16, fp16, fp32, got float64"]
+    with pytest.raises(SystemExit):
+        hellaswag.parse_args(["-m", "gpt2", "--dtype", "float64"])
+    assert "invalid choice: 'float64'" in capsys.readouterr().err
