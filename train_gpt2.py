@@ -22,6 +22,7 @@ import signal
 import sys
 import tempfile
 import time
+import uuid
 from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
@@ -30,7 +31,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from gpt2lib import checkpoints, hf
+from gpt2lib import checkpoints, hf, resume
 from gpt2lib.common import (DTYPES, GPT2_EOT, GPT2_VOCAB_SIZE, Precision, UserError, canonical_dtype,
                             get_encoding, one_line, pick_device, resolve_dtype)
 from gpt2lib.distributed import DistContext, FollowerStop, setup_distributed
@@ -724,7 +725,8 @@ def save(step, run):
     loader_states = run.dist_ctx.gather_objects(run.train_loader.state_dict())
     rng_states = run.dist_ctx.gather_objects(checkpoints.rng_state(run.dist_ctx.device))
     path = run.dist_ctx.decide(lambda: checkpoints.write_checkpoint(
-        step, run.raw_model, run.optimizer, run.precision, run.cfg, run.val_loss, loader_states, rng_states))
+        step, run.raw_model, run.optimizer, run.precision, run.cfg, run.val_loss, loader_states, rng_states,
+        run.run_id))
     if run.dist_ctx.master_process:
         print(f"step {step:5d} | saved {path}")
 
@@ -751,6 +753,7 @@ class Run:
     gpu_peak_flops: float | None  # for MFU; None off CUDA or on an unknown GPU
     start_step: int
     val_loss: float | None
+    run_id: str
 
 
 def make_loaders(cfg, dist_ctx):
@@ -810,13 +813,14 @@ def setup_run(cfg, dist_ctx):
         torch.backends.cudnn.allow_tf32 = True
     precision = Precision(resolve_dtype(cfg.dtype, device), device)
     train_loader, val_loader = make_loaders(cfg, dist_ctx)
-    start = dist_ctx.decide(lambda: prepare_start(cfg))
+    start = agree_on_start(cfg, dist_ctx)
     raw_model = setup_model(start, cfg, dist_ctx)
     optimizer = None if cfg.eval_only else configure_optimizer(raw_model, cfg.weight_decay, cfg.lr, device.type)
     checkpoint = start.checkpoint
     resumed = checkpoint is not None
     start_step = restore(checkpoint, raw_model, optimizer, precision, train_loader, dist_ctx) if resumed else 0
     val_loss = checkpoint.get("val_loss") if resumed else None
+    run_id = start.run_id
     del checkpoint, start  # full copies of the weights (and optimizer state)
     hella_examples = None
     if cfg.hellaswag and (cfg.eval_every or cfg.eval_only):
@@ -832,17 +836,20 @@ def setup_run(cfg, dist_ctx):
               f"on {device.type} | {precision.name} | compile {use_compile} | grad accum {grad_accum_steps} | {how}"
               f"{' | eval only' if cfg.eval_only else ''}")
     return Run(cfg, dist_ctx, raw_model, model, optimizer, precision, train_loader, val_loader, hella_examples,
-               checkpoints.RunLog(cfg.log_dir, master), grad_accum_steps, gpu_peak_flops(device, master), start_step, val_loss)
+               checkpoints.RunLog(cfg.log_dir, master), grad_accum_steps, gpu_peak_flops(device, master), start_step, val_loss,
+               run_id)
 
 
 # ---- how a run starts: a seeded init, --init-from's weights, or a checkpoint of this run to resume
 
 @dataclass
 class Start:
-    """What rank 0 decided a run starts from, sent to every rank by DistContext.decide."""
+    """What a run starts from, decided on one rank and sent to every rank by DistContext.decide."""
     config: dict  # GPTConfig's fields
     checkpoint: dict | None  # the checkpoint of this run to resume, or None
     weights: dict | None  # --init-from's state_dict, or None: a seeded init (or the checkpoint's weights)
+    run_id: str  # the same for every checkpoint of a run, across resumes
+    logs: dict | None = None  # the run log, when the checkpoint comes from another node than rank 0's
 
 
 SHAPE_FIELDS = ("n_layer", "n_head", "n_embd")
@@ -915,31 +922,41 @@ def check_resumable(path, checkpoint, cfg):
     return config
 
 
-def choose_start(cfg):
-    """On rank 0: (resume path or None, Start). A checkpoint of this run takes precedence over
-    --init-from: a preempted fine-tune continues."""
-    path, checkpoint = checkpoints.find_resume_checkpoint(cfg.resume, cfg.log_dir)
-    if checkpoint is not None:
+def choose_start(cfg, holder):
+    """On the rank that holds the checkpoint to resume (rank 0 when there is none): the Start.
+    A checkpoint of this run takes precedence over --init-from: a preempted fine-tune continues."""
+    if holder is not None:
+        path, checkpoint = holder.path, holder.checkpoint
         config, weights, source = check_resumable(path, checkpoint, cfg), None, path
         if cfg.init_from:
             print(f"resuming {path}, a run started from --init-from {cfg.init_from}, which is not loaded again")
     elif cfg.init_from:
-        model = load_init_source(cfg.init_from, cfg.vocab_multiple)
+        checkpoint, model = None, load_init_source(cfg.init_from, cfg.vocab_multiple)
         config, weights, source = asdict(model.config), model.state_dict(), f"--init-from {cfg.init_from}"
         check_model_flag(config, source, cfg)
     else:
-        config, weights = asdict(config_for(cfg.model or DEFAULT_MODEL, vocab_multiple=cfg.vocab_multiple)), None
+        checkpoint, weights = None, None
+        config = asdict(config_for(cfg.model or DEFAULT_MODEL, vocab_multiple=cfg.vocab_multiple))
         source = f"--model {cfg.model or DEFAULT_MODEL}"
     if cfg.seq_len > config["block_size"]:
         raise UserError(f"--seq-len {cfg.seq_len} exceeds the block size {config['block_size']} of {source}")
-    return path, Start(config, checkpoint, weights)
+    run_id = (checkpoint or {}).get("run_id") or uuid.uuid4().hex  # checkpoints from before run ids get one
+    moved = holder is not None and holder.rank != 0
+    return Start(config, checkpoint, weights, run_id, resume.read_logs(cfg.log_dir) if moved else None)
 
 
-def prepare_start(cfg):
-    """On rank 0: choose how the run starts, then (every input read, so a bad one moves nothing)
-    prepare log_dir for it. Returns the Start."""
-    path, start = choose_start(cfg)
-    checkpoints.prepare_run_dir(cfg.log_dir, path, start.checkpoint["step"] if start.checkpoint else None)
+def agree_on_start(cfg, dist_ctx):
+    """Every node reports its newest checkpoint; the newest of all is read by the rank that holds it
+    and sent to every rank (resume.find_holder). Then rank 0, which writes checkpoints and logs from
+    now on, sets its log dir up, with the holder's logs when the checkpoint came from another node."""
+    holder = resume.find_holder(cfg.resume, cfg.log_dir, dist_ctx)
+    start = dist_ctx.decide(lambda: choose_start(cfg, holder), src=holder.rank if holder else 0)
+    resume_step = start.checkpoint["step"] if start.checkpoint else None
+    if holder is not None and holder.rank != 0 and dist_ctx.master_process:
+        print(f"resuming from another node: {holder.host} (rank {holder.rank}) holds the newest checkpoint, "
+              f"{holder.path} at step {resume_step}; its logs continue in this node's {cfg.log_dir}")
+    here = holder.path if holder is not None and holder.rank == 0 else None
+    dist_ctx.decide(lambda: checkpoints.prepare_run_dir(cfg.log_dir, here, resume_step, start.logs))
     return start
 
 

@@ -104,7 +104,7 @@ def set_aside(log_dir, move, copy):
     return aside
 
 
-def write_checkpoint(step, raw_model, optimizer, precision, cfg, val_loss, loader_states, rng_states):
+def write_checkpoint(step, raw_model, optimizer, precision, cfg, val_loss, loader_states, rng_states, run_id):
     """Write log_dir/model_{step}.pt atomically; then, with --keep-last, delete this run's oldest
     checkpoints (log_dir holds only this run's: others were set aside at start)."""
     path = os.path.join(cfg.log_dir, f"model_{step:05d}.pt")
@@ -118,6 +118,7 @@ def write_checkpoint(step, raw_model, optimizer, precision, cfg, val_loss, loade
         "val_loss": val_loss,
         "loader": loader_states,  # per rank
         "rng": rng_states,  # per rank
+        "run_id": run_id,  # tells this run's checkpoints from another's when nodes compare theirs
     }
     atomic_write(path, lambda f: torch.save(checkpoint, f))
     if cfg.keep_last:
@@ -191,12 +192,17 @@ class RunLog:
             f.write(json.dumps({"step": step, "kind": kind, "value": value, **metrics}) + "\n")
 
 
-def prepare_run_dir(log_dir, resume_path, resume_step):
+def prepare_run_dir(log_dir, resume_path, resume_step, logs=None):
     """On rank 0, once every input has been read (so a bad one moves nothing): set aside what other
-    runs left in log_dir, then trim the logs to the resume point (resume_step None: a fresh start)."""
+    runs left in log_dir, take over the run's logs from the node that held the checkpoint (logs:
+    {name: bytes}, when rank 0 moved to this node), then trim the logs to the resume point
+    (resume_step None: a fresh start)."""
     move, copy = files_of_other_runs(log_dir, resume_path, resume_step)
     if move:
         aside = set_aside(log_dir, move, copy)
         print(f"{log_dir} held files this run does not continue: moved them to {aside} "
               f"({', '.join(sorted(os.listdir(aside)))})")
+    os.makedirs(log_dir, exist_ok=True)
+    for name, data in (logs or {}).items():
+        atomic_write(os.path.join(log_dir, name), lambda f: f.write(data))
     RunLog.prepare(log_dir, resume_step)

@@ -49,23 +49,27 @@ class DistContext:
         torch.distributed.all_gather_object(out, obj)
         return out
 
-    def decide(self, fn):
-        """fn() on rank 0 only; its result (tensors included) on every rank. When fn fails on rank 0,
-        every rank stops: nothing waits forever for a rank that is gone."""
+    def decide(self, fn, src=0):
+        """fn() on rank src only (rank 0 unless another rank holds what fn needs); its result
+        (tensors included) on every rank. When fn fails there, every rank stops, and rank 0 prints
+        why: nothing waits forever for a rank that is gone."""
         if not self.ddp:
             return fn()
         result, failure, reason = None, None, None
-        if self.master_process:
+        if self.rank == src:
             try:
                 result = fn()
             except Exception as e:
                 failure = e
-                reason = str(e) if isinstance(e, UserError) else f"rank 0 failed: {one_line(e)}"
-        reason, result = self.broadcast((reason, result))
-        if failure is not None:
+                if not isinstance(e, UserError):
+                    reason = f"rank {src} failed: {one_line(e)}"
+                else:
+                    reason = str(e) if src == 0 else f"rank {src}: {e}"
+        reason, result = self.broadcast((reason, result), src)
+        if failure is not None and self.master_process:
             raise failure
         if reason is not None:
-            raise FollowerStop(reason)
+            raise FollowerStop(reason) if not self.master_process else UserError(reason)
         return result
 
     def on_every_rank(self, fn):
@@ -82,10 +86,10 @@ class DistContext:
             raise FollowerStop(message) if not self.master_process else UserError(message)
         return value
 
-    def broadcast(self, obj):
-        """Rank 0's obj on every rank. Its structure (dicts, lists, tuples, dataclasses) is pickled; its tensors are sent one by one
-        on this process's device (NCCL moves device tensors only) and arrive on the CPU, so no rank
-        needs rank 0's files."""
+    def broadcast(self, obj, src=0):
+        """Rank src's obj on every rank. Its structure (dicts, lists, tuples, dataclasses) is pickled;
+        its tensors are sent one by one on this process's device (NCCL moves device tensors only) and
+        arrive on the CPU, so no rank needs another rank's files."""
         if not self.ddp:
             return obj
         tensors = []
@@ -105,11 +109,11 @@ class DistContext:
 
         def fill(value):
             if isinstance(value, _Slot):
-                if self.master_process:
+                if self.rank == src:
                     tensor = tensors[value.index].to(self.device).contiguous()
                 else:
                     tensor = torch.empty(value.shape, dtype=value.dtype, device=self.device)
-                torch.distributed.broadcast(tensor, src=0)
+                torch.distributed.broadcast(tensor, src=src)
                 return tensor.cpu()
             if dataclasses.is_dataclass(value) and not isinstance(value, type):
                 return dataclasses.replace(value, **{f.name: fill(getattr(value, f.name))
@@ -120,8 +124,8 @@ class DistContext:
                 return type(value)(fill(v) for v in value)
             return value
 
-        box = [strip(obj) if self.master_process else None]
-        torch.distributed.broadcast_object_list(box, src=0, device=self.device)
+        box = [strip(obj) if self.rank == src else None]
+        torch.distributed.broadcast_object_list(box, src=src, device=self.device)
         return fill(box[0])
 
 

@@ -358,12 +358,12 @@ def refused_resume_worker(rank, world_size, port, cfg, results):
 
 
 def test_a_setting_rank_0_refuses_stops_every_rank(tmp_path):
-    """--resume of a file only rank 0 looks at: rank 0 raises the UserError, the other ranks stop
-    with it (FollowerStop, which main() exits on without printing) instead of training alone."""
+    """--resume of a file no node has: rank 0 raises the UserError, the other ranks stop with it
+    (FollowerStop, which main() exits on without printing) instead of training alone."""
     import torch.multiprocessing as mp
     cfg = tiny_config(make_data(tmp_path / "data"), str(tmp_path / "log"), resume=str(tmp_path / "missing.pt"))
     results = mp.get_context("spawn").SimpleQueue()
     mp.spawn(refused_resume_worker, args=(2, free_port(), cfg, results), nprocs=2)
     outcome = sorted(results.get() for _ in range(2))
-    message = f"checkpoint {tmp_path / 'missing.pt'} does not exist"
+    message = f"checkpoint {tmp_path / 'missing.pt'} does not exist on any node"
     assert outcome == [(0, "UserError", message), (1, "FollowerStop", message)]
