@@ -12,7 +12,10 @@ a cache would see it; learned absolute positions then shift by one at every toke
 each new token refills the cache from the cropped window (one full-window forward per token).
 """
 
+import contextlib
+
 import torch
+import torch.nn as nn
 from torch.nn import functional as F
 
 
@@ -101,13 +104,41 @@ def next_tokens(logits, top_k, temperature, rng):
     return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=rng)
 
 
-@torch.inference_mode()
 def sample(model, prompts, max_new_tokens, top_k=50, temperature=1.0, rng=None, pad_id=0, device=None):
     """Continue each prompt (a non-empty list of token ids) by max_new_tokens sampled ids; returns a
     list of lists, prompt included. The tokens live on device (default: the model's); rng is a
     torch.Generator there (None: the global RNG). pad_id fills the left padding (any valid id: it is
     masked out)."""
     device = device or next(model.parameters()).device
+    with column_major_weights(model), torch.inference_mode():
+        return sample_tokens(model, prompts, max_new_tokens, top_k, temperature, rng, pad_id, device)
+
+
+@contextlib.contextmanager
+def column_major_weights(model):
+    """On the CPU, store every nn.Linear weight (the tied lm_head too) column-major while sampling:
+    the same values and shapes, only the strides change, and the originals are put back on exit.
+
+    F.linear computes x @ weight.t(); with a column-major weight, weight.t() is a contiguous
+    (in, out) matrix, the layout transformers' Conv1D keeps, and MKL's products of one row (one
+    token per sequence) run faster that way: on this project's 2-core AVX-512 machine, 0.21 instead
+    of 0.30 ms for a 768x3072 layer and 7.6 instead of 12 ms for the 124M lm_head. Making the
+    copies costs about 0.45 s of one core for 124M per call, and one copy of the weights in memory."""
+    weights = {id(m.weight): m.weight for m in model.modules() if isinstance(m, nn.Linear)}.values()
+    originals = []
+    try:
+        if next(model.parameters()).device.type == "cpu":
+            with torch.no_grad():
+                for weight in weights:
+                    originals.append((weight, weight.data))
+                    weight.data = weight.data.t().contiguous().t()
+        yield
+    finally:
+        for weight, data in originals:
+            weight.data = data
+
+
+def sample_tokens(model, prompts, max_new_tokens, top_k, temperature, rng, pad_id, device):
     tokens, pad = left_pad(prompts, pad_id, device)
     B, width = tokens.shape
     block = model.config.block_size
