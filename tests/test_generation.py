@@ -98,11 +98,32 @@ def test_seeded_sampling_equals_the_uncached_path_and_repeats(model):
     assert torch.equal(torch.get_rng_state(), rng_before)  # training's RNG is untouched
 
 
-def test_batch_of_prompts_of_different_lengths_equals_each_alone(model):
+def recording_decode(monkeypatch):
+    """Record the (B, V) logits of every GPT.decode call."""
+    calls, real = [], GPT.decode
+
+    def decode(self, idx, cache):
+        logits = real(self, idx, cache)
+        calls.append(logits.clone())
+        return logits
+
+    monkeypatch.setattr(GPT, "decode", decode)
+    return calls
+
+
+def test_batch_of_prompts_of_different_lengths_equals_each_alone(model, monkeypatch):
     # 8, 1 and 13 tokens, 10 new in a block of 16: the longest row crosses the block first, while
     # the others still hold left padding in the window
+    calls = recording_decode(monkeypatch)
     batch = generate(model, PROMPTS, 10, num_samples=2, top_k=1)
-    alone = [generate(model, prompt, 10, top_k=1)[0] for prompt in PROMPTS]
+    batch_logits = torch.stack(calls)  # (steps, B, V)
+    alone = []
+    for row, prompt in enumerate(PROMPTS):
+        calls.clear()
+        alone.append(generate(model, prompt, 10, top_k=1)[0])
+        # not only the argmax: every logit of every step is that of the prompt alone
+        torch.testing.assert_close(batch_logits[:, 2 * row], torch.stack(calls)[:, 0], atol=1e-4, rtol=0)
+        assert batch_logits[:, 2 * row].std() > 0.1
     assert batch == [text for text in alone for _ in range(2)]
     assert alone == [reference_generate(model, prompt, 10, top_k=1)[0] for prompt in PROMPTS]
     # seeded sampling of a batch repeats too

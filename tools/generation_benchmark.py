@@ -88,13 +88,13 @@ def main(argv=None):
     for n_threads in threads:
         torch.set_num_threads(n_threads)
         for n in args.tokens:
-            ours, theirs = [], []
+            ours_runs, theirs_runs = [], []
             for _ in range(args.repeats):  # interleaved, so a busy spell of the machine hits both
-                ours.append(timed(lambda: run_ours(n)))
-                theirs.append(timed(lambda: run_theirs(n)))
-            ours_wall, ours_cpu = min(t[0] for t in ours), min(t[1] for t in ours)
-            theirs_wall, theirs_cpu = min(t[0] for t in theirs), min(t[1] for t in theirs)
-            same = "yes" if ours[-1][2] == theirs[-1][2] else "NO"
+                ours_runs.append(timed(lambda: run_ours(n)))
+                theirs_runs.append(timed(lambda: run_theirs(n)))
+            ours_wall, ours_cpu = min(t[0] for t in ours_runs), min(t[1] for t in ours_runs)
+            theirs_wall, theirs_cpu = min(t[0] for t in theirs_runs), min(t[1] for t in theirs_runs)
+            same = "yes" if ours_runs[-1][2] == theirs_runs[-1][2] else "NO"
             print(f"| {n_threads} | {n} | {ours_wall:.2f} | {theirs_wall:.2f} | {ours_cpu:.2f} | {theirs_cpu:.2f} | "
                   f"{theirs_wall / ours_wall:.2f}x | {theirs_cpu / ours_cpu:.2f}x | {same} |", flush=True)
 
