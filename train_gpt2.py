@@ -31,7 +31,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from gpt2lib import checkpoints, hf, resume
+from gpt2lib import checkpoints, hf, resume, sampling
 from gpt2lib.common import (DTYPES, GPT2_EOT, GPT2_VOCAB_SIZE, Precision, UserError, canonical_dtype,
                             get_encoding, one_line, pick_device, resolve_dtype)
 from gpt2lib.distributed import DistContext, FollowerStop, setup_distributed
@@ -116,7 +116,9 @@ class CausalSelfAttention(nn.Module):
         self.c_proj.is_residual_projection = True
         self.sdpa_kernels = None  # a plain attribute, not a buffer: state_dict keys stay HF's; see GPT.set_sdpa_backend
 
-    def forward(self, x):
+    def forward(self, x, cache=None):
+        """cache: None (training, evals: x is whole sequences), or when sampling one layer's KV cache
+        (gpt2lib.sampling.LayerCache): x continues the sequences it holds."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
@@ -125,7 +127,10 @@ class CausalSelfAttention(nn.Module):
         kernels = (sdpa_kernel(self.sdpa_kernels, set_priority=True) if self.sdpa_kernels is not None
                    else contextlib.nullcontext())
         with kernels:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+            if cache is None:
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+            else:
+                y = cache.attend(q, k, v)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
         return self.c_proj(y)
 
@@ -151,8 +156,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x, cache=None):
+        x = x + self.attn(self.ln_1(x), cache)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -197,6 +202,15 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             x = block(x)
         return self.transformer.ln_f(x)
+
+    def decode(self, idx, cache):
+        """Sampling's path (gpt2lib.sampling): (B, T) new token ids that continue the sequences in the KV
+        cache, which stores their keys and values and gives their positions -> (B, vocab_size) logits
+        of the last position only (the lm_head is a third of a 124M model's work per token)."""
+        x = self.transformer.wte(idx) + self.transformer.wpe(cache.positions(idx.size(1)))  # (B, T, C)
+        for block, layer_cache in zip(self.transformer.h, cache.layers):
+            x = block(x, layer_cache)
+        return self.lm_head(self.transformer.ln_f(x[:, -1]))[:, :self.config.vocab_size]  # (B, V)
 
     def set_sdpa_backend(self, name):
         """Prefer one attention kernel (an SDPA_BACKENDS name, e.g. "cudnn") in every layer; "default"
@@ -263,28 +277,22 @@ class GPT(nn.Module):
 # -----------------------------------------------------------------------------
 # sampling
 
-@torch.no_grad()
 def generate(model, prompt, max_new_tokens, num_samples=1, top_k=50, temperature=1.0, seed=42, device=None):
-    """Sample continuations of `prompt` (text); returns a list of num_samples strings, prompt included.
-    Deterministic for a given seed: a private generator leaves the global RNG (training) untouched."""
+    """Sample continuations of `prompt` (text, or a list of texts of any lengths); returns num_samples
+    strings per prompt, prompt included (a list of prompts: all samples of the first, then the next).
+    top_k 0 or None samples from the whole vocabulary, 1 is greedy. Deterministic for a given seed: a
+    private generator leaves the global RNG (training) untouched. With a KV cache (gpt2lib/sampling.py);
+    a row's greedy text is that of its prompt alone, and past block_size the context is cropped."""
     enc = get_encoding()
     if device is None:
         device = next(model.parameters()).device
-    vocab_size = model.config.vocab_size
-    tokens = torch.tensor(enc.encode(prompt, allowed_special={"<|endoftext|>"}) or [GPT2_EOT], device=device)
-    x = tokens[None, :].repeat(num_samples, 1)  # (num_samples, T)
+    texts = [prompt] if isinstance(prompt, str) else list(prompt)
+    encoded = [enc.encode(text, allowed_special={"<|endoftext|>"}) or [GPT2_EOT] for text in texts]
+    rows = [ids for ids in encoded for _ in range(num_samples)]
     rng = torch.Generator(device=device).manual_seed(seed)
-    for _ in range(max_new_tokens):
-        logits, _ = model(x[:, -model.config.block_size:])
-        logits = logits[:, -1, :vocab_size].float() / max(temperature, 1e-6)  # (num_samples, V)
-        if top_k:
-            values, indices = torch.topk(logits, min(top_k, vocab_size), dim=-1)
-            choice = torch.multinomial(F.softmax(values, dim=-1), 1, generator=rng)
-            next_token = torch.gather(indices, -1, choice)
-        else:
-            next_token = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=rng)
-        x = torch.cat([x, next_token], dim=1)
-    return [enc.decode(row.tolist()) for row in x]
+    out = sampling.sample(model, rows, max_new_tokens, top_k=top_k, temperature=temperature, rng=rng,
+                          pad_id=GPT2_EOT, device=device)
+    return [enc.decode(ids) for ids in out]
 
 
 # -----------------------------------------------------------------------------
@@ -397,6 +405,7 @@ class TrainConfig:
     init_from: str = ""  # start from these weights (fine-tuning): an OpenAI GPT-2 name, an HF directory or a .pt
     eval_only: bool = False  # evaluate the initial (or resumed) model, then exit
     export_hf: str = ""  # write the --init-from (or resumable) model as an HF directory here, then exit
+    generate: str = ""  # print samples continuing this prompt from the --init-from (or resumable) model, then exit
     data_dir: str = "edu_fineweb10B"
     batch_size: int = 64  # micro-batch B, sequences per forward pass per GPU
     seq_len: int = 1024  # T
@@ -413,6 +422,10 @@ class TrainConfig:
     hellaswag_data: str = ""  # a local hellaswag_val.jsonl; empty: download it
     sample_every: int = 250
     sample_prompt: str = "Hello, I'm a language model,"
+    num_samples: int = 4  # samples per prompt: --generate's and the training samples'
+    max_new_tokens: int = 32
+    top_k: int = 50  # sample among the k likeliest tokens; 0: all; 1: greedy
+    temperature: float = 1.0
     checkpoint_every: int = 1000
     keep_last: int = 3  # checkpoints of this run kept in log_dir; 0 keeps all
     log_dir: str = "log"
@@ -474,12 +487,18 @@ def validate(cfg, world_size):
         problems.append(f"--loss-impl must be one of {', '.join(LOSS_IMPLS)}, got {cfg.loss_impl}")
     if cfg.sdpa_backend not in SDPA_BACKENDS:
         problems.append(f"--sdpa-backend must be one of {', '.join(SDPA_BACKENDS)}, got {cfg.sdpa_backend}")
+    for name in ("num_samples", "max_new_tokens", "temperature"):
+        if getattr(cfg, name) <= 0:
+            problems.append(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if cfg.top_k < 0:
+        problems.append(f"--top-k must be >= 0 (0: the whole vocabulary, 1: greedy), got {cfg.top_k}")
     modes = [flag for flag, on in (("--benchmark", cfg.benchmark), ("--eval-only", cfg.eval_only),
-                                   ("--export-hf", cfg.export_hf)) if on]
+                                   ("--export-hf", cfg.export_hf), ("--generate", cfg.generate)) if on]
     if len(modes) > 1:
         problems.append(f"{' and '.join(modes)} exclude each other: choose one")
-    if cfg.export_hf and world_size > 1:
-        problems.append("--export-hf runs in one process: run it with python, not torchrun")
+    for flag, on in (("--export-hf", cfg.export_hf), ("--generate", cfg.generate)):
+        if on and world_size > 1:
+            problems.append(f"{flag} runs in one process: run it with python, not torchrun")
     return problems
 
 
@@ -713,8 +732,8 @@ def run_evals(run, step):
 def print_samples(run, step):
     run.raw_model.eval()
     with run.precision.autocast():
-        for text in generate(run.raw_model, run.cfg.sample_prompt, max_new_tokens=32, num_samples=4,
-                             seed=run.cfg.seed + step):
+        for text in generate(run.raw_model, run.cfg.sample_prompt, run.cfg.max_new_tokens, run.cfg.num_samples,
+                             run.cfg.top_k, run.cfg.temperature, seed=run.cfg.seed + step):
             print(f"sample: {text!r}")
     run.raw_model.train()
 
@@ -987,7 +1006,7 @@ def load_hellaswag(data_path):
 
 
 # -----------------------------------------------------------------------------
-# the other modes: --benchmark and --export-hf
+# the other modes: --benchmark, --export-hf and --generate
 
 BENCHMARK_WARMUP_STEPS = 3  # the first steps compile and warm up allocators: not timed
 
@@ -1022,17 +1041,40 @@ def export_hf(cfg):
     """--export-hf DIR: the model of --init-from, else of the checkpoint --resume picks, written as a
     self-contained HF directory. A path of its own: it reads no data and leaves log_dir as it is."""
     hf.check_replaceable(os.path.abspath(cfg.export_hf))  # before a load that may take minutes
-    if cfg.init_from:
-        source, model = f"--init-from {cfg.init_from}", load_init_source(cfg.init_from, cfg.vocab_multiple)
-    else:
-        path, _ = checkpoints.find_resume_checkpoint(cfg.resume, cfg.log_dir)
-        if path is None:
-            reason = "--resume none" if cfg.resume == "none" else f"no checkpoint in {cfg.log_dir}"
-            raise UserError(f"--export-hf: no model to export ({reason}): pass --init-from SOURCE or --resume PATH")
-        source, model = path, GPT.from_checkpoint(path)
+    source, model = load_cli_model(cfg, "--export-hf: no model to export")
     model.save_pretrained(cfg.export_hf)
     print(f"wrote {cfg.export_hf} from {source}: {model.num_parameters():,} parameters, "
           f"{shape_text(asdict(model.config))}")
+
+
+def load_cli_model(cfg, what):
+    """(source, model on the CPU) for a mode that only reads a model: --init-from's, else the
+    checkpoint --resume picks. `what` starts the error when there is neither."""
+    if cfg.init_from:
+        return f"--init-from {cfg.init_from}", load_init_source(cfg.init_from, cfg.vocab_multiple)
+    path, _ = checkpoints.find_resume_checkpoint(cfg.resume, cfg.log_dir)
+    if path is None:
+        reason = "--resume none" if cfg.resume == "none" else f"no checkpoint in {cfg.log_dir}"
+        raise UserError(f"{what} ({reason}): pass --init-from SOURCE or --resume PATH")
+    return path, GPT.from_checkpoint(path)
+
+
+def print_generated(cfg):
+    """--generate PROMPT: samples of the --init-from model, else of the checkpoint --resume picks, on
+    --device in the run's --dtype, one `sample: '...'` line each. Like --export-hf it reads no data and
+    leaves log_dir as it is."""
+    device = pick_device(cfg.device)
+    precision = Precision(resolve_dtype(cfg.dtype, device), device)
+    source, model = load_cli_model(cfg, "--generate: no model to sample from")
+    model.set_sdpa_backend(cfg.sdpa_backend)
+    model.to(device).eval()
+    print(f"generating from {source} on {device.type} in {precision.name}: {cfg.num_samples} sample(s) of "
+          f"{cfg.max_new_tokens} tokens, top-k {cfg.top_k}, temperature {cfg.temperature}, seed {cfg.seed}")
+    with precision.autocast():
+        texts = generate(model, cfg.generate, cfg.max_new_tokens, cfg.num_samples, cfg.top_k, cfg.temperature,
+                         seed=cfg.seed)
+    for text in texts:
+        print(f"sample: {text!r}")
 
 
 # -----------------------------------------------------------------------------
@@ -1044,6 +1086,12 @@ FLAG_HELP = {
                  "directory or a training checkpoint (.pt), with a fresh optimizer at step 0",
     "eval_only": "evaluate the initial (--init-from, seeded or resumed) model, log it at its step, and exit",
     "export_hf": "write the --init-from model, else the checkpoint --resume picks, as an HF directory, and exit",
+    "generate": "print --num-samples continuations of this prompt by the --init-from model, else the checkpoint "
+                "--resume picks, and exit",
+    "num_samples": "samples per prompt, for --generate and the training samples (default: 4)",
+    "max_new_tokens": "tokens each sample adds to its prompt (default: 32)",
+    "top_k": "sample among the k likeliest tokens; 0: the whole vocabulary; 1: greedy (default: 50)",
+    "temperature": "divides the logits before sampling: lower is more conservative (default: 1.0)",
 }
 
 
@@ -1084,8 +1132,8 @@ def main(argv=None):
     stop = StopRequest()
     dist_ctx = None
     try:
-        if cfg.export_hf:
-            export_hf(cfg)
+        if cfg.export_hf or cfg.generate:
+            (export_hf if cfg.export_hf else print_generated)(cfg)
             return
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
