@@ -30,7 +30,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from gpt2lib import checkpoints, hf
+from gpt2lib import checkpoints, hf, tracking
 from gpt2lib.common import (DTYPES, GPT2_EOT, GPT2_VOCAB_SIZE, Precision, UserError, canonical_dtype,
                             get_encoding, one_line, pick_device, resolve_dtype)
 from gpt2lib.distributed import DistContext, FollowerStop, setup_distributed
@@ -425,6 +425,9 @@ class TrainConfig:
     seed: int = 1337
     vocab_multiple: int = 64  # 50257 -> 50304
     benchmark: int = 0  # time this many steps on random tokens (no data, evals or checkpoints); 0: train
+    wandb: str = ""  # W&B project to log to (WANDB_MODE offline/disabled respected); empty: no W&B
+    wandb_name: str = ""  # W&B run name; empty: the log dir's name
+    tensorboard: bool = False  # TensorBoard event files under {log_dir}/tensorboard/
 
 
 # A few minutes on a CPU: a d4 model on the Python docs that `python fineweb.py --demo` prepares.
@@ -479,6 +482,7 @@ def validate(cfg, world_size):
         problems.append(f"{' and '.join(modes)} exclude each other: choose one")
     if cfg.export_hf and world_size > 1:
         problems.append("--export-hf runs in one process: run it with python, not torchrun")
+    problems += tracking.missing_packages(cfg.wandb, cfg.tensorboard)
     return problems
 
 
@@ -587,9 +591,23 @@ def train(cfg, dist_ctx, stop=None):
     no training, no checkpoint."""
     stop = stop or StopRequest()
     run = setup_run(cfg, dist_ctx)
-    if cfg.eval_only:
-        run_evals(run, run.start_step)
-        return {"losses": [], "metrics": [], "val_loss": run.val_loss}
+    ok = False
+    try:
+        if cfg.eval_only:
+            run_evals(run, run.start_step)
+            losses, step_metrics = [], []
+        else:
+            losses, step_metrics = train_loop(run, stop)
+        ok = True
+    finally:
+        run.log.close(ok)  # the W&B run finishes as failed when the loop raised
+    return {"losses": losses, "metrics": step_metrics, "val_loss": run.val_loss}
+
+
+def train_loop(run, stop):
+    """Steps run.start_step .. max_steps with their evals, samples and checkpoints; returns the train
+    losses and logged metrics of the steps it ran."""
+    cfg, dist_ctx = run.cfg, run.dist_ctx
     losses, step_metrics, stopping = [], [], False
     for step in range(run.start_step, cfg.max_steps + 1):
         last_step = step == cfg.max_steps
@@ -612,7 +630,7 @@ def train(cfg, dist_ctx, stop=None):
         step_metrics.append(log_step(run, step, result, timer.seconds))
         losses.append(result.loss)
         stopping = result.stop
-    return {"losses": losses, "metrics": step_metrics, "val_loss": run.val_loss}
+    return losses, step_metrics
 
 
 def due(every, step, last_step):
@@ -650,8 +668,9 @@ class StepTimer:
 def log_step(run, step, result, seconds):
     """Print (rank 0) and log a step's numbers; returns them as metrics.jsonl has them."""
     cfg, device = run.cfg, run.dist_ctx.device
+    count_step_outcome(run.counts, result.norm, cfg.grad_clip, run.precision.scaler.is_enabled())
     metrics = {"lr": result.lr, "norm": result.norm, "dt_ms": seconds * 1000,
-               "tokens_per_sec": cfg.total_batch_size / seconds}
+               "tokens_per_sec": cfg.total_batch_size / seconds, **run.counts}
     line = (f"step {step:5d} | loss {result.loss:.6f} | lr {result.lr:.4e} | norm {result.norm:.4f} | "
             f"dt {seconds * 1000:.2f}ms | tok/sec {metrics['tokens_per_sec']:.0f}")
     if run.gpu_peak_flops:
@@ -665,6 +684,14 @@ def log_step(run, step, result, seconds):
         print(line)
     run.log.write(step, "train", result.loss, **metrics)
     return metrics
+
+
+def count_step_outcome(counts, norm, grad_clip, fp16):
+    """Add a step to the run's counts: clipped (the norm exceeded --grad-clip) or, with fp16, skipped
+    (an overflow: the scaler skipped the update)."""
+    skipped = fp16 and not math.isfinite(norm)
+    counts["skipped_steps"] = counts.get("skipped_steps", 0) + int(skipped)
+    counts["clipped_steps"] = counts.get("clipped_steps", 0) + int(not skipped and 0 < grad_clip < norm)
 
 
 @torch.no_grad()
@@ -712,9 +739,10 @@ def run_evals(run, step):
 def print_samples(run, step):
     run.raw_model.eval()
     with run.precision.autocast():
-        for text in generate(run.raw_model, run.cfg.sample_prompt, max_new_tokens=32, num_samples=4,
-                             seed=run.cfg.seed + step):
-            print(f"sample: {text!r}")
+        texts = generate(run.raw_model, run.cfg.sample_prompt, max_new_tokens=32, num_samples=4, seed=run.cfg.seed + step)
+    for text in texts:
+        print(f"sample: {text!r}")
+    run.log.write_samples(step, run.cfg.sample_prompt, texts)
     run.raw_model.train()
 
 
@@ -724,7 +752,8 @@ def save(step, run):
     loader_states = run.dist_ctx.gather_objects(run.train_loader.state_dict())
     rng_states = run.dist_ctx.gather_objects(checkpoints.rng_state(run.dist_ctx.device))
     path = run.dist_ctx.decide(lambda: checkpoints.write_checkpoint(
-        step, run.raw_model, run.optimizer, run.precision, run.cfg, run.val_loss, loader_states, rng_states))
+        step, run.raw_model, run.optimizer, run.precision, run.cfg, run.val_loss, loader_states, rng_states,
+        run.counts))
     if run.dist_ctx.master_process:
         print(f"step {step:5d} | saved {path}")
 
@@ -751,6 +780,7 @@ class Run:
     gpu_peak_flops: float | None  # for MFU; None off CUDA or on an unknown GPU
     start_step: int
     val_loss: float | None
+    counts: dict  # clipped_steps and skipped_steps so far, kept in checkpoints
 
 
 def make_loaders(cfg, dist_ctx):
@@ -817,6 +847,7 @@ def setup_run(cfg, dist_ctx):
     resumed = checkpoint is not None
     start_step = restore(checkpoint, raw_model, optimizer, precision, train_loader, dist_ctx) if resumed else 0
     val_loss = checkpoint.get("val_loss") if resumed else None
+    counts = dict(checkpoint.get("counts") or {}) if resumed else {}
     del checkpoint, start  # full copies of the weights (and optimizer state)
     hella_examples = None
     if cfg.hellaswag and (cfg.eval_every or cfg.eval_only):
@@ -831,8 +862,11 @@ def setup_run(cfg, dist_ctx):
         print(f"model {model_name(cfg)}: {raw_model.num_parameters():,} parameters | {dist_ctx.world_size} process(es) "
               f"on {device.type} | {precision.name} | compile {use_compile} | grad accum {grad_accum_steps} | {how}"
               f"{' | eval only' if cfg.eval_only else ''}")
+    trackers = tracking.Tracking.open(cfg.log_dir, start_step, cfg.wandb, cfg.wandb_name, cfg.tensorboard,
+                                      asdict(cfg)) if master else None
     return Run(cfg, dist_ctx, raw_model, model, optimizer, precision, train_loader, val_loader, hella_examples,
-               checkpoints.RunLog(cfg.log_dir, master), grad_accum_steps, gpu_peak_flops(device, master), start_step, val_loss)
+               checkpoints.RunLog(cfg.log_dir, master, trackers), grad_accum_steps, gpu_peak_flops(device, master),
+               start_step, val_loss, counts)
 
 
 # ---- how a run starts: a seeded init, --init-from's weights, or a checkpoint of this run to resume
@@ -983,7 +1017,8 @@ def benchmark(cfg, dist_ctx, stop=None):
         tokens = np.random.default_rng(cfg.seed).integers(0, GPT2_VOCAB_SIZE, 2 * cfg.total_batch_size + 1)
         np.save(os.path.join(tmp, "random_train_000001.npy"), tokens.astype(np.uint16))
         run = replace(cfg, data_dir=tmp, log_dir=os.path.join(tmp, "log"), max_steps=steps, benchmark=0,
-                      eval_every=0, sample_every=0, checkpoint_every=0, hellaswag=False, resume="none")
+                      eval_every=0, sample_every=0, checkpoint_every=0, hellaswag=False, resume="none",
+                      wandb="", tensorboard=False)
         timed = train(run, dist_ctx, stop)["metrics"][BENCHMARK_WARMUP_STEPS:]
     if not timed:
         return None
