@@ -403,7 +403,10 @@ class TrainConfig:
     max_steps: int = 19073  # 10B tokens / 2**19: one epoch of FineWeb-Edu sample-10BT
     warmup_steps: int = 715  # 375M tokens, as in GPT-3
     lr: float = 6e-4
-    min_lr_ratio: float = 0.1  # cosine decays to 10% of lr
+    min_lr_ratio: float = 0.1  # the schedule decays to 10% of lr
+    lr_schedule: str = "cosine"  # cosine: decay from warmup to max_steps; wsd: warmup, hold lr, cool down at the end
+    cooldown_steps: int = 0  # wsd: the last steps, which decay the lr; 0: 20% of max_steps
+    cooldown_shape: str = "linear"  # wsd: linear or 1-sqrt
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     eval_every: int = 250
@@ -458,6 +461,12 @@ def validate(cfg, world_size):
         problems.append(f"--lr must be positive, got {cfg.lr}")
     if not 0 <= cfg.min_lr_ratio <= 1:
         problems.append(f"--min-lr-ratio must be in [0, 1], got {cfg.min_lr_ratio}")
+    if cfg.lr_schedule not in LR_SCHEDULES:
+        problems.append(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {cfg.lr_schedule}")
+    if cfg.cooldown_shape not in COOLDOWN_SHAPES:
+        problems.append(f"--cooldown-shape must be one of {', '.join(COOLDOWN_SHAPES)}, got {cfg.cooldown_shape}")
+    if not 0 <= cfg.cooldown_steps <= cfg.max_steps:
+        problems.append(f"--cooldown-steps must be in [0, --max-steps {cfg.max_steps}], got {cfg.cooldown_steps}")
     if model_config and cfg.seq_len > model_config.block_size:
         problems.append(f"--seq-len {cfg.seq_len} exceeds the model's block size {model_config.block_size}")
     micro = cfg.batch_size * cfg.seq_len * world_size
@@ -489,15 +498,61 @@ def validate(cfg, world_size):
 # -----------------------------------------------------------------------------
 # one optimizer step: lr, micro-steps (the DDP sync flag set before each forward), clip, update
 
+LR_SCHEDULES = ("cosine", "wsd")
+COOLDOWN_SHAPES = ("linear", "1-sqrt")
+
+
 def get_lr(step, cfg):
-    """Linear warmup to cfg.lr, then cosine decay to cfg.lr * min_lr_ratio at max_steps."""
+    """Linear warmup to cfg.lr, then a decay to cfg.lr * min_lr_ratio at max_steps: cosine over all
+    the steps after warmup, or (wsd: warmup-stable-decay) cfg.lr held until the last cooldown steps,
+    which decay linearly or as 1 - sqrt(progress)."""
     min_lr = cfg.lr * cfg.min_lr_ratio
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if step >= cfg.max_steps:
         return min_lr
+    if cfg.lr_schedule == "wsd":
+        start = cooldown_start(cfg.max_steps, cfg.cooldown_steps)
+        if step < start:
+            return cfg.lr
+        progress = (step - start) / (cfg.max_steps - start)
+        decayed = progress if cfg.cooldown_shape == "linear" else math.sqrt(progress)
+        return min_lr + (1.0 - decayed) * (cfg.lr - min_lr)
     progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - min_lr)
+
+
+def cooldown_start(max_steps, cooldown_steps):
+    """The first step of wsd's cooldown; --cooldown-steps 0 means 20% of --max-steps."""
+    return max_steps - (cooldown_steps or max_steps // 5)
+
+
+def schedule_config(cfg, checkpoint):
+    """cfg with the wsd cooldown fixed, so that the lr of the steps a resumed checkpoint already
+    trained never changes. A checkpoint of the stable phase continues it under a larger --max-steps,
+    and under a smaller one the cooldown starts at the checkpoint at the earliest. A checkpoint
+    already in its cooldown keeps that cooldown: another --max-steps is refused."""
+    if cfg.eval_only:  # no step is trained
+        return cfg
+    past = (checkpoint or {}).get("train_config") or {}
+    if checkpoint is not None and past.get("lr_schedule", "cosine") != cfg.lr_schedule:
+        raise UserError(f"the checkpoint at step {checkpoint['step']} was trained with --lr-schedule "
+                        f"{past.get('lr_schedule', 'cosine')}, not {cfg.lr_schedule}: pass the same --lr-schedule, "
+                        "or --resume none")
+    if cfg.lr_schedule != "wsd":
+        return cfg
+    start = cooldown_start(cfg.max_steps, cfg.cooldown_steps)
+    if checkpoint is not None:
+        step, past_start = checkpoint["step"], cooldown_start(past["max_steps"], past["cooldown_steps"])
+        if step <= past_start:
+            start = max(start, step)
+        elif cfg.max_steps != past["max_steps"] or cfg.cooldown_steps not in (0, past["max_steps"] - past_start):
+            raise UserError(f"the checkpoint at step {step} is in the cooldown that started at step {past_start}: "
+                            f"resume it with --max-steps {past['max_steps']} (and its cooldown), or resume a "
+                            "checkpoint of the stable phase")
+        else:
+            start = past_start
+    return replace(cfg, cooldown_steps=cfg.max_steps - start)
 
 
 def configure_optimizer(model, weight_decay, lr, device_type):
@@ -845,6 +900,7 @@ def setup_run(cfg, dist_ctx):
     optimizer = None if cfg.eval_only else configure_optimizer(raw_model, cfg.weight_decay, cfg.lr, device.type)
     checkpoint = start.checkpoint
     resumed = checkpoint is not None
+    cfg = schedule_config(cfg, checkpoint)  # rank 0 checked it in prepare_start
     start_step = restore(checkpoint, raw_model, optimizer, precision, train_loader, dist_ctx) if resumed else 0
     val_loss = checkpoint.get("val_loss") if resumed else None
     counts = dict(checkpoint.get("counts") or {}) if resumed else {}
@@ -862,6 +918,10 @@ def setup_run(cfg, dist_ctx):
         print(f"model {model_name(cfg)}: {raw_model.num_parameters():,} parameters | {dist_ctx.world_size} process(es) "
               f"on {device.type} | {precision.name} | compile {use_compile} | grad accum {grad_accum_steps} | {how}"
               f"{' | eval only' if cfg.eval_only else ''}")
+        if cfg.lr_schedule == "wsd" and not cfg.eval_only:
+            print(f"lr schedule wsd: warmup {cfg.warmup_steps} steps, lr {cfg.lr:g} until step "
+                  f"{cfg.max_steps - cfg.cooldown_steps}, {cfg.cooldown_shape} cooldown to {cfg.lr * cfg.min_lr_ratio:g} "
+                  f"at step {cfg.max_steps}")
     trackers = tracking.Tracking.open(cfg.log_dir, start_step, cfg.wandb, cfg.wandb_name, cfg.tensorboard,
                                       asdict(cfg)) if master else None
     return Run(cfg, dist_ctx, raw_model, model, optimizer, precision, train_loader, val_loader, hella_examples,
@@ -935,6 +995,7 @@ def check_resumable(path, checkpoint, cfg):
     if not same_source(started_from, cfg.init_from):
         raise UserError(f"{path} is a run started from {origin_text(started_from)}, not from "
                         f"{origin_text(cfg.init_from)}: pass the same --init-from, another --log-dir, or --resume none")
+    schedule_config(cfg, checkpoint)
     config = asdict(GPTConfig(**checkpoint["config"]))
     if not cfg.init_from:
         expected = asdict(config_for(cfg.model or DEFAULT_MODEL, vocab_multiple=cfg.vocab_multiple))
