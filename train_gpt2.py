@@ -299,20 +299,28 @@ class DataLoaderLite:
     cross shard boundaries, so over an epoch every token is used once, by exactly one rank; only
     the stream's final tail, shorter than one step, is skipped before the next epoch starts.
     The position is global, so state_dict() is the same on every rank.
+
+    With shuffle_seed and block_tokens (training passes the optimizer step's tokens, a multiple of
+    B*T*num_processes that does not depend on the world size), the stream is also cut into blocks of
+    block_tokens (each with the token after it as its last target) that every epoch reads in a
+    seeded order: the position counts through the permuted blocks, so coverage and exact resume,
+    on any world size with the same blocks, stay as above; the tail skipped is shorter than a block.
     """
 
     def __init__(self, B, T, process_rank, num_processes, split, data_root, shuffle_seed=None,
-                 vocab_size=GPT2_VOCAB_SIZE, device="cpu"):
+                 vocab_size=GPT2_VOCAB_SIZE, device="cpu", block_tokens=None):
         self.B, self.T = B, T
         self.process_rank, self.num_processes = process_rank, num_processes
         self.split, self.shuffle_seed, self.vocab_size = split, shuffle_seed, vocab_size
+        self.block_tokens = block_tokens
         self.device = torch.device(device)
         self.shards = find_shards(data_root, split)
         self.shard_lengths = [len(open_shard(path)) for path in self.shards]
-        needed = B * T * num_processes + 1
+        needed = max(B * T * num_processes, block_tokens or 0) + 1
         if sum(self.shard_lengths) < needed:
             raise UserError(f"split '{split}' in {data_root} has {sum(self.shard_lengths)} tokens, fewer than one "
-                            f"step needs ({needed} = B*T*processes + 1): use smaller -B/-T or more data")
+                            f"step needs ({needed} = B*T*processes, or the shuffled block, + 1): use smaller "
+                            "-B/-T/--total-batch-size or more data")
         self._checked = set()  # shards whose token ids were checked
         self._open = {}  # shard index -> memmap; a few stay open
         self.reset()
@@ -323,11 +331,16 @@ class DataLoaderLite:
 
     def _set_order(self):
         order = list(range(len(self.shards)))
+        self.blocks = None  # stream order
         if self.shuffle_seed is not None:
             rng = np.random.default_rng([self.shuffle_seed, self.epoch])
             order = [int(i) for i in rng.permutation(order)]
         self.order = order
         self.starts = np.cumsum([0] + [self.shard_lengths[i] for i in order])  # stream offset of each shard
+        self.epoch_tokens = int(self.starts[-1]) - 1  # every input needs the next token as its target
+        if self.shuffle_seed is not None and self.block_tokens:
+            self.blocks = rng.permutation(self.epoch_tokens // self.block_tokens)  # block k of the epoch is blocks[k]
+            self.epoch_tokens = len(self.blocks) * self.block_tokens
 
     def _tokens(self, shard_index):
         if shard_index not in self._open:
@@ -356,14 +369,22 @@ class DataLoaderLite:
             k += 1
         return out
 
+    def _stream_offset(self, position):
+        """Where the epoch's `position` is in the stream: the same, or inside its permuted block."""
+        if self.blocks is None:
+            return position
+        block, offset = divmod(position, self.block_tokens)
+        return int(self.blocks[block]) * self.block_tokens + offset
+
     def next_batch(self):
         B, T = self.B, self.T
         step_tokens = B * T * self.num_processes
-        if self.position + step_tokens + 1 > self.starts[-1]:  # the tail is shorter than a step
+        if self.position + step_tokens > self.epoch_tokens:  # the tail is shorter than a step (or block)
             self.epoch += 1
             self.position = 0
             self._set_order()
-        buf = torch.from_numpy(self._read(self.position + self.process_rank * B * T, B * T + 1))
+        # a window never crosses a block's end: blocks are a whole number of steps
+        buf = torch.from_numpy(self._read(self._stream_offset(self.position + self.process_rank * B * T), B * T + 1))
         self.position += step_tokens
         x, y = buf[:-1].view(B, T), buf[1:].view(B, T)  # targets are the inputs shifted by one
         if self.device.type == "cuda":  # pinned memory lets the copy overlap with the GPU's work
@@ -375,14 +396,20 @@ class DataLoaderLite:
 
     def state_dict(self):
         return {"split": self.split, "epoch": self.epoch, "position": self.position,
-                "shuffle_seed": self.shuffle_seed, "shards": [os.path.basename(p) for p in self.shards],
+                "shuffle_seed": self.shuffle_seed, "block_tokens": self.block_tokens,
+                "shards": [os.path.basename(p) for p in self.shards],
                 "shard_lengths": list(self.shard_lengths)}
 
     def load_state_dict(self, state):
         if state["shards"] != [os.path.basename(p) for p in self.shards] or state["shard_lengths"] != self.shard_lengths:
             raise UserError(f"the '{self.split}' shards differ from those the checkpoint was trained on: "
                             "resume with the same --data-dir, or start a new run with --resume none")
-        self.shuffle_seed = state["shuffle_seed"]
+        # the order the run was trained in goes on (checkpoints from before block shuffling have none)
+        self.shuffle_seed, self.block_tokens = state["shuffle_seed"], state.get("block_tokens")
+        if self.block_tokens and self.block_tokens % (self.B * self.T * self.num_processes):
+            raise UserError(f"the checkpoint shuffles blocks of {self.block_tokens} tokens, which B*T*processes = "
+                            f"{self.B * self.T * self.num_processes} does not divide: resume with its --total-batch-size "
+                            "and a -B/-T that divides it")
         self.epoch, self.position = state["epoch"], state["position"]
         self._set_order()
 
@@ -424,7 +451,7 @@ class TrainConfig:
     compile: bool | None = None  # None: on with CUDA
     loss_impl: str = "chunked"  # full, or chunked/fused: without materialising the (B, T, vocab) logits
     sdpa_backend: str = "default"  # attention kernel to prefer: default (PyTorch's choice), cudnn, flash, ...
-    shuffle: bool = False  # seeded shuffle of the train shard order every epoch
+    shuffle: bool = False  # seeded shuffle, every epoch, of the train shards' order and of the step-sized blocks
     seed: int = 1337
     vocab_multiple: int = 64  # 50257 -> 50304
     benchmark: int = 0  # time this many steps on random tokens (no data, evals or checkpoints); 0: train
@@ -846,7 +873,8 @@ def make_loaders(cfg, dist_ctx):
 
     def open_loaders():
         train_loader = None if cfg.eval_only else \
-            DataLoaderLite(split="train", shuffle_seed=cfg.seed if cfg.shuffle else None, **loader_args)
+            DataLoaderLite(split="train", shuffle_seed=cfg.seed if cfg.shuffle else None,
+                           block_tokens=cfg.total_batch_size if cfg.shuffle else None, **loader_args)
         val_loader = DataLoaderLite(split="val", **loader_args) if cfg.eval_every or cfg.eval_only else None
         return train_loader, val_loader
 
