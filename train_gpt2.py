@@ -461,8 +461,9 @@ class TrainConfig:
 
 
 # A few minutes on a CPU: a d4 model on the Python docs that `python fineweb.py --demo` prepares.
-DEMO = dict(model="d4", data_dir="data/pydoc", batch_size=8, seq_len=128, total_batch_size=1024,
-            max_steps=200, warmup_steps=10, lr=3e-3, eval_every=50, val_steps=4, hellaswag=False,
+# B=4: the 1,024-token step is 2 micro-batches in one process, or 1 on each of 2 ranks under torchrun.
+DEMO = dict(model="d4", data_dir="data/pydoc", batch_size=4, seq_len=128, total_batch_size=1024,
+            max_steps=200, warmup_steps=10, lr=3e-3, eval_every=50, val_steps=8, hellaswag=False,
             sample_every=100, sample_prompt="The", checkpoint_every=100, log_dir="log_demo")
 
 DEFAULT_MODEL = "gpt2"
@@ -1151,7 +1152,48 @@ FLAG_HELP = {
                  "directory or a training checkpoint (.pt), with a fresh optimizer at step 0",
     "eval_only": "evaluate the initial (--init-from, seeded or resumed) model, log it at its step, and exit",
     "export_hf": "write the --init-from model, else the checkpoint --resume picks, as an HF directory, and exit",
+    "data_dir": "directory of *_train_NNNNNN / *_val_NNNNNN token shards (.npy, or llm.c .bin)",
+    "batch_size": "micro-batch: sequences per forward pass per process",
+    "seq_len": "sequence length T (at most the model's block size)",
+    "total_batch_size": "tokens per optimizer step; divisible by B*T*processes (the rest is gradient accumulation)",
+    "max_steps": "optimizer steps of the whole run; the schedule ends here",
+    "warmup_steps": "steps of linear lr warmup",
+    "lr": "peak learning rate",
+    "min_lr_ratio": "the schedule decays to lr times this",
+    "lr_schedule": "cosine: decay from the end of warmup to --max-steps; wsd: warmup, hold --lr, cool down over "
+                   "--cooldown-steps (a stable-phase checkpoint can be resumed with another --max-steps)",
+    "cooldown_steps": "wsd: the last steps, over which the lr decays; 0: 20%% of --max-steps",
+    "cooldown_shape": "wsd: the cooldown's decay",
+    "weight_decay": "AdamW weight decay on matrices and embeddings",
+    "grad_clip": "clip the gradient norm to this; 0: no clipping",
+    "eval_every": "val loss (and HellaSwag) every N steps and at the end; 0: never",
+    "val_steps": "val batches per evaluation",
+    "hellaswag": "HellaSwag acc_norm at every eval (skipped with a warning when its data cannot be had)",
+    "hellaswag_data": "a local hellaswag_val.jsonl; empty: download it",
+    "sample_every": "print (and log) text samples every N steps; 0: never",
+    "sample_prompt": "the samples' prompt",
+    "checkpoint_every": "write a checkpoint every N steps and at the end; 0: only when stopped by a signal",
+    "keep_last": "checkpoints of this run kept in --log-dir; 0: all",
+    "log_dir": "log.txt, metrics.jsonl, checkpoints and tracking files of the run",
+    "resume": "auto (the newest good checkpoint in --log-dir), none, or a checkpoint path",
+    "device": "auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps",
+    "dtype": "auto: bf16 on CUDA (fp16 with loss scaling where bf16 is missing), fp32 elsewhere",
+    "compile": "torch.compile the model (default: on with CUDA)",
+    "loss_impl": "full computes the (B, T, vocab) logits; chunked and fused never hold them",
+    "sdpa_backend": "attention kernel to prefer; default (the default) leaves the choice to PyTorch",
+    "shuffle": "seeded shuffle, every epoch, of the train shards' order and of the blocks of one optimizer step",
+    "seed": "seed of the init, the shuffle and the samples",
+    "vocab_multiple": "pad the embedding rows to a multiple of this (64: 50257 -> 50304)",
+    "benchmark": "time N steps on random tokens (no data, evals or checkpoints), print the median, and exit",
+    "wandb": "log every metric to this Weights & Biases project (WANDB_MODE=offline or disabled is respected); "
+             "rank 0 only",
+    "wandb_name": "the W&B run's name (default: the log dir's name)",
+    "tensorboard": "write TensorBoard event files under {log_dir}/tensorboard/",
 }
+
+# the values an enumerated flag takes, shown as its metavar in --help
+FLAG_CHOICES = {"dtype": DTYPES, "loss_impl": LOSS_IMPLS, "sdpa_backend": tuple(SDPA_BACKENDS),
+                "lr_schedule": LR_SCHEDULES, "cooldown_shape": COOLDOWN_SHAPES, "resume": ("auto", "none", "PATH")}
 
 
 def build_parser():
@@ -1166,11 +1208,15 @@ def build_parser():
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         names = [short[f.name], flag] if f.name in short else [flag]
-        text = FLAG_HELP.get(f.name, f"(default: {getattr(defaults, f.name)})")
+        text, default = FLAG_HELP[f.name], getattr(defaults, f.name)
+        if "default" not in text and default not in ("", None):
+            text += f" (default: {default})"
         if f.type in (bool, bool | None):
             parser.add_argument(*names, action=argparse.BooleanOptionalAction, help=text)
         else:
-            parser.add_argument(*names, type=f.type, help=text)
+            # choices are checked by validate(), with every other problem, not by argparse
+            metavar = "{" + ",".join(FLAG_CHOICES[f.name]) + "}" if f.name in FLAG_CHOICES else None
+            parser.add_argument(*names, type=f.type, help=text, metavar=metavar)
     return parser
 
 
