@@ -18,15 +18,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_demo_runs_under_two_rank_torchrun(tmp_path):
     fineweb.main(["--demo", "--out", str(tmp_path / "data" / "pydoc")])  # as `python fineweb.py --demo` in tmp_path
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(REPO, "train_gpt2.py"), "--demo", "--max-steps", "4", "--eval-every", "2",
-           "--sample-every", "4", "--checkpoint-every", "4"]
+           os.path.join(REPO, "train_gpt2.py"), "--demo", "--max-steps", "2", "--eval-every", "2",
+           "--val-steps", "2", "--sample-every", "0", "--checkpoint-every", "2"]
     env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es) on cpu" in result.stdout and "grad accum 1" in result.stdout
     log = (tmp_path / "log_demo" / "log.txt").read_text().split("\n")
-    assert [line.split()[0] for line in log if " val " in line] == ["0", "2", "4"]
-    assert torch.load(tmp_path / "log_demo" / "model_00004.pt", weights_only=True)["step"] == 4
+    assert [line.split()[0] for line in log if " val " in line] == ["0", "2"]
+    assert torch.load(tmp_path / "log_demo" / "model_00002.pt", weights_only=True)["step"] == 2
     # one process runs the same 1,024-token steps as two micro-batches
     assert train_gpt2.validate(train_gpt2.parse_config(["--demo"]), world_size=1) == []
     assert train_gpt2.validate(train_gpt2.parse_config(["--demo"]), world_size=2) == []
