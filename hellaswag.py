@@ -35,7 +35,8 @@ def load_model(model_name=None, checkpoint=None):
         return GPT.from_checkpoint(checkpoint)
     import transformers
 
-    if not os.path.isdir(model_name):  # a hub name: from the cache, else fail fast when the hub is out of reach
+    if not os.path.exists(model_name) and not os.path.isabs(model_name) and model_name.count("/") <= 1:
+        # a hub name (`gpt2`, `org/name`): from the cache, else fail fast when the hub is out of reach
         try:
             return transformers.GPT2LMHeadModel.from_pretrained(model_name, local_files_only=True).float()
         except Exception:
