@@ -119,6 +119,10 @@ def test_tensorboard_and_wandb_match_metrics_jsonl_across_sigkill_and_resume(tmp
     # every tag, step by step, no step twice; TensorBoard keeps scalars as float32
     assert logged == {tag: [(step, float(np.float32(v))) for step, v in pairs] for tag, pairs in expected.items()}
     assert [s for s, _ in logged["train/loss"]] == list(range(8)) and [s for s, _ in logged["val/loss"]] == [0, 3, 6, 8]
+    # the counts go on from the checkpoint: as if the run had not been killed
+    norms = [n for _, n in expected["train/norm"]]
+    assert [c for _, c in expected["train/clipped_steps"]] == [sum(n > cfg.grad_clip for n in norms[:i + 1])
+                                                              for i in range(8)]
     for (kind, key), tag in EXPECTED_NAMES.items():
         assert tag in logged, (kind, key, tag)
     # the killed run's events at steps 3 and 4 are in the files: only purge_step keeps them out
