@@ -103,11 +103,11 @@ def test_tensorboard_and_wandb_match_metrics_jsonl_across_sigkill_and_resume(tmp
     monkeypatch.setenv("WANDB_SILENT", "true")
     data_dir = make_data(tmp_path / "data")
     cfg = tiny_config(data_dir, str(tmp_path / "log"), max_steps=8, checkpoint_every=3, eval_every=3,
-                      sample_every=3, resume="auto", tensorboard=True, wandb="tests")
+                      sample_every=3, resume="auto", tensorboard=True, wandb="tests", total_batch_size=32)
     child = multiprocessing.get_context("spawn").Process(target=killed_run, args=(cfg, 6))
     child.start()
-    child.join(120)
-    assert child.exitcode == -signal.SIGKILL
+    child.join(300)
+    assert child.exitcode == -signal.SIGKILL, child.exitcode
     first_id = open(os.path.join(cfg.log_dir, "wandb_run_id")).read()
     killed = jsonl_scalars(jsonl_rows(cfg.log_dir))
     assert max(step for step, _ in killed["train/loss"]) == 4  # steps 3 and 4 are redone from model_00003.pt
