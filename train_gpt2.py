@@ -574,11 +574,10 @@ def schedule_config(cfg, checkpoint):
         step, past_start = checkpoint["step"], cooldown_start(past["max_steps"], past["cooldown_steps"])
         if step <= past_start:
             start = max(start, step)
-        elif cfg.max_steps != past["max_steps"] or cfg.cooldown_steps not in (0, past["max_steps"] - past_start):
+        elif cfg.max_steps != past["max_steps"]:
             raise UserError(f"the checkpoint at step {step} is in the cooldown that started at step {past_start}: "
-                            f"resume it with --max-steps {past['max_steps']} (and its cooldown), or resume a "
-                            "checkpoint of the stable phase")
-        else:
+                            f"resume it with --max-steps {past['max_steps']}, or resume a checkpoint of the stable phase")
+        else:  # the cooldown under way goes on as it started, whatever --cooldown-steps says now
             start = past_start
     return replace(cfg, cooldown_steps=cfg.max_steps - start)
 

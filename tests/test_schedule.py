@@ -70,6 +70,7 @@ def test_a_checkpoint_in_its_cooldown_or_of_another_schedule_is_refused():
     in_cooldown = {"step": 90, "train_config": past}
     cfg = TrainConfig(lr_schedule="wsd", max_steps=100)
     assert schedule_config(cfg, in_cooldown).cooldown_steps == 20  # the same command resumes
+    assert schedule_config(replace(cfg, cooldown_steps=30), in_cooldown).cooldown_steps == 20  # the cooldown goes on
     with pytest.raises(UserError, match="in the cooldown that started at step 80"):
         schedule_config(replace(cfg, max_steps=200), in_cooldown)
     with pytest.raises(UserError, match="trained with --lr-schedule wsd, not cosine"):
