@@ -19,6 +19,7 @@ import os
 import sys
 import time
 
+from gpt2lib import hf
 from gpt2lib.common import (DTYPE_ALIASES, DTYPES, TORCH_DTYPES, UserError, atomic_write, canonical_dtype, one_line,
                             pick_device)
 from gpt2lib.hellaswag_data import SPLITS, STYLES, VAL_ROWS, download, load_examples  # noqa: F401  (public API)
@@ -34,6 +35,12 @@ def load_model(model_name=None, checkpoint=None):
         return GPT.from_checkpoint(checkpoint)
     import transformers
 
+    if not os.path.exists(model_name) and not os.path.isabs(model_name) and model_name.count("/") <= 1:
+        # a hub name (`gpt2`, `org/name`): from the cache, else fail fast when the hub is out of reach
+        try:
+            return transformers.GPT2LMHeadModel.from_pretrained(model_name, local_files_only=True).float()
+        except Exception:
+            hf.check_hub_reachable(f"model {model_name!r}")
     try:
         model = transformers.GPT2LMHeadModel.from_pretrained(model_name)
     except Exception as e:  # hub, file and format errors come in many types

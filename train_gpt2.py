@@ -31,7 +31,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from gpt2lib import checkpoints, hf, resume, sampling
+from gpt2lib import checkpoints, hf, resume, sampling, tracking
 from gpt2lib.common import (DTYPES, GPT2_EOT, GPT2_VOCAB_SIZE, Precision, UserError, canonical_dtype,
                             get_encoding, one_line, pick_device, resolve_dtype)
 from gpt2lib.distributed import DistContext, FollowerStop, setup_distributed
@@ -308,20 +308,28 @@ class DataLoaderLite:
     cross shard boundaries, so over an epoch every token is used once, by exactly one rank; only
     the stream's final tail, shorter than one step, is skipped before the next epoch starts.
     The position is global, so state_dict() is the same on every rank.
+
+    With shuffle_seed and block_tokens (training passes the optimizer step's tokens, a multiple of
+    B*T*num_processes that does not depend on the world size), the stream is also cut into blocks of
+    block_tokens (each with the token after it as its last target) that every epoch reads in a
+    seeded order: the position counts through the permuted blocks, so coverage and exact resume,
+    on any world size with the same blocks, stay as above; the tail skipped is shorter than a block.
     """
 
     def __init__(self, B, T, process_rank, num_processes, split, data_root, shuffle_seed=None,
-                 vocab_size=GPT2_VOCAB_SIZE, device="cpu"):
+                 vocab_size=GPT2_VOCAB_SIZE, device="cpu", block_tokens=None):
         self.B, self.T = B, T
         self.process_rank, self.num_processes = process_rank, num_processes
         self.split, self.shuffle_seed, self.vocab_size = split, shuffle_seed, vocab_size
+        self.block_tokens = block_tokens
         self.device = torch.device(device)
         self.shards = find_shards(data_root, split)
         self.shard_lengths = [len(open_shard(path)) for path in self.shards]
-        needed = B * T * num_processes + 1
+        needed = max(B * T * num_processes, block_tokens or 0) + 1
         if sum(self.shard_lengths) < needed:
             raise UserError(f"split '{split}' in {data_root} has {sum(self.shard_lengths)} tokens, fewer than one "
-                            f"step needs ({needed} = B*T*processes + 1): use smaller -B/-T or more data")
+                            f"step needs ({needed} = B*T*processes, or the shuffled block, + 1): use smaller "
+                            "-B/-T/--total-batch-size or more data")
         self._checked = set()  # shards whose token ids were checked
         self._open = {}  # shard index -> memmap; a few stay open
         self.reset()
@@ -332,11 +340,16 @@ class DataLoaderLite:
 
     def _set_order(self):
         order = list(range(len(self.shards)))
+        self.blocks = None  # stream order
         if self.shuffle_seed is not None:
             rng = np.random.default_rng([self.shuffle_seed, self.epoch])
             order = [int(i) for i in rng.permutation(order)]
         self.order = order
         self.starts = np.cumsum([0] + [self.shard_lengths[i] for i in order])  # stream offset of each shard
+        self.epoch_tokens = int(self.starts[-1]) - 1  # every input needs the next token as its target
+        if self.shuffle_seed is not None and self.block_tokens:
+            self.blocks = rng.permutation(self.epoch_tokens // self.block_tokens)  # block k of the epoch is blocks[k]
+            self.epoch_tokens = len(self.blocks) * self.block_tokens
 
     def _tokens(self, shard_index):
         if shard_index not in self._open:
@@ -365,14 +378,22 @@ class DataLoaderLite:
             k += 1
         return out
 
+    def _stream_offset(self, position):
+        """Where the epoch's `position` is in the stream: the same, or inside its permuted block."""
+        if self.blocks is None:
+            return position
+        block, offset = divmod(position, self.block_tokens)
+        return int(self.blocks[block]) * self.block_tokens + offset
+
     def next_batch(self):
         B, T = self.B, self.T
         step_tokens = B * T * self.num_processes
-        if self.position + step_tokens + 1 > self.starts[-1]:  # the tail is shorter than a step
+        if self.position + step_tokens > self.epoch_tokens:  # the tail is shorter than a step (or block)
             self.epoch += 1
             self.position = 0
             self._set_order()
-        buf = torch.from_numpy(self._read(self.position + self.process_rank * B * T, B * T + 1))
+        # a window never crosses a block's end: blocks are a whole number of steps
+        buf = torch.from_numpy(self._read(self._stream_offset(self.position + self.process_rank * B * T), B * T + 1))
         self.position += step_tokens
         x, y = buf[:-1].view(B, T), buf[1:].view(B, T)  # targets are the inputs shifted by one
         if self.device.type == "cuda":  # pinned memory lets the copy overlap with the GPU's work
@@ -384,14 +405,20 @@ class DataLoaderLite:
 
     def state_dict(self):
         return {"split": self.split, "epoch": self.epoch, "position": self.position,
-                "shuffle_seed": self.shuffle_seed, "shards": [os.path.basename(p) for p in self.shards],
+                "shuffle_seed": self.shuffle_seed, "block_tokens": self.block_tokens,
+                "shards": [os.path.basename(p) for p in self.shards],
                 "shard_lengths": list(self.shard_lengths)}
 
     def load_state_dict(self, state):
         if state["shards"] != [os.path.basename(p) for p in self.shards] or state["shard_lengths"] != self.shard_lengths:
             raise UserError(f"the '{self.split}' shards differ from those the checkpoint was trained on: "
                             "resume with the same --data-dir, or start a new run with --resume none")
-        self.shuffle_seed = state["shuffle_seed"]
+        # the order the run was trained in goes on (checkpoints from before block shuffling have none)
+        self.shuffle_seed, self.block_tokens = state["shuffle_seed"], state.get("block_tokens")
+        if self.block_tokens and self.block_tokens % (self.B * self.T * self.num_processes):
+            raise UserError(f"the checkpoint shuffles blocks of {self.block_tokens} tokens, which B*T*processes = "
+                            f"{self.B * self.T * self.num_processes} does not divide: resume with its --total-batch-size "
+                            "and a -B/-T that divides it")
         self.epoch, self.position = state["epoch"], state["position"]
         self._set_order()
 
@@ -413,7 +440,10 @@ class TrainConfig:
     max_steps: int = 19073  # 10B tokens / 2**19: one epoch of FineWeb-Edu sample-10BT
     warmup_steps: int = 715  # 375M tokens, as in GPT-3
     lr: float = 6e-4
-    min_lr_ratio: float = 0.1  # cosine decays to 10% of lr
+    min_lr_ratio: float = 0.1  # the schedule decays to 10% of lr
+    lr_schedule: str = "cosine"  # cosine: decay from warmup to max_steps; wsd: warmup, hold lr, cool down at the end
+    cooldown_steps: int = 0  # wsd: the last steps, which decay the lr; 0: 20% of max_steps
+    cooldown_shape: str = "linear"  # wsd: linear or 1-sqrt
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     eval_every: int = 250
@@ -435,15 +465,19 @@ class TrainConfig:
     compile: bool | None = None  # None: on with CUDA
     loss_impl: str = "chunked"  # full, or chunked/fused: without materialising the (B, T, vocab) logits
     sdpa_backend: str = "default"  # attention kernel to prefer: default (PyTorch's choice), cudnn, flash, ...
-    shuffle: bool = False  # seeded shuffle of the train shard order every epoch
+    shuffle: bool = False  # seeded shuffle, every epoch, of the train shards' order and of the step-sized blocks
     seed: int = 1337
     vocab_multiple: int = 64  # 50257 -> 50304
     benchmark: int = 0  # time this many steps on random tokens (no data, evals or checkpoints); 0: train
+    wandb: str = ""  # W&B project to log to (WANDB_MODE offline/disabled respected); empty: no W&B
+    wandb_name: str = ""  # W&B run name; empty: the log dir's name
+    tensorboard: bool = False  # TensorBoard event files under {log_dir}/tensorboard/
 
 
 # A few minutes on a CPU: a d4 model on the Python docs that `python fineweb.py --demo` prepares.
-DEMO = dict(model="d4", data_dir="data/pydoc", batch_size=8, seq_len=128, total_batch_size=1024,
-            max_steps=200, warmup_steps=10, lr=3e-3, eval_every=50, val_steps=4, hellaswag=False,
+# B=4: the 1,024-token step is 2 micro-batches in one process, or 1 on each of 2 ranks under torchrun.
+DEMO = dict(model="d4", data_dir="data/pydoc", batch_size=4, seq_len=128, total_batch_size=1024,
+            max_steps=200, warmup_steps=10, lr=3e-3, eval_every=50, val_steps=8, hellaswag=False,
             sample_every=100, sample_prompt="The", checkpoint_every=100, log_dir="log_demo")
 
 DEFAULT_MODEL = "gpt2"
@@ -469,6 +503,12 @@ def validate(cfg, world_size):
         problems.append(f"--lr must be positive, got {cfg.lr}")
     if not 0 <= cfg.min_lr_ratio <= 1:
         problems.append(f"--min-lr-ratio must be in [0, 1], got {cfg.min_lr_ratio}")
+    if cfg.lr_schedule not in LR_SCHEDULES:
+        problems.append(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {cfg.lr_schedule}")
+    if cfg.cooldown_shape not in COOLDOWN_SHAPES:
+        problems.append(f"--cooldown-shape must be one of {', '.join(COOLDOWN_SHAPES)}, got {cfg.cooldown_shape}")
+    if not 0 <= cfg.cooldown_steps <= cfg.max_steps:
+        problems.append(f"--cooldown-steps must be in [0, --max-steps {cfg.max_steps}], got {cfg.cooldown_steps}")
     if model_config and cfg.seq_len > model_config.block_size:
         problems.append(f"--seq-len {cfg.seq_len} exceeds the model's block size {model_config.block_size}")
     micro = cfg.batch_size * cfg.seq_len * world_size
@@ -499,21 +539,67 @@ def validate(cfg, world_size):
     for flag, on in (("--export-hf", cfg.export_hf), ("--generate", cfg.generate)):
         if on and world_size > 1:
             problems.append(f"{flag} runs in one process: run it with python, not torchrun")
+    problems += tracking.missing_packages(cfg.wandb, cfg.tensorboard)
     return problems
 
 
 # -----------------------------------------------------------------------------
 # one optimizer step: lr, micro-steps (the DDP sync flag set before each forward), clip, update
 
+LR_SCHEDULES = ("cosine", "wsd")
+COOLDOWN_SHAPES = ("linear", "1-sqrt")
+
+
 def get_lr(step, cfg):
-    """Linear warmup to cfg.lr, then cosine decay to cfg.lr * min_lr_ratio at max_steps."""
+    """Linear warmup to cfg.lr, then a decay to cfg.lr * min_lr_ratio at max_steps: cosine over all
+    the steps after warmup, or (wsd: warmup-stable-decay) cfg.lr held until the last cooldown steps,
+    which decay linearly or as 1 - sqrt(progress)."""
     min_lr = cfg.lr * cfg.min_lr_ratio
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if step >= cfg.max_steps:
         return min_lr
+    if cfg.lr_schedule == "wsd":
+        start = cooldown_start(cfg.max_steps, cfg.cooldown_steps)
+        if step < start:
+            return cfg.lr
+        progress = (step - start) / (cfg.max_steps - start)
+        decayed = progress if cfg.cooldown_shape == "linear" else math.sqrt(progress)
+        return min_lr + (1.0 - decayed) * (cfg.lr - min_lr)
     progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - min_lr)
+
+
+def cooldown_start(max_steps, cooldown_steps):
+    """The first step of wsd's cooldown; --cooldown-steps 0 means 20% of --max-steps."""
+    return max_steps - (cooldown_steps or max_steps // 5)
+
+
+def schedule_config(cfg, checkpoint):
+    """cfg with the wsd cooldown fixed, so that the lr of the steps a resumed checkpoint already
+    trained never changes. A checkpoint of the stable phase continues it under a larger --max-steps,
+    and under a smaller one the cooldown starts at the checkpoint at the earliest. A checkpoint
+    already in its cooldown keeps that cooldown: another --max-steps is refused."""
+    if cfg.eval_only:  # no step is trained
+        return cfg
+    past = (checkpoint or {}).get("train_config") or {}
+    if checkpoint is not None and past.get("lr_schedule", "cosine") != cfg.lr_schedule:
+        raise UserError(f"the checkpoint at step {checkpoint['step']} was trained with --lr-schedule "
+                        f"{past.get('lr_schedule', 'cosine')}, not {cfg.lr_schedule}: pass the same --lr-schedule, "
+                        "or --resume none")
+    if cfg.lr_schedule != "wsd":
+        return cfg
+    start = cooldown_start(cfg.max_steps, cfg.cooldown_steps)
+    if checkpoint is not None:
+        step, past_start = checkpoint["step"], cooldown_start(past["max_steps"], past["cooldown_steps"])
+        if step <= past_start:
+            start = max(start, step)
+        elif cfg.max_steps != past["max_steps"]:
+            raise UserError(f"the checkpoint at step {step} is in the cooldown that started at step {past_start}: "
+                            f"resume it with --max-steps {past['max_steps']}, or resume a checkpoint of the stable phase")
+        else:  # the cooldown under way goes on as it started, whatever --cooldown-steps says now
+            start = past_start
+    return replace(cfg, cooldown_steps=cfg.max_steps - start)
 
 
 def configure_optimizer(model, weight_decay, lr, device_type):
@@ -607,9 +693,23 @@ def train(cfg, dist_ctx, stop=None):
     no training, no checkpoint."""
     stop = stop or StopRequest()
     run = setup_run(cfg, dist_ctx)
-    if cfg.eval_only:
-        run_evals(run, run.start_step)
-        return {"losses": [], "metrics": [], "val_loss": run.val_loss}
+    ok = False
+    try:
+        if cfg.eval_only:
+            run_evals(run, run.start_step)
+            losses, step_metrics = [], []
+        else:
+            losses, step_metrics = train_loop(run, stop)
+        ok = True
+    finally:
+        run.log.close(ok)  # the W&B run finishes as failed when the loop raised
+    return {"losses": losses, "metrics": step_metrics, "val_loss": run.val_loss}
+
+
+def train_loop(run, stop):
+    """Steps run.start_step .. max_steps with their evals, samples and checkpoints; returns the train
+    losses and logged metrics of the steps it ran."""
+    cfg, dist_ctx = run.cfg, run.dist_ctx
     losses, step_metrics, stopping = [], [], False
     for step in range(run.start_step, cfg.max_steps + 1):
         last_step = step == cfg.max_steps
@@ -632,7 +732,7 @@ def train(cfg, dist_ctx, stop=None):
         step_metrics.append(log_step(run, step, result, timer.seconds))
         losses.append(result.loss)
         stopping = result.stop
-    return {"losses": losses, "metrics": step_metrics, "val_loss": run.val_loss}
+    return losses, step_metrics
 
 
 def due(every, step, last_step):
@@ -670,8 +770,9 @@ class StepTimer:
 def log_step(run, step, result, seconds):
     """Print (rank 0) and log a step's numbers; returns them as metrics.jsonl has them."""
     cfg, device = run.cfg, run.dist_ctx.device
+    count_step_outcome(run.counts, result.norm, cfg.grad_clip, run.precision.scaler.is_enabled())
     metrics = {"lr": result.lr, "norm": result.norm, "dt_ms": seconds * 1000,
-               "tokens_per_sec": cfg.total_batch_size / seconds}
+               "tokens_per_sec": cfg.total_batch_size / seconds, **run.counts}
     line = (f"step {step:5d} | loss {result.loss:.6f} | lr {result.lr:.4e} | norm {result.norm:.4f} | "
             f"dt {seconds * 1000:.2f}ms | tok/sec {metrics['tokens_per_sec']:.0f}")
     if run.gpu_peak_flops:
@@ -685,6 +786,14 @@ def log_step(run, step, result, seconds):
         print(line)
     run.log.write(step, "train", result.loss, **metrics)
     return metrics
+
+
+def count_step_outcome(counts, norm, grad_clip, fp16):
+    """Add a step to the run's counts: clipped (the norm exceeded --grad-clip) or, with fp16, skipped
+    (an overflow: the scaler skipped the update)."""
+    skipped = fp16 and not math.isfinite(norm)
+    counts["skipped_steps"] = counts.get("skipped_steps", 0) + int(skipped)
+    counts["clipped_steps"] = counts.get("clipped_steps", 0) + int(not skipped and 0 < grad_clip < norm)
 
 
 @torch.no_grad()
@@ -732,9 +841,11 @@ def run_evals(run, step):
 def print_samples(run, step):
     run.raw_model.eval()
     with run.precision.autocast():
-        for text in generate(run.raw_model, run.cfg.sample_prompt, run.cfg.max_new_tokens, run.cfg.num_samples,
-                             run.cfg.top_k, run.cfg.temperature, seed=run.cfg.seed + step):
-            print(f"sample: {text!r}")
+        texts = generate(run.raw_model, run.cfg.sample_prompt, run.cfg.max_new_tokens, run.cfg.num_samples,
+                         run.cfg.top_k, run.cfg.temperature, seed=run.cfg.seed + step)
+    for text in texts:
+        print(f"sample: {text!r}")
+    run.log.write_samples(step, run.cfg.sample_prompt, texts)
     run.raw_model.train()
 
 
@@ -745,7 +856,7 @@ def save(step, run):
     rng_states = run.dist_ctx.gather_objects(checkpoints.rng_state(run.dist_ctx.device))
     path = run.dist_ctx.decide(lambda: checkpoints.write_checkpoint(
         step, run.raw_model, run.optimizer, run.precision, run.cfg, run.val_loss, loader_states, rng_states,
-        run.run_id))
+        run.run_id, run.counts))
     if run.dist_ctx.master_process:
         print(f"step {step:5d} | saved {path}")
 
@@ -773,6 +884,7 @@ class Run:
     start_step: int
     val_loss: float | None
     run_id: str
+    counts: dict  # clipped_steps and skipped_steps so far, kept in checkpoints
 
 
 def make_loaders(cfg, dist_ctx):
@@ -783,7 +895,8 @@ def make_loaders(cfg, dist_ctx):
 
     def open_loaders():
         train_loader = None if cfg.eval_only else \
-            DataLoaderLite(split="train", shuffle_seed=cfg.seed if cfg.shuffle else None, **loader_args)
+            DataLoaderLite(split="train", shuffle_seed=cfg.seed if cfg.shuffle else None,
+                           block_tokens=cfg.total_batch_size if cfg.shuffle else None, **loader_args)
         val_loader = DataLoaderLite(split="val", **loader_args) if cfg.eval_every or cfg.eval_only else None
         return train_loader, val_loader
 
@@ -837,9 +950,11 @@ def setup_run(cfg, dist_ctx):
     optimizer = None if cfg.eval_only else configure_optimizer(raw_model, cfg.weight_decay, cfg.lr, device.type)
     checkpoint = start.checkpoint
     resumed = checkpoint is not None
+    cfg = schedule_config(cfg, checkpoint)  # the holder checked it in check_resumable
     start_step = restore(checkpoint, raw_model, optimizer, precision, train_loader, dist_ctx) if resumed else 0
     val_loss = checkpoint.get("val_loss") if resumed else None
     run_id = start.run_id
+    counts = dict(checkpoint.get("counts") or {}) if resumed else {}
     del checkpoint, start  # full copies of the weights (and optimizer state)
     hella_examples = None
     if cfg.hellaswag and (cfg.eval_every or cfg.eval_only):
@@ -854,9 +969,15 @@ def setup_run(cfg, dist_ctx):
         print(f"model {model_name(cfg)}: {raw_model.num_parameters():,} parameters | {dist_ctx.world_size} process(es) "
               f"on {device.type} | {precision.name} | compile {use_compile} | grad accum {grad_accum_steps} | {how}"
               f"{' | eval only' if cfg.eval_only else ''}")
+        if cfg.lr_schedule == "wsd" and not cfg.eval_only:
+            print(f"lr schedule wsd: warmup {cfg.warmup_steps} steps, lr {cfg.lr:g} until step "
+                  f"{cfg.max_steps - cfg.cooldown_steps}, {cfg.cooldown_shape} cooldown to {cfg.lr * cfg.min_lr_ratio:g} "
+                  f"at step {cfg.max_steps}")
+    trackers = tracking.Tracking.open(cfg.log_dir, start_step, cfg.wandb, cfg.wandb_name, cfg.tensorboard,
+                                      asdict(cfg)) if master else None
     return Run(cfg, dist_ctx, raw_model, model, optimizer, precision, train_loader, val_loader, hella_examples,
-               checkpoints.RunLog(cfg.log_dir, master), grad_accum_steps, gpu_peak_flops(device, master), start_step, val_loss,
-               run_id)
+               checkpoints.RunLog(cfg.log_dir, master, trackers), grad_accum_steps, gpu_peak_flops(device, master),
+               start_step, val_loss, run_id, counts)
 
 
 # ---- how a run starts: a seeded init, --init-from's weights, or a checkpoint of this run to resume
@@ -927,6 +1048,7 @@ def check_resumable(path, checkpoint, cfg):
     if not same_source(started_from, cfg.init_from):
         raise UserError(f"{path} is a run started from {origin_text(started_from)}, not from "
                         f"{origin_text(cfg.init_from)}: pass the same --init-from, another --log-dir, or --resume none")
+    schedule_config(cfg, checkpoint)
     config = asdict(GPTConfig(**checkpoint["config"]))
     if not cfg.init_from:
         expected = asdict(config_for(cfg.model or DEFAULT_MODEL, vocab_multiple=cfg.vocab_multiple))
@@ -1019,7 +1141,8 @@ def benchmark(cfg, dist_ctx, stop=None):
         tokens = np.random.default_rng(cfg.seed).integers(0, GPT2_VOCAB_SIZE, 2 * cfg.total_batch_size + 1)
         np.save(os.path.join(tmp, "random_train_000001.npy"), tokens.astype(np.uint16))
         run = replace(cfg, data_dir=tmp, log_dir=os.path.join(tmp, "log"), max_steps=steps, benchmark=0,
-                      eval_every=0, sample_every=0, checkpoint_every=0, hellaswag=False, resume="none")
+                      eval_every=0, sample_every=0, checkpoint_every=0, hellaswag=False, resume="none",
+                      wandb="", tensorboard=False)
         timed = train(run, dist_ctx, stop)["metrics"][BENCHMARK_WARMUP_STEPS:]
     if not timed:
         return None
@@ -1092,7 +1215,48 @@ FLAG_HELP = {
     "max_new_tokens": "tokens each sample adds to its prompt (default: 32)",
     "top_k": "sample among the k likeliest tokens; 0: the whole vocabulary; 1: greedy (default: 50)",
     "temperature": "divides the logits before sampling: lower is more conservative (default: 1.0)",
+    "data_dir": "directory of *_train_NNNNNN / *_val_NNNNNN token shards (.npy, or llm.c .bin)",
+    "batch_size": "micro-batch: sequences per forward pass per process",
+    "seq_len": "sequence length T (at most the model's block size)",
+    "total_batch_size": "tokens per optimizer step; divisible by B*T*processes (the rest is gradient accumulation)",
+    "max_steps": "optimizer steps of the whole run; the schedule ends here",
+    "warmup_steps": "steps of linear lr warmup",
+    "lr": "peak learning rate",
+    "min_lr_ratio": "the schedule decays to lr times this",
+    "lr_schedule": "cosine: decay from the end of warmup to --max-steps; wsd: warmup, hold --lr, cool down over "
+                   "--cooldown-steps (a stable-phase checkpoint can be resumed with another --max-steps)",
+    "cooldown_steps": "wsd: the last steps, over which the lr decays; 0: 20%% of --max-steps",
+    "cooldown_shape": "wsd: the cooldown's decay",
+    "weight_decay": "AdamW weight decay on matrices and embeddings",
+    "grad_clip": "clip the gradient norm to this; 0: no clipping",
+    "eval_every": "val loss (and HellaSwag) every N steps and at the end; 0: never",
+    "val_steps": "val batches per evaluation",
+    "hellaswag": "HellaSwag acc_norm at every eval (skipped with a warning when its data cannot be had)",
+    "hellaswag_data": "a local hellaswag_val.jsonl; empty: download it",
+    "sample_every": "print (and log) text samples every N steps; 0: never",
+    "sample_prompt": "the samples' prompt",
+    "checkpoint_every": "write a checkpoint every N steps and at the end; 0: only when stopped by a signal",
+    "keep_last": "checkpoints of this run kept in --log-dir; 0: all",
+    "log_dir": "log.txt, metrics.jsonl, checkpoints and tracking files of the run",
+    "resume": "auto (the newest good checkpoint in --log-dir), none, or a checkpoint path",
+    "device": "auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps",
+    "dtype": "auto: bf16 on CUDA (fp16 with loss scaling where bf16 is missing), fp32 elsewhere",
+    "compile": "torch.compile the model (default: on with CUDA)",
+    "loss_impl": "full computes the (B, T, vocab) logits; chunked and fused never hold them",
+    "sdpa_backend": "attention kernel to prefer; default (the default) leaves the choice to PyTorch",
+    "shuffle": "seeded shuffle, every epoch, of the train shards' order and of the blocks of one optimizer step",
+    "seed": "seed of the init, the shuffle and the samples",
+    "vocab_multiple": "pad the embedding rows to a multiple of this (64: 50257 -> 50304)",
+    "benchmark": "time N steps on random tokens (no data, evals or checkpoints), print the median, and exit",
+    "wandb": "log every metric to this Weights & Biases project (WANDB_MODE=offline or disabled is respected); "
+             "rank 0 only",
+    "wandb_name": "the W&B run's name (default: the log dir's name)",
+    "tensorboard": "write TensorBoard event files under {log_dir}/tensorboard/",
 }
+
+# the values an enumerated flag takes, shown as its metavar in --help
+FLAG_CHOICES = {"dtype": DTYPES, "loss_impl": LOSS_IMPLS, "sdpa_backend": tuple(SDPA_BACKENDS),
+                "lr_schedule": LR_SCHEDULES, "cooldown_shape": COOLDOWN_SHAPES, "resume": ("auto", "none", "PATH")}
 
 
 def build_parser():
@@ -1107,11 +1271,15 @@ def build_parser():
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         names = [short[f.name], flag] if f.name in short else [flag]
-        text = FLAG_HELP.get(f.name, f"(default: {getattr(defaults, f.name)})")
+        text, default = FLAG_HELP[f.name], getattr(defaults, f.name)
+        if "default" not in text and default not in ("", None):
+            text += f" (default: {default})"
         if f.type in (bool, bool | None):
             parser.add_argument(*names, action=argparse.BooleanOptionalAction, help=text)
         else:
-            parser.add_argument(*names, type=f.type, help=text)
+            # choices are checked by validate(), with every other problem, not by argparse
+            metavar = "{" + ",".join(FLAG_CHOICES[f.name]) + "}" if f.name in FLAG_CHOICES else None
+            parser.add_argument(*names, type=f.type, help=text, metavar=metavar)
     return parser
 
 

@@ -7,10 +7,11 @@
     checkpoints     checkpoint files, the resume choice, other runs set aside, the run log
     distributed     process groups and rank-0 decisions shared with every rank
     metrics         FLOPs per token and GPU peak FLOP/s, for MFU
+    tracking        W&B and TensorBoard: every metrics.jsonl row, rank 0 only, optional packages
     hellaswag_data  HellaSwag's jsonl: download, validation, reading
     hellaswag_scoring  HellaSwag tokenization, batching and scoring (training and hellaswag.py)
 
 Only the scripts import this package; it never imports a script, and no two of its modules
-import each other both ways. Importing any of it does no heavy work (transformers, tiktoken and
-datasets load on first use).
+import each other both ways. Importing any of it does no heavy work (transformers, tiktoken,
+datasets, wandb and tensorboard load on first use).
 """

@@ -2,7 +2,8 @@
 
 A checkpoint is log_dir/model_{step:05d}.pt, a dict saved by torch.save and read with
 weights_only=True: model (our state_dict), optimizer, scaler, step, config (the GPTConfig fields in
-MODEL_CONFIG_KEYS), train_config, val_loss, and every rank's loader and rng state. This module writes
+MODEL_CONFIG_KEYS), train_config, val_loss, every rank's loader and rng state, and counts (clipped
+and skipped steps). This module writes
 and reads them, picks the one to resume, sets other runs' files aside in previous_N/, and keeps the
 run log (log.txt, metrics.jsonl)."""
 
@@ -14,6 +15,7 @@ from dataclasses import asdict
 
 import torch
 
+from gpt2lib import tracking
 from gpt2lib.common import UserError, atomic_write, one_line
 
 # the model config a checkpoint stores: train_gpt2.GPTConfig's fields (a test keeps the two equal)
@@ -83,8 +85,9 @@ def files_of_other_runs(log_dir, resume_path, resume_step):
             if os.path.isfile(os.path.join(log_dir, name)) and os.path.getsize(os.path.join(log_dir, name))]
     continues_here = resume_path is not None and \
         os.path.samefile(os.path.dirname(os.path.abspath(resume_path)), log_dir)
-    if not continues_here:
-        return checkpoints + logs, []
+    if not continues_here:  # W&B and TensorBoard files go too: this run starts its own
+        trackers = [os.path.join(log_dir, name) for name in tracking.PATHS if os.path.exists(os.path.join(log_dir, name))]
+        return checkpoints + logs + trackers, []
     newer = [path for path in checkpoints if checkpoint_step(path) > resume_step]
     return (newer, logs) if newer else ([], [])
 
@@ -104,7 +107,8 @@ def set_aside(log_dir, move, copy):
     return aside
 
 
-def write_checkpoint(step, raw_model, optimizer, precision, cfg, val_loss, loader_states, rng_states, run_id):
+def write_checkpoint(step, raw_model, optimizer, precision, cfg, val_loss, loader_states, rng_states, run_id,
+                     counts=None):
     """Write log_dir/model_{step}.pt atomically; then, with --keep-last, delete this run's oldest
     checkpoints (log_dir holds only this run's: others were set aside at start)."""
     path = os.path.join(cfg.log_dir, f"model_{step:05d}.pt")
@@ -119,6 +123,7 @@ def write_checkpoint(step, raw_model, optimizer, precision, cfg, val_loss, loade
         "loader": loader_states,  # per rank
         "rng": rng_states,  # per rank
         "run_id": run_id,  # tells this run's checkpoints from another's when nodes compare theirs
+        "counts": counts or {},  # clipped and skipped steps so far
     }
     atomic_write(path, lambda f: torch.save(checkpoint, f))
     if cfg.keep_last:
@@ -140,12 +145,14 @@ def set_rng_state(state, device):
 
 class RunLog:
     """log.txt with build-nanogpt's lines (`{step} train {loss}`, `... val ...`, `... hella ...`)
-    and metrics.jsonl with everything else. Only the master process writes."""
+    and metrics.jsonl with everything else (samples too), each row also sent to the trackers
+    (a gpt2lib.tracking.Tracking). Only the master process writes."""
 
-    def __init__(self, log_dir, enabled):
+    def __init__(self, log_dir, enabled, trackers=None):
         self.enabled = enabled
         self.text_path = os.path.join(log_dir, "log.txt")
         self.jsonl_path = os.path.join(log_dir, "metrics.jsonl")
+        self.trackers = trackers
 
     @staticmethod
     def prepare(log_dir, resume_step):
@@ -188,8 +195,23 @@ class RunLog:
             return
         with open(self.text_path, "a") as f:
             f.write(f"{step} {kind} {value:.6f}\n" if kind == "train" else f"{step} {kind} {value:.4f}\n")
+        self._append_row({"step": step, "kind": kind, "value": value, **metrics})
+
+    def write_samples(self, step, prompt, texts):
+        """Samples go to metrics.jsonl (kind `sample`) and the trackers; log.txt has numbers only."""
+        if self.enabled:
+            self._append_row({"step": step, "kind": "sample", "prompt": prompt, "texts": list(texts)})
+
+    def _append_row(self, row):
         with open(self.jsonl_path, "a") as f:
-            f.write(json.dumps({"step": step, "kind": kind, "value": value, **metrics}) + "\n")
+            f.write(json.dumps(row) + "\n")
+        if self.trackers is not None:
+            self.trackers.log(row)
+
+    def close(self, ok=True):
+        """Finish the trackers' runs (ok False: the run failed)."""
+        if self.trackers is not None:
+            self.trackers.close(ok)
 
 
 def prepare_run_dir(log_dir, resume_path, resume_step, logs=None):

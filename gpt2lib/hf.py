@@ -7,7 +7,9 @@ hub client are imported when used."""
 import json
 import os
 import shutil
+import socket
 import tempfile
+import urllib.parse
 
 import torch
 
@@ -21,10 +23,30 @@ CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight"
 HF_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 
 
+def check_hub_reachable(what, timeout=5.0):
+    """A one-line UserError at once when the HuggingFace hub cannot be reached (no network, no DNS):
+    its client would first retry for half a minute. Offline mode (HF_HUB_OFFLINE) and proxies are
+    left to the client."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on") or \
+            any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return
+    url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+    except OSError as e:
+        raise UserError(f"cannot reach the HuggingFace hub at {url.hostname} ({one_line(e)}) to download {what}: "
+                        "check the network, or pass a local directory written by save_pretrained") from None
+
+
 def download_hf_model(name):
     """Download an OpenAI GPT-2 from the HuggingFace hub; returns the local directory."""
     from huggingface_hub import snapshot_download
 
+    try:  # a copy in the hub cache needs no network
+        return snapshot_download(f"openai-community/{name}", allow_patterns=["config.json", "model.safetensors"],
+                                 local_files_only=True)
+    except Exception:
+        check_hub_reachable(f"'{name}'")
     try:
         return snapshot_download(f"openai-community/{name}", allow_patterns=["config.json", "model.safetensors"])
     except Exception as e:  # the hub client raises many error types; all mean the same to the user

@@ -12,16 +12,22 @@ from gpt2lib.common import UserError
 LLMC_MAGIC, LLMC_VERSION, LLMC_HEADER_BYTES = 20240520, 1, 256 * 4
 
 
+def make_command(data_root):
+    """The command that makes data_root's shards: `fineweb.py --demo` for the directory it writes (data/pydoc)."""
+    demo = os.path.normpath(os.path.abspath(data_root)).split(os.sep)[-2:] == ["data", "pydoc"]
+    return "`python fineweb.py --demo`" if demo else "`python fineweb.py`"
+
+
 def find_shards(data_root, split):
     """Sorted shard paths of one split: files named like `{prefix}_{split}_{idx}.npy` or `.bin`."""
     if not os.path.isdir(data_root):
-        raise UserError(f"data directory {data_root} does not exist: run `python fineweb.py` to make it, "
+        raise UserError(f"data directory {data_root} does not exist: run {make_command(data_root)} to make it, "
                         "or pass --data-dir")
     pattern = re.compile(rf"(^|_){re.escape(split)}_\d+\.(npy|bin)$")
     shards = sorted(os.path.join(data_root, name) for name in os.listdir(data_root) if pattern.search(name))
     if not shards:
         raise UserError(f"no '{split}' shards (*_{split}_NNNNNN.npy or .bin) in {data_root}: "
-                        "run `python fineweb.py` to make them, or pass --data-dir")
+                        f"run {make_command(data_root)} to make them, or pass --data-dir")
     return shards
 
 

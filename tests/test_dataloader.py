@@ -177,3 +177,60 @@ def test_resume_on_different_shards_is_refused(shards, tmp_path):
     write_npy(root / "tok_train_000004.npy", range(100))
     with pytest.raises(UserError, match="shards differ"):
         make_loader(root, "train").load_state_dict(state)
+
+
+def epoch_inputs(loaders):
+    """Every rank's inputs, step by step, over the first epoch: a list (per step) of per-rank arrays."""
+    steps = []
+    while True:
+        batches = [loader.next_batch()[0].flatten().numpy() for loader in loaders]
+        if loaders[0].epoch:
+            return steps
+        steps.append(batches)
+
+
+def test_block_shuffle_covers_every_token_once_across_two_ranks_in_a_new_order(shards):
+    root, total = shards
+    B, T, block = 2, 16, 128  # a block is 2 steps of 2 ranks: an optimizer step with 2 micro-steps
+    shuffled = [DataLoaderLite(B, T, r, 2, "train", str(root), shuffle_seed=5, block_tokens=block) for r in range(2)]
+    plain = [DataLoaderLite(B, T, r, 2, "train", str(root)) for r in range(2)]
+    got = epoch_inputs(shuffled)
+    used = np.zeros(total, dtype=int)
+    for step in got:
+        for x in step:
+            used[x] += 1
+    covered = (total - 1) // block * block
+    assert (used <= 1).all(), "no token is an input twice, on any rank"
+    assert used.sum() == covered and total - covered < block + 1, "only a tail shorter than a block is skipped"
+    plain_order = np.concatenate([np.concatenate(s) for s in epoch_inputs(plain)])
+    shuffled_order = np.concatenate([np.concatenate(s) for s in got])
+    assert not np.array_equal(shuffled_order, plain_order[:len(shuffled_order)])
+    # whole blocks of the (shard-shuffled) stream move: the epoch reads them in the seeded block order
+    fresh = DataLoaderLite(B, T, 0, 2, "train", str(root), shuffle_seed=5, block_tokens=block)
+    stream = np.concatenate([np.load(fresh.shards[i]) for i in fresh.order]).astype(np.int64)
+    assert sorted(fresh.blocks.tolist()) == list(range(covered // block)) and fresh.blocks.tolist() != sorted(fresh.blocks.tolist())
+    assert np.array_equal(shuffled_order, np.concatenate([stream[b * block:(b + 1) * block] for b in fresh.blocks]))
+    assert shuffled[0].blocks.tolist() != fresh.blocks.tolist()  # epoch 1 has another order
+
+
+def test_block_shuffle_resumes_exactly_on_the_same_and_another_world_size(shards):
+    root, _ = shards
+    block = 128
+
+    def steps(loaders, n):  # the tokens of n optimizer steps, in rank order within each micro-step
+        per_micro = sum(l.B * l.T for l in loaders)
+        return [np.concatenate([l.next_batch()[0].flatten().numpy() for l in loaders])
+                for _ in range(n * block // per_micro)]
+
+    ref = [DataLoaderLite(2, 16, r, 2, "train", str(root), shuffle_seed=9, block_tokens=block) for r in range(2)]
+    reference = np.concatenate(steps(ref, 40))  # 40 steps: past the end of the first epoch (22 blocks)
+    first = [DataLoaderLite(2, 16, r, 2, "train", str(root), shuffle_seed=9, block_tokens=block) for r in range(2)]
+    head = np.concatenate(steps(first, 13))
+    state = first[0].state_dict()
+    assert state == first[1].state_dict() and state["block_tokens"] == block
+    for world, T in ((2, 16), (1, 32), (4, 16)):  # the same world, then half and twice the ranks
+        resumed = [DataLoaderLite(2, T, r, world, "train", str(root)) for r in range(world)]
+        for loader in resumed:
+            loader.load_state_dict(state)
+        tail = np.concatenate(steps(resumed, 27))
+        assert np.array_equal(np.concatenate([head, tail]), reference), world

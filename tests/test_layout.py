@@ -99,9 +99,10 @@ def test_the_checks_see_a_cycle_a_lazy_import_and_a_package_import_of_a_script(t
 
 @pytest.mark.parametrize("module", sorted(project_modules()))
 def test_importing_does_no_heavy_work(module):
-    """transformers, tiktoken and datasets load on first use, never at import."""
+    """transformers, tiktoken, datasets, wandb and tensorboard load on first use, never at import."""
     code = (f"import sys; import {module}; "
-            "print(sorted(m for m in ('transformers', 'tiktoken', 'datasets', 'safetensors') if m in sys.modules))")
+            "print(sorted(m for m in ('transformers', 'tiktoken', 'datasets', 'safetensors', 'wandb', 'tensorboard')"
+            " if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"

@@ -343,6 +343,12 @@ def test_fp16_overflow_skips_the_step_instead_of_stopping(tmp_path, monkeypatch)
     scaler = torch.load(os.path.join(cfg.log_dir, "model_00016.pt"), weights_only=True)["scaler"]
     assert scaler["scale"] == 2.0 ** (24 - skipped)
     assert result["losses"][-1] < result["losses"][0]
+    # the logged count of skipped steps (what metrics.jsonl and the trackers show) follows the scaler
+    assert [m["skipped_steps"] for m in result["metrics"]] == [
+        sum(not math.isfinite(n) for n in norms[:i + 1]) for i in range(16)]
+    assert result["metrics"][-1]["clipped_steps"] == sum(math.isfinite(n) and n > cfg.grad_clip for n in norms)
+    assert torch.load(os.path.join(cfg.log_dir, "model_00016.pt"), weights_only=True)["counts"] == {
+        "skipped_steps": skipped, "clipped_steps": result["metrics"][-1]["clipped_steps"]}
 
 
 def refused_resume_worker(rank, world_size, port, cfg, results):

@@ -69,7 +69,7 @@ def test_committed_notebook_is_clean():
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert code and all(not c.outputs and c.execution_count is None for c in code), "clear the outputs"
     tags = {t for c in code for t in c.metadata.get("tags", [])}
-    assert {"loss", "hellaswag", "throughput", "summary"} <= tags
+    assert {"loss", "hellaswag", "throughput", "lr", "summary"} <= tags
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +110,7 @@ def test_notebook_on_a_real_run(tiny_run, python3_kernel, monkeypatch):
     assert len(images(out["loss"])) == 1
     assert not images(out["hellaswag"]) and "plot skipped" in text_of(out["hellaswag"])
     assert len(images(out["throughput"])) == 1  # tokens/s from metrics.jsonl
+    assert len(images(out["lr"])) == 1
 
 
 def test_notebook_with_hellaswag_lines(tmp_path, python3_kernel, monkeypatch):
@@ -125,3 +126,4 @@ def test_notebook_with_hellaswag_lines(tmp_path, python3_kernel, monkeypatch):
     assert len(images(out["loss"])) == 1
     assert len(images(out["hellaswag"])) == 1
     assert not images(out["throughput"]) and "plot skipped" in text_of(out["throughput"])
+    assert not images(out["lr"]) and "plot skipped" in text_of(out["lr"])
