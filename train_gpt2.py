@@ -30,7 +30,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from gpt2lib import checkpoints, hf
+from gpt2lib import checkpoints, hf, rundir
 from gpt2lib.common import (DTYPES, GPT2_EOT, GPT2_VOCAB_SIZE, Precision, UserError, canonical_dtype,
                             get_encoding, one_line, pick_device, resolve_dtype)
 from gpt2lib.distributed import DistContext, FollowerStop, setup_distributed
@@ -38,7 +38,7 @@ from gpt2lib.hellaswag_data import load_examples
 from gpt2lib.hellaswag_scoring import evaluate as hellaswag_counts, tokenize_examples
 from gpt2lib.losses import LOSS_IMPLS, chunked_cross_entropy
 from gpt2lib.metrics import flops_per_token, gpu_peak_flops
-from gpt2lib.shards import find_shards, open_shard
+from gpt2lib.shards import ShardFile, find_shards
 
 # -----------------------------------------------------------------------------
 # config
@@ -247,16 +247,25 @@ class GPT(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, path):
-        """The model of a training checkpoint (log_dir/model_XXXXX.pt), on the CPU."""
-        checkpoint = checkpoints.read_checkpoint(path)
+        """The model of a training checkpoint (log_dir/model_XXXXX.pt), on the CPU, verified first
+        (checksum, shape, every weight)."""
+        checkpoint = checkpoints.read_checkpoint(path, layout=checkpoint_layout)
         model = cls(GPTConfig(**checkpoint["config"]))
-        # a compiled or DDP-wrapped model's state_dict (other projects save those) has prefixed keys
-        state = {re.sub(r"^(_orig_mod\.|module\.)+", "", key): value for key, value in checkpoint["model"].items()}
         try:
-            model.load_state_dict(state)
+            model.load_state_dict(checkpoint["model"])
         except RuntimeError as e:
             raise UserError(f"checkpoint {path}: the weights do not fit its config ({one_line(e)})") from None
         return model
+
+
+def checkpoint_layout(config):
+    """({key: shape} of the model's state_dict, the optimizer's parameter shapes in its order) for a
+    GPTConfig dict, built on the meta device: checking a checkpoint's structure allocates nothing."""
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**config))
+    optimizer = configure_optimizer(model, 0.0, 1.0, "meta")
+    return ({key: tuple(t.shape) for key, t in model.state_dict().items()},
+            [tuple(p.shape) for group in optimizer.param_groups for p in group["params"]])
 
 
 # -----------------------------------------------------------------------------
@@ -290,7 +299,9 @@ def generate(model, prompt, max_new_tokens, num_samples=1, top_k=50, temperature
 # data: batches from the token shards that fineweb.py writes (gpt2lib/shards.py reads the files)
 
 class DataLoaderLite:
-    """Batches of (B, T) token windows from the shards of one split, read through memory maps.
+    """Batches of (B, T) token windows from the shards of one split, each window read from the files
+    (gpt2lib.shards.ShardFile), which are checked to be the ones opened: a shard that changes under
+    the run stops it before a token of it is used.
 
     The split's shards, in order (or in a seeded order that changes every epoch when
     shuffle_seed is set), form one token stream; documents already run across shard ends.
@@ -308,13 +319,13 @@ class DataLoaderLite:
         self.split, self.shuffle_seed, self.vocab_size = split, shuffle_seed, vocab_size
         self.device = torch.device(device)
         self.shards = find_shards(data_root, split)
-        self.shard_lengths = [len(open_shard(path)) for path in self.shards]
+        self.files = [ShardFile(path) for path in self.shards]
+        self.shard_lengths = [len(file) for file in self.files]
         needed = B * T * num_processes + 1
         if sum(self.shard_lengths) < needed:
             raise UserError(f"split '{split}' in {data_root} has {sum(self.shard_lengths)} tokens, fewer than one "
                             f"step needs ({needed} = B*T*processes + 1): use smaller -B/-T or more data")
         self._checked = set()  # shards whose token ids were checked
-        self._open = {}  # shard index -> memmap; a few stay open
         self.reset()
 
     def reset(self):
@@ -329,18 +340,14 @@ class DataLoaderLite:
         self.order = order
         self.starts = np.cumsum([0] + [self.shard_lengths[i] for i in order])  # stream offset of each shard
 
-    def _tokens(self, shard_index):
-        if shard_index not in self._open:
-            tokens = open_shard(self.shards[shard_index])
-            if shard_index not in self._checked:
-                if len(tokens) and int(tokens.max()) >= self.vocab_size:
-                    raise UserError(f"shard {self.shards[shard_index]} holds token id {int(tokens.max())}, "
-                                    f">= vocab size {self.vocab_size}: the file is not GPT-2 tokens")
-                self._checked.add(shard_index)
-            if len(self._open) >= 2:  # a window spans at most two shards at a time in practice
-                self._open.pop(next(iter(self._open)))
-            self._open[shard_index] = tokens
-        return self._open[shard_index]
+    def _check_vocab(self, shard_index):
+        """Token ids below the vocabulary size, checked once per shard, when it is first read."""
+        if shard_index not in self._checked:
+            top = self.files[shard_index].max_token()
+            if top >= self.vocab_size:
+                raise UserError(f"shard {self.shards[shard_index]} holds token id {top}, "
+                                f">= vocab size {self.vocab_size}: the file is not GPT-2 tokens")
+            self._checked.add(shard_index)
 
     def _read(self, start, length):
         """`length` tokens of the stream from offset `start`, as int64."""
@@ -348,11 +355,12 @@ class DataLoaderLite:
         filled = 0
         k = int(np.searchsorted(self.starts, start, side="right")) - 1
         while filled < length:
-            shard = self._tokens(self.order[k])
+            shard_index = self.order[k]
+            self._check_vocab(shard_index)
             offset = start + filled - int(self.starts[k])
-            piece = shard[offset:offset + length - filled]
-            out[filled:filled + len(piece)] = piece
-            filled += len(piece)
+            count = min(length - filled, self.shard_lengths[shard_index] - offset)
+            out[filled:filled + count] = self.files[shard_index].read(offset, count)
+            filled += count
             k += 1
         return out
 
@@ -517,6 +525,7 @@ class StepResult:
     norm: float  # gradient norm before clipping
     lr: float
     stop: bool  # some rank asked to stop
+    failed: bool = False  # some rank could not go on (a shard changed, a log append failed)
 
 
 def train_step(run, step, stop_requested=False):
@@ -528,8 +537,14 @@ def train_step(run, step, stop_requested=False):
         group["lr"] = lr
     optimizer.zero_grad(set_to_none=True)
     loss_sum = torch.zeros((), device=precision.device)  # summed on the device: no host sync per micro-step
+    failure = run.log.failure  # a log append that failed on rank 0, or a shard that changed (below)
     for micro_step in range(run.grad_accum_steps):
-        x, y = run.train_loader.next_batch()
+        try:
+            x, y = run.train_loader.next_batch()
+        except UserError as e:
+            # keep in step with the other ranks' collectives on a stand-in batch; the step is not taken
+            failure = failure or str(e)
+            x = y = torch.zeros((cfg.batch_size, cfg.seq_len), dtype=torch.long, device=precision.device)
         if run.dist_ctx.ddp:
             # DDP decides in forward() whether the coming backward all-reduces the gradients, so
             # the flag must be set before the forward pass: only the last micro-step syncs.
@@ -541,7 +556,9 @@ def train_step(run, step, stop_requested=False):
         loss_sum += loss.detach().float()
         precision.scaler.scale(loss).backward()  # the scale is 1 unless fp16
     norm = clip_gradients(model, optimizer, precision, cfg.grad_clip)
-    result = share_step_outcome(loss_sum, norm, lr, stop_requested, run.dist_ctx)
+    result = share_step_outcome(loss_sum, norm, lr, stop_requested, failure is not None, run.dist_ctx)
+    if result.failed:
+        run.dist_ctx.on_every_rank(lambda: raise_failure(failure))
     check_finite(result, precision)
     precision.scaler.step(optimizer)  # optimizer.step(), skipped by fp16 on overflow
     precision.scaler.update()
@@ -554,14 +571,21 @@ def clip_gradients(model, optimizer, precision, grad_clip):
     return torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
 
 
-def share_step_outcome(loss, norm, lr, stop_requested, dist_ctx):
-    """One all-reduce carries the loss and every rank's stop request (e.g. a SIGTERM on one node),
-    and one host sync reads loss, norm and the verdict. The norm is the same on every rank: the
-    gradients it measures were all-reduced."""
-    stop = torch.tensor(float(stop_requested), device=loss.device)
-    summed = dist_ctx.sum(torch.stack([loss, stop]))
-    mean_loss, norm, stops = torch.stack([summed[0] / dist_ctx.world_size, norm.float(), summed[1]]).tolist()
-    return StepResult(mean_loss, norm, lr, stops > 0)
+def share_step_outcome(loss, norm, lr, stop_requested, failed, dist_ctx):
+    """One all-reduce carries the loss, every rank's stop request (e.g. a SIGTERM on one node) and
+    whether any rank failed, and one host sync reads loss, norm and the verdicts. The norm is the
+    same on every rank: the gradients it measures were all-reduced."""
+    flags = torch.tensor([float(stop_requested), float(failed)], device=loss.device)
+    summed = dist_ctx.sum(torch.cat([loss[None], flags]))
+    mean_loss, norm, stops, failures = torch.cat([summed[:1] / dist_ctx.world_size, norm.float()[None],
+                                                  summed[1:]]).tolist()
+    return StepResult(mean_loss, norm, lr, stops > 0, failures > 0)
+
+
+def raise_failure(message):
+    """Raise a rank's failure (a UserError message, or None for none) inside DistContext.on_every_rank."""
+    if message:
+        raise UserError(message)
 
 
 def check_finite(result, precision):
@@ -584,8 +608,14 @@ def train(cfg, dist_ctx, stop=None):
     next top of a step writes a checkpoint and nothing else: the evals would be redone on resume.
 
     With --eval-only, only the evals of the start step run (logged as a training run logs them):
-    no training, no checkpoint."""
-    stop = stop or StopRequest()
+    no training, no checkpoint.
+
+    Rank 0 holds log_dir's lock throughout: a second run into it stops before touching anything."""
+    with rundir.held(cfg.log_dir, "--log-dir", checkpoints.RUN_FILE_NAMES, dist_ctx.decide):
+        return train_in_log_dir(cfg, dist_ctx, stop or StopRequest())
+
+
+def train_in_log_dir(cfg, dist_ctx, stop):
     run = setup_run(cfg, dist_ctx)
     if cfg.eval_only:
         run_evals(run, run.start_step)
@@ -612,6 +642,7 @@ def train(cfg, dist_ctx, stop=None):
         step_metrics.append(log_step(run, step, result, timer.seconds))
         losses.append(result.loss)
         stopping = result.stop
+    dist_ctx.on_every_rank(lambda: raise_failure(run.log.failure))  # an append of the last evals
     return {"losses": losses, "metrics": step_metrics, "val_loss": run.val_loss}
 
 
@@ -620,7 +651,7 @@ def due(every, step, last_step):
 
 
 class StopRequest:
-    """Set by SIGTERM/SIGINT: the loop finishes its step, writes a checkpoint and exits cleanly."""
+    """Set by SIGTERM/SIGINT/SIGHUP: the loop finishes its step, writes a checkpoint and exits cleanly."""
 
     def __init__(self):
         self.requested = False
@@ -673,13 +704,22 @@ def evaluate_val_loss(model, val_loader, val_steps, precision, dist_ctx, loss_im
     model.eval()
     val_loader.reset()
     loss_sum = torch.zeros((), device=dist_ctx.device)
+    failure = None  # a val shard that changed: every rank goes through the same collectives, then stops
     for _ in range(val_steps):
-        x, y = val_loader.next_batch()
+        try:
+            x, y = val_loader.next_batch()
+        except UserError as e:
+            failure = failure or str(e)
+            x = y = torch.zeros((val_loader.B, val_loader.T), dtype=torch.long, device=dist_ctx.device)
         with precision.autocast():
             _, loss = model(x, y, loss_impl=loss_impl)
         loss_sum += loss.float()
     model.train()
-    return dist_ctx.mean(loss_sum / val_steps)
+    mean_loss, failed = dist_ctx.mean(torch.stack([loss_sum / val_steps, torch.tensor(float(failure is not None),
+                                                                                       device=dist_ctx.device)]))
+    if failed > 0:
+        dist_ctx.on_every_rank(lambda: raise_failure(failure))
+    return mean_loss
 
 
 @torch.no_grad()
@@ -918,7 +958,7 @@ def check_resumable(path, checkpoint, cfg):
 def choose_start(cfg):
     """On rank 0: (resume path or None, Start). A checkpoint of this run takes precedence over
     --init-from: a preempted fine-tune continues."""
-    path, checkpoint = checkpoints.find_resume_checkpoint(cfg.resume, cfg.log_dir)
+    path, checkpoint = checkpoints.find_resume_checkpoint(cfg.resume, cfg.log_dir, checkpoint_layout)
     if checkpoint is not None:
         config, weights, source = check_resumable(path, checkpoint, cfg), None, path
         if cfg.init_from:
@@ -1008,7 +1048,7 @@ def export_hf(cfg):
     if cfg.init_from:
         source, model = f"--init-from {cfg.init_from}", load_init_source(cfg.init_from, cfg.vocab_multiple)
     else:
-        path, _ = checkpoints.find_resume_checkpoint(cfg.resume, cfg.log_dir)
+        path, _ = checkpoints.find_resume_checkpoint(cfg.resume, cfg.log_dir, checkpoint_layout)
         if path is None:
             reason = "--resume none" if cfg.resume == "none" else f"no checkpoint in {cfg.log_dir}"
             raise UserError(f"--export-hf: no model to export ({reason}): pass --init-from SOURCE or --resume PATH")
@@ -1070,8 +1110,8 @@ def main(argv=None):
         if cfg.export_hf:
             export_hf(cfg)
             return
-        signal.signal(signal.SIGTERM, stop)
-        signal.signal(signal.SIGINT, stop)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # SIGHUP: an SSH session that dropped
+            signal.signal(signum, stop)
         dist_ctx = setup_distributed(cfg.device)
         (benchmark if cfg.benchmark else train)(cfg, dist_ctx, stop)
     except FollowerStop:

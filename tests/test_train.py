@@ -241,7 +241,7 @@ def test_resume_is_bitwise_identical_with_two_ranks(tmp_path):
     spawn_train(full)
     cut = replace(full, log_dir=str(tmp_path / "cut"), resume="auto")
     spawn_train(cut, stop_after=2)
-    assert sorted(os.listdir(cut.log_dir)) == ["log.txt", "metrics.jsonl", "model_00002.pt"]
+    assert sorted(os.listdir(cut.log_dir)) == [".lock", "log.txt", "metrics.jsonl", "model_00002.pt"]
     state = torch.load(os.path.join(cut.log_dir, "model_00002.pt"), weights_only=True)
     assert len(state["loader"]) == 2 and len(state["rng"]) == 2
     spawn_train(cut)
