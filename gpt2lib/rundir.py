@@ -19,7 +19,8 @@ def make_directory(directory, flag):
     try:
         os.makedirs(directory, exist_ok=True)
     except OSError as e:
-        raise UserError(f"{flag} {directory}: cannot create it ({one_line(e)}): check free space and permissions") from None
+        raise UserError(f"{flag} {directory}: cannot create this output directory ({one_line(e)}): "
+                        "check free space and permissions") from None
 
 
 class DirectoryLock:
