@@ -81,8 +81,21 @@ def check_inputs(paths):
         try:
             with open(path, "rb") as f:
                 f.read(1)
+                first = first_jsonl_row(f) if path.endswith(".jsonl") else None
         except OSError as e:
             raise UserError(f"{path}: cannot read input file ({one_line(e)})") from None
+        if first is not None and not first[1].startswith(b"{"):
+            raise UserError(f"{path}: line {first[0]} is not a JSON object (one {{\"text\": ...}} per line): fix or remove it")
+
+
+def first_jsonl_row(f):
+    """(line number, stripped bytes) of a jsonl file's first non-blank line, or None. datasets would
+    read a file of arrays (`["a"]`) as documents; a later line of another kind already fails there."""
+    f.seek(0)
+    for number, line in enumerate(f, 1):
+        if line.strip():
+            return number, line.strip()
+    return None
 
 
 def file_is_empty(path, builder):
