@@ -31,10 +31,12 @@ class DirectoryLock:
     def __init__(self, directory, flag):
         self.directory, self.flag = directory, flag
         self.fd = None
+        self.created = False  # the directory did not exist: release() removes it if nothing else came
 
     def acquire(self):
         """Take the lock or raise a one-line UserError naming its holder; the directory is created
         first when missing, and nothing else in it is touched."""
+        self.created = not os.path.isdir(self.directory)
         make_directory(self.directory, self.flag)
         path = os.path.join(self.directory, LOCK_NAME)
         try:
@@ -65,9 +67,16 @@ class DirectoryLock:
         return self
 
     def release(self):
-        if self.fd is not None:
-            os.close(self.fd)  # closing the descriptor drops the flock
-            self.fd = None
+        """Drop the lock. A directory that acquire() created and that holds nothing but the lock file
+        (the run stopped before writing anything) is removed: a refused run leaves no trace."""
+        if self.fd is None:
+            return
+        if self.created and os.listdir(self.directory) == [LOCK_NAME]:
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(self.directory, LOCK_NAME))
+                os.rmdir(self.directory)
+        os.close(self.fd)  # closing the descriptor drops the flock
+        self.fd = None
 
 
 def remove_leftovers(directory, name_pattern):
