@@ -11,8 +11,8 @@ import tempfile
 
 import torch
 
-from gpt2lib.common import (ENCODER_JSON_SHA256, GPT2_EOT, VOCAB_BPE_SHA256, UserError, offline_bpe_files,
-                            one_line, read_verified, unwrap_model)
+from gpt2lib.common import (ENCODER_JSON_SHA256, GPT2_EOT, VOCAB_BPE_SHA256, UserError, check_model_shape,
+                            is_write_failure, offline_bpe_files, one_line, read_verified, unwrap_model)
 
 
 # HF's GPT-2 uses Conv1D layers, whose weights are stored [in, out]: the transpose of nn.Linear's.
@@ -53,6 +53,7 @@ def read_hf_checkpoint(directory):
                         + (f"{', '.join(bad)} missing or not a positive integer" if bad else "n_embd is not a multiple of n_head"))
     shape = dict(block_size=hf_config["n_positions"], vocab_size=hf_config["vocab_size"],
                  n_layer=hf_config["n_layer"], n_head=hf_config["n_head"], n_embd=hf_config["n_embd"])
+    check_model_shape(shape, config_path)  # sizes within bounds, before anything is allocated
     return shape, read_hf_tensors(directory)
 
 
@@ -245,8 +246,6 @@ def write_hf_checkpoint(model, directory):
     mix of two; what killed exports to the same directory left behind is removed afterwards."""
     from safetensors.torch import save_file
     from transformers import GenerationConfig
-
-    from gpt2lib.common import is_write_failure
 
     directory = os.path.abspath(directory)
     check_replaceable(directory)
