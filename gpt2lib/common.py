@@ -28,13 +28,20 @@ def one_line(error):
     return f"{type(error).__name__}: {message}" if message else type(error).__name__
 
 
-def is_write_failure(error):
-    """Whether a library's exception means the write itself failed (disk full, permissions, I/O): an
-    OSError, torch.save's RuntimeError around one (its zip writer rethrows it), safetensors' SafetensorError."""
-    if isinstance(error, OSError) or type(error).__name__ == "SafetensorError":
-        return True
+def write_failure(error):
+    """The error to report when a library's exception means the write itself failed (disk full,
+    permissions, I/O), else None: an OSError, or the OSError behind torch.save's RuntimeError (its zip
+    writer fails again while closing), or safetensors' SafetensorError."""
+    cause = error
+    while cause is not None:
+        if isinstance(cause, OSError):
+            return cause
+        cause = cause.__cause__ or cause.__context__
     text = str(error).lower()
-    return isinstance(error, RuntimeError) and ("write" in text or "no space" in text or "errno" in text)
+    if type(error).__name__ == "SafetensorError" or \
+            isinstance(error, RuntimeError) and ("write" in text or "no space" in text or "errno" in text):
+        return error
+    return None
 
 
 def temp_name(path):
@@ -62,8 +69,9 @@ def atomic_write(path, write):
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        if isinstance(e, Exception) and is_write_failure(e):
-            raise UserError(f"{path}: cannot write ({one_line(e)}): check free space and permissions") from None
+        failure = write_failure(e) if isinstance(e, Exception) else None
+        if failure is not None:
+            raise UserError(f"{path}: cannot write ({one_line(failure)}): check free space and permissions") from None
         raise
 
 

@@ -12,7 +12,7 @@ import tempfile
 import torch
 
 from gpt2lib.common import (ENCODER_JSON_SHA256, GPT2_EOT, VOCAB_BPE_SHA256, UserError, check_model_shape,
-                            is_write_failure, offline_bpe_files, one_line, read_verified, unwrap_model)
+                            offline_bpe_files, write_failure, one_line, read_verified, unwrap_model)
 
 
 # HF's GPT-2 uses Conv1D layers, whose weights are stored [in, out]: the transpose of nn.Linear's.
@@ -271,6 +271,8 @@ def write_hf_checkpoint(model, directory):
     except BaseException as e:
         if tmp is not None and os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, Exception) and is_write_failure(e):
-            raise UserError(f"{directory}: cannot write the export ({one_line(e)}): check free space and permissions") from None
+        failure = write_failure(e) if isinstance(e, Exception) else None
+        if failure is not None:
+            raise UserError(f"{directory}: cannot write the export ({one_line(failure)}): check free space and "
+                            "permissions") from None
         raise
