@@ -35,7 +35,7 @@ from gpt2lib.common import (DTYPES, GPT2_EOT, GPT2_VOCAB_SIZE, Precision, UserEr
                             get_encoding, one_line, pick_device, resolve_dtype)
 from gpt2lib.distributed import DistContext, FollowerStop, setup_distributed
 from gpt2lib.hellaswag_data import load_examples
-from gpt2lib.hellaswag_scoring import evaluate as hellaswag_counts, tokenize_examples
+from gpt2lib.hellaswag_scoring import check_fits, evaluate as hellaswag_counts, tokenize_examples
 from gpt2lib.losses import LOSS_IMPLS, chunked_cross_entropy
 from gpt2lib.metrics import flops_per_token, gpu_peak_flops
 from gpt2lib.shards import ShardFile, find_shards
@@ -860,7 +860,7 @@ def setup_run(cfg, dist_ctx):
     del checkpoint, start  # full copies of the weights (and optimizer state)
     hella_examples = None
     if cfg.hellaswag and (cfg.eval_every or cfg.eval_only):
-        hella_examples = dist_ctx.decide(lambda: load_hellaswag(cfg.hellaswag_data or None))
+        hella_examples = dist_ctx.decide(lambda: load_hellaswag(cfg.hellaswag_data or None, raw_model.config.block_size))
 
     # evals alone need neither compilation nor DDP's gradient hooks
     model, use_compile = (raw_model, False) if cfg.eval_only else wrap_model(raw_model, cfg, dist_ctx)
@@ -999,11 +999,14 @@ def restore(checkpoint, raw_model, optimizer, precision, train_loader, dist_ctx)
     return checkpoint["step"]
 
 
-def load_hellaswag(data_path):
-    """Tokenized HellaSwag val examples, or None (with a warning) when the data is unavailable.
-    Runs on rank 0 only: one download, and the examples are sent to the other ranks."""
+def load_hellaswag(data_path, context_length):
+    """Tokenized HellaSwag val examples, or None (with a warning) when the data is unavailable or
+    holds a row longer than the model's context. Runs on rank 0 only: one download, and the
+    examples are sent to the other ranks."""
     try:
-        return tokenize_examples(load_examples("val", data_path=data_path))
+        examples = tokenize_examples(load_examples("val", data_path=data_path))
+        check_fits(examples, context_length)
+        return examples
     except UserError as e:
         print(f"warning: HellaSwag eval is off: {e}")
         return None

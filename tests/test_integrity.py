@@ -309,3 +309,24 @@ def test_write_failures_from_libraries_are_recognised():
         assert "No space left" in str(common.write_failure(e))  # the OSError behind torch.save's error
     assert common.write_failure(RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed"))
     assert common.write_failure(RuntimeError("size mismatch for transformer.wte.weight")) is None
+
+
+def test_over_long_hellaswag_row_is_named_and_training_skips_hellaswag(tmp_path, capsys):
+    import json
+
+    from gpt2lib.hellaswag_data import load_examples
+    from gpt2lib.hellaswag_scoring import evaluate
+
+    path = tmp_path / "h.jsonl"
+    rows = [{"ctx": "the cat", "endings": ["a", "b", "c", "d"], "label": 0}] * 2 + \
+        [{"ctx": " ".join(["word"] * 1100), "endings": ["a", "b", "c", "d"], "label": 1}]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    model = GPT(train_gpt2.config_for("d1"))
+    with pytest.raises(UserError, match=f"^{path}:3: a HellaSwag row is 1101 tokens long, more than the model's "
+                                        "context of 1024$"):
+        evaluate(model, load_examples("val", data_path=str(path)), "cpu")
+    cfg = tiny_config(make_data(tmp_path / "data"), str(tmp_path / "log"), max_steps=1, checkpoint_every=0,
+                      hellaswag=True, hellaswag_data=str(path))
+    train(cfg, DistContext())
+    assert f"warning: HellaSwag eval is off: {path}:3: a HellaSwag row is 1101 tokens long" in capsys.readouterr().out
+    assert logged(cfg.log_dir, "val") and not logged(cfg.log_dir, "hella")
