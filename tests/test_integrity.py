@@ -330,3 +330,18 @@ def test_over_long_hellaswag_row_is_named_and_training_skips_hellaswag(tmp_path,
     train(cfg, DistContext())
     assert f"warning: HellaSwag eval is off: {path}:3: a HellaSwag row is 1101 tokens long" in capsys.readouterr().out
     assert logged(cfg.log_dir, "val") and not logged(cfg.log_dir, "hella")
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_a_checkpoint_holding_code_is_refused_without_advice_to_run_it(tmp_path):
+    path = str(tmp_path / "model_00001.pt")
+    torch.save({"model": {}, "config": {}, "x": RunsCode()}, path)
+    with pytest.raises(UserError) as e:
+        GPT.from_checkpoint(path)
+    message = str(e.value)
+    assert "damaged or not a train_gpt2.py checkpoint" in message and "system" in message
+    assert "weights_only" not in message and "\n" not in message
