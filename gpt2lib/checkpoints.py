@@ -100,11 +100,13 @@ def check_weights(state, expected, path):
     missing = [key for key in expected if key not in state]
     unexpected = [key for key in state if key not in expected]
     if missing or unexpected:
-        raise UserError(f"checkpoint {path} is damaged: weights missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise UserError(f"checkpoint {path}: the weights do not fit its config (missing {missing[:3]}, "
+                        f"unexpected {unexpected[:3]}): the file is damaged or not of this model")
     for key, shape in expected.items():
         if not isinstance(state[key], torch.Tensor) or tuple(state[key].shape) != shape:
             got = list(state[key].shape) if isinstance(state[key], torch.Tensor) else type(state[key]).__name__
-            raise UserError(f"checkpoint {path} is damaged: weight {key} is {got}, expected {list(shape)}")
+            raise UserError(f"checkpoint {path}: the weights do not fit its config ({key} is {got}, expected "
+                            f"{list(shape)}): the file is damaged or not of this model")
 
 
 def check_resume_state(checkpoint, parameter_shapes, path):
