@@ -32,7 +32,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from gpt2lib import checkpoints, hf, rundir
 from gpt2lib.common import (DTYPES, GPT2_EOT, GPT2_VOCAB_SIZE, Precision, UserError, canonical_dtype,
-                            get_encoding, one_line, pick_device, resolve_dtype)
+                            check_model_shape, get_encoding, one_line, pick_device, resolve_dtype)
 from gpt2lib.distributed import DistContext, FollowerStop, setup_distributed
 from gpt2lib.hellaswag_data import load_examples
 from gpt2lib.hellaswag_scoring import check_fits, evaluate as hellaswag_counts, tokenize_examples
@@ -451,8 +451,10 @@ def validate(cfg, world_size):
     if cfg.model or not cfg.init_from:  # with --init-from alone the shape is only known once it is read
         try:
             model_config = config_for(cfg.model or DEFAULT_MODEL)
+            check_model_shape(asdict(model_config), cfg.model or DEFAULT_MODEL)
         except UserError as e:
             problems.append(f"--model: {e}")
+            model_config = None
     for name in ("batch_size", "seq_len", "total_batch_size", "max_steps", "val_steps"):
         if getattr(cfg, name) <= 0:
             problems.append(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")

@@ -247,11 +247,11 @@ def test_log_dir_that_is_a_file_is_one_line(tmp_path):
 # ---- a full disk: a real tmpfs, mounted by the test (root only)
 
 @contextlib.contextmanager
-def tmpfs(path, size):
+def tmpfs(path, size, options=""):
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
     path.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)]).returncode:
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}{options}", "tmpfs", str(path)]).returncode:
         pytest.skip("cannot mount a tmpfs here")
     try:
         yield path
@@ -297,6 +297,18 @@ def test_disk_full_on_a_log_append_stops_cleanly(tmp_path, monkeypatch):
         assert "log.txt: cannot append" in str(e.value) and "No space left" in str(e.value)
         assert "\n" not in str(e.value)
         assert not [name for name in os.listdir(disk / "log") if ".tmp" in name]
+
+
+def test_read_only_log_dir_and_an_impossible_model_are_one_line(tmp_path):
+    with tmpfs(tmp_path / "ro", "1m", ",ro") as ro:
+        for log_dir in (ro, ro / "log"):  # an existing read-only dir, and one that cannot be created
+            with pytest.raises(UserError) as e:
+                train(tiny_config(str(tmp_path / "no-data"), str(log_dir)), DistContext())
+            assert str(log_dir) in str(e.value) and "Read-only file system" in str(e.value)
+            assert "\n" not in str(e.value)
+    problems = train_gpt2.validate(replace(tiny_config("data", "log"), model="d5000"), 1)
+    assert problems == ["--model: d5000: not a usable model shape: n_layer 5000 is larger than 1024; "
+                        "n_head 5000 is larger than 1024; n_embd 320000 is larger than 65536"]
 
 
 def test_write_failures_from_libraries_are_recognised():
