@@ -74,21 +74,35 @@ def copy_run(trained, tmp_path):
     return replace(cfg, log_dir=log_dir, resume="auto"), reference
 
 
-@pytest.mark.parametrize("damage", DAMAGES)
-def test_damaged_checkpoint_is_set_aside_and_the_one_before_resumed_exactly(trained, tmp_path, capsys, damage):
+def test_flipped_bytes_checkpoint_is_set_aside_and_the_one_before_resumed_exactly(trained, tmp_path, capsys):
     cfg, reference = copy_run(trained, tmp_path)
     newest = os.path.join(cfg.log_dir, "model_00004.pt")
-    DAMAGES[damage](newest)
+    flip_bytes(newest)
     damaged_bytes = open(newest, "rb").read()
     train(cfg, DistContext())
     out = capsys.readouterr().out
-    assert f"warning: skipping {newest}: checkpoint {newest}" in out and "resuming at step 2" in out
+    assert f"warning: skipping {newest}: checkpoint {newest} is damaged" in out and "resuming at step 2" in out
     assert same_weights(final_weights(cfg.log_dir, 6), reference), "must end as the uninterrupted run"
     with open(os.path.join(cfg.log_dir, "previous_1", "model_00004.pt"), "rb") as f:
         assert f.read() == damaged_bytes  # set aside, not deleted
     with pytest.raises(UserError) as e:  # by path: a one-line error
         train(replace(cfg, resume=os.path.join(cfg.log_dir, "previous_1", "model_00004.pt")), DistContext())
-    assert "\n" not in str(e.value) and "model_00004.pt" in str(e.value)
+    assert "\n" not in str(e.value) and "model_00004.pt is damaged" in str(e.value)
+
+
+@pytest.mark.parametrize("damage", [d for d in DAMAGES if d != "flipped-bytes"])
+def test_checkpoint_missing_state_falls_back_to_the_one_before(trained, tmp_path, capsys, damage):
+    """The same choice as above (rank 0's find_resume_checkpoint) for checkpoints that still unpickle;
+    --resume PATH refuses them with one line."""
+    cfg, _ = copy_run(trained, tmp_path)
+    newest = os.path.join(cfg.log_dir, "model_00004.pt")
+    DAMAGES[damage](newest)
+    path, checkpoint = checkpoints.find_resume_checkpoint("auto", cfg.log_dir, train_gpt2.checkpoint_layout)
+    assert path == os.path.join(cfg.log_dir, "model_00002.pt") and checkpoint["step"] == 2
+    assert f"warning: skipping {newest}: checkpoint {newest}" in capsys.readouterr().out
+    with pytest.raises(UserError) as e:
+        checkpoints.find_resume_checkpoint(newest, cfg.log_dir, train_gpt2.checkpoint_layout)
+    assert "\n" not in str(e.value) and newest in str(e.value)
 
 
 def test_every_checkpoint_damaged_stops_with_one_line_and_moves_nothing(trained, tmp_path):
@@ -110,12 +124,13 @@ def test_every_checkpoint_damaged_stops_with_one_line_and_moves_nothing(trained,
 
 
 def test_checkpoint_without_checksum_still_loads_with_a_note(trained, tmp_path, capsys):
-    cfg, reference = copy_run(trained, tmp_path)
-    rewrite(os.path.join(cfg.log_dir, "model_00004.pt"), lambda c: None)
-    train(cfg, DistContext())
-    out = capsys.readouterr().out
-    assert "note: checkpoint" in out and "has no checksum" in out and "resuming at step 4" in out
-    assert same_weights(final_weights(cfg.log_dir, 6), reference)
+    cfg, _ = copy_run(trained, tmp_path)
+    newest = os.path.join(cfg.log_dir, "model_00004.pt")
+    rewrite(newest, lambda c: None)
+    path, checkpoint = checkpoints.find_resume_checkpoint("auto", cfg.log_dir, train_gpt2.checkpoint_layout)
+    assert path == newest and checkpoint["step"] == 4
+    assert f"note: checkpoint {newest} has no checksum" in capsys.readouterr().out
+    assert same_weights(GPT.from_checkpoint(newest).state_dict(), final_weights(trained[0].log_dir, 4))
 
 
 @pytest.mark.parametrize("config, problem", [
