@@ -20,7 +20,7 @@ import torch
 import train_gpt2
 from gpt2lib import checkpoints, common
 from test_long_runs import TRAIN, same_weights, torchrun
-from test_train import REPO, final_weights, install_stop_after, logged, make_data, run_cli, tiny_config
+from test_train import REPO, final_weights, logged, make_data, run_cli, tiny_config
 from train_gpt2 import GPT, DistContext, UserError, train
 
 TINY_CLI = ["--model", "d1", "-B", "2", "-T", "16", "--total-batch-size", "64", "--device", "cpu", "--dtype", "fp32",
