@@ -246,7 +246,7 @@ def test_a_second_run_into_a_busy_log_dir_stops_and_the_first_ends_as_if_alone(t
     args = base + ["--log-dir", "log", "--max-steps", "100000", "--checkpoint-every", "0"]
     first = start_cli(args, tmp_path)
     wait_for_steps(log / "log.txt", 2, first)
-    for second in (start_cli(args, tmp_path), torchrun(args, tmp_path, nproc=2)):
+    for second in [start_cli(args, tmp_path), torchrun(args, tmp_path, nproc=2)]:  # both at once
         out, err = second.communicate(timeout=300)
         assert second.returncode != 0
         lines = [line for line in err.splitlines() if line.startswith("error:")]
