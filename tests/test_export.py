@@ -362,3 +362,13 @@ def test_tampered_bpe_file_is_refused(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="SHA-256") as e:
         hf.hf_gpt2_tokenizer(BLOCK)
     assert str(tampered) in str(e.value)
+
+
+def test_export_onto_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, offline):
+    from test_integrity import tmpfs
+
+    with tmpfs(tmp_path / "disk", "2m") as disk:  # the weights alone are ~13 MB
+        with pytest.raises(UserError, match="cannot write the export .* check free space") as e:
+            tiny_model(seed=1).save_pretrained(disk / "out")
+        assert "\n" not in str(e.value)
+        assert os.listdir(disk) == []  # no temporary directory, no half export
