@@ -11,16 +11,16 @@ Output: `{out}/{prefix}_{split}_{idx:06d}.npy`, 1-D uint16 arrays of exactly `--
 last one shorter); shard 0 is `val`, the rest `train`. Each document is `[<|endoftext|>] + encode_ordinary(text)`
 and documents run on across shard boundaries, as in build-nanogpt.
 
-Completion and resume: every shard is written to `{name}.tmp` and renamed into place, so a shard file is
-either complete or absent. `{out}/{prefix}_manifest.json` (also written by rename) records the run's
+Completion and resume: every shard is written to a temporary file next to it (`{name}.tmp.HOST.PID.RANDOM`)
+and renamed into place, so a shard file is either complete or absent. `{out}/{prefix}_manifest.json` (also written by rename) records the run's
 settings and, after each shard, where in the document stream the next shard starts; its `complete` flag
 turns true only after the last shard. Rerunning the same command skips a complete output, and otherwise
-checks the shards the manifest lists, deletes leftover .tmp files and continues after the last good shard
-without re-tokenizing what is already written. A different command aimed at the same shards is refused.
+checks the shards the manifest lists, deletes leftover temporary files and continues after the last good
+shard without re-tokenizing what is already written. A different command aimed at the same shards is refused.
+One run per --out: an OS lock on `{out}/.lock` stops a second run into it with one line naming the first.
 """
 
 import argparse
-import glob
 import hashlib
 import itertools
 import json
@@ -36,6 +36,7 @@ from contextlib import closing, contextmanager
 
 import numpy as np
 
+from gpt2lib import rundir
 from gpt2lib.common import GPT2_EOT, GPT2_VOCAB_SIZE, UserError, atomic_write, get_encoding, one_line
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -80,8 +81,21 @@ def check_inputs(paths):
         try:
             with open(path, "rb") as f:
                 f.read(1)
+                first = first_jsonl_row(f) if path.endswith(".jsonl") else None
         except OSError as e:
             raise UserError(f"{path}: cannot read input file ({one_line(e)})") from None
+        if first is not None and not first[1].startswith(b"{"):
+            raise UserError(f"{path}: line {first[0]} is not a JSON object (one {{\"text\": ...}} per line): fix or remove it")
+
+
+def first_jsonl_row(f):
+    """(line number, stripped bytes) of a jsonl file's first non-blank line, or None. datasets would
+    read a file of arrays (`["a"]`) as documents; a later line of another kind already fails there."""
+    f.seek(0)
+    for number, line in enumerate(f, 1):
+        if line.strip():
+            return number, line.strip()
+    return None
 
 
 def file_is_empty(path, builder):
@@ -348,19 +362,9 @@ def source_of(args):
     return {"dataset": args.dataset, "name": args.name, "text_column": args.text_column}
 
 
-def make_dir(path):
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"{path}: cannot create the output directory ({one_line(e)})") from None
-
-
 def prepare_output(out_dir, prefix, settings):
     """Make out_dir ready and return (manifest, done): the manifest to continue from (shards already
     verified) and whether the output is already complete."""
-    make_dir(out_dir)
-    for tmp in glob.glob(os.path.join(glob.escape(out_dir), glob.escape(prefix) + "_*.tmp")):
-        os.remove(tmp)  # an interrupted write: never part of the output
     manifest_path = os.path.join(out_dir, f"{prefix}_manifest.json")
     existing = existing_shards(out_dir, prefix)
     fresh = dict(settings, shards=[], complete=False)
@@ -401,6 +405,13 @@ def run(args):
     import datasets  # noqa: F401
     settings = {"format": MANIFEST_FORMAT, "tokenizer": "gpt2", "prefix": args.prefix,
                 "shard_size": args.shard_size, "source": source_of(args)}
+    # one writer per --out: a second run stops here; an interrupted write's temporary files go
+    with rundir.held(args.out, "--out", re.escape(args.prefix) + "_.*"):
+        return tokenize_into(args, settings)
+
+
+def tokenize_into(args, settings):
+    """run(), holding --out's lock."""
     manifest, done = prepare_output(args.out, args.prefix, settings)
     manifest_path = os.path.join(args.out, f"{args.prefix}_manifest.json")
     if done:
@@ -590,7 +601,7 @@ def main(argv=None):
         if args.benchmark:
             return benchmark(args)
         if args.demo:
-            make_dir(args.out)
+            rundir.make_directory(args.out, "--out")
             args.input = [os.path.join(args.out, "pydoc_topics.jsonl")]
             write_demo_corpus(args.input[0])
         summary = run(args)

@@ -31,15 +31,15 @@ import torch.nn as nn
 from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from gpt2lib import checkpoints, hf, resume, sampling, tracking
+from gpt2lib import checkpoints, hf, resume, rundir, sampling, tracking
 from gpt2lib.common import (DTYPES, GPT2_EOT, GPT2_VOCAB_SIZE, Precision, UserError, canonical_dtype,
-                            get_encoding, one_line, pick_device, resolve_dtype)
+                            check_model_shape, get_encoding, one_line, pick_device, resolve_dtype)
 from gpt2lib.distributed import DistContext, FollowerStop, setup_distributed
 from gpt2lib.hellaswag_data import load_examples
-from gpt2lib.hellaswag_scoring import evaluate as hellaswag_counts, tokenize_examples
+from gpt2lib.hellaswag_scoring import check_fits, evaluate as hellaswag_counts, tokenize_examples
 from gpt2lib.losses import LOSS_IMPLS, chunked_cross_entropy
 from gpt2lib.metrics import flops_per_token, gpu_peak_flops
-from gpt2lib.shards import find_shards, open_shard
+from gpt2lib.shards import ShardFile, find_shards
 
 # -----------------------------------------------------------------------------
 # config
@@ -262,16 +262,25 @@ class GPT(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, path):
-        """The model of a training checkpoint (log_dir/model_XXXXX.pt), on the CPU."""
-        checkpoint = checkpoints.read_checkpoint(path)
+        """The model of a training checkpoint (log_dir/model_XXXXX.pt), on the CPU, verified first
+        (checksum, shape, every weight)."""
+        checkpoint = checkpoints.read_checkpoint(path, layout=checkpoint_layout)
         model = cls(GPTConfig(**checkpoint["config"]))
-        # a compiled or DDP-wrapped model's state_dict (other projects save those) has prefixed keys
-        state = {re.sub(r"^(_orig_mod\.|module\.)+", "", key): value for key, value in checkpoint["model"].items()}
         try:
-            model.load_state_dict(state)
+            model.load_state_dict(checkpoint["model"])
         except RuntimeError as e:
             raise UserError(f"checkpoint {path}: the weights do not fit its config ({one_line(e)})") from None
         return model
+
+
+def checkpoint_layout(config):
+    """({key: shape} of the model's state_dict, the optimizer's parameter shapes in its order) for a
+    GPTConfig dict, built on the meta device: checking a checkpoint's structure allocates nothing."""
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**config))
+    optimizer = configure_optimizer(model, 0.0, 1.0, "meta")
+    return ({key: tuple(t.shape) for key, t in model.state_dict().items()},
+            [tuple(p.shape) for group in optimizer.param_groups for p in group["params"]])
 
 
 # -----------------------------------------------------------------------------
@@ -299,7 +308,9 @@ def generate(model, prompt, max_new_tokens, num_samples=1, top_k=50, temperature
 # data: batches from the token shards that fineweb.py writes (gpt2lib/shards.py reads the files)
 
 class DataLoaderLite:
-    """Batches of (B, T) token windows from the shards of one split, read through memory maps.
+    """Batches of (B, T) token windows from the shards of one split, each window read from the files
+    (gpt2lib.shards.ShardFile), which are checked to be the ones opened: a shard that changes under
+    the run stops it before a token of it is used.
 
     The split's shards, in order (or in a seeded order that changes every epoch when
     shuffle_seed is set), form one token stream; documents already run across shard ends.
@@ -324,14 +335,14 @@ class DataLoaderLite:
         self.block_tokens = block_tokens
         self.device = torch.device(device)
         self.shards = find_shards(data_root, split)
-        self.shard_lengths = [len(open_shard(path)) for path in self.shards]
+        self.files = [ShardFile(path) for path in self.shards]
+        self.shard_lengths = [len(file) for file in self.files]
         needed = max(B * T * num_processes, block_tokens or 0) + 1
         if sum(self.shard_lengths) < needed:
             raise UserError(f"split '{split}' in {data_root} has {sum(self.shard_lengths)} tokens, fewer than one "
                             f"step needs ({needed} = B*T*processes, or the shuffled block, + 1): use smaller "
                             "-B/-T/--total-batch-size or more data")
         self._checked = set()  # shards whose token ids were checked
-        self._open = {}  # shard index -> memmap; a few stay open
         self.reset()
 
     def reset(self):
@@ -351,18 +362,14 @@ class DataLoaderLite:
             self.blocks = rng.permutation(self.epoch_tokens // self.block_tokens)  # block k of the epoch is blocks[k]
             self.epoch_tokens = len(self.blocks) * self.block_tokens
 
-    def _tokens(self, shard_index):
-        if shard_index not in self._open:
-            tokens = open_shard(self.shards[shard_index])
-            if shard_index not in self._checked:
-                if len(tokens) and int(tokens.max()) >= self.vocab_size:
-                    raise UserError(f"shard {self.shards[shard_index]} holds token id {int(tokens.max())}, "
-                                    f">= vocab size {self.vocab_size}: the file is not GPT-2 tokens")
-                self._checked.add(shard_index)
-            if len(self._open) >= 2:  # a window spans at most two shards at a time in practice
-                self._open.pop(next(iter(self._open)))
-            self._open[shard_index] = tokens
-        return self._open[shard_index]
+    def _check_vocab(self, shard_index):
+        """Token ids below the vocabulary size, checked once per shard, when it is first read."""
+        if shard_index not in self._checked:
+            top = self.files[shard_index].max_token()
+            if top >= self.vocab_size:
+                raise UserError(f"shard {self.shards[shard_index]} holds token id {top}, "
+                                f">= vocab size {self.vocab_size}: the file is not GPT-2 tokens")
+            self._checked.add(shard_index)
 
     def _read(self, start, length):
         """`length` tokens of the stream from offset `start`, as int64."""
@@ -370,11 +377,12 @@ class DataLoaderLite:
         filled = 0
         k = int(np.searchsorted(self.starts, start, side="right")) - 1
         while filled < length:
-            shard = self._tokens(self.order[k])
+            shard_index = self.order[k]
+            self._check_vocab(shard_index)
             offset = start + filled - int(self.starts[k])
-            piece = shard[offset:offset + length - filled]
-            out[filled:filled + len(piece)] = piece
-            filled += len(piece)
+            count = min(length - filled, self.shard_lengths[shard_index] - offset)
+            out[filled:filled + count] = self.files[shard_index].read(offset, count)
+            filled += count
             k += 1
         return out
 
@@ -491,8 +499,10 @@ def validate(cfg, world_size):
     if cfg.model or not cfg.init_from:  # with --init-from alone the shape is only known once it is read
         try:
             model_config = config_for(cfg.model or DEFAULT_MODEL)
+            check_model_shape(asdict(model_config), cfg.model or DEFAULT_MODEL)
         except UserError as e:
             problems.append(f"--model: {e}")
+            model_config = None
     for name in ("batch_size", "seq_len", "total_batch_size", "max_steps", "val_steps"):
         if getattr(cfg, name) <= 0:
             problems.append(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
@@ -623,6 +633,7 @@ class StepResult:
     norm: float  # gradient norm before clipping
     lr: float
     stop: bool  # some rank asked to stop
+    failed: bool = False  # some rank could not go on (a shard changed, a log append failed)
 
 
 def train_step(run, step, stop_requested=False):
@@ -634,8 +645,14 @@ def train_step(run, step, stop_requested=False):
         group["lr"] = lr
     optimizer.zero_grad(set_to_none=True)
     loss_sum = torch.zeros((), device=precision.device)  # summed on the device: no host sync per micro-step
+    failure = run.log.failure  # a log append that failed on rank 0, or a shard that changed (below)
     for micro_step in range(run.grad_accum_steps):
-        x, y = run.train_loader.next_batch()
+        try:
+            x, y = run.train_loader.next_batch()
+        except UserError as e:
+            # keep in step with the other ranks' collectives on a stand-in batch; the step is not taken
+            failure = failure or str(e)
+            x = y = torch.zeros((cfg.batch_size, cfg.seq_len), dtype=torch.long, device=precision.device)
         if run.dist_ctx.ddp:
             # DDP decides in forward() whether the coming backward all-reduces the gradients, so
             # the flag must be set before the forward pass: only the last micro-step syncs.
@@ -647,7 +664,9 @@ def train_step(run, step, stop_requested=False):
         loss_sum += loss.detach().float()
         precision.scaler.scale(loss).backward()  # the scale is 1 unless fp16
     norm = clip_gradients(model, optimizer, precision, cfg.grad_clip)
-    result = share_step_outcome(loss_sum, norm, lr, stop_requested, run.dist_ctx)
+    result = share_step_outcome(loss_sum, norm, lr, stop_requested, failure is not None, run.dist_ctx)
+    if result.failed:
+        run.dist_ctx.on_every_rank(lambda: raise_failure(failure))
     check_finite(result, precision)
     precision.scaler.step(optimizer)  # optimizer.step(), skipped by fp16 on overflow
     precision.scaler.update()
@@ -660,14 +679,21 @@ def clip_gradients(model, optimizer, precision, grad_clip):
     return torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
 
 
-def share_step_outcome(loss, norm, lr, stop_requested, dist_ctx):
-    """One all-reduce carries the loss and every rank's stop request (e.g. a SIGTERM on one node),
-    and one host sync reads loss, norm and the verdict. The norm is the same on every rank: the
-    gradients it measures were all-reduced."""
-    stop = torch.tensor(float(stop_requested), device=loss.device)
-    summed = dist_ctx.sum(torch.stack([loss, stop]))
-    mean_loss, norm, stops = torch.stack([summed[0] / dist_ctx.world_size, norm.float(), summed[1]]).tolist()
-    return StepResult(mean_loss, norm, lr, stops > 0)
+def share_step_outcome(loss, norm, lr, stop_requested, failed, dist_ctx):
+    """One all-reduce carries the loss, every rank's stop request (e.g. a SIGTERM on one node) and
+    whether any rank failed, and one host sync reads loss, norm and the verdicts. The norm is the
+    same on every rank: the gradients it measures were all-reduced."""
+    flags = torch.tensor([float(stop_requested), float(failed)], device=loss.device)
+    summed = dist_ctx.sum(torch.cat([loss[None], flags]))
+    mean_loss, norm, stops, failures = torch.cat([summed[:1] / dist_ctx.world_size, norm.float()[None],
+                                                  summed[1:]]).tolist()
+    return StepResult(mean_loss, norm, lr, stops > 0, failures > 0)
+
+
+def raise_failure(message):
+    """Raise a rank's failure (a UserError message, or None for none) inside DistContext.on_every_rank."""
+    if message:
+        raise UserError(message)
 
 
 def check_finite(result, precision):
@@ -692,47 +718,37 @@ def train(cfg, dist_ctx, stop=None):
     With --eval-only, only the evals of the start step run (logged as a training run logs them):
     no training, no checkpoint."""
     stop = stop or StopRequest()
-    run = setup_run(cfg, dist_ctx)
-    ok = False
-    try:
-        if cfg.eval_only:
-            run_evals(run, run.start_step)
-            losses, step_metrics = [], []
-        else:
-            losses, step_metrics = train_loop(run, stop)
-        ok = True
-    finally:
-        run.log.close(ok)  # the W&B run finishes as failed when the loop raised
+    # rank 0 holds log_dir's lock throughout: a second run into it stops before touching anything
+    with rundir.held(cfg.log_dir, "--log-dir", checkpoints.RUN_FILE_NAMES, dist_ctx.decide):
+        run = setup_run(cfg, dist_ctx)
+        with run.log:  # at the end, the trackers' runs finish (as failed when training raised)
+            if cfg.eval_only:
+                run_evals(run, run.start_step)
+                return {"losses": [], "metrics": [], "val_loss": run.val_loss}
+            losses, step_metrics, stopping = [], [], False
+            for step in range(run.start_step, cfg.max_steps + 1):
+                last_step = step == cfg.max_steps
+                if stopping:
+                    save(step, run)
+                    if dist_ctx.master_process:
+                        print(f"stopped by signal after step {step - 1}; resume with the same command")
+                    break
+                if run.val_loader is not None and due(cfg.eval_every, step, last_step):
+                    run_evals(run, step)
+                if dist_ctx.master_process and step > 0 and due(cfg.sample_every, step, last_step):
+                    print_samples(run, step)
+                if step > run.start_step and due(cfg.checkpoint_every, step, last_step):
+                    save(step, run)
+                if last_step:
+                    break
+                with StepTimer(dist_ctx.device) as timer:  # the step alone: evals and checkpoints are not timed
+                    # stop.requested is this process's signal; result.stop, all ranks' verdict, is what all act on
+                    result = train_step(run, step, stop.requested)
+                step_metrics.append(log_step(run, step, result, timer.seconds))
+                losses.append(result.loss)
+                stopping = result.stop
+            dist_ctx.on_every_rank(lambda: raise_failure(run.log.failure))  # an append of the last evals
     return {"losses": losses, "metrics": step_metrics, "val_loss": run.val_loss}
-
-
-def train_loop(run, stop):
-    """Steps run.start_step .. max_steps with their evals, samples and checkpoints; returns the train
-    losses and logged metrics of the steps it ran."""
-    cfg, dist_ctx = run.cfg, run.dist_ctx
-    losses, step_metrics, stopping = [], [], False
-    for step in range(run.start_step, cfg.max_steps + 1):
-        last_step = step == cfg.max_steps
-        if stopping:
-            save(step, run)
-            if dist_ctx.master_process:
-                print(f"stopped by signal after step {step - 1}; resume with the same command")
-            break
-        if run.val_loader is not None and due(cfg.eval_every, step, last_step):
-            run_evals(run, step)
-        if dist_ctx.master_process and step > 0 and due(cfg.sample_every, step, last_step):
-            print_samples(run, step)
-        if step > run.start_step and due(cfg.checkpoint_every, step, last_step):
-            save(step, run)
-        if last_step:
-            break
-        with StepTimer(dist_ctx.device) as timer:  # the step alone: evals and checkpoints are not counted
-            # stop.requested is this process's signal; result.stop, all ranks' verdict, is what everyone acts on
-            result = train_step(run, step, stop.requested)
-        step_metrics.append(log_step(run, step, result, timer.seconds))
-        losses.append(result.loss)
-        stopping = result.stop
-    return losses, step_metrics
 
 
 def due(every, step, last_step):
@@ -740,7 +756,7 @@ def due(every, step, last_step):
 
 
 class StopRequest:
-    """Set by SIGTERM/SIGINT: the loop finishes its step, writes a checkpoint and exits cleanly."""
+    """Set by SIGTERM/SIGINT/SIGHUP: the loop finishes its step, writes a checkpoint and exits cleanly."""
 
     def __init__(self):
         self.requested = False
@@ -802,13 +818,22 @@ def evaluate_val_loss(model, val_loader, val_steps, precision, dist_ctx, loss_im
     model.eval()
     val_loader.reset()
     loss_sum = torch.zeros((), device=dist_ctx.device)
+    failure = None  # a val shard that changed: every rank goes through the same collectives, then stops
     for _ in range(val_steps):
-        x, y = val_loader.next_batch()
+        try:
+            x, y = val_loader.next_batch()
+        except UserError as e:
+            failure = failure or str(e)
+            x = y = torch.zeros((val_loader.B, val_loader.T), dtype=torch.long, device=dist_ctx.device)
         with precision.autocast():
             _, loss = model(x, y, loss_impl=loss_impl)
         loss_sum += loss.float()
     model.train()
-    return dist_ctx.mean(loss_sum / val_steps)
+    mean_loss, failed = dist_ctx.mean(torch.stack([loss_sum / val_steps, torch.tensor(float(failure is not None),
+                                                                                       device=dist_ctx.device)]))
+    if failed > 0:
+        dist_ctx.on_every_rank(lambda: raise_failure(failure))
+    return mean_loss
 
 
 @torch.no_grad()
@@ -958,7 +983,7 @@ def setup_run(cfg, dist_ctx):
     del checkpoint, start  # full copies of the weights (and optimizer state)
     hella_examples = None
     if cfg.hellaswag and (cfg.eval_every or cfg.eval_only):
-        hella_examples = dist_ctx.decide(lambda: load_hellaswag(cfg.hellaswag_data or None))
+        hella_examples = dist_ctx.decide(lambda: load_hellaswag(cfg.hellaswag_data or None, raw_model.config.block_size))
 
     # evals alone need neither compilation nor DDP's gradient hooks
     model, use_compile = (raw_model, False) if cfg.eval_only else wrap_model(raw_model, cfg, dist_ctx)
@@ -1090,7 +1115,7 @@ def agree_on_start(cfg, dist_ctx):
     """Every node reports its newest checkpoint; the newest of all is read by the rank that holds it
     and sent to every rank (resume.find_holder). Then rank 0, which writes checkpoints and logs from
     now on, sets its log dir up, with the holder's logs when the checkpoint came from another node."""
-    holder = resume.find_holder(cfg.resume, cfg.log_dir, dist_ctx)
+    holder = resume.find_holder(cfg.resume, cfg.log_dir, checkpoint_layout, dist_ctx)
     start = dist_ctx.decide(lambda: choose_start(cfg, holder), src=holder.rank if holder else 0)
     resume_step = start.checkpoint["step"] if start.checkpoint else None
     if holder is not None and holder.rank != 0 and dist_ctx.master_process:
@@ -1117,11 +1142,14 @@ def restore(checkpoint, raw_model, optimizer, precision, train_loader, dist_ctx)
     return checkpoint["step"]
 
 
-def load_hellaswag(data_path):
-    """Tokenized HellaSwag val examples, or None (with a warning) when the data is unavailable.
-    Runs on rank 0 only: one download, and the examples are sent to the other ranks."""
+def load_hellaswag(data_path, context_length):
+    """Tokenized HellaSwag val examples, or None (with a warning) when the data is unavailable or
+    holds a row longer than the model's context. Runs on rank 0 only: one download, and the
+    examples are sent to the other ranks."""
     try:
-        return tokenize_examples(load_examples("val", data_path=data_path))
+        examples = tokenize_examples(load_examples("val", data_path=data_path))
+        check_fits(examples, context_length)
+        return examples
     except UserError as e:
         print(f"warning: HellaSwag eval is off: {e}")
         return None
@@ -1175,7 +1203,7 @@ def load_cli_model(cfg, what):
     checkpoint --resume picks. `what` starts the error when there is neither."""
     if cfg.init_from:
         return f"--init-from {cfg.init_from}", load_init_source(cfg.init_from, cfg.vocab_multiple)
-    path, _ = checkpoints.find_resume_checkpoint(cfg.resume, cfg.log_dir)
+    path, _ = checkpoints.find_resume_checkpoint(cfg.resume, cfg.log_dir, checkpoint_layout)
     if path is None:
         reason = "--resume none" if cfg.resume == "none" else f"no checkpoint in {cfg.log_dir}"
         raise UserError(f"{what} ({reason}): pass --init-from SOURCE or --resume PATH")
@@ -1303,8 +1331,8 @@ def main(argv=None):
         if cfg.export_hf or cfg.generate:
             (export_hf if cfg.export_hf else print_generated)(cfg)
             return
-        signal.signal(signal.SIGTERM, stop)
-        signal.signal(signal.SIGINT, stop)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # SIGHUP: an SSH session that dropped
+            signal.signal(signum, stop)
         dist_ctx = setup_distributed(cfg.device)
         (benchmark if cfg.benchmark else train)(cfg, dist_ctx, stop)
     except FollowerStop:

@@ -4,7 +4,8 @@
     losses          cross-entropy through the lm_head without holding the (B, T, vocab) logits
     hf              HuggingFace directories in and out: key mapping, config, tokenizer export
     shards          token shard files: naming and opening (build-nanogpt's .npy, llm.c's .bin)
-    checkpoints     checkpoint files, the resume choice, other runs set aside, the run log
+    checkpoints     checkpoint files (checksum, structure checks), the resume choice, other runs set aside, the run log
+    rundir          one writer per directory: the OS lock on --log-dir and --out, leftovers of killed writers
     distributed     process groups and rank-0 decisions shared with every rank
     metrics         FLOPs per token and GPU peak FLOP/s, for MFU
     tracking        W&B and TensorBoard: every metrics.jsonl row, rank 0 only, optional packages

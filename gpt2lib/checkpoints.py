@@ -2,10 +2,11 @@
 
 A checkpoint is log_dir/model_{step:05d}.pt, a dict saved by torch.save and read with
 weights_only=True: model (our state_dict), optimizer, scaler, step, config (the GPTConfig fields in
-MODEL_CONFIG_KEYS), train_config, val_loss, every rank's loader and rng state, and counts (clipped
-and skipped steps). This module writes
-and reads them, picks the one to resume, sets other runs' files aside in previous_N/, and keeps the
-run log (log.txt, metrics.jsonl)."""
+MODEL_CONFIG_KEYS), train_config, val_loss, every rank's loader and rng state, counts (clipped
+and skipped steps), the run id, and a checksum of all of it (xxHash3-128 over every tensor's bytes and
+every other value), verified on every load. This module writes and reads them, checks their
+structure, picks the one to resume, sets other runs' files aside in previous_N/, and keeps the run
+log (log.txt, metrics.jsonl)."""
 
 import json
 import os
@@ -16,19 +17,56 @@ from dataclasses import asdict
 import torch
 
 from gpt2lib import tracking
-from gpt2lib.common import UserError, atomic_write, one_line
+from gpt2lib.common import UserError, atomic_write, check_model_shape, one_line
 
 # the model config a checkpoint stores: train_gpt2.GPTConfig's fields (a test keeps the two equal)
 MODEL_CONFIG_KEYS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "vocab_multiple")
 CHECKPOINT_PATTERN = re.compile(r"^model_(\d+)\.pt$")
 LOG_FILES = ("log.txt", "metrics.jsonl")
+# the files a run writes into --log-dir, whose leftover temporary files a later run removes
+RUN_FILE_NAMES = r"model_\d+\.pt|log\.txt|metrics\.jsonl"
+CHECKSUM_KEY, CHECKSUM_ALGORITHM = "checksum", "xxh3_128"
+LOADER_KEYS = ("split", "epoch", "position", "shuffle_seed", "shards", "shard_lengths")
 
 
 # -----------------------------------------------------------------------------
 # checkpoints
 
-def read_checkpoint(path):
-    """A checkpoint dict, loaded with weights_only=True: opening a checkpoint never runs code."""
+def checksum(obj):
+    """xxHash3-128 of a checkpoint's contents: every tensor's dtype, shape and bytes, every other
+    value's type and repr, in the dicts' order (which torch.save keeps). xxHash3 hashes at memory
+    speed, so a 124M checkpoint costs well under a second (README: measured numbers)."""
+    import xxhash
+
+    digest = xxhash.xxh3_128()
+    feed(digest, obj)
+    return digest.hexdigest()
+
+
+def feed(digest, value):
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach().cpu().contiguous()
+        digest.update(f"tensor {tensor.dtype} {tuple(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(value, dict):
+        digest.update(f"dict {len(value)};".encode())
+        for key, item in value.items():
+            feed(digest, key)
+            feed(digest, item)
+    elif isinstance(value, (list, tuple)):
+        digest.update(f"{type(value).__name__} {len(value)};".encode())
+        for item in value:
+            feed(digest, item)
+    else:
+        digest.update(f"{type(value).__name__} {value!r};".encode())
+
+
+def read_checkpoint(path, layout=None, resume=False):
+    """A checkpoint dict, loaded with weights_only=True (opening a checkpoint never runs code), its
+    checksum verified and its model shape checked before anything is allocated. With layout (a
+    function of the config giving the model's {key: shape} and the optimizer's parameter shapes, in
+    order), every weight is checked; with resume, the optimizer, loader and RNG state too. Any
+    problem is a one-line UserError naming path."""
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist")
     try:
@@ -37,9 +75,70 @@ def read_checkpoint(path):
         raise UserError(f"checkpoint {path} is damaged or not a train_gpt2.py checkpoint ({one_line(e)})") from None
     if not isinstance(checkpoint, dict) or not {"model", "config"} <= checkpoint.keys():
         raise UserError(f"checkpoint {path} is not a train_gpt2.py checkpoint (no 'model' and 'config')")
+    stored = checkpoint.pop(CHECKSUM_KEY, None)
+    if stored is None:
+        print(f"note: checkpoint {path} has no checksum (written before checkpoints had one): its contents "
+              "are checked for structure only")
+    elif not isinstance(stored, dict) or stored.get(CHECKSUM_ALGORITHM) != checksum(checkpoint):
+        raise UserError(f"checkpoint {path} is damaged: its contents do not match the checksum written with it")
     if not isinstance(checkpoint["config"], dict) or not set(checkpoint["config"]) <= set(MODEL_CONFIG_KEYS):
-        raise UserError(f"checkpoint {path} has an unreadable config: {checkpoint['config']!r}")
+        raise UserError(f"checkpoint {path} has an unreadable config: {checkpoint['config']!r:.200}")
+    check_model_shape(checkpoint["config"], f"checkpoint {path}")
+    if not isinstance(checkpoint["model"], dict):
+        raise UserError(f"checkpoint {path}: 'model' is not a state_dict")
+    # a compiled or DDP-wrapped model's state_dict (other projects save those) has prefixed keys
+    checkpoint["model"] = {re.sub(r"^(_orig_mod\.|module\.)+", "", str(key)): value
+                           for key, value in checkpoint["model"].items()}
+    if layout is not None:
+        weights, optimizer_shapes = layout(checkpoint["config"])
+        check_weights(checkpoint["model"], weights, path)
+        if resume:
+            check_resume_state(checkpoint, optimizer_shapes, path)
     return checkpoint
+
+
+def check_weights(state, expected, path):
+    """Every weight of the model, with its shape, and nothing else."""
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    if missing or unexpected:
+        raise UserError(f"checkpoint {path}: the weights do not fit its config (missing {missing[:3]}, "
+                        f"unexpected {unexpected[:3]}): the file is damaged or not of this model")
+    for key, shape in expected.items():
+        if not isinstance(state[key], torch.Tensor) or tuple(state[key].shape) != shape:
+            got = list(state[key].shape) if isinstance(state[key], torch.Tensor) else type(state[key]).__name__
+            raise UserError(f"checkpoint {path}: the weights do not fit its config ({key} is {got}, expected "
+                            f"{list(shape)}): the file is damaged or not of this model")
+
+
+def check_resume_state(checkpoint, parameter_shapes, path):
+    """The step, the optimizer's state for each parameter (AdamW's moments, shaped like it), and every
+    rank's loader position and RNG state: what a resume restores."""
+    def damaged(what):
+        return UserError(f"checkpoint {path} cannot be resumed: {what}")
+
+    missing = [key for key in ("optimizer", "step", "loader", "rng") if key not in checkpoint]
+    if missing:
+        raise damaged(f"it has no {', '.join(missing)} state")
+    if type(checkpoint["step"]) is not int or checkpoint["step"] < 0:
+        raise damaged(f"step is {checkpoint['step']!r:.40}")
+    optimizer = checkpoint["optimizer"]
+    if not isinstance(optimizer, dict) or not isinstance(optimizer.get("state"), dict) \
+            or not isinstance(optimizer.get("param_groups"), list):
+        raise damaged("its optimizer state is not an optimizer's")
+    ids = [i for group in optimizer["param_groups"] if isinstance(group, dict) for i in group.get("params", [])]
+    if len(ids) != len(parameter_shapes):
+        raise damaged(f"its optimizer holds {len(ids)} parameters, the model has {len(parameter_shapes)}")
+    for i, shape in zip(ids, parameter_shapes):
+        moments = optimizer["state"].get(i, {})  # a parameter never stepped (fp16 skips) has none
+        for name in ("exp_avg", "exp_avg_sq"):
+            if moments and (not isinstance(moments.get(name), torch.Tensor) or tuple(moments[name].shape) != shape):
+                raise damaged(f"optimizer state {name} of parameter {i} is missing or not shaped {list(shape)}")
+    for key, check in (("loader", lambda s: isinstance(s, dict) and set(LOADER_KEYS) <= s.keys()),
+                       ("rng", lambda s: isinstance(s, dict) and isinstance(s.get("cpu"), torch.Tensor))):
+        states = checkpoint[key]
+        if not isinstance(states, list) or not states or not all(check(state) for state in states):
+            raise damaged(f"its {key} state is incomplete")
 
 
 def list_checkpoints(log_dir):
@@ -54,22 +153,24 @@ def checkpoint_step(path):
     return int(CHECKPOINT_PATTERN.match(os.path.basename(path)).group(1))
 
 
-def find_resume_checkpoint(resume, log_dir):
-    """(path, checkpoint already read) to resume from, or (None, None) to start fresh. resume is
-    --resume: auto (the newest good checkpoint in log_dir), none, or a path."""
+def find_resume_checkpoint(resume, log_dir, layout=None):
+    """(path, checkpoint already read and verified) to resume from, or (None, None) to start fresh.
+    resume is --resume: auto (the newest good checkpoint in log_dir; damaged ones are skipped with a
+    warning, and set aside by prepare_run_dir), none, or a path (a damaged one is an error)."""
     if resume == "none":
         return None, None
     if resume != "auto":
-        return resume, read_checkpoint(resume)  # an explicit path that is bad is an error
+        return resume, read_checkpoint(resume, layout, resume=True)
+    damaged = []
     for path in list_checkpoints(log_dir):
         try:
-            checkpoint = read_checkpoint(path)
-            if {"optimizer", "step", "loader"} <= checkpoint.keys():
-                return path, checkpoint
-            problem = "it has no optimizer or loader state"
+            return path, read_checkpoint(path, layout, resume=True)
         except UserError as e:
-            problem = str(e)
-        print(f"warning: skipping {path}: {problem}")
+            print(f"warning: skipping {path}: {e}")
+            damaged.append(os.path.basename(path))
+    if damaged:
+        raise UserError(f"every checkpoint in {log_dir} is damaged ({', '.join(damaged)}): restore a good one, "
+                        "or pass --resume none to start over (the damaged ones are then set aside)")
     return None, None
 
 
@@ -99,11 +200,15 @@ def set_aside(log_dir, move, copy):
     while os.path.exists(os.path.join(log_dir, f"previous_{n}")):
         n += 1
     aside = os.path.join(log_dir, f"previous_{n}")
-    os.makedirs(aside)
-    for path in copy:
-        shutil.copy2(path, os.path.join(aside, os.path.basename(path)))
-    for path in move:
-        os.replace(path, os.path.join(aside, os.path.basename(path)))
+    try:
+        os.makedirs(aside)
+        for path in copy:
+            shutil.copy2(path, os.path.join(aside, os.path.basename(path)))
+        for path in move:
+            os.replace(path, os.path.join(aside, os.path.basename(path)))
+    except OSError as e:  # what was moved already is in `aside`, the rest still in log_dir: nothing is lost
+        raise UserError(f"{log_dir}: cannot set earlier runs' files aside into {aside} ({one_line(e)}): "
+                        "check free space and permissions") from None
     return aside
 
 
@@ -125,11 +230,15 @@ def write_checkpoint(step, raw_model, optimizer, precision, cfg, val_loss, loade
         "run_id": run_id,  # tells this run's checkpoints from another's when nodes compare theirs
         "counts": counts or {},  # clipped and skipped steps so far
     }
+    checkpoint[CHECKSUM_KEY] = {CHECKSUM_ALGORITHM: checksum(checkpoint)}
     atomic_write(path, lambda f: torch.save(checkpoint, f))
     if cfg.keep_last:
         for old in list_checkpoints(cfg.log_dir)[cfg.keep_last:]:
             if checkpoint_step(old) < step:
-                os.remove(old)
+                try:
+                    os.remove(old)
+                except OSError as e:
+                    raise UserError(f"{old}: cannot delete it for --keep-last ({one_line(e)}): check permissions") from None
     return path
 
 
@@ -150,6 +259,7 @@ class RunLog:
 
     def __init__(self, log_dir, enabled, trackers=None):
         self.enabled = enabled
+        self.failure = None  # why an append failed (a full disk): the loop stops every rank with it
         self.text_path = os.path.join(log_dir, "log.txt")
         self.jsonl_path = os.path.join(log_dir, "metrics.jsonl")
         self.trackers = trackers
@@ -159,7 +269,6 @@ class RunLog:
         """Keep the lines of steps before resume_step (a crashed run's later lines will be redone)
         and drop a line torn by a kill in mid-append, with a warning. A fresh run (resume_step None)
         starts with empty files; earlier runs' files were set aside before."""
-        os.makedirs(log_dir, exist_ok=True)
         for name in LOG_FILES:
             path = os.path.join(log_dir, name)
             kept, torn = [], 0
@@ -191,27 +300,39 @@ class RunLog:
             return None
 
     def write(self, step, kind, value, **metrics):
-        if not self.enabled:
+        """Append one line to each file. A failed append is kept in self.failure, not raised: the
+        other ranks are not writing, so the next collective stops them all together."""
+        if not self.enabled or self.failure:
             return
-        with open(self.text_path, "a") as f:
-            f.write(f"{step} {kind} {value:.6f}\n" if kind == "train" else f"{step} {kind} {value:.4f}\n")
+        self._append(self.text_path, f"{step} {kind} {value:.6f}\n" if kind == "train" else f"{step} {kind} {value:.4f}\n")
         self._append_row({"step": step, "kind": kind, "value": value, **metrics})
 
     def write_samples(self, step, prompt, texts):
         """Samples go to metrics.jsonl (kind `sample`) and the trackers; log.txt has numbers only."""
-        if self.enabled:
+        if self.enabled and not self.failure:
             self._append_row({"step": step, "kind": "sample", "prompt": prompt, "texts": list(texts)})
 
     def _append_row(self, row):
-        with open(self.jsonl_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        if self.trackers is not None:
+        self._append(self.jsonl_path, json.dumps(row) + "\n")
+        if self.trackers is not None and not self.failure:
             self.trackers.log(row)
 
-    def close(self, ok=True):
-        """Finish the trackers' runs (ok False: the run failed)."""
+    def _append(self, path, line):
+        if self.failure:
+            return
+        try:
+            with open(path, "a") as f:
+                f.write(line)
+        except OSError as e:
+            self.failure = f"{path}: cannot append ({one_line(e)}): check free space and permissions"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        """Finish the trackers' runs, as failed when training raised."""
         if self.trackers is not None:
-            self.trackers.close(ok)
+            self.trackers.close(ok=exc_type is None)
 
 
 def prepare_run_dir(log_dir, resume_path, resume_step, logs=None):

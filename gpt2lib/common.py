@@ -4,6 +4,8 @@ import contextlib
 import hashlib
 import os
 import re
+import secrets
+import socket
 from functools import lru_cache
 
 import torch
@@ -19,27 +21,88 @@ def one_line(error):
     message, without terminal escapes (torch.load's weights_only errors span many lines, embed bold
     escapes and name the refused class on their `WeightsUnpickler error:` line)."""
     lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(error)).splitlines() if line.strip()]
-    specific = [line for line in lines if line.startswith("WeightsUnpickler error:")]
+    specific = [line for line in lines if line.startswith(("WeightsUnpickler error:", "Trying to load unsupported"))]
+    # torch's advice to retry with weights_only=False would run the file's code: never pass it on
+    lines = [line for line in lines if "weights_only" not in line]
     message = (specific or lines or [""])[0][:300]
     return f"{type(error).__name__}: {message}" if message else type(error).__name__
 
 
+def write_failure(error):
+    """The error to report when a library's exception means the write itself failed (disk full,
+    permissions, I/O), else None: an OSError, or the OSError behind torch.save's RuntimeError (its zip
+    writer fails again while closing), or safetensors' SafetensorError."""
+    cause = error
+    while cause is not None:
+        if isinstance(cause, OSError):
+            return cause
+        cause = cause.__cause__ or cause.__context__
+    text = str(error).lower()
+    if type(error).__name__ == "SafetensorError" or \
+            isinstance(error, RuntimeError) and ("write" in text or "no space" in text or "errno" in text):
+        return error
+    return None
+
+
+def temp_name(path):
+    """A temporary file name next to path, unique to this writer (host, process, random part), so two
+    writers never share one. temp_pattern recognises it, and the `.tmp` names of earlier versions."""
+    return f"{path}.tmp.{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}"
+
+
+def temp_pattern(name_pattern):
+    """A regex for the temporary files temp_name makes for names matching name_pattern (a regex)."""
+    return re.compile(rf"^(?:{name_pattern})\.tmp(?:\.[^/]+\.\d+\.[0-9a-f]{{8}})?$")
+
+
 def atomic_write(path, write):
-    """write(f) into path + '.tmp', fsync, then rename over path: readers see the old file or the
-    new one, never half of one. An OSError (disk full, permissions) becomes a UserError naming path."""
-    tmp = path + ".tmp"
+    """write(f) into a temporary file next to path, fsync, then rename over path: readers see the old
+    file or the new one, never half of one. A failed write (disk full, permissions) removes the
+    temporary file and becomes a UserError naming path."""
+    tmp = temp_name(path)
     try:
-        with open(tmp, "wb") as f:
+        with open(tmp, "xb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
-        if os.path.exists(tmp):
+        with contextlib.suppress(OSError):
             os.remove(tmp)
-        if isinstance(e, OSError):
-            raise UserError(f"{path}: cannot write ({one_line(e)}): check free space and permissions") from None
+        failure = write_failure(e) if isinstance(e, Exception) else None
+        if failure is not None:
+            raise UserError(f"{path}: cannot write ({one_line(failure)}): check free space and permissions") from None
         raise
+
+
+# -----------------------------------------------------------------------------
+# model shapes read from files: checked before anything is allocated
+
+# GPTConfig's fields and the largest value each may take: beyond these a file is damaged or not a
+# GPT-2 (2**16 wide, 2**10 layers is already ~50T parameters, far past what fits in memory)
+SHAPE_LIMITS = {"block_size": 2**20, "vocab_size": 2**24, "n_layer": 2**10, "n_head": 2**10, "n_embd": 2**16,
+                "vocab_multiple": 2**16}
+MAX_PARAMETERS = 2 * 10**11  # 200B: 800 GB of fp32 weights
+
+
+def check_model_shape(shape, source):
+    """Raise a one-line UserError naming source unless every field of shape (GPTConfig's names) is a
+    positive integer within SHAPE_LIMITS, n_embd divides into n_head heads and the model's size is sane."""
+    problems = []
+    for key, value in shape.items():
+        if type(value) is not int or value <= 0:
+            problems.append(f"{key} must be a positive integer, got {value!r:.40}")
+        elif key in SHAPE_LIMITS and value > SHAPE_LIMITS[key]:
+            problems.append(f"{key} {value} is larger than {SHAPE_LIMITS[key]}")
+    if not problems:
+        n_embd, n_head = shape.get("n_embd", 1), shape.get("n_head", 1)
+        if n_embd % n_head:
+            problems.append(f"n_embd {n_embd} is not a multiple of n_head {n_head}")
+        params = (shape.get("vocab_size", 0) + shape.get("block_size", 0)) * n_embd + shape.get("n_layer", 0) * 12 * n_embd**2
+        if params > MAX_PARAMETERS:
+            problems.append(f"{params:.2e} parameters is more than any GPT-2 this trains ({MAX_PARAMETERS:.0e})")
+    if problems:
+        raise UserError(f"{source}: not a usable model shape: {'; '.join(problems)}")
 
 
 def unwrap_model(model):

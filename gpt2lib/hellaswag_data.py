@@ -173,6 +173,7 @@ def read_jsonl(path, name=None, style="completion"):
                 except json.JSONDecodeError as e:
                     raise UserError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
                 validate_example(row, where, style)
+                row["_where"] = where  # for errors found later: a row too long for the model
                 rows.append(row)
     except FileNotFoundError:
         raise UserError(f"HellaSwag data file {name} does not exist") from None

@@ -42,12 +42,14 @@ LOGITS_CHUNK = 4096  # positions whose (chunk, vocab) logits exist at once
 class TokenizedExamples:
     """Pre-tokenized examples: ctx[i] a list of ids, endings[i] four lists, labels[i] an int,
     norm_lengths[i] the four lengths acc_norm divides the summed loss by (default: the endings'
-    token counts), style the scoring style they were tokenized for.
+    token counts), style the scoring style they were tokenized for, sources[i] the example's
+    `file:line` (or None).
     evaluate() keeps the padded device batches it builds from this object, so a training loop
     that tokenizes once pays for tokenizing, sorting and copying once."""
 
-    def __init__(self, ctx, endings, labels, norm_lengths=None, style="completion"):
+    def __init__(self, ctx, endings, labels, norm_lengths=None, style="completion", sources=None):
         self.ctx, self.endings, self.labels, self.style = ctx, endings, labels, style
+        self.sources = sources if sources is not None else [None] * len(labels)
         self.norm_lengths = norm_lengths if norm_lengths is not None else [[len(e) for e in ends] for ends in endings]
         self._batches = {}  # (rank, world_size, batch_size, max_tokens, device) -> _Batches
 
@@ -57,7 +59,7 @@ class TokenizedExamples:
     def __getitem__(self, index):
         if isinstance(index, slice):
             return TokenizedExamples(self.ctx[index], self.endings[index], self.labels[index],
-                                     self.norm_lengths[index], self.style)
+                                     self.norm_lengths[index], self.style, self.sources[index])
         return self.ctx[index], self.endings[index], self.labels[index]
 
 
@@ -72,7 +74,18 @@ def tokenize_examples(examples, style="completion"):
     ctx = enc.encode_ordinary_batch([ex["ctx"] for ex in examples])
     flat = enc.encode_ordinary_batch([" " + ending for ex in examples for ending in ex["endings"]])
     endings = [flat[4 * i:4 * i + 4] for i in range(len(examples))]
-    return TokenizedExamples(ctx, endings, [int(ex["label"]) for ex in examples])
+    return TokenizedExamples(ctx, endings, [int(ex["label"]) for ex in examples],
+                             sources=[ex.get("_where") for ex in examples])
+
+
+def check_fits(tokenized, context_length):
+    """Raise a one-line UserError naming the first example (its file:line) with a row longer than
+    the model's context: it could not be scored."""
+    for i, (ctx, endings) in enumerate(zip(tokenized.ctx, tokenized.endings)):
+        longest = len(ctx) + max(len(ending) for ending in endings)
+        if longest > context_length:
+            raise UserError(f"{tokenized.sources[i] or f'HellaSwag example {i}'}: a HellaSwag row is {longest} "
+                            f"tokens long, more than the model's context of {context_length}")
 
 
 def harness_preprocess(text):
@@ -113,7 +126,8 @@ def _tokenize_harness(examples):
     # acc_norm divides by len(choice): the cleaned ending without the " " the continuation adds,
     # as the harness's process_results computes completion_len from doc_to_choice
     norm_lengths = [[len(choice) for choice in four] for four in choices]
-    return TokenizedExamples(ctx, endings, [int(ex["label"]) for ex in examples], norm_lengths, style="harness")
+    return TokenizedExamples(ctx, endings, [int(ex["label"]) for ex in examples], norm_lengths, style="harness",
+                             sources=[ex.get("_where") for ex in examples])
 
 
 # -----------------------------------------------------------------------------
@@ -124,9 +138,10 @@ class _Batches:
     flattened (R*T) predictions, targets (P,), row ids (P,) into the n*4 rows), plus the
     lengths acc_norm divides by (n, 4) and labels (n,)."""
 
-    def __init__(self, batches, lengths, labels, n, n_rows, max_len):
+    def __init__(self, batches, lengths, labels, n, n_rows, max_len, longest_source=None):
         self.batches, self.lengths, self.labels = batches, lengths, labels
         self.n, self.n_rows, self.max_len = n, n_rows, max_len
+        self.longest_source = longest_source  # file:line of the longest row's example, when known
 
 
 def _build_batches(tok, device, batch_size, max_tokens):
@@ -158,8 +173,8 @@ def _build_batches(tok, device, batch_size, max_tokens):
         start += count
     lengths = torch.tensor(tok.norm_lengths, dtype=torch.float32).reshape(n, 4)
     labels = torch.tensor(tok.labels, dtype=torch.long)
-    max_len = rows[0][0] if rows else 0
-    return _Batches(batches, lengths.to(device), labels.to(device), n, 4 * n, max_len)
+    max_len, longest_source = (rows[0][0], tok.sources[rows[0][1] // 4]) if rows else (0, None)
+    return _Batches(batches, lengths.to(device), labels.to(device), n, 4 * n, max_len, longest_source)
 
 
 def _local_batches(examples, device, rank, world_size, batch_size, max_tokens, style):
@@ -230,8 +245,8 @@ def _row_losses(model, batches, device, autocast_dtype, progress):
     """(n, 4) summed ending losses (fp32, on device) for prepared batches."""
     hidden_fn, head_fn, context_length = _model_parts(model)
     if context_length is not None and batches.max_len > context_length:
-        raise UserError(f"a HellaSwag row is {batches.max_len} tokens long, more than the model's "
-                        f"context of {context_length}")
+        raise UserError(f"{batches.longest_source or 'HellaSwag'}: a HellaSwag row is {batches.max_len} tokens long, "
+                        f"more than the model's context of {context_length}")
     row_loss = torch.zeros(batches.n_rows, dtype=torch.float32, device=device)
     module = unwrap_model(model)
     was_training = getattr(module, "training", False)

@@ -13,8 +13,8 @@ import urllib.parse
 
 import torch
 
-from gpt2lib.common import (ENCODER_JSON_SHA256, GPT2_EOT, VOCAB_BPE_SHA256, UserError, offline_bpe_files,
-                            one_line, read_verified, unwrap_model)
+from gpt2lib.common import (ENCODER_JSON_SHA256, GPT2_EOT, VOCAB_BPE_SHA256, UserError, check_model_shape,
+                            offline_bpe_files, write_failure, one_line, read_verified, unwrap_model)
 
 
 # HF's GPT-2 uses Conv1D layers, whose weights are stored [in, out]: the transpose of nn.Linear's.
@@ -75,6 +75,7 @@ def read_hf_checkpoint(directory):
                         + (f"{', '.join(bad)} missing or not a positive integer" if bad else "n_embd is not a multiple of n_head"))
     shape = dict(block_size=hf_config["n_positions"], vocab_size=hf_config["vocab_size"],
                  n_layer=hf_config["n_layer"], n_head=hf_config["n_head"], n_embd=hf_config["n_embd"])
+    check_model_shape(shape, config_path)  # sizes within bounds, before anything is allocated
     return shape, read_hf_tensors(directory)
 
 
@@ -175,14 +176,70 @@ def hf_gpt2_tokenizer(model_max_length):
                              clean_up_tokenization_spaces=False)  # transformers 4 would decode " ." as "." and " 's" as "'s"
 
 
+EXPORT_MARKER = "train_gpt2_export.json"  # written into every export: proof that this project made it
+TEMP_PREFIXES = (".tmp-export-", ".old-export-")  # + the target's name + a random part, next to the target
+
+
+def read_marker(directory):
+    """The marker of an export directory (a dict), or None when it has none or it is unreadable."""
+    try:
+        with open(os.path.join(directory, EXPORT_MARKER)) as f:
+            marker = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) and isinstance(marker.get("files"), list) else None
+
+
+def write_marker(directory, target, files):
+    with open(os.path.join(directory, EXPORT_MARKER), "w") as f:
+        json.dump({"written_by": "train_gpt2.py --export-hf / GPT.save_pretrained", "target": target,
+                   "files": sorted(files)}, f, indent=1)
+
+
 def check_replaceable(directory):
-    """Refuse to replace anything but a model directory (an earlier export) or an empty directory:
-    an export replaces the whole directory, and a mistyped path must not delete unrelated files."""
+    """An export replaces its whole directory, so it may only replace an earlier export of this
+    project (its marker lists exactly the files in it) or an empty directory. Anything else, like a
+    user's HF folder, a Trainer output or a project checkout, is refused with one line."""
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise UserError(f"{directory} is a file: export into a new directory")
-    if os.path.isdir(directory) and os.listdir(directory) and not os.path.exists(os.path.join(directory, "config.json")):
-        raise UserError(f"{directory} is not empty and holds no config.json, so it is not an earlier export: "
-                        "export into a new or empty directory")
+    if not os.path.isdir(directory) or not os.listdir(directory):
+        return
+    held = set(os.listdir(directory))
+    marker = read_marker(directory)
+    if marker is None:
+        raise UserError(f"{directory} is not an earlier export of this project (no {EXPORT_MARKER}) and not empty: "
+                        "export into a new or empty directory; nothing was changed")
+    others = sorted(held - set(marker["files"]))
+    if others:
+        raise UserError(f"{directory} holds files an export did not write ({', '.join(others[:5])}): it would "
+                        "replace them, so export into a new or empty directory; nothing was changed")
+
+
+def make_temp_directory(directory):
+    """An empty directory next to `directory` to write the export into, with the permissions a plain
+    mkdir gives (mkdtemp's are 0700), its marker naming the target so a later export can tell it."""
+    parent, name = os.path.split(directory)
+    tmp = tempfile.mkdtemp(prefix=f"{TEMP_PREFIXES[0]}{name}-", dir=parent)
+    os.chmod(tmp, 0o777 & ~current_umask())
+    write_marker(tmp, name, [EXPORT_MARKER])
+    return tmp
+
+
+def current_umask():
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def remove_leftovers(directory):
+    """Delete what exports to `directory` that were killed left next to it: temporary directories of
+    ours (their name and marker say so) for this very target."""
+    parent, name = os.path.split(directory)
+    for entry in os.listdir(parent):
+        path = os.path.join(parent, entry)
+        if entry.startswith(tuple(prefix + name + "-" for prefix in TEMP_PREFIXES)) and os.path.isdir(path) \
+                and not os.path.islink(path) and (read_marker(path) or {}).get("target") == name:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def replace_directory(new, directory):
@@ -191,13 +248,13 @@ def replace_directory(new, directory):
     if not os.path.isdir(directory):
         os.rename(new, directory)
         return
-    old = tempfile.mkdtemp(prefix=".old-export-", dir=os.path.dirname(directory))
-    os.rename(directory, os.path.join(old, "export"))
+    parent, name = os.path.split(directory)
+    old = os.path.join(parent, f"{TEMP_PREFIXES[1]}{name}-{os.path.basename(new)[len(TEMP_PREFIXES[0] + name) + 1:]}")
+    os.rename(directory, old)
     try:
         os.rename(new, directory)
     except BaseException:
-        os.rename(os.path.join(old, "export"), directory)
-        os.rmdir(old)
+        os.rename(old, directory)
         raise
     shutil.rmtree(old)
 
@@ -205,9 +262,10 @@ def replace_directory(new, directory):
 def write_hf_checkpoint(model, directory):
     """A directory that transformers (AutoTokenizer, AutoModelForCausalLM, pipeline) and
     lm-evaluation-harness load offline and alone: config.json, generation_config.json,
-    model.safetensors and the GPT-2 tokenizer (tokenizer.json, tokenizer_config.json). It is
-    written to a temporary directory that then replaces `directory`, so a crash never leaves a
-    half-written export or a mix of two."""
+    model.safetensors, the GPT-2 tokenizer (tokenizer.json, tokenizer_config.json) and EXPORT_MARKER.
+    It is written to a temporary directory that then replaces `directory` (only an earlier export
+    or an empty directory: check_replaceable), so a crash never leaves a half-written export or a
+    mix of two; what killed exports to the same directory left behind is removed afterwards."""
     from safetensors.torch import save_file
     from transformers import GenerationConfig
 
@@ -222,15 +280,21 @@ def write_hf_checkpoint(model, directory):
     tmp = None
     try:
         os.makedirs(os.path.dirname(directory), exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".tmp-export-", dir=os.path.dirname(directory))
+        tmp = make_temp_directory(directory)
         hf_config(model.config).save_pretrained(tmp)
         generation.save_pretrained(tmp)
         save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save_pretrained(tmp)
+        write_marker(tmp, os.path.basename(directory), os.listdir(tmp))
+        for name in os.listdir(tmp):  # safetensors creates its file 0600; the rest are created as usual
+            os.chmod(os.path.join(tmp, name), 0o666 & ~current_umask())
         replace_directory(tmp, directory)
+        remove_leftovers(directory)
     except BaseException as e:
         if tmp is not None and os.path.isdir(tmp):
-            shutil.rmtree(tmp)
-        if isinstance(e, OSError):
-            raise UserError(f"{directory}: cannot write the export ({one_line(e)}): check free space and permissions") from None
+            shutil.rmtree(tmp, ignore_errors=True)
+        failure = write_failure(e) if isinstance(e, Exception) else None
+        if failure is not None:
+            raise UserError(f"{directory}: cannot write the export ({one_line(failure)}): check free space and "
+                            "permissions") from None
         raise

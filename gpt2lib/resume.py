@@ -32,14 +32,14 @@ class Holding:
         return f"{self.host} (rank {self.rank}) {self.path}"
 
 
-def local_holding(resume, log_dir, dist_ctx):
+def local_holding(resume, log_dir, layout, dist_ctx):
     """This node's newest good checkpoint (with --resume PATH: that file, if this node has it), or None.
     Only each node's first process looks, so a node reads its files once."""
     if dist_ctx.local_rank != 0 or resume == "none":
         return None
     if resume != "auto" and not os.path.exists(resume):
         return None  # another node may have it
-    path, checkpoint = find_resume_checkpoint(resume, log_dir)
+    path, checkpoint = find_resume_checkpoint(resume, log_dir, layout)
     if checkpoint is None:
         return None
     return Holding(dist_ctx.rank, socket.gethostname(), path, checkpoint["step"], checkpoint.get("run_id"),
@@ -78,10 +78,11 @@ def check_same_contents(candidates):
                         "keep the one to resume on one node, or pass --resume PATH")
 
 
-def find_holder(resume, log_dir, dist_ctx):
+def find_holder(resume, log_dir, layout, dist_ctx):
     """The Holding of the checkpoint this run resumes from, or None: the same on every rank. On the
-    holder it carries the checkpoint already read. A collective: every rank calls it."""
-    mine = dist_ctx.on_every_rank(lambda: local_holding(resume, log_dir, dist_ctx))
+    holder it carries the checkpoint already read and verified (layout: see read_checkpoint). A
+    collective: every rank calls it."""
+    mine = dist_ctx.on_every_rank(lambda: local_holding(resume, log_dir, layout, dist_ctx))
     reports = dist_ctx.gather_objects(replace(mine, checkpoint=None) if mine else None)
     try:
         candidates = newest(reports, resume)

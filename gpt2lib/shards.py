@@ -53,3 +53,65 @@ def open_shard(path):
     if tokens.dtype != np.uint16 or tokens.ndim != 1:
         raise UserError(f"shard {path} holds {tokens.dtype} of shape {tokens.shape}, expected 1-D uint16 tokens")
     return tokens
+
+
+def identity(stat):
+    """What changes when a file is replaced, truncated or rewritten: device, inode, size, mtime, ctime."""
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
+
+
+class ShardFile:
+    """A shard whose identity is recorded when it is opened and checked around every read, so a
+    shard truncated, rewritten or deleted under a run is a one-line error before any of its tokens
+    is used. Tokens are read with pread, not through a memory map: a read past the end of a
+    truncated file returns short, where a memory map would kill the process with SIGBUS."""
+
+    def __init__(self, path):
+        self.path = path
+        before = self._stat()
+        tokens = open_shard(path)  # checks the format
+        self.offset, self.length = tokens.offset, len(tokens)  # where the uint16 tokens start, and how many
+        del tokens
+        self.identity = identity(before)
+        self.check()
+
+    def __len__(self):
+        return self.length
+
+    def _stat(self):
+        try:
+            return os.stat(self.path)
+        except FileNotFoundError:
+            raise UserError(f"shard {self.path} was deleted while the run was using it: restore it and "
+                            "resume (the checkpoints written so far are good)") from None
+
+    def check(self, stat=None):
+        """Raise a one-line UserError unless the file (or the open file's stat) is as it was at open."""
+        now = identity(stat or self._stat())
+        if now != self.identity:
+            how = "truncated" if now[2] < self.identity[2] else "rewritten or replaced"
+            raise UserError(f"shard {self.path} was {how} while the run was using it: restore the original and "
+                            "resume (the checkpoints written so far are good), or start over with --resume none")
+
+    def read(self, start, count):
+        """count tokens from token index start, as uint16; checked before and after the read."""
+        self.check()
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                self.check(os.fstat(fd))  # replaced between the check and the open
+                data = os.pread(fd, 2 * count, self.offset + 2 * start)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            self._stat()
+            raise UserError(f"shard {self.path}: cannot read it ({e.strerror or e})") from None
+        self.check()  # a rewrite during the read
+        if len(data) != 2 * count:
+            raise UserError(f"shard {self.path} is shorter than when the run opened it: restore the original and resume")
+        return np.frombuffer(data, dtype=np.uint16)
+
+    def max_token(self, chunk=2**24):
+        """The largest token id, read chunk by chunk (a shard may be larger than memory)."""
+        return max((int(self.read(i, min(chunk, self.length - i)).max()) for i in range(0, self.length, chunk)),
+                   default=-1)

@@ -9,6 +9,8 @@ for the exported model.
 
 import logging
 import os
+import shutil
+import stat
 import socket
 import sys
 from pathlib import Path
@@ -208,13 +210,19 @@ def test_reexport_replaces_the_directory_completely(tmp_path, offline):
     files = set(first_files)
     assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
             "tokenizer_config.json"} <= files
-    (out / "stale.bin").write_bytes(b"left by an earlier export")
+    assert hf.EXPORT_MARKER in files
+    (out / "notes.txt").write_bytes(b"a user's file, added to the export")
+    with pytest.raises(UserError, match="did not write .notes.txt."):
+        second.save_pretrained(out)
+    assert export_files(out) == {**first_files, "notes.txt": b"a user's file, added to the export"}
+    (out / "notes.txt").unlink()
     second.save_pretrained(out)
     assert set(os.listdir(out)) == files
     assert sorted(os.listdir(tmp_path)) == ["out"]  # no temporary directories left behind
     fresh = tmp_path / "fresh"
     second.save_pretrained(fresh)
-    assert export_files(out) == export_files(fresh)
+    same = lambda files: {name: data for name, data in files.items() if name != hf.EXPORT_MARKER}  # it names the target
+    assert same(export_files(out)) == same(export_files(fresh))
     assert export_files(out)["model.safetensors"] != first_files["model.safetensors"]
 
 
@@ -269,7 +277,7 @@ def test_export_refuses_to_replace_what_is_not_an_export(tmp_path, offline):
     notes = tmp_path / "notes"
     notes.mkdir()
     (notes / "todo.txt").write_text("keep me")
-    with pytest.raises(UserError, match="not empty") as e:
+    with pytest.raises(UserError, match="not an earlier export") as e:
         model.save_pretrained(notes)
     assert str(notes) in str(e.value) and "\n" not in str(e.value)
     assert (notes / "todo.txt").read_text() == "keep me"
@@ -285,6 +293,67 @@ def test_export_refuses_to_replace_what_is_not_an_export(tmp_path, offline):
     assert sorted(os.listdir(tmp_path)) == ["a_file", "empty", "notes"]
 
 
+def user_tree(root, files):
+    """Create files {relative path: bytes} under root; returns them, for comparing afterwards."""
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    return files
+
+
+def tree(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("kind", ["hf-model-folder", "trainer-output", "git-checkout"])
+def test_export_leaves_every_user_file_in_place(tmp_path, monkeypatch, offline, kind):
+    """Folders that hold a config.json but are not exports of this project are refused, untouched."""
+    target = tmp_path / "work"
+    files = {
+        "hf-model-folder": {"config.json": b'{"model_type": "gpt2"}', "model.safetensors": b"weights",
+                            "README.md": b"# my model", "tokenizer.json": b"{}", "training_args.bin": b"args"},
+        "trainer-output": {"config.json": b"{}", "checkpoint-500/model.safetensors": b"w",
+                           "checkpoint-500/trainer_state.json": b"{}", "runs/events.out": b"tb"},
+        "git-checkout": {"config.json": b'{"editor": "vim"}', ".git/HEAD": b"ref: refs/heads/main",
+                         "src/app.py": b"print(1)"},
+    }[kind]
+    user_tree(target, files)
+    monkeypatch.chdir(target)
+    with pytest.raises(UserError, match="not an earlier export") as e:
+        tiny_model(seed=1).save_pretrained("." if kind == "git-checkout" else target)
+    assert "\n" not in str(e.value)
+    assert tree(target) == files
+    assert os.listdir(tmp_path) == ["work"]  # no temporary directory left next to it
+
+
+def test_export_removes_what_killed_exports_to_it_left_and_nothing_else(tmp_path, offline):
+    out = tmp_path / "out"
+    model = tiny_model(seed=1)
+    model.save_pretrained(out)
+    # a killed export to out (its marker names out), one to another target, and a user's look-alike
+    ours = tmp_path / ".tmp-export-out-k1ll3d"
+    shutil.copytree(out, ours)
+    (ours / "model.safetensors").write_bytes(b"half")
+    theirs = tmp_path / ".tmp-export-other-k1ll3d"
+    shutil.copytree(out, theirs)
+    hf.write_marker(theirs, "other", os.listdir(theirs))
+    lookalike = user_tree(tmp_path / ".tmp-export-out-mine", {"notes.txt": b"mine"})
+    model.save_pretrained(out)
+    assert sorted(os.listdir(tmp_path)) == [".tmp-export-other-k1ll3d", ".tmp-export-out-mine", "out"]
+    assert tree(tmp_path / ".tmp-export-out-mine") == lookalike
+
+
+def test_export_files_get_the_usual_permissions(tmp_path, offline):
+    old = os.umask(0o022)
+    try:
+        tiny_model(seed=1).save_pretrained(tmp_path / "out")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "out").st_mode) == 0o755
+    modes = {name: stat.S_IMODE(os.stat(tmp_path / "out" / name).st_mode) for name in os.listdir(tmp_path / "out")}
+    assert set(modes.values()) == {0o644}, modes
+
+
 def test_tampered_bpe_file_is_refused(tmp_path, monkeypatch):
     vocab_bpe, encoder_json = common.offline_bpe_files()
     tampered = tmp_path / "vocab.bpe"
@@ -293,3 +362,13 @@ def test_tampered_bpe_file_is_refused(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="SHA-256") as e:
         hf.hf_gpt2_tokenizer(BLOCK)
     assert str(tampered) in str(e.value)
+
+
+def test_export_onto_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, offline):
+    from test_integrity import tmpfs
+
+    with tmpfs(tmp_path / "disk", "2m") as disk:  # the weights alone are ~13 MB
+        with pytest.raises(UserError, match="cannot write the export .* check free space") as e:
+            tiny_model(seed=1).save_pretrained(disk / "out")
+        assert "\n" not in str(e.value)
+        assert os.listdir(disk) == []  # no temporary directory, no half export

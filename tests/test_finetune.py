@@ -92,7 +92,7 @@ def test_eval_only_val_loss_equals_transformers_own(eval_only_run, hf_model, dat
         lines = f.read().splitlines()
     assert lines == [f"0 val {result['val_loss']:.4f}", f"0 hella {logged(cfg.log_dir, 'hella')[0]:.4f}"]
     assert logged(cfg.log_dir, "val") == {0: result["val_loss"]}
-    assert sorted(os.listdir(cfg.log_dir)) == ["log.txt", "metrics.jsonl"]
+    assert sorted(os.listdir(cfg.log_dir)) == [".lock", "log.txt", "metrics.jsonl"]
 
 
 def test_fine_tune_starts_from_the_weights_and_learns(eval_only_run, hf_model, data_dir, tmp_path):
@@ -176,7 +176,7 @@ def assert_one_line_error(cfg, *needles):
         train(cfg, DistContext())
     message = str(e.value)
     assert "\n" not in message and all(needle in message for needle in needles), message
-    assert os.listdir(cfg.log_dir) == ["log.txt"]
+    assert sorted(os.listdir(cfg.log_dir)) == [".lock", "log.txt"]  # the lock, and another run's log untouched
 
 
 def test_directory_without_weights_is_a_one_line_error(hf_model, data_dir, tmp_path):

@@ -391,7 +391,7 @@ def test_empty_corpus(tmp_path, capsys):
     blanks = write_jsonl(tmp_path / "blank.jsonl", [{"text": ""}] * 700)
     err = error_of(capsys, "--input", blanks, "--out", out, "--shard-size", 100)
     assert "blank.jsonl" in err and "700 documents" in err
-    assert os.listdir(out) == []  # nothing half-made is left to confuse a training run
+    assert not out.exists() or os.listdir(out) == []  # nothing half-made is left to confuse a training run
 
 
 def test_cli_error_has_no_traceback(tmp_path):
@@ -427,3 +427,21 @@ def test_benchmark_reports_speed_memory_and_same_digest(tmp_path, capsys):
         assert "tokens/s" in out and "peak RSS" in out
         digests.append(out.split("sha256 of the tokens: ")[1].split()[0])
     assert digests[0] == digests[1] and len(digests[0]) == 64
+
+
+def test_a_second_run_into_one_out_is_refused_and_a_jsonl_of_arrays_too(tmp_path, capsys):
+    from gpt2lib.rundir import DirectoryLock
+
+    src = write_jsonl(tmp_path / "c.jsonl", [{"text": "hello"}])
+    out = tmp_path / "out"
+    lock = DirectoryLock(str(out), "--out").acquire()  # another run holds --out (a real flock)
+    try:
+        err = error_of(capsys, "--input", src, "--out", out)
+        assert os.listdir(out) == [".lock"]  # the refused run wrote nothing
+    finally:
+        lock.release()
+    assert err == (f"error: --out {out} is in use by another run (host {os.uname().nodename}, pid {os.getpid()}): "
+                   "wait for it to end, or choose another --out\n")
+    arrays = write_jsonl(tmp_path / "arrays.jsonl", ['["a"]', '["b"]'])
+    err = error_of(capsys, "--input", arrays, "--out", tmp_path / "out2")
+    assert f"{arrays}: line 1 is not a JSON object" in err

@@ -36,7 +36,7 @@ def digest(path):
 
 def tree_digests(directory):
     return {name: digest(os.path.join(directory, name)) for name in sorted(os.listdir(directory))
-            if os.path.isfile(os.path.join(directory, name))}
+            if os.path.isfile(os.path.join(directory, name)) and name != ".lock"}
 
 
 def checkpoints(log_dir):

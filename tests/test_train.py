@@ -104,7 +104,7 @@ def count_allreduces_worker(rank, world_size, port, data_dir, step_fn_name, resu
         # the parts of a train_gpt2.Run that a step uses
         run = SimpleNamespace(model=model, optimizer=configure_optimizer(model.module, 0.1, 1e-3, "cpu"),
                               precision=train_gpt2.Precision("fp32", torch.device("cpu")), train_loader=loader,
-                              grad_accum_steps=accum, dist_ctx=ctx,
+                              grad_accum_steps=accum, dist_ctx=ctx, log=SimpleNamespace(failure=None),
                               cfg=TrainConfig(lr=1e-3, warmup_steps=0, max_steps=3, loss_impl="chunked"))
         for step in range(3):
             step_fn(run, step)
@@ -241,7 +241,7 @@ def test_resume_is_bitwise_identical_with_two_ranks(tmp_path):
     spawn_train(full)
     cut = replace(full, log_dir=str(tmp_path / "cut"), resume="auto")
     spawn_train(cut, stop_after=2)
-    assert sorted(os.listdir(cut.log_dir)) == ["log.txt", "metrics.jsonl", "model_00002.pt"]
+    assert sorted(os.listdir(cut.log_dir)) == [".lock", "log.txt", "metrics.jsonl", "model_00002.pt"]
     state = torch.load(os.path.join(cut.log_dir, "model_00002.pt"), weights_only=True)
     assert len(state["loader"]) == 2 and len(state["rng"]) == 2
     spawn_train(cut)
