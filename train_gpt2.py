@@ -29,8 +29,9 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.checkpoint import checkpoint
 
-from gpt2lib import checkpoints, hf
+from gpt2lib import checkpoints, hf, parallel
 from gpt2lib.common import (DTYPES, GPT2_EOT, GPT2_VOCAB_SIZE, Precision, UserError, canonical_dtype,
                             get_encoding, one_line, pick_device, resolve_dtype)
 from gpt2lib.distributed import DistContext, FollowerStop, setup_distributed
@@ -149,8 +150,15 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config)
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
+        self.recompute = False  # a plain attribute, not state; see GPT.set_recompute
 
     def forward(self, x):
+        if self.recompute and torch.is_grad_enabled():
+            # keep only x for backward, which reruns the block: (B, T, C) saved instead of ~20x that
+            return checkpoint(self._forward, x, use_reentrant=False)
+        return self._forward(x)
+
+    def _forward(self, x):
         x = x + self.attn(self.ln_1(x))
         x = x + self.mlp(self.ln_2(x))
         return x
@@ -204,6 +212,13 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             block.attn.sdpa_kernels = kernels
 
+    def set_recompute(self, on):
+        """Activation recompute (--recompute): each Block keeps only its input for backward and runs
+        its forward again there, trading about a third more compute for most of the activation memory.
+        Inside the Block's forward, so FSDP's gather of the Block's weights wraps the recompute."""
+        for block in self.transformer.h:
+            block.recompute = on
+
     def forward(self, idx, targets=None, loss_impl=None):
         """(B, T) token ids -> (logits, loss), as nanoGPT's GPT does: logits (B, T, vocab_size) over the
         real vocabulary only, loss the mean cross-entropy when targets are given, else None.
@@ -247,7 +262,8 @@ class GPT(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, path):
-        """The model of a training checkpoint (log_dir/model_XXXXX.pt), on the CPU."""
+        """The model of a training checkpoint (log_dir/model_XXXXX.pt, or a sharded log_dir/model_XXXXX/
+        directory, its shards gathered), on the CPU."""
         checkpoint = checkpoints.read_checkpoint(path)
         model = cls(GPTConfig(**checkpoint["config"]))
         # a compiled or DDP-wrapped model's state_dict (other projects save those) has prefixed keys
@@ -425,6 +441,8 @@ class TrainConfig:
     seed: int = 1337
     vocab_multiple: int = 64  # 50257 -> 50304
     benchmark: int = 0  # time this many steps on random tokens (no data, evals or checkpoints); 0: train
+    fsdp: bool = False  # shard weights, gradients and optimizer state across ranks (FSDP2); default DDP
+    recompute: bool = False  # activation recompute per Block: less memory, about a third more compute
 
 
 # A few minutes on a CPU: a d4 model on the Python docs that `python fineweb.py --demo` prepares.
@@ -530,10 +548,13 @@ def train_step(run, step, stop_requested=False):
     loss_sum = torch.zeros((), device=precision.device)  # summed on the device: no host sync per micro-step
     for micro_step in range(run.grad_accum_steps):
         x, y = run.train_loader.next_batch()
-        if run.dist_ctx.ddp:
+        last_micro_step = micro_step == run.grad_accum_steps - 1
+        if cfg.fsdp:  # FSDP's counterpart: only the last micro-step's backward reduce-scatters
+            model.set_requires_gradient_sync(last_micro_step)
+        elif run.dist_ctx.ddp:
             # DDP decides in forward() whether the coming backward all-reduces the gradients, so
             # the flag must be set before the forward pass: only the last micro-step syncs.
-            model.require_backward_grad_sync = micro_step == run.grad_accum_steps - 1
+            model.require_backward_grad_sync = last_micro_step
         with precision.autocast():
             _, loss = model(x, y, loss_impl=cfg.loss_impl)
         # the gradients of a big batch are the mean over its micro-batches, not their sum
@@ -551,13 +572,15 @@ def train_step(run, step, stop_requested=False):
 def clip_gradients(model, optimizer, precision, grad_clip):
     """The gradient norm (a tensor), after clipping it to grad_clip (0: no clipping)."""
     precision.scaler.unscale_(optimizer)  # a no-op unless fp16 scaled the loss
-    return torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    # with --fsdp each rank holds a shard of every gradient: the norm is taken over all shards
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    return parallel.full_norm(norm)
 
 
 def share_step_outcome(loss, norm, lr, stop_requested, dist_ctx):
     """One all-reduce carries the loss and every rank's stop request (e.g. a SIGTERM on one node),
     and one host sync reads loss, norm and the verdict. The norm is the same on every rank: the
-    gradients it measures were all-reduced."""
+    gradients it measures were all-reduced (or, with --fsdp, measured over all shards)."""
     stop = torch.tensor(float(stop_requested), device=loss.device)
     summed = dist_ctx.sum(torch.stack([loss, stop]))
     mean_loss, norm, stops = torch.stack([summed[0] / dist_ctx.world_size, norm.float(), summed[1]]).tolist()
@@ -600,7 +623,7 @@ def train(cfg, dist_ctx, stop=None):
             break
         if run.val_loader is not None and due(cfg.eval_every, step, last_step):
             run_evals(run, step)
-        if dist_ctx.master_process and step > 0 and due(cfg.sample_every, step, last_step):
+        if step > 0 and due(cfg.sample_every, step, last_step):
             print_samples(run, step)
         if step > run.start_step and due(cfg.checkpoint_every, step, last_step):
             save(step, run)
@@ -687,8 +710,9 @@ def evaluate_hellaswag(raw_model, examples, precision, dist_ctx):
     """acc_norm over all of HellaSwag's val split, examples divided among the ranks. Runs on the
     uncompiled module (sharing weights with the compiled one), so new shapes never recompile."""
     raw_model.eval()
-    counts = hellaswag_counts(raw_model, examples, dist_ctx.device, rank=dist_ctx.rank,
-                              world_size=dist_ctx.world_size, autocast_dtype=precision.dtype)
+    with parallel.full_weights(raw_model):  # with --fsdp: the ranks' shares differ in size
+        counts = hellaswag_counts(raw_model, examples, dist_ctx.device, rank=dist_ctx.rank,
+                                  world_size=dist_ctx.world_size, autocast_dtype=precision.dtype)
     raw_model.train()
     n, correct, correct_norm = dist_ctx.sum(counts.to(torch.float64)).tolist()
     return {"n": int(n), "acc": correct / n, "acc_norm": correct_norm / n}
@@ -710,21 +734,34 @@ def run_evals(run, step):
 
 
 def print_samples(run, step):
+    """Rank 0 samples; with --fsdp every rank takes part in gathering the full weights it samples from."""
+    master = run.dist_ctx.master_process
+    if not master and not run.cfg.fsdp:
+        return
     run.raw_model.eval()
-    with run.precision.autocast():
-        for text in generate(run.raw_model, run.cfg.sample_prompt, max_new_tokens=32, num_samples=4,
-                             seed=run.cfg.seed + step):
-            print(f"sample: {text!r}")
+    with parallel.full_weights(run.raw_model), run.precision.autocast():
+        texts = generate(run.raw_model, run.cfg.sample_prompt, max_new_tokens=32, num_samples=4,
+                         seed=run.cfg.seed + step) if master else []
+    for text in texts:
+        print(f"sample: {text!r}")
     run.raw_model.train()
 
 
 def save(step, run):
-    """Gather every rank's data position and RNG state; rank 0 writes the checkpoint, and every
-    rank learns whether it could (a full disk stops all ranks, not just rank 0)."""
-    loader_states = run.dist_ctx.gather_objects(run.train_loader.state_dict())
-    rng_states = run.dist_ctx.gather_objects(checkpoints.rng_state(run.dist_ctx.device))
-    path = run.dist_ctx.decide(lambda: checkpoints.write_checkpoint(
-        step, run.raw_model, run.optimizer, run.precision, run.cfg, run.val_loss, loader_states, rng_states))
+    """Gather every rank's data position and RNG state; rank 0 writes the checkpoint (with --fsdp every
+    rank writes its shards, rank 0 the rest), and every rank learns whether it could (a full disk stops
+    all ranks, not just rank 0)."""
+    ctx, cfg = run.dist_ctx, run.cfg
+    loader_states = ctx.gather_objects(run.train_loader.state_dict())
+    rng_states = ctx.gather_objects(checkpoints.rng_state(ctx.device))
+    if cfg.fsdp:
+        partial = ctx.decide(lambda: checkpoints.begin_sharded_checkpoint(cfg.log_dir, step))
+        ctx.on_every_rank(lambda: checkpoints.write_shards(partial, run.raw_model, run.optimizer))
+        path = ctx.decide(lambda: checkpoints.finish_sharded_checkpoint(
+            partial, step, run.raw_model.config, run.precision, cfg, run.val_loss, loader_states, rng_states))
+    else:
+        path = ctx.decide(lambda: checkpoints.write_checkpoint(
+            step, run.raw_model, run.optimizer, run.precision, cfg, run.val_loss, loader_states, rng_states))
     if run.dist_ctx.master_process:
         print(f"step {step:5d} | saved {path}")
 
@@ -779,23 +816,33 @@ def make_loaders(cfg, dist_ctx):
     return train_loader, val_loader
 
 
-def setup_model(start, cfg, dist_ctx):
+def setup_model(start, cfg, dist_ctx, precision):
     """The model in training mode on this rank's device, the same initial weights on every rank:
-    --init-from's (read by rank 0, sent to the others) or a seeded init. A resumed checkpoint's
-    weights are loaded later, by restore."""
+    --init-from's (read by rank 0, sent to the others) or a seeded init; with --fsdp sharded across
+    the ranks, before an optimizer sees its parameters. A resumed checkpoint's weights are loaded
+    later, by restore."""
     torch.manual_seed(cfg.seed)
     model = GPT(GPTConfig(**start.config))
     if start.weights is not None:
         model.load_state_dict(start.weights)
     model.set_sdpa_backend(cfg.sdpa_backend)  # before torch.compile traces the attention
-    return model.to(dist_ctx.device)
+    model.set_recompute(cfg.recompute)
+    model = model.to(dist_ctx.device)
+    if cfg.fsdp:
+        if precision.name == "fp16":
+            raise UserError("--fsdp trains in bf16 or fp32, not fp16 (its loss scaler is not sharded): "
+                            "pass --dtype bf16 or --dtype fp32")
+        compute_dtype = precision.dtype if dist_ctx.device.type == "cuda" and precision.name == "bf16" else None
+        parallel.shard_model(model, dist_ctx.device, param_dtype=compute_dtype)
+    return model
 
 
 def wrap_model(raw_model, cfg, dist_ctx):
-    """What trains: compiled (on CUDA unless --no-compile), then DDP-wrapped under torchrun."""
+    """What trains: compiled (on CUDA unless --no-compile), then DDP-wrapped under torchrun (unless
+    --fsdp sharded it: see setup_model)."""
     use_compile = cfg.compile if cfg.compile is not None else dist_ctx.device.type == "cuda"
     model = torch.compile(raw_model) if use_compile else raw_model
-    if dist_ctx.ddp:
+    if dist_ctx.ddp and not cfg.fsdp:
         device_ids = [dist_ctx.local_rank] if dist_ctx.device.type == "cuda" else None
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     return model, use_compile
@@ -811,7 +858,7 @@ def setup_run(cfg, dist_ctx):
     precision = Precision(resolve_dtype(cfg.dtype, device), device)
     train_loader, val_loader = make_loaders(cfg, dist_ctx)
     start = dist_ctx.decide(lambda: prepare_start(cfg))
-    raw_model = setup_model(start, cfg, dist_ctx)
+    raw_model = setup_model(start, cfg, dist_ctx, precision)
     optimizer = None if cfg.eval_only else configure_optimizer(raw_model, cfg.weight_decay, cfg.lr, device.type)
     checkpoint = start.checkpoint
     resumed = checkpoint is not None
@@ -830,7 +877,7 @@ def setup_run(cfg, dist_ctx):
                else "fresh start")
         print(f"model {model_name(cfg)}: {raw_model.num_parameters():,} parameters | {dist_ctx.world_size} process(es) "
               f"on {device.type} | {precision.name} | compile {use_compile} | grad accum {grad_accum_steps} | {how}"
-              f"{' | eval only' if cfg.eval_only else ''}")
+              f"{' | fsdp' if cfg.fsdp else ''}{' | recompute' if cfg.recompute else ''}{' | eval only' if cfg.eval_only else ''}")
     return Run(cfg, dist_ctx, raw_model, model, optimizer, precision, train_loader, val_loader, hella_examples,
                checkpoints.RunLog(cfg.log_dir, master), grad_accum_steps, gpu_peak_flops(device, master), start_step, val_loss)
 
@@ -860,16 +907,16 @@ def model_name(cfg):
 def load_init_source(source, vocab_multiple):
     """The model of --init-from SOURCE on the CPU, its vocabulary padded to vocab_multiple: an OpenAI
     GPT-2 from the hub (`gpt2` ... `gpt2-xl`), a local HF directory, or a training checkpoint."""
-    if os.path.isdir(source) or source in OPENAI_SIZES:
+    if (os.path.isdir(source) and not checkpoints.is_sharded_checkpoint(source)) or source in OPENAI_SIZES:
         model = GPT.from_pretrained(source, vocab_multiple)
-    elif os.path.isfile(source) or source.endswith(".pt"):
+    elif os.path.exists(source) or source.endswith(".pt"):
         trained = GPT.from_checkpoint(source)
         model = GPT(replace(trained.config, vocab_multiple=vocab_multiple))
         # through HF's layout, which has no padding rows: padded again as configured
         model.load_state_dict(hf.state_dict_from_hf(hf.hf_state_dict(trained), model.state_dict(), source))
     else:
         raise UserError(f"--init-from {source}: not one of {', '.join(OPENAI_SIZES)}, an existing HF model "
-                        "directory or a training checkpoint (.pt)")
+                        "directory or a training checkpoint (.pt or sharded directory)")
     if model.config.vocab_size != GPT2_VOCAB_SIZE:
         raise UserError(f"--init-from {source}: its vocabulary has {model.config.vocab_size} tokens, not GPT-2's "
                         f"{GPT2_VOCAB_SIZE}: the shards, HellaSwag and samples use the GPT-2 tokenizer")
@@ -945,11 +992,18 @@ def prepare_start(cfg):
 
 def restore(checkpoint, raw_model, optimizer, precision, train_loader, dist_ctx):
     """Load a checkpoint's model into this process and, when it trains (an optimizer is given), its
-    optimizer, loss scale, data position and RNG."""
-    raw_model.load_state_dict(checkpoint["model"])
+    optimizer, loss scale, data position and RNG. Sharded or not, a checkpoint loads into a model
+    sharded by --fsdp or not, at any world size."""
+    if "sharded" in checkpoint:  # a directory: every rank reads its part
+        checkpoints.load_sharded(checkpoint["sharded"], raw_model, optimizer)
+    elif parallel.is_sharded(raw_model):  # a .pt under --fsdp: every rank keeps its shard of the full state
+        parallel.load_full_state(raw_model, optimizer, checkpoint["model"], checkpoint["optimizer"])
+    else:
+        raw_model.load_state_dict(checkpoint["model"])
+        if optimizer is not None:
+            optimizer.load_state_dict(checkpoint["optimizer"])
     if optimizer is None:  # --eval-only
         return checkpoint["step"]
-    optimizer.load_state_dict(checkpoint["optimizer"])
     if checkpoint.get("scaler"):
         precision.scaler.load_state_dict(checkpoint["scaler"])
     # every rank's state is stored; with another world size the (global) data position still holds
@@ -1027,6 +1081,9 @@ FLAG_HELP = {
                  "directory or a training checkpoint (.pt), with a fresh optimizer at step 0",
     "eval_only": "evaluate the initial (--init-from, seeded or resumed) model, log it at its step, and exit",
     "export_hf": "write the --init-from model, else the checkpoint --resume picks, as an HF directory, and exit",
+    "fsdp": "shard weights, gradients and AdamW state across the ranks (FSDP2) and write sharded checkpoint "
+            "directories; for gpt2-medium and up (default: DDP, a full copy on every rank)",
+    "recompute": "recompute each Block's activations in backward instead of keeping them (less memory)",
 }
 
 
@@ -1072,7 +1129,7 @@ def main(argv=None):
             return
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
-        dist_ctx = setup_distributed(cfg.device)
+        dist_ctx = setup_distributed(cfg.device, group_of_one=cfg.fsdp)
         (benchmark if cfg.benchmark else train)(cfg, dist_ctx, stop)
     except FollowerStop:
         sys.exit(2)  # rank 0 prints the reason
@@ -1083,7 +1140,7 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     finally:
-        if dist_ctx is not None and dist_ctx.ddp:
+        if dist_ctx is not None and torch.distributed.is_initialized():
             # DDP's hooks form reference cycles: collect the wrapper now, while its process group exists
             # (freed at interpreter exit instead, its reducer sometimes aborted the process)
             gc.collect()

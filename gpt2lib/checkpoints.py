@@ -2,9 +2,18 @@
 
 A checkpoint is log_dir/model_{step:05d}.pt, a dict saved by torch.save and read with
 weights_only=True: model (our state_dict), optimizer, scaler, step, config (the GPTConfig fields in
-MODEL_CONFIG_KEYS), train_config, val_loss, and every rank's loader and rng state. This module writes
-and reads them, picks the one to resume, sets other runs' files aside in previous_N/, and keeps the
-run log (log.txt, metrics.jsonl)."""
+MODEL_CONFIG_KEYS), train_config, val_loss, and every rank's loader and rng state.
+
+A --fsdp run writes sharded checkpoints instead: a directory log_dir/model_{step:05d}/ in which every
+rank wrote its shards of the model and optimizer state with torch.distributed.checkpoint (DCP, keys
+"model" and "optimizer", the optimizer's state keyed by parameter name), and rank 0 wrote the rest of
+what a .pt holds to train_state.pt. It is written as model_{step:05d}.partial/ and renamed once
+COMPLETE is in it, so a directory named model_{step:05d} is complete; OWNER marks every directory
+this project wrote (only those are ever deleted). Either kind resumes a run of either kind, on any
+number of ranks.
+
+This module writes and reads them, picks the one to resume, sets other runs' files aside in
+previous_N/, and keeps the run log (log.txt, metrics.jsonl)."""
 
 import json
 import os
@@ -19,37 +28,106 @@ from gpt2lib.common import UserError, atomic_write, one_line
 # the model config a checkpoint stores: train_gpt2.GPTConfig's fields (a test keeps the two equal)
 MODEL_CONFIG_KEYS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "vocab_multiple")
 CHECKPOINT_PATTERN = re.compile(r"^model_(\d+)\.pt$")
+SHARDED_PATTERN = re.compile(r"^model_(\d+)$")  # a directory
+TRAIN_STATE = "train_state.pt"  # in a sharded checkpoint: everything but the model and optimizer
+COMPLETE = "COMPLETE"  # written into a sharded checkpoint last, before the rename
+OWNER = ".train_gpt2"  # in every directory this project writes, partial or complete
 LOG_FILES = ("log.txt", "metrics.jsonl")
 
 
 # -----------------------------------------------------------------------------
 # checkpoints
 
-def read_checkpoint(path):
-    """A checkpoint dict, loaded with weights_only=True: opening a checkpoint never runs code."""
+def read_checkpoint(path, weights=True):
+    """A checkpoint dict, loaded with weights_only=True: opening a checkpoint never runs code. For a
+    sharded checkpoint directory, "sharded" is its path and "model" the full weights gathered from its
+    shards (without weights=False: then every rank of a resumed run reads its own shards)."""
+    if os.path.isdir(path):
+        return read_sharded_checkpoint(path, weights)
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, pickle error, ...: torch raises many types
-        raise UserError(f"checkpoint {path} is damaged or not a train_gpt2.py checkpoint ({one_line(e)})") from None
+    checkpoint = load_file(path)
     if not isinstance(checkpoint, dict) or not {"model", "config"} <= checkpoint.keys():
         raise UserError(f"checkpoint {path} is not a train_gpt2.py checkpoint (no 'model' and 'config')")
+    return check_config(path, checkpoint)
+
+
+def load_file(path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, pickle error, ...: torch raises many types
+        raise UserError(f"checkpoint {path} is damaged or not a train_gpt2.py checkpoint ({one_line(e)})") from None
+
+
+def check_config(path, checkpoint):
     if not isinstance(checkpoint["config"], dict) or not set(checkpoint["config"]) <= set(MODEL_CONFIG_KEYS):
         raise UserError(f"checkpoint {path} has an unreadable config: {checkpoint['config']!r}")
     return checkpoint
 
 
+def is_sharded_checkpoint(path):
+    """Whether path is a sharded checkpoint directory (complete or not), not an HF model directory."""
+    return os.path.isdir(path) and any(os.path.isfile(os.path.join(path, name)) for name in (OWNER, TRAIN_STATE))
+
+
+def read_sharded_checkpoint(path, weights):
+    if not os.path.isfile(os.path.join(path, COMPLETE)) or not os.path.isfile(os.path.join(path, ".metadata")):
+        raise UserError(f"checkpoint {path} is incomplete (its write was cut off) or not a sharded "
+                        f"train_gpt2.py checkpoint (no {COMPLETE} or .metadata)")
+    checkpoint = load_file(os.path.join(path, TRAIN_STATE))
+    if not isinstance(checkpoint, dict) or "config" not in checkpoint:
+        raise UserError(f"checkpoint {path} is not a train_gpt2.py checkpoint (no config in {TRAIN_STATE})")
+    checkpoint = {**check_config(path, checkpoint), "sharded": path}
+    if weights:
+        checkpoint["model"] = gather_sharded_model(path)
+    return checkpoint
+
+
+def gather_sharded_model(path):
+    """The full weights of a sharded checkpoint, read by this process alone (no process group)."""
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        metadata = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+        model = {key.removeprefix("model."): torch.empty(meta.size, dtype=meta.properties.dtype)
+                 for key, meta in metadata.items() if key.startswith("model.")}
+        dcp.load({"model": model}, checkpoint_id=path, no_dist=True)
+    except Exception as e:  # a missing or damaged shard file: DCP raises many types
+        raise UserError(f"checkpoint {path}: cannot read its shards ({one_line(e)})") from None
+    return model
+
+
+def load_sharded(path, model, optimizer):
+    """Every rank of a run loads a sharded checkpoint directory into its model (sharded by --fsdp or
+    not: DCP reads each rank's part, whatever the world size that wrote it) and, unless None, optimizer."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict,
+                                                         set_model_state_dict, set_state_dict)
+
+    if optimizer is None:
+        state = {"model": get_model_state_dict(model)}
+        dcp.load(state, checkpoint_id=path)
+        set_model_state_dict(model, state["model"])
+        return
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
 def list_checkpoints(log_dir):
-    """Checkpoint paths in log_dir, newest (highest step) first."""
+    """Checkpoint paths in log_dir (.pt files and sharded directories), newest (highest step) first."""
     if not os.path.isdir(log_dir):
         return []
-    found = [(int(m.group(1)), name) for name in os.listdir(log_dir) if (m := CHECKPOINT_PATTERN.match(name))]
+    found = [(checkpoint_step(name), name) for name in os.listdir(log_dir)
+             if CHECKPOINT_PATTERN.match(name) or
+             (SHARDED_PATTERN.match(name) and os.path.isdir(os.path.join(log_dir, name)))]
     return [os.path.join(log_dir, name) for _, name in sorted(found, reverse=True)]
 
 
 def checkpoint_step(path):
-    return int(CHECKPOINT_PATTERN.match(os.path.basename(path)).group(1))
+    name = os.path.basename(os.path.normpath(path))
+    return int((CHECKPOINT_PATTERN.match(name) or SHARDED_PATTERN.match(name)).group(1))
 
 
 def find_resume_checkpoint(resume, log_dir):
@@ -58,11 +136,11 @@ def find_resume_checkpoint(resume, log_dir):
     if resume == "none":
         return None, None
     if resume != "auto":
-        return resume, read_checkpoint(resume)  # an explicit path that is bad is an error
+        return resume, read_checkpoint(resume, weights=False)  # an explicit path that is bad is an error
     for path in list_checkpoints(log_dir):
         try:
-            checkpoint = read_checkpoint(path)
-            if {"optimizer", "step", "loader"} <= checkpoint.keys():
+            checkpoint = read_checkpoint(path, weights=False)
+            if {"step", "loader"} <= checkpoint.keys() and ("optimizer" in checkpoint or "sharded" in checkpoint):
                 return path, checkpoint
             problem = "it has no optimizer or loader state"
         except UserError as e:
@@ -104,26 +182,77 @@ def set_aside(log_dir, move, copy):
     return aside
 
 
-def write_checkpoint(step, raw_model, optimizer, precision, cfg, val_loss, loader_states, rng_states):
-    """Write log_dir/model_{step}.pt atomically; then, with --keep-last, delete this run's oldest
-    checkpoints (log_dir holds only this run's: others were set aside at start)."""
-    path = os.path.join(cfg.log_dir, f"model_{step:05d}.pt")
-    checkpoint = {
-        "model": raw_model.state_dict(),
-        "optimizer": optimizer.state_dict(),
+def train_state(step, config, precision, cfg, val_loss, loader_states, rng_states):
+    """What a checkpoint holds beside the model and optimizer."""
+    return {
         "scaler": precision.scaler.state_dict(),  # empty unless fp16
         "step": step,  # optimizer steps done; training resumes at this step index
-        "config": asdict(raw_model.config),
+        "config": asdict(config),
         "train_config": asdict(cfg),
         "val_loss": val_loss,
         "loader": loader_states,  # per rank
         "rng": rng_states,  # per rank
     }
+
+
+def write_checkpoint(step, raw_model, optimizer, precision, cfg, val_loss, loader_states, rng_states):
+    """Write log_dir/model_{step}.pt atomically; then, with --keep-last, delete this run's oldest
+    checkpoints (log_dir holds only this run's: others were set aside at start)."""
+    path = os.path.join(cfg.log_dir, f"model_{step:05d}.pt")
+    checkpoint = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                  **train_state(step, raw_model.config, precision, cfg, val_loss, loader_states, rng_states)}
     atomic_write(path, lambda f: torch.save(checkpoint, f))
-    if cfg.keep_last:
-        for old in list_checkpoints(cfg.log_dir)[cfg.keep_last:]:
-            if checkpoint_step(old) < step:
+    remove_old_checkpoints(cfg, step)
+    return path
+
+
+def remove_old_checkpoints(cfg, step):
+    """With --keep-last, this run's checkpoints beyond the newest keep_last."""
+    if not cfg.keep_last:
+        return
+    for old in list_checkpoints(cfg.log_dir)[cfg.keep_last:]:
+        if checkpoint_step(old) < step:
+            if os.path.isfile(old):
                 os.remove(old)
+            elif os.path.isfile(os.path.join(old, OWNER)):
+                shutil.rmtree(old)
+
+
+def begin_sharded_checkpoint(log_dir, step):
+    """On rank 0: the empty directory model_{step:05d}.partial/ that every rank writes its shards into.
+    One left by a write that was cut off (marked OWNER) is deleted first."""
+    partial = os.path.join(log_dir, f"model_{step:05d}.partial")
+    if os.path.exists(partial):
+        if not os.path.isfile(os.path.join(partial, OWNER)):
+            raise UserError(f"{partial} is in the way and was not written by train_gpt2.py: move it elsewhere")
+        shutil.rmtree(partial)
+    os.makedirs(partial)
+    with open(os.path.join(partial, OWNER), "w"):
+        pass
+    return partial
+
+
+def write_shards(directory, model, optimizer):
+    """On every rank: this rank's shards of the model and optimizer state, into directory."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    try:
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=directory)
+    except Exception as e:  # DCP gathers every rank's failure (a full disk, ...) and raises on all ranks
+        raise UserError(f"{directory}: writing the checkpoint shards failed ({one_line(e)})") from None
+
+
+def finish_sharded_checkpoint(directory, step, config, precision, cfg, val_loss, loader_states, rng_states):
+    """On rank 0, once every rank has written its shards: train_state.pt, then COMPLETE, then the rename
+    to model_{step:05d}/ that makes the checkpoint visible. Returns its path."""
+    state = train_state(step, config, precision, cfg, val_loss, loader_states, rng_states)
+    atomic_write(os.path.join(directory, TRAIN_STATE), lambda f: torch.save(state, f))
+    atomic_write(os.path.join(directory, COMPLETE), lambda f: f.write(b"complete\n"))
+    path = os.path.join(cfg.log_dir, f"model_{step:05d}")
+    os.rename(directory, path)
+    remove_old_checkpoints(cfg, step)
     return path
 
 
