@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 from dataclasses import asdict
 
 import torch
@@ -91,7 +92,9 @@ def gather_sharded_model(path):
         metadata = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
         model = {key.removeprefix("model."): torch.empty(meta.size, dtype=meta.properties.dtype)
                  for key, meta in metadata.items() if key.startswith("model.")}
-        dcp.load({"model": model}, checkpoint_id=path, no_dist=True)
+        with warnings.catch_warnings():  # DCP warns that it loads in a single process: that is the point
+            warnings.simplefilter("ignore")
+            dcp.load({"model": model}, checkpoint_id=path, no_dist=True)
     except Exception as e:  # a missing or damaged shard file: DCP raises many types
         raise UserError(f"checkpoint {path}: cannot read its shards ({one_line(e)})") from None
     return model

@@ -89,3 +89,63 @@ def test_fsdp_matches_single_process_and_checkpoints_move_between_ddp_and_fsdp(t
     assert sorted(ddp_val) == [2, 4]
     assert_same_losses({step: fsdp_val[step] for step in ddp_val}, ddp_val, 1e-5)
     assert_same_weights(weights(os.path.join(fsdp_from_pt.log_dir, "model_00004")), final, 1e-5)
+
+
+# ---- a kill in mid-write, another world size, the other readers
+
+def killing_worker(rank, world_size, port, cfg, kill_step):
+    """Train with --fsdp; when every rank has written its shards of the kill_step checkpoint, rank 1
+    is SIGKILLed before rank 0 can complete it (the .partial directory then holds .metadata and every
+    shard: all but train_state.pt and COMPLETE)."""
+    ctx = init_gloo(rank, world_size, port)
+    write_shards = checkpoints.write_shards
+
+    def write_then_die(directory, model, optimizer):
+        write_shards(directory, model, optimizer)
+        if rank == 1 and directory.endswith(f"model_{kill_step:05d}.partial"):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    checkpoints.write_shards = write_then_die
+    train(cfg, ctx)
+
+
+def test_kill_in_mid_write_resumes_from_the_previous_checkpoint_on_one_rank(tmp_path, monkeypatch):
+    data_dir = make_data(tmp_path / "data")
+    single = tiny_config(data_dir, str(tmp_path / "single"), max_steps=4, checkpoint_every=2, eval_every=0)
+    train(single, DistContext())
+    killed = replace(single, log_dir=str(tmp_path / "killed"), fsdp=True, resume="auto")
+    with pytest.raises(mp.ProcessExitedException):
+        mp.spawn(killing_worker, args=(2, free_port(), killed, 4), nprocs=2)
+    partial = os.path.join(killed.log_dir, "model_00004.partial")
+    assert {".metadata", checkpoints.OWNER} <= set(os.listdir(partial))
+    assert checkpoints.list_checkpoints(killed.log_dir) == [os.path.join(killed.log_dir, "model_00002")]
+
+    # --resume auto, on one rank (a process group of one, as train_gpt2.py makes for --fsdp alone)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        resumed = train(killed, DistContext())["losses"]
+    finally:
+        dist.destroy_process_group()
+    reference = logged(single.log_dir)
+    assert len(resumed) == 2
+    assert_same_losses(logged(killed.log_dir), reference, 1e-5)
+    assert not os.path.exists(partial)
+    final = os.path.join(killed.log_dir, "model_00004")
+    assert_same_weights(weights(final), weights(os.path.join(single.log_dir, "model_00004.pt")), 1e-5)
+
+    # the other readers gather the sharded directory: GPT.from_checkpoint, --init-from, --export-hf
+    ours = GPT.from_checkpoint(final).eval()
+    assert_same_weights(ours.state_dict(), weights(final), 0)
+    idx = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(0))
+    init_from = train_gpt2.load_init_source(final, vocab_multiple=64).eval()  # padding rows zeroed
+    with torch.no_grad():
+        assert torch.equal(init_from(idx)[0], ours(idx)[0])
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    export = str(tmp_path / "hf")
+    train_gpt2.main(["--export-hf", export, "--resume", final, "--model", "d1"])
+    from transformers import GPT2LMHeadModel
+
+    theirs = GPT2LMHeadModel.from_pretrained(export).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(idx).logits, ours(idx)[0], atol=1e-4, rtol=0)
