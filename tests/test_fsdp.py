@@ -149,3 +149,143 @@ def test_kill_in_mid_write_resumes_from_the_previous_checkpoint_on_one_rank(tmp_
     theirs = GPT2LMHeadModel.from_pretrained(export).eval()
     with torch.no_grad():
         torch.testing.assert_close(theirs(idx).logits, ours(idx)[0], atol=1e-4, rtol=0)
+
+
+# ---- reduce-scatters per optimizer step, --recompute, bytes per rank
+
+def flag_after_backward_step(run, step, stop_requested=False):
+    """A wrong placement: the sync flag set after each micro-step's backward, one micro-step late."""
+    run.optimizer.zero_grad(set_to_none=True)
+    for micro_step in range(run.grad_accum_steps):
+        x, y = run.train_loader.next_batch()
+        _, loss = run.model(x, y, loss_impl="chunked")
+        (loss / run.grad_accum_steps).backward()
+        run.model.set_requires_gradient_sync(micro_step == run.grad_accum_steps - 1)
+    run.optimizer.step()
+
+
+def sharded_d1(rank, recompute=False):
+    from gpt2lib import parallel
+
+    torch.manual_seed(0)
+    model = GPT(train_gpt2.config_for("d1", vocab_multiple=64))
+    model.set_recompute(recompute)
+    return parallel.shard_model(model, torch.device("cpu"))
+
+
+def full_grads(model):
+    return {name: p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+            for name, p in model.named_parameters()}
+
+
+def saved_bytes(model, x):
+    """(loss, bytes of the activations the Blocks keep for backward during one forward): tensors saved
+    while a Block runs, the weights (leaves) left out."""
+    total, inside = [0], [False]
+
+    def pack(tensor):
+        if inside[0] and not (tensor.is_leaf and tensor.requires_grad):
+            total[0] += tensor.numel() * tensor.element_size()
+        return tensor
+
+    handles = [hook for block in model.transformer.h for hook in (
+        block.register_forward_pre_hook(lambda *_: inside.__setitem__(0, True)),
+        block.register_forward_hook(lambda *_: inside.__setitem__(0, False)))]
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        _, loss = model(x, x, loss_impl="chunked")
+    for handle in handles:
+        handle.remove()
+    return loss, total[0]
+
+
+def sync_and_memory_worker(rank, world_size, port, data_dir, results):
+    from types import SimpleNamespace
+
+    from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultReduceScatter
+
+    from gpt2lib import parallel
+    from train_gpt2 import DataLoaderLite, TrainConfig, configure_optimizer
+
+    ctx = init_gloo(rank, world_size, port)
+    report = {}
+    # reduce-scatters: when, and how many per optimizer step
+    for step_name, step_fn in (("ours", train_gpt2.train_step), ("late", flag_after_backward_step)):
+        for accum in (1, 4):
+            model = sharded_d1(rank)
+            loader = DataLoaderLite(2, 16, rank, world_size, "train", data_dir)
+            batches_read, during = [0], []
+            next_batch = loader.next_batch
+
+            def counting_next_batch():
+                batches_read[0] += 1
+                return next_batch()
+
+            class CountingReduceScatter(DefaultReduceScatter):
+                def __call__(self, *args, **kwargs):
+                    during.append((batches_read[0] - 1) % accum)  # the micro-step whose backward runs
+                    return super().__call__(*args, **kwargs)
+
+            loader.next_batch = counting_next_batch
+            for unit in parallel.fsdp_units(model):
+                unit.set_custom_reduce_scatter(CountingReduceScatter())
+            run = SimpleNamespace(model=model, optimizer=configure_optimizer(model, 0.1, 1e-3, "cpu"),
+                                  precision=train_gpt2.Precision("fp32", torch.device("cpu")), train_loader=loader,
+                                  grad_accum_steps=accum, dist_ctx=ctx,
+                                  cfg=TrainConfig(lr=1e-3, warmup_steps=0, max_steps=3, fsdp=True))
+            for step in range(3):
+                step_fn(run, step)
+            report[step_name, accum] = {
+                "calls": len(during), "micro_steps": sorted(set(during)),
+                "weights": {k: v.full_tensor() for k, v in model.state_dict().items()}}
+            if step_name == "ours" and accum == 4:
+                report["bytes", "fsdp"] = parallel.state_bytes(model, run.optimizer)
+    plain = GPT(train_gpt2.config_for("d1", vocab_multiple=64))
+    optimizer = configure_optimizer(plain, 0.1, 1e-3, "cpu")
+    plain(torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 8, dtype=torch.long))[1].backward()
+    optimizer.step()
+    report["bytes", "ddp"] = parallel.state_bytes(plain, optimizer)  # what DDP holds on every rank
+    # --recompute: the same gradients, sharded or not, and fewer bytes kept for backward
+    x = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(1))  # one batch on all ranks
+    for sharded in (False, True):
+        for recompute in (False, True):
+            if sharded:
+                model = sharded_d1(rank, recompute)
+            else:
+                torch.manual_seed(0)
+                model = GPT(train_gpt2.config_for("d1", vocab_multiple=64))
+                model.set_recompute(recompute)
+            loss, kept = saved_bytes(model, x)
+            loss.backward()
+            report["recompute", sharded, recompute] = {"loss": loss.item(), "grads": full_grads(model), "saved": kept}
+    if rank == 0:
+        torch.save(report, results)
+    dist.destroy_process_group()
+
+
+def test_reduce_scatters_recompute_and_bytes_per_rank(tmp_path):
+    data_dir = make_data(tmp_path / "data")
+    results = str(tmp_path / "report.pt")
+    mp.spawn(sync_and_memory_worker, args=(2, free_port(), data_dir, results), nprocs=2)
+    report = torch.load(results)
+
+    ours1, ours4 = report["ours", 1], report["ours", 4]
+    assert ours1["calls"] > 0
+    assert ours4["calls"] == ours1["calls"], "accumulating 4 micro-steps must reduce-scatter as often as 1"
+    assert ours4["micro_steps"] == [3], "only the last micro-step's backward may reduce-scatter"
+    # the flag set one micro-step late: the first micro-step reduces, the last one's gradients stay
+    # behind (and leak into the next step): other weights than the correct rule's
+    late4 = report["late", 4]
+    assert late4["micro_steps"] == [0]
+    assert any(not torch.equal(late4["weights"][k], ours4["weights"][k]) for k in ours4["weights"])
+
+    base = report["recompute", False, False]
+    for key in [(False, True), (True, False), (True, True)]:
+        other = report["recompute", *key]
+        assert abs(other["loss"] - base["loss"]) <= 1e-6, key
+        assert_same_weights(other["grads"], base["grads"], 1e-6)
+    for sharded in (False, True):
+        assert report["recompute", sharded, True]["saved"] < 0.6 * report["recompute", sharded, False]["saved"]
+
+    fsdp, ddp = report["bytes", "fsdp"], report["bytes", "ddp"]
+    assert ddp["params"] > 0 and ddp["grads"] == ddp["params"] and 0 <= ddp["optimizer"] - 2 * ddp["params"] < 1024  # two moments and a step count
+    assert sum(fsdp.values()) <= 0.55 * sum(ddp.values()), (fsdp, ddp)
