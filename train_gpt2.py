@@ -858,6 +858,8 @@ def setup_run(cfg, dist_ctx):
     precision = Precision(resolve_dtype(cfg.dtype, device), device)
     train_loader, val_loader = make_loaders(cfg, dist_ctx)
     start = dist_ctx.decide(lambda: prepare_start(cfg))
+    if cfg.fsdp and not cfg.eval_only:
+        check_shared_log_dir(cfg.log_dir, dist_ctx)
     raw_model = setup_model(start, cfg, dist_ctx, precision)
     optimizer = None if cfg.eval_only else configure_optimizer(raw_model, cfg.weight_decay, cfg.lr, device.type)
     checkpoint = start.checkpoint
@@ -1011,6 +1013,18 @@ def restore(checkpoint, raw_model, optimizer, precision, train_loader, dist_ctx)
     train_loader.load_state_dict(checkpoint["loader"][dist_ctx.rank if same_world else 0])
     checkpoints.set_rng_state(checkpoint["rng"][dist_ctx.rank if same_world else 0], dist_ctx.device)
     return checkpoint["step"]
+
+
+def check_shared_log_dir(log_dir, dist_ctx):
+    """Every rank writes its shards of a --fsdp checkpoint into log_dir: all ranks must see the same
+    directory. Said at start, on every rank, rather than found out at the first resume."""
+    probe = dist_ctx.decide(lambda: checkpoints.write_probe(log_dir))
+    blind = [rank for rank, seen in enumerate(dist_ctx.gather_objects(os.path.exists(probe))) if not seen]
+    dist_ctx.decide(lambda: os.remove(probe))
+    if blind:
+        message = (f"--fsdp: rank(s) {', '.join(map(str, blind))} do not see --log-dir {log_dir} as rank 0 does: "
+                   "sharded checkpoints need a log dir on a filesystem every node shares (or train without --fsdp)")
+        raise UserError(message) if dist_ctx.master_process else FollowerStop(message)
 
 
 def load_hellaswag(data_path):

@@ -332,3 +332,11 @@ def prepare_run_dir(log_dir, resume_path, resume_step):
         print(f"{log_dir} held files this run does not continue: moved them to {aside} "
               f"({', '.join(sorted(os.listdir(aside)))})")
     RunLog.prepare(log_dir, resume_step)
+
+
+def write_probe(log_dir):
+    """On rank 0: an empty file in log_dir with a name no other run uses; the other ranks look for it."""
+    path = os.path.join(log_dir, f".shared_probe_{os.getpid()}_{os.urandom(4).hex()}")
+    with open(path, "w"):
+        pass
+    return path

@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 
 import train_gpt2
 from gpt2lib import checkpoints
-from test_train import free_port, init_gloo, logged, make_data, tiny_config
+from test_train import free_port, init_gloo, logged, make_data, tiny_config, write_hellaswag
 from train_gpt2 import GPT, DistContext, train
 
 
@@ -55,15 +55,12 @@ def assert_same_losses(a, b, atol):
         assert abs(a[step] - b[step]) <= atol, (step, a[step], b[step])
 
 
-def resumed_dir(tmp_path, name, source):
-    """A fresh log dir for a run that resumes from source (--resume PATH)."""
-    return str(tmp_path / name), str(source)
-
-
 def test_fsdp_matches_single_process_and_checkpoints_move_between_ddp_and_fsdp(tmp_path):
     data_dir = make_data(tmp_path / "data")
     # one process, accumulation 4: the reference
-    single = tiny_config(data_dir, str(tmp_path / "single"), max_steps=4, checkpoint_every=2, eval_every=2)
+    hella = write_hellaswag(tmp_path / "hellaswag.jsonl", n=11)  # 11 examples: the ranks' shares differ
+    single = tiny_config(data_dir, str(tmp_path / "single"), max_steps=4, checkpoint_every=2, eval_every=2,
+                         hellaswag=True, hellaswag_data=hella)
     train(single, DistContext())
     fsdp = replace(single, log_dir=str(tmp_path / "fsdp"), fsdp=True, sample_every=4)  # 2 ranks, accumulation 2
     # same world size, resumed from the FSDP run's step-2 directory: bitwise equal
@@ -71,7 +68,9 @@ def test_fsdp_matches_single_process_and_checkpoints_move_between_ddp_and_fsdp(t
     # FSDP directory -> DDP, and DDP-shaped .pt (the single run's) -> FSDP
     ddp_from_fsdp = replace(single, log_dir=str(tmp_path / "ddp_from_fsdp"), resume=fsdp_resumed.resume)
     fsdp_from_pt = replace(fsdp, log_dir=str(tmp_path / "fsdp_from_pt"), resume=str(tmp_path / "single" / "model_00002.pt"))
-    spawn_runs(fsdp, fsdp_resumed, ddp_from_fsdp, fsdp_from_pt)
+    fsdp_eval = replace(fsdp, log_dir=str(tmp_path / "fsdp_eval"), eval_only=True,
+                        resume=str(tmp_path / "fsdp" / "model_00004"))
+    spawn_runs(fsdp, fsdp_resumed, ddp_from_fsdp, fsdp_from_pt, fsdp_eval)
 
     reference = logged(single.log_dir)
     assert sorted(reference) == [0, 1, 2, 3]
@@ -88,6 +87,10 @@ def test_fsdp_matches_single_process_and_checkpoints_move_between_ddp_and_fsdp(t
     fsdp_val, ddp_val = logged(fsdp.log_dir, "val"), logged(ddp_from_fsdp.log_dir, "val")
     assert sorted(ddp_val) == [2, 4]
     assert_same_losses({step: fsdp_val[step] for step in ddp_val}, ddp_val, 1e-5)
+    assert_same_losses(logged(fsdp_eval.log_dir, "val"), {4: fsdp_val[4]}, 1e-6)
+    # HellaSwag on gathered weights, the ranks scoring shares of different sizes
+    assert logged(fsdp.log_dir, "hella") == logged(single.log_dir, "hella")
+    assert logged(fsdp_eval.log_dir, "hella") == {4: logged(single.log_dir, "hella")[4]}
     assert_same_weights(weights(os.path.join(fsdp_from_pt.log_dir, "model_00004")), final, 1e-5)
 
 
