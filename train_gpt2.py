@@ -443,6 +443,7 @@ class TrainConfig:
     benchmark: int = 0  # time this many steps on random tokens (no data, evals or checkpoints); 0: train
     fsdp: bool = False  # shard weights, gradients and optimizer state across ranks (FSDP2); default DDP
     recompute: bool = False  # activation recompute per Block: less memory, about a third more compute
+    async_checkpoint: bool = False  # with --fsdp: write checkpoints in the background while training goes on
 
 
 # A few minutes on a CPU: a d4 model on the Python docs that `python fineweb.py --demo` prepares.
@@ -497,6 +498,8 @@ def validate(cfg, world_size):
         problems.append(f"{' and '.join(modes)} exclude each other: choose one")
     if cfg.export_hf and world_size > 1:
         problems.append("--export-hf runs in one process: run it with python, not torchrun")
+    if cfg.async_checkpoint and not cfg.fsdp:
+        problems.append("--async-checkpoint writes sharded checkpoints: it needs --fsdp")
     return problems
 
 
@@ -635,6 +638,7 @@ def train(cfg, dist_ctx, stop=None):
         step_metrics.append(log_step(run, step, result, timer.seconds))
         losses.append(result.loss)
         stopping = result.stop
+    finish_save(run)  # an --async-checkpoint write still in flight
     return {"losses": losses, "metrics": step_metrics, "val_loss": run.val_loss}
 
 
@@ -755,15 +759,32 @@ def save(step, run):
     loader_states = ctx.gather_objects(run.train_loader.state_dict())
     rng_states = ctx.gather_objects(checkpoints.rng_state(ctx.device))
     if cfg.fsdp:
+        finish_save(run)  # one in flight (--async-checkpoint) completes first
         partial = ctx.decide(lambda: checkpoints.begin_sharded_checkpoint(cfg.log_dir, step))
-        ctx.on_every_rank(lambda: checkpoints.write_shards(partial, run.raw_model, run.optimizer))
-        path = ctx.decide(lambda: checkpoints.finish_sharded_checkpoint(
-            partial, step, run.raw_model.config, run.precision, cfg, run.val_loss, loader_states, rng_states))
-    else:
-        path = ctx.decide(lambda: checkpoints.write_checkpoint(
-            step, run.raw_model, run.optimizer, run.precision, cfg, run.val_loss, loader_states, rng_states))
-    if run.dist_ctx.master_process:
+        written = ctx.on_every_rank(lambda: checkpoints.write_shards(partial, run.raw_model, run.optimizer,
+                                                                      run.save_group))
+        val_loss = run.val_loss
+        run.pending_save = (partial, written, lambda: checkpoints.finish_sharded_checkpoint(
+            partial, step, run.raw_model.config, run.precision, cfg, val_loss, loader_states, rng_states))
+        if not cfg.async_checkpoint:
+            finish_save(run)
+        return
+    path = ctx.decide(lambda: checkpoints.write_checkpoint(
+        step, run.raw_model, run.optimizer, run.precision, cfg, run.val_loss, loader_states, rng_states))
+    if ctx.master_process:
         print(f"step {step:5d} | saved {path}")
+
+
+def finish_save(run):
+    """Complete the sharded checkpoint being written, if any: every rank's shards written, then rank 0
+    adds the rest and renames it into place."""
+    if run.pending_save is None:
+        return
+    (partial, written, complete), run.pending_save = run.pending_save, None
+    run.dist_ctx.on_every_rank(lambda: checkpoints.wait_for_shards(written, partial))
+    path = run.dist_ctx.decide(complete)
+    if run.dist_ctx.master_process:
+        print(f"step {checkpoints.checkpoint_step(path):5d} | saved {path}")
 
 
 # -----------------------------------------------------------------------------
@@ -788,6 +809,8 @@ class Run:
     gpu_peak_flops: float | None  # for MFU; None off CUDA or on an unknown GPU
     start_step: int
     val_loss: float | None
+    save_group: object = None  # --async-checkpoint: the process group its background writes use
+    pending_save: tuple | None = None  # (partial directory, Future or None, completion): see save
 
 
 def make_loaders(cfg, dist_ctx):
@@ -880,8 +903,11 @@ def setup_run(cfg, dist_ctx):
         print(f"model {model_name(cfg)}: {raw_model.num_parameters():,} parameters | {dist_ctx.world_size} process(es) "
               f"on {device.type} | {precision.name} | compile {use_compile} | grad accum {grad_accum_steps} | {how}"
               f"{' | fsdp' if cfg.fsdp else ''}{' | recompute' if cfg.recompute else ''}{' | eval only' if cfg.eval_only else ''}")
+    # background writes collect on a gloo group of their own, never interleaved with training's collectives
+    save_group = torch.distributed.new_group(backend="gloo") if cfg.async_checkpoint else None
     return Run(cfg, dist_ctx, raw_model, model, optimizer, precision, train_loader, val_loader, hella_examples,
-               checkpoints.RunLog(cfg.log_dir, master), grad_accum_steps, gpu_peak_flops(device, master), start_step, val_loss)
+               checkpoints.RunLog(cfg.log_dir, master), grad_accum_steps, gpu_peak_flops(device, master), start_step,
+               val_loss, save_group)
 
 
 # ---- how a run starts: a seeded init, --init-from's weights, or a checkpoint of this run to resume
@@ -1098,6 +1124,8 @@ FLAG_HELP = {
     "fsdp": "shard weights, gradients and AdamW state across the ranks (FSDP2) and write sharded checkpoint "
             "directories; for gpt2-medium and up (default: DDP, a full copy on every rank)",
     "recompute": "recompute each Block's activations in backward instead of keeping them (less memory)",
+    "async_checkpoint": "with --fsdp: copy the state to CPU memory and write the checkpoint while the next "
+                        "steps run (a stop or the end of the run waits for it)",
 }
 
 

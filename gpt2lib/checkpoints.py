@@ -235,15 +235,32 @@ def begin_sharded_checkpoint(log_dir, step):
     return partial
 
 
-def write_shards(directory, model, optimizer):
-    """On every rank: this rank's shards of the model and optimizer state, into directory."""
+def write_shards(directory, model, optimizer, background_group=None):
+    """On every rank: this rank's shards of the model and optimizer state, into directory. With
+    background_group (a process group of its own, so that its collectives never meet training's), the
+    state is copied to CPU memory and written by a background thread: returns a Future for
+    wait_for_shards. Otherwise returns None once written."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
     try:
-        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=directory)
+        if background_group is not None:
+            return dcp.async_save(state, checkpoint_id=directory, process_group=background_group)
+        dcp.save(state, checkpoint_id=directory)
     except Exception as e:  # DCP gathers every rank's failure (a full disk, ...) and raises on all ranks
+        raise UserError(f"{directory}: writing the checkpoint shards failed ({one_line(e)})") from None
+    return None
+
+
+def wait_for_shards(future, directory):
+    """Wait for a background write_shards (future None: there is none)."""
+    if future is None:
+        return
+    try:
+        future.result()
+    except Exception as e:
         raise UserError(f"{directory}: writing the checkpoint shards failed ({one_line(e)})") from None
 
 

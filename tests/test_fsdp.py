@@ -70,7 +70,10 @@ def test_fsdp_matches_single_process_and_checkpoints_move_between_ddp_and_fsdp(t
     fsdp_from_pt = replace(fsdp, log_dir=str(tmp_path / "fsdp_from_pt"), resume=str(tmp_path / "single" / "model_00002.pt"))
     fsdp_eval = replace(fsdp, log_dir=str(tmp_path / "fsdp_eval"), eval_only=True,
                         resume=str(tmp_path / "fsdp" / "model_00004"))
-    spawn_runs(fsdp, fsdp_resumed, ddp_from_fsdp, fsdp_from_pt, fsdp_eval)
+    # --async-checkpoint: written while the next steps run, the same checkpoints
+    fsdp_async = replace(fsdp, log_dir=str(tmp_path / "fsdp_async"), async_checkpoint=True, sample_every=0,
+                         hellaswag=False)
+    spawn_runs(fsdp, fsdp_resumed, ddp_from_fsdp, fsdp_from_pt, fsdp_eval, fsdp_async)
 
     reference = logged(single.log_dir)
     assert sorted(reference) == [0, 1, 2, 3]
@@ -88,6 +91,10 @@ def test_fsdp_matches_single_process_and_checkpoints_move_between_ddp_and_fsdp(t
     assert sorted(ddp_val) == [2, 4]
     assert_same_losses({step: fsdp_val[step] for step in ddp_val}, ddp_val, 1e-5)
     assert_same_losses(logged(fsdp_eval.log_dir, "val"), {4: fsdp_val[4]}, 1e-6)
+    for step in (2, 4):
+        assert_same_weights(weights(os.path.join(fsdp_async.log_dir, f"model_{step:05d}")),
+                            weights(os.path.join(fsdp.log_dir, f"model_{step:05d}")), 0)
+    assert logged(fsdp_async.log_dir) == logged(fsdp.log_dir)
     # HellaSwag on gathered weights, the ranks scoring shares of different sizes
     assert logged(fsdp.log_dir, "hella") == logged(single.log_dir, "hella")
     assert logged(fsdp_eval.log_dir, "hella") == {4: logged(single.log_dir, "hella")[4]}
