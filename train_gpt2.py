@@ -944,7 +944,7 @@ def load_init_source(source, vocab_multiple):
         model.load_state_dict(hf.state_dict_from_hf(hf.hf_state_dict(trained), model.state_dict(), source))
     else:
         raise UserError(f"--init-from {source}: not one of {', '.join(OPENAI_SIZES)}, an existing HF model "
-                        "directory or a training checkpoint (.pt or sharded directory)")
+                        "directory or a training checkpoint (.pt)")
     if model.config.vocab_size != GPT2_VOCAB_SIZE:
         raise UserError(f"--init-from {source}: its vocabulary has {model.config.vocab_size} tokens, not GPT-2's "
                         f"{GPT2_VOCAB_SIZE}: the shards, HellaSwag and samples use the GPT-2 tokenizer")
