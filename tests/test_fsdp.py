@@ -110,8 +110,8 @@ def killing_worker(rank, world_size, port, cfg, kill_step):
     ctx = init_gloo(rank, world_size, port)
     write_shards = checkpoints.write_shards
 
-    def write_then_die(directory, model, optimizer):
-        write_shards(directory, model, optimizer)
+    def write_then_die(directory, model, optimizer, background_group=None):
+        write_shards(directory, model, optimizer, background_group)
         if rank == 1 and directory.endswith(f"model_{kill_step:05d}.partial"):
             os.kill(os.getpid(), signal.SIGKILL)
 
