@@ -18,21 +18,25 @@ import torch.multiprocessing as mp
 
 import train_gpt2
 from gpt2lib import checkpoints
-from test_train import free_port, init_gloo, logged, make_data, tiny_config, write_hellaswag
+from test_train import free_port, init_gloo, install_stop_after, logged, make_data, tiny_config, write_hellaswag
 from train_gpt2 import GPT, DistContext, train
 
 
-def runs_worker(rank, world_size, port, cfgs):
-    """Train each config in turn in one process group (a spawn costs seconds; a run, less)."""
+def runs_worker(rank, world_size, port, cfgs, stopped_cfg):
+    """Train each config in turn in one process group (a spawn costs seconds; a run, less); then
+    stopped_cfg, whose first step reports a stop request as a SIGTERM would."""
     ctx = init_gloo(rank, world_size, port)
     for cfg in cfgs:
         train(cfg, ctx)
+    if stopped_cfg is not None:
+        install_stop_after(1)
+        train(stopped_cfg, ctx)
     gc.collect()  # as main() does: DDP's reducer goes before its process group
     dist.destroy_process_group()
 
 
-def spawn_runs(*cfgs, world_size=2):
-    mp.spawn(runs_worker, args=(world_size, free_port(), cfgs), nprocs=world_size)
+def spawn_runs(*cfgs, stopped=None, world_size=2):
+    mp.spawn(runs_worker, args=(world_size, free_port(), cfgs, stopped), nprocs=world_size)
 
 
 def weights(path):
@@ -73,7 +77,8 @@ def test_fsdp_matches_single_process_and_checkpoints_move_between_ddp_and_fsdp(t
     # --async-checkpoint: written while the next steps run, the same checkpoints
     fsdp_async = replace(fsdp, log_dir=str(tmp_path / "fsdp_async"), async_checkpoint=True, sample_every=0,
                          hellaswag=False)
-    spawn_runs(fsdp, fsdp_resumed, ddp_from_fsdp, fsdp_from_pt, fsdp_eval, fsdp_async)
+    fsdp_stopped = replace(fsdp_async, log_dir=str(tmp_path / "fsdp_stopped"), eval_every=0)
+    spawn_runs(fsdp, fsdp_resumed, ddp_from_fsdp, fsdp_from_pt, fsdp_eval, fsdp_async, stopped=fsdp_stopped)
 
     reference = logged(single.log_dir)
     assert sorted(reference) == [0, 1, 2, 3]
@@ -95,6 +100,9 @@ def test_fsdp_matches_single_process_and_checkpoints_move_between_ddp_and_fsdp(t
         assert_same_weights(weights(os.path.join(fsdp_async.log_dir, f"model_{step:05d}")),
                             weights(os.path.join(fsdp.log_dir, f"model_{step:05d}")), 0)
     assert logged(fsdp_async.log_dir) == logged(fsdp.log_dir)
+    # a stop request after step 0: the checkpoint of step 1 (written in the background) is complete
+    assert checkpoints.list_checkpoints(fsdp_stopped.log_dir) == [os.path.join(fsdp_stopped.log_dir, "model_00001")]
+    assert checkpoints.read_checkpoint(os.path.join(fsdp_stopped.log_dir, "model_00001"), weights=False)["step"] == 1
     # HellaSwag on gathered weights, the ranks scoring shares of different sizes
     assert logged(fsdp.log_dir, "hella") == logged(single.log_dir, "hella")
     assert logged(fsdp_eval.log_dir, "hella") == {4: logged(single.log_dir, "hella")[4]}
