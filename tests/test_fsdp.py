@@ -7,7 +7,6 @@ Models are d1/d2 on random tokens; distributed runs use 2 gloo processes, severa
 
 import gc
 import os
-import shutil
 import signal
 from dataclasses import replace
 
