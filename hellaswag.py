@@ -68,7 +68,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="HellaSwag accuracy, scored as build-nanogpt (completion style) "
                                                  "or as lm-evaluation-harness 0.4 (harness style).")
     parser.add_argument("-m", "--model", help="HuggingFace hub name (gpt2 ... gpt2-xl) or local HF directory")
-    parser.add_argument("-c", "--checkpoint", help="a train_gpt2.py checkpoint, e.g. log/model_19072.pt")
+    parser.add_argument("-c", "--checkpoint", help="a train_gpt2.py checkpoint, e.g. log/model_19072.pt, or a sharded one (--fsdp), e.g. log/model_19072")
     parser.add_argument("-d", "--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps")
     parser.add_argument("--data", help="a local HellaSwag jsonl file (default: download the official split)")
     parser.add_argument("--split", default="val", choices=SPLITS)

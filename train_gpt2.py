@@ -30,8 +30,9 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.checkpoint import checkpoint
 
-from gpt2lib import checkpoints, hf, resume, rundir, sampling, tracking
+from gpt2lib import checkpoints, hf, parallel, resume, rundir, sampling, tracking
 from gpt2lib.common import (DTYPES, GPT2_EOT, GPT2_VOCAB_SIZE, Precision, UserError, canonical_dtype,
                             check_model_shape, get_encoding, one_line, pick_device, resolve_dtype)
 from gpt2lib.distributed import DistContext, FollowerStop, setup_distributed
@@ -155,8 +156,15 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config)
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
+        self.recompute = False  # a plain attribute, not state; see GPT.set_recompute
 
     def forward(self, x, cache=None):
+        if self.recompute and torch.is_grad_enabled():
+            # keep only x for backward, which reruns the block: (B, T, C) saved instead of ~20x that
+            return checkpoint(self._forward, x, cache, use_reentrant=False)
+        return self._forward(x, cache)
+
+    def _forward(self, x, cache=None):
         x = x + self.attn(self.ln_1(x), cache)
         x = x + self.mlp(self.ln_2(x))
         return x
@@ -219,6 +227,13 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             block.attn.sdpa_kernels = kernels
 
+    def set_recompute(self, on):
+        """Activation recompute (--recompute): each Block keeps only its input for backward and runs
+        its forward again there, trading about a third more compute for most of the activation memory.
+        Inside the Block's forward, so FSDP's gather of the Block's weights wraps the recompute."""
+        for block in self.transformer.h:
+            block.recompute = on
+
     def forward(self, idx, targets=None, loss_impl=None):
         """(B, T) token ids -> (logits, loss), as nanoGPT's GPT does: logits (B, T, vocab_size) over the
         real vocabulary only, loss the mean cross-entropy when targets are given, else None.
@@ -262,8 +277,8 @@ class GPT(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, path):
-        """The model of a training checkpoint (log_dir/model_XXXXX.pt), on the CPU, verified first
-        (checksum, shape, every weight)."""
+        """The model of a training checkpoint (log_dir/model_XXXXX.pt, or a sharded log_dir/model_XXXXX/
+        directory, its shards gathered), on the CPU, verified first (checksum, shape, every weight)."""
         checkpoint = checkpoints.read_checkpoint(path, layout=checkpoint_layout)
         model = cls(GPTConfig(**checkpoint["config"]))
         try:
@@ -480,6 +495,9 @@ class TrainConfig:
     wandb: str = ""  # W&B project to log to (WANDB_MODE offline/disabled respected); empty: no W&B
     wandb_name: str = ""  # W&B run name; empty: the log dir's name
     tensorboard: bool = False  # TensorBoard event files under {log_dir}/tensorboard/
+    fsdp: bool = False  # shard weights, gradients and optimizer state across ranks (FSDP2); default DDP
+    recompute: bool = False  # activation recompute per Block: less memory, about a third more compute
+    async_checkpoint: bool = False  # with --fsdp: write checkpoints in the background while training goes on
 
 
 # A few minutes on a CPU: a d4 model on the Python docs that `python fineweb.py --demo` prepares.
@@ -550,6 +568,8 @@ def validate(cfg, world_size):
         if on and world_size > 1:
             problems.append(f"{flag} runs in one process: run it with python, not torchrun")
     problems += tracking.missing_packages(cfg.wandb, cfg.tensorboard)
+    if cfg.async_checkpoint and not cfg.fsdp:
+        problems.append("--async-checkpoint writes sharded checkpoints: it needs --fsdp")
     return problems
 
 
@@ -653,10 +673,13 @@ def train_step(run, step, stop_requested=False):
             # keep in step with the other ranks' collectives on a stand-in batch; the step is not taken
             failure = failure or str(e)
             x = y = torch.zeros((cfg.batch_size, cfg.seq_len), dtype=torch.long, device=precision.device)
-        if run.dist_ctx.ddp:
+        last_micro_step = micro_step == run.grad_accum_steps - 1
+        if cfg.fsdp:  # FSDP's counterpart: only the last micro-step's backward reduce-scatters
+            model.set_requires_gradient_sync(last_micro_step)
+        elif run.dist_ctx.ddp:
             # DDP decides in forward() whether the coming backward all-reduces the gradients, so
             # the flag must be set before the forward pass: only the last micro-step syncs.
-            model.require_backward_grad_sync = micro_step == run.grad_accum_steps - 1
+            model.require_backward_grad_sync = last_micro_step
         with precision.autocast():
             _, loss = model(x, y, loss_impl=cfg.loss_impl)
         # the gradients of a big batch are the mean over its micro-batches, not their sum
@@ -676,13 +699,15 @@ def train_step(run, step, stop_requested=False):
 def clip_gradients(model, optimizer, precision, grad_clip):
     """The gradient norm (a tensor), after clipping it to grad_clip (0: no clipping)."""
     precision.scaler.unscale_(optimizer)  # a no-op unless fp16 scaled the loss
-    return torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    # with --fsdp each rank holds a shard of every gradient: the norm is taken over all shards
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    return parallel.full_norm(norm)
 
 
 def share_step_outcome(loss, norm, lr, stop_requested, failed, dist_ctx):
     """One all-reduce carries the loss, every rank's stop request (e.g. a SIGTERM on one node) and
     whether any rank failed, and one host sync reads loss, norm and the verdicts. The norm is the
-    same on every rank: the gradients it measures were all-reduced."""
+    same on every rank: the gradients it measures were all-reduced (or, with --fsdp, measured over all shards)."""
     flags = torch.tensor([float(stop_requested), float(failed)], device=loss.device)
     summed = dist_ctx.sum(torch.cat([loss[None], flags]))
     mean_loss, norm, stops, failures = torch.cat([summed[:1] / dist_ctx.world_size, norm.float()[None],
@@ -735,7 +760,7 @@ def train(cfg, dist_ctx, stop=None):
                     break
                 if run.val_loader is not None and due(cfg.eval_every, step, last_step):
                     run_evals(run, step)
-                if dist_ctx.master_process and step > 0 and due(cfg.sample_every, step, last_step):
+                if step > 0 and due(cfg.sample_every, step, last_step):  # rank 0 samples; see print_samples
                     print_samples(run, step)
                 if step > run.start_step and due(cfg.checkpoint_every, step, last_step):
                     save(step, run)
@@ -747,6 +772,7 @@ def train(cfg, dist_ctx, stop=None):
                 step_metrics.append(log_step(run, step, result, timer.seconds))
                 losses.append(result.loss)
                 stopping = result.stop
+            finish_save(run)  # an --async-checkpoint write still in flight
             dist_ctx.on_every_rank(lambda: raise_failure(run.log.failure))  # an append of the last evals
     return {"losses": losses, "metrics": step_metrics, "val_loss": run.val_loss}
 
@@ -841,8 +867,9 @@ def evaluate_hellaswag(raw_model, examples, precision, dist_ctx):
     """acc_norm over all of HellaSwag's val split, examples divided among the ranks. Runs on the
     uncompiled module (sharing weights with the compiled one), so new shapes never recompile."""
     raw_model.eval()
-    counts = hellaswag_counts(raw_model, examples, dist_ctx.device, rank=dist_ctx.rank,
-                              world_size=dist_ctx.world_size, autocast_dtype=precision.dtype)
+    with parallel.full_weights(raw_model):  # with --fsdp: the ranks' shares differ in size
+        counts = hellaswag_counts(raw_model, examples, dist_ctx.device, rank=dist_ctx.rank,
+                                  world_size=dist_ctx.world_size, autocast_dtype=precision.dtype)
     raw_model.train()
     n, correct, correct_norm = dist_ctx.sum(counts.to(torch.float64)).tolist()
     return {"n": int(n), "acc": correct / n, "acc_norm": correct_norm / n}
@@ -864,26 +891,57 @@ def run_evals(run, step):
 
 
 def print_samples(run, step):
+    """Rank 0 samples; with --fsdp every rank takes part in gathering the full weights it samples from."""
+    master = run.dist_ctx.master_process
+    if not master and not run.cfg.fsdp:
+        return
     run.raw_model.eval()
-    with run.precision.autocast():
+    with parallel.full_weights(run.raw_model), run.precision.autocast():
         texts = generate(run.raw_model, run.cfg.sample_prompt, run.cfg.max_new_tokens, run.cfg.num_samples,
-                         run.cfg.top_k, run.cfg.temperature, seed=run.cfg.seed + step)
+                         run.cfg.top_k, run.cfg.temperature, seed=run.cfg.seed + step) if master else []
     for text in texts:
         print(f"sample: {text!r}")
-    run.log.write_samples(step, run.cfg.sample_prompt, texts)
+    if master:
+        run.log.write_samples(step, run.cfg.sample_prompt, texts)
     run.raw_model.train()
 
 
 def save(step, run):
-    """Gather every rank's data position and RNG state; rank 0 writes the checkpoint, and every
-    rank learns whether it could (a full disk stops all ranks, not just rank 0)."""
-    loader_states = run.dist_ctx.gather_objects(run.train_loader.state_dict())
-    rng_states = run.dist_ctx.gather_objects(checkpoints.rng_state(run.dist_ctx.device))
-    path = run.dist_ctx.decide(lambda: checkpoints.write_checkpoint(
-        step, run.raw_model, run.optimizer, run.precision, run.cfg, run.val_loss, loader_states, rng_states,
+    """Gather every rank's data position and RNG state; rank 0 writes the checkpoint (with --fsdp every
+    rank writes its shards, rank 0 the rest), and every rank learns whether it could (a full disk stops
+    all ranks, not just rank 0)."""
+    ctx, cfg = run.dist_ctx, run.cfg
+    loader_states = ctx.gather_objects(run.train_loader.state_dict())
+    rng_states = ctx.gather_objects(checkpoints.rng_state(ctx.device))
+    if cfg.fsdp:
+        finish_save(run)  # one in flight (--async-checkpoint) completes first
+        partial = ctx.decide(lambda: checkpoints.begin_sharded_checkpoint(cfg.log_dir, step))
+        written = ctx.on_every_rank(lambda: checkpoints.write_shards(partial, run.raw_model, run.optimizer,
+                                                                      run.save_group))
+        val_loss = run.val_loss
+        run.pending_save = (partial, written, lambda: checkpoints.finish_sharded_checkpoint(
+            partial, step, run.raw_model.config, run.precision, cfg, val_loss, loader_states, rng_states, run.run_id,
+            dict(run.counts)))
+        if not cfg.async_checkpoint:
+            finish_save(run)
+        return
+    path = ctx.decide(lambda: checkpoints.write_checkpoint(
+        step, run.raw_model, run.optimizer, run.precision, cfg, run.val_loss, loader_states, rng_states,
         run.run_id, run.counts))
-    if run.dist_ctx.master_process:
+    if ctx.master_process:
         print(f"step {step:5d} | saved {path}")
+
+
+def finish_save(run):
+    """Complete the sharded checkpoint being written, if any: every rank's shards written, then rank 0
+    adds the rest and renames it into place."""
+    if run.pending_save is None:
+        return
+    (partial, written, complete), run.pending_save = run.pending_save, None
+    run.dist_ctx.on_every_rank(lambda: checkpoints.wait_for_shards(written, partial))
+    path = run.dist_ctx.decide(complete)
+    if run.dist_ctx.master_process:
+        print(f"step {checkpoints.checkpoint_step(path):5d} | saved {path}")
 
 
 # -----------------------------------------------------------------------------
@@ -910,6 +968,8 @@ class Run:
     val_loss: float | None
     run_id: str
     counts: dict  # clipped_steps and skipped_steps so far, kept in checkpoints
+    save_group: object = None  # --async-checkpoint: the process group its background writes use
+    pending_save: tuple | None = None  # (partial directory, Future or None, completion): see save
 
 
 def make_loaders(cfg, dist_ctx):
@@ -939,23 +999,33 @@ def make_loaders(cfg, dist_ctx):
     return train_loader, val_loader
 
 
-def setup_model(start, cfg, dist_ctx):
+def setup_model(start, cfg, dist_ctx, precision):
     """The model in training mode on this rank's device, the same initial weights on every rank:
-    --init-from's (read by rank 0, sent to the others) or a seeded init. A resumed checkpoint's
-    weights are loaded later, by restore."""
+    --init-from's (read by rank 0, sent to the others) or a seeded init; with --fsdp sharded across
+    the ranks, before an optimizer sees its parameters. A resumed checkpoint's weights are loaded
+    later, by restore."""
     torch.manual_seed(cfg.seed)
     model = GPT(GPTConfig(**start.config))
     if start.weights is not None:
         model.load_state_dict(start.weights)
     model.set_sdpa_backend(cfg.sdpa_backend)  # before torch.compile traces the attention
-    return model.to(dist_ctx.device)
+    model.set_recompute(cfg.recompute)
+    model = model.to(dist_ctx.device)
+    if cfg.fsdp:
+        if precision.name == "fp16":
+            raise UserError("--fsdp trains in bf16 or fp32, not fp16 (its loss scaler is not sharded): "
+                            "pass --dtype bf16 or --dtype fp32")
+        compute_dtype = precision.dtype if dist_ctx.device.type == "cuda" and precision.name == "bf16" else None
+        parallel.shard_model(model, dist_ctx.device, param_dtype=compute_dtype)
+    return model
 
 
 def wrap_model(raw_model, cfg, dist_ctx):
-    """What trains: compiled (on CUDA unless --no-compile), then DDP-wrapped under torchrun."""
+    """What trains: compiled (on CUDA unless --no-compile), then DDP-wrapped under torchrun (unless
+    --fsdp sharded it: see setup_model)."""
     use_compile = cfg.compile if cfg.compile is not None else dist_ctx.device.type == "cuda"
     model = torch.compile(raw_model) if use_compile else raw_model
-    if dist_ctx.ddp:
+    if dist_ctx.ddp and not cfg.fsdp:
         device_ids = [dist_ctx.local_rank] if dist_ctx.device.type == "cuda" else None
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     return model, use_compile
@@ -971,7 +1041,9 @@ def setup_run(cfg, dist_ctx):
     precision = Precision(resolve_dtype(cfg.dtype, device), device)
     train_loader, val_loader = make_loaders(cfg, dist_ctx)
     start = agree_on_start(cfg, dist_ctx)
-    raw_model = setup_model(start, cfg, dist_ctx)
+    if cfg.fsdp and not cfg.eval_only:
+        check_shared_log_dir(cfg.log_dir, dist_ctx)
+    raw_model = setup_model(start, cfg, dist_ctx, precision)
     optimizer = None if cfg.eval_only else configure_optimizer(raw_model, cfg.weight_decay, cfg.lr, device.type)
     checkpoint = start.checkpoint
     resumed = checkpoint is not None
@@ -993,6 +1065,7 @@ def setup_run(cfg, dist_ctx):
                else "fresh start")
         print(f"model {model_name(cfg)}: {raw_model.num_parameters():,} parameters | {dist_ctx.world_size} process(es) "
               f"on {device.type} | {precision.name} | compile {use_compile} | grad accum {grad_accum_steps} | {how}"
+              f"{' | fsdp' if cfg.fsdp else ''}{' | recompute' if cfg.recompute else ''}"
               f"{' | eval only' if cfg.eval_only else ''}")
         if cfg.lr_schedule == "wsd" and not cfg.eval_only:
             print(f"lr schedule wsd: warmup {cfg.warmup_steps} steps, lr {cfg.lr:g} until step "
@@ -1000,9 +1073,11 @@ def setup_run(cfg, dist_ctx):
                   f"at step {cfg.max_steps}")
     trackers = tracking.Tracking.open(cfg.log_dir, start_step, cfg.wandb, cfg.wandb_name, cfg.tensorboard,
                                       asdict(cfg)) if master else None
+    # background writes collect on a gloo group of their own, never interleaved with training's collectives
+    save_group = torch.distributed.new_group(backend="gloo") if cfg.async_checkpoint else None
     return Run(cfg, dist_ctx, raw_model, model, optimizer, precision, train_loader, val_loader, hella_examples,
                checkpoints.RunLog(cfg.log_dir, master, trackers), grad_accum_steps, gpu_peak_flops(device, master),
-               start_step, val_loss, run_id, counts)
+               start_step, val_loss, run_id, counts, save_group)
 
 
 # ---- how a run starts: a seeded init, --init-from's weights, or a checkpoint of this run to resume
@@ -1032,9 +1107,9 @@ def model_name(cfg):
 def load_init_source(source, vocab_multiple):
     """The model of --init-from SOURCE on the CPU, its vocabulary padded to vocab_multiple: an OpenAI
     GPT-2 from the hub (`gpt2` ... `gpt2-xl`), a local HF directory, or a training checkpoint."""
-    if os.path.isdir(source) or source in OPENAI_SIZES:
+    if (os.path.isdir(source) and not checkpoints.is_sharded_checkpoint(source)) or source in OPENAI_SIZES:
         model = GPT.from_pretrained(source, vocab_multiple)
-    elif os.path.isfile(source) or source.endswith(".pt"):
+    elif os.path.exists(source) or source.endswith(".pt"):
         trained = GPT.from_checkpoint(source)
         model = GPT(replace(trained.config, vocab_multiple=vocab_multiple))
         # through HF's layout, which has no padding rows: padded again as configured
@@ -1128,11 +1203,18 @@ def agree_on_start(cfg, dist_ctx):
 
 def restore(checkpoint, raw_model, optimizer, precision, train_loader, dist_ctx):
     """Load a checkpoint's model into this process and, when it trains (an optimizer is given), its
-    optimizer, loss scale, data position and RNG."""
-    raw_model.load_state_dict(checkpoint["model"])
+    optimizer, loss scale, data position and RNG. Sharded or not, a checkpoint loads into a model
+    sharded by --fsdp or not, at any world size."""
+    if "sharded" in checkpoint:  # a directory: every rank reads its part
+        checkpoints.load_sharded(checkpoint["sharded"], raw_model, optimizer)
+    elif parallel.is_sharded(raw_model):  # a .pt under --fsdp: every rank keeps its shard of the full state
+        parallel.load_full_state(raw_model, optimizer, checkpoint["model"], checkpoint["optimizer"])
+    else:
+        raw_model.load_state_dict(checkpoint["model"])
+        if optimizer is not None:
+            optimizer.load_state_dict(checkpoint["optimizer"])
     if optimizer is None:  # --eval-only
         return checkpoint["step"]
-    optimizer.load_state_dict(checkpoint["optimizer"])
     if checkpoint.get("scaler"):
         precision.scaler.load_state_dict(checkpoint["scaler"])
     # every rank's state is stored; with another world size the (global) data position still holds
@@ -1140,6 +1222,18 @@ def restore(checkpoint, raw_model, optimizer, precision, train_loader, dist_ctx)
     train_loader.load_state_dict(checkpoint["loader"][dist_ctx.rank if same_world else 0])
     checkpoints.set_rng_state(checkpoint["rng"][dist_ctx.rank if same_world else 0], dist_ctx.device)
     return checkpoint["step"]
+
+
+def check_shared_log_dir(log_dir, dist_ctx):
+    """Every rank writes its shards of a --fsdp checkpoint into log_dir: all ranks must see the same
+    directory. Said at start, on every rank, rather than found out at the first resume."""
+    probe = dist_ctx.decide(lambda: checkpoints.write_probe(log_dir))
+    blind = [rank for rank, seen in enumerate(dist_ctx.gather_objects(os.path.exists(probe))) if not seen]
+    dist_ctx.decide(lambda: os.remove(probe))
+    if blind:
+        message = (f"--fsdp: rank(s) {', '.join(map(str, blind))} do not see --log-dir {log_dir} as rank 0 does: "
+                   "sharded checkpoints need a log dir on a filesystem every node shares (or train without --fsdp)")
+        raise UserError(message) if dist_ctx.master_process else FollowerStop(message)
 
 
 def load_hellaswag(data_path, context_length):
@@ -1203,7 +1297,7 @@ def load_cli_model(cfg, what):
     checkpoint --resume picks. `what` starts the error when there is neither."""
     if cfg.init_from:
         return f"--init-from {cfg.init_from}", load_init_source(cfg.init_from, cfg.vocab_multiple)
-    path, _ = checkpoints.find_resume_checkpoint(cfg.resume, cfg.log_dir, checkpoint_layout)
+    path, _ = checkpoints.find_resume_checkpoint(cfg.resume, cfg.log_dir, checkpoint_layout, training=False)
     if path is None:
         reason = "--resume none" if cfg.resume == "none" else f"no checkpoint in {cfg.log_dir}"
         raise UserError(f"{what} ({reason}): pass --init-from SOURCE or --resume PATH")
@@ -1280,6 +1374,11 @@ FLAG_HELP = {
              "rank 0 only",
     "wandb_name": "the W&B run's name (default: the log dir's name)",
     "tensorboard": "write TensorBoard event files under {log_dir}/tensorboard/",
+    "fsdp": "shard weights, gradients and AdamW state across the ranks (FSDP2) and write sharded checkpoint "
+            "directories; for gpt2-medium and up (default: DDP, a full copy on every rank)",
+    "recompute": "recompute each Block's activations in backward instead of keeping them (less memory)",
+    "async_checkpoint": "with --fsdp: copy the state to CPU memory and write the checkpoint while the next "
+                        "steps run (a stop or the end of the run waits for it)",
 }
 
 # the values an enumerated flag takes, shown as its metavar in --help
@@ -1333,7 +1432,7 @@ def main(argv=None):
             return
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # SIGHUP: an SSH session that dropped
             signal.signal(signum, stop)
-        dist_ctx = setup_distributed(cfg.device)
+        dist_ctx = setup_distributed(cfg.device, group_of_one=cfg.fsdp)
         (benchmark if cfg.benchmark else train)(cfg, dist_ctx, stop)
     except FollowerStop:
         sys.exit(2)  # rank 0 prints the reason
@@ -1344,7 +1443,7 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     finally:
-        if dist_ctx is not None and dist_ctx.ddp:
+        if dist_ctx is not None and torch.distributed.is_initialized():
             # DDP's hooks form reference cycles: collect the wrapper now, while its process group exists
             # (freed at interpreter exit instead, its reducer sometimes aborted the process)
             gc.collect()

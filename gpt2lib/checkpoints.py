@@ -4,14 +4,24 @@ A checkpoint is log_dir/model_{step:05d}.pt, a dict saved by torch.save and read
 weights_only=True: model (our state_dict), optimizer, scaler, step, config (the GPTConfig fields in
 MODEL_CONFIG_KEYS), train_config, val_loss, every rank's loader and rng state, counts (clipped
 and skipped steps), the run id, and a checksum of all of it (xxHash3-128 over every tensor's bytes and
-every other value), verified on every load. This module writes and reads them, checks their
-structure, picks the one to resume, sets other runs' files aside in previous_N/, and keeps the run
-log (log.txt, metrics.jsonl)."""
+every other value), verified on every load.
+
+A --fsdp run writes sharded checkpoints instead: a directory log_dir/model_{step:05d}/ in which every
+rank wrote its shards of the model and optimizer state with torch.distributed.checkpoint (DCP, keys
+"model" and "optimizer", the optimizer's state keyed by parameter name), and rank 0 wrote the rest of
+what a .pt holds, with its checksum, to train_state.pt. It is written as model_{step:05d}.partial/ and
+renamed once COMPLETE is in it, so a directory named model_{step:05d} is complete; OWNER marks every
+directory this project wrote (only those are ever deleted). Either kind resumes a run of either kind,
+on any number of ranks.
+
+This module writes and reads them, checks their structure, picks the one to resume, sets other runs'
+files aside in previous_N/, and keeps the run log (log.txt, metrics.jsonl)."""
 
 import json
 import os
 import re
 import shutil
+import warnings
 from dataclasses import asdict
 
 import torch
@@ -22,6 +32,10 @@ from gpt2lib.common import UserError, atomic_write, check_model_shape, one_line
 # the model config a checkpoint stores: train_gpt2.GPTConfig's fields (a test keeps the two equal)
 MODEL_CONFIG_KEYS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "vocab_multiple")
 CHECKPOINT_PATTERN = re.compile(r"^model_(\d+)\.pt$")
+SHARDED_PATTERN = re.compile(r"^model_(\d+)$")  # a directory
+TRAIN_STATE = "train_state.pt"  # in a sharded checkpoint: everything but the model and optimizer
+COMPLETE = "COMPLETE"  # written into a sharded checkpoint last, before the rename
+OWNER = ".train_gpt2"  # in every directory this project writes, partial or complete
 LOG_FILES = ("log.txt", "metrics.jsonl")
 # the files a run writes into --log-dir, whose leftover temporary files a later run removes
 RUN_FILE_NAMES = r"model_\d+\.pt|log\.txt|metrics\.jsonl"
@@ -61,26 +75,43 @@ def feed(digest, value):
         digest.update(f"{type(value).__name__} {value!r};".encode())
 
 
-def read_checkpoint(path, layout=None, resume=False):
+def read_checkpoint(path, layout=None, resume=False, weights=True):
     """A checkpoint dict, loaded with weights_only=True (opening a checkpoint never runs code), its
     checksum verified and its model shape checked before anything is allocated. With layout (a
     function of the config giving the model's {key: shape} and the optimizer's parameter shapes, in
     order), every weight is checked; with resume, the optimizer, loader and RNG state too. Any
-    problem is a one-line UserError naming path."""
+    problem is a one-line UserError naming path. For a sharded checkpoint directory, "sharded" is its
+    path and "model" the full weights gathered from its shards (not with weights=False: then every rank
+    of a resumed run reads its own shards)."""
+    if os.path.isdir(path):
+        return read_sharded_checkpoint(path, layout, resume, weights)
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, pickle error, ...: torch raises many types
-        raise UserError(f"checkpoint {path} is damaged or not a train_gpt2.py checkpoint ({one_line(e)})") from None
+    checkpoint = load_file(path)
     if not isinstance(checkpoint, dict) or not {"model", "config"} <= checkpoint.keys():
         raise UserError(f"checkpoint {path} is not a train_gpt2.py checkpoint (no 'model' and 'config')")
+    verify_checksum(path, checkpoint)
+    return check_config(path, checkpoint, layout, resume)
+
+
+def verify_checksum(path, checkpoint):
+    """Pop the checksum written with a checkpoint and compare it with its contents."""
     stored = checkpoint.pop(CHECKSUM_KEY, None)
     if stored is None:
         print(f"note: checkpoint {path} has no checksum (written before checkpoints had one): its contents "
               "are checked for structure only")
     elif not isinstance(stored, dict) or stored.get(CHECKSUM_ALGORITHM) != checksum(checkpoint):
         raise UserError(f"checkpoint {path} is damaged: its contents do not match the checksum written with it")
+
+
+def load_file(path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, pickle error, ...: torch raises many types
+        raise UserError(f"checkpoint {path} is damaged or not a train_gpt2.py checkpoint ({one_line(e)})") from None
+
+
+def check_config(path, checkpoint, layout=None, resume=False):
     if not isinstance(checkpoint["config"], dict) or not set(checkpoint["config"]) <= set(MODEL_CONFIG_KEYS):
         raise UserError(f"checkpoint {path} has an unreadable config: {checkpoint['config']!r:.200}")
     check_model_shape(checkpoint["config"], f"checkpoint {path}")
@@ -139,32 +170,89 @@ def check_resume_state(checkpoint, parameter_shapes, path):
         states = checkpoint[key]
         if not isinstance(states, list) or not states or not all(check(state) for state in states):
             raise damaged(f"its {key} state is incomplete")
+def is_sharded_checkpoint(path):
+    """Whether path is a sharded checkpoint directory (complete or not), not an HF model directory."""
+    return os.path.isdir(path) and any(os.path.isfile(os.path.join(path, name)) for name in (OWNER, TRAIN_STATE))
+
+
+def read_sharded_checkpoint(path, layout, resume, weights):
+    """See read_checkpoint. The shards carry no checksum of ours (DCP reads them by its metadata);
+    train_state.pt does."""
+    if not os.path.isfile(os.path.join(path, COMPLETE)) or not os.path.isfile(os.path.join(path, ".metadata")):
+        raise UserError(f"checkpoint {path} is incomplete (its write was cut off) or not a sharded "
+                        f"train_gpt2.py checkpoint (no {COMPLETE} or .metadata)")
+    checkpoint = load_file(os.path.join(path, TRAIN_STATE))
+    if not isinstance(checkpoint, dict) or "config" not in checkpoint:
+        raise UserError(f"checkpoint {path} is not a train_gpt2.py checkpoint (no config in {TRAIN_STATE})")
+    verify_checksum(path, checkpoint)
+    checkpoint["sharded"] = path
+    checkpoint["model"] = gather_sharded_model(path) if weights else {}
+    return check_config(path, checkpoint, layout if weights else None, resume)
+
+
+def gather_sharded_model(path):
+    """The full weights of a sharded checkpoint, read by this process alone (no process group)."""
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        metadata = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+        model = {key.removeprefix("model."): torch.empty(meta.size, dtype=meta.properties.dtype)
+                 for key, meta in metadata.items() if key.startswith("model.")}
+        with warnings.catch_warnings():  # DCP warns that it loads in a single process: that is the point
+            warnings.simplefilter("ignore")
+            dcp.load({"model": model}, checkpoint_id=path, no_dist=True)
+    except Exception as e:  # a missing or damaged shard file: DCP raises many types
+        raise UserError(f"checkpoint {path}: cannot read its shards ({one_line(e)})") from None
+    return model
+
+
+def load_sharded(path, model, optimizer):
+    """Every rank of a run loads a sharded checkpoint directory into its model (sharded by --fsdp or
+    not: DCP reads each rank's part, whatever the world size that wrote it) and, unless None, optimizer."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict,
+                                                         set_model_state_dict, set_state_dict)
+
+    if optimizer is None:
+        state = {"model": get_model_state_dict(model)}
+        dcp.load(state, checkpoint_id=path)
+        set_model_state_dict(model, state["model"])
+        return
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
 def list_checkpoints(log_dir):
-    """Checkpoint paths in log_dir, newest (highest step) first."""
+    """Checkpoint paths in log_dir (.pt files and sharded directories), newest (highest step) first."""
     if not os.path.isdir(log_dir):
         return []
-    found = [(int(m.group(1)), name) for name in os.listdir(log_dir) if (m := CHECKPOINT_PATTERN.match(name))]
+    found = [(checkpoint_step(name), name) for name in os.listdir(log_dir)
+             if CHECKPOINT_PATTERN.match(name) or
+             (SHARDED_PATTERN.match(name) and os.path.isdir(os.path.join(log_dir, name)))]
     return [os.path.join(log_dir, name) for _, name in sorted(found, reverse=True)]
 
 
 def checkpoint_step(path):
-    return int(CHECKPOINT_PATTERN.match(os.path.basename(path)).group(1))
+    name = os.path.basename(os.path.normpath(path))
+    return int((CHECKPOINT_PATTERN.match(name) or SHARDED_PATTERN.match(name)).group(1))
 
 
-def find_resume_checkpoint(resume, log_dir, layout=None):
+def find_resume_checkpoint(resume, log_dir, layout=None, training=True):
     """(path, checkpoint already read and verified) to resume from, or (None, None) to start fresh.
     resume is --resume: auto (the newest good checkpoint in log_dir; damaged ones are skipped with a
-    warning, and set aside by prepare_run_dir), none, or a path (a damaged one is an error)."""
+    warning, and set aside by prepare_run_dir), none, or a path (a damaged one is an error).
+    training False: for a mode that only reads the model (--export-hf, --generate), which needs no
+    optimizer, loader or RNG state."""
     if resume == "none":
         return None, None
     if resume != "auto":
-        return resume, read_checkpoint(resume, layout, resume=True)
+        return resume, read_checkpoint(resume, layout, resume=training, weights=False)
     damaged = []
     for path in list_checkpoints(log_dir):
         try:
-            return path, read_checkpoint(path, layout, resume=True)
+            return path, read_checkpoint(path, layout, resume=training, weights=False)
         except UserError as e:
             print(f"warning: skipping {path}: {e}")
             damaged.append(os.path.basename(path))
@@ -212,17 +300,12 @@ def set_aside(log_dir, move, copy):
     return aside
 
 
-def write_checkpoint(step, raw_model, optimizer, precision, cfg, val_loss, loader_states, rng_states, run_id,
-                     counts=None):
-    """Write log_dir/model_{step}.pt atomically; then, with --keep-last, delete this run's oldest
-    checkpoints (log_dir holds only this run's: others were set aside at start)."""
-    path = os.path.join(cfg.log_dir, f"model_{step:05d}.pt")
-    checkpoint = {
-        "model": raw_model.state_dict(),
-        "optimizer": optimizer.state_dict(),
+def train_state(step, config, precision, cfg, val_loss, loader_states, rng_states, run_id, counts):
+    """What a checkpoint holds beside the model and optimizer."""
+    return {
         "scaler": precision.scaler.state_dict(),  # empty unless fp16
         "step": step,  # optimizer steps done; training resumes at this step index
-        "config": asdict(raw_model.config),
+        "config": asdict(config),
         "train_config": asdict(cfg),
         "val_loss": val_loss,
         "loader": loader_states,  # per rank
@@ -230,15 +313,91 @@ def write_checkpoint(step, raw_model, optimizer, precision, cfg, val_loss, loade
         "run_id": run_id,  # tells this run's checkpoints from another's when nodes compare theirs
         "counts": counts or {},  # clipped and skipped steps so far
     }
+
+
+def write_checkpoint(step, raw_model, optimizer, precision, cfg, val_loss, loader_states, rng_states, run_id,
+                     counts=None):
+    """Write log_dir/model_{step}.pt atomically, with its checksum; then, with --keep-last, delete this
+    run's oldest checkpoints (log_dir holds only this run's: others were set aside at start)."""
+    path = os.path.join(cfg.log_dir, f"model_{step:05d}.pt")
+    checkpoint = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                  **train_state(step, raw_model.config, precision, cfg, val_loss, loader_states, rng_states, run_id,
+                                counts)}
     checkpoint[CHECKSUM_KEY] = {CHECKSUM_ALGORITHM: checksum(checkpoint)}
     atomic_write(path, lambda f: torch.save(checkpoint, f))
-    if cfg.keep_last:
-        for old in list_checkpoints(cfg.log_dir)[cfg.keep_last:]:
-            if checkpoint_step(old) < step:
-                try:
+    remove_old_checkpoints(cfg, step)
+    return path
+
+
+def remove_old_checkpoints(cfg, step):
+    """With --keep-last, this run's checkpoints beyond the newest keep_last."""
+    if not cfg.keep_last:
+        return
+    for old in list_checkpoints(cfg.log_dir)[cfg.keep_last:]:
+        if checkpoint_step(old) < step:
+            try:
+                if os.path.isfile(old):
                     os.remove(old)
-                except OSError as e:
-                    raise UserError(f"{old}: cannot delete it for --keep-last ({one_line(e)}): check permissions") from None
+                elif os.path.isfile(os.path.join(old, OWNER)):
+                    shutil.rmtree(old)
+            except OSError as e:
+                raise UserError(f"{old}: cannot delete it for --keep-last ({one_line(e)}): check permissions") from None
+
+
+def begin_sharded_checkpoint(log_dir, step):
+    """On rank 0: the empty directory model_{step:05d}.partial/ that every rank writes its shards into.
+    One left by a write that was cut off (marked OWNER) is deleted first."""
+    partial = os.path.join(log_dir, f"model_{step:05d}.partial")
+    if os.path.exists(partial):
+        if not os.path.isfile(os.path.join(partial, OWNER)):
+            raise UserError(f"{partial} is in the way and was not written by train_gpt2.py: move it elsewhere")
+        shutil.rmtree(partial)
+    os.makedirs(partial)
+    with open(os.path.join(partial, OWNER), "w"):
+        pass
+    return partial
+
+
+def write_shards(directory, model, optimizer, background_group=None):
+    """On every rank: this rank's shards of the model and optimizer state, into directory. With
+    background_group (a process group of its own, so that its collectives never meet training's), the
+    state is copied to CPU memory and written by a background thread: returns a Future for
+    wait_for_shards. Otherwise returns None once written."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    try:
+        if background_group is not None:
+            return dcp.async_save(state, checkpoint_id=directory, process_group=background_group)
+        dcp.save(state, checkpoint_id=directory)
+    except Exception as e:  # DCP gathers every rank's failure (a full disk, ...) and raises on all ranks
+        raise UserError(f"{directory}: writing the checkpoint shards failed ({one_line(e)})") from None
+    return None
+
+
+def wait_for_shards(future, directory):
+    """Wait for a background write_shards (future None: there is none)."""
+    if future is None:
+        return
+    try:
+        future.result()
+    except Exception as e:
+        raise UserError(f"{directory}: writing the checkpoint shards failed ({one_line(e)})") from None
+
+
+def finish_sharded_checkpoint(directory, step, config, precision, cfg, val_loss, loader_states, rng_states, run_id,
+                              counts=None):
+    """On rank 0, once every rank has written its shards: train_state.pt (with its checksum), then
+    COMPLETE, then the rename to model_{step:05d}/ that makes the checkpoint visible. Returns its path."""
+    state = train_state(step, config, precision, cfg, val_loss, loader_states, rng_states, run_id, counts)
+    state[CHECKSUM_KEY] = {CHECKSUM_ALGORITHM: checksum(state)}
+    atomic_write(os.path.join(directory, TRAIN_STATE), lambda f: torch.save(state, f))
+    atomic_write(os.path.join(directory, COMPLETE), lambda f: f.write(b"complete\n"))
+    path = os.path.join(cfg.log_dir, f"model_{step:05d}")
+    os.rename(directory, path)
+    remove_old_checkpoints(cfg, step)
     return path
 
 
@@ -349,3 +508,11 @@ def prepare_run_dir(log_dir, resume_path, resume_step, logs=None):
     for name, data in (logs or {}).items():
         atomic_write(os.path.join(log_dir, name), lambda f: f.write(data))
     RunLog.prepare(log_dir, resume_step)
+
+
+def write_probe(log_dir):
+    """On rank 0: an empty file in log_dir with a name no other run uses; the other ranks look for it."""
+    path = os.path.join(log_dir, f".shared_probe_{os.getpid()}_{os.urandom(4).hex()}")
+    with open(path, "w"):
+        pass
+    return path

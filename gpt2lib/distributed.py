@@ -129,10 +129,14 @@ class DistContext:
         return fill(box[0])
 
 
-def setup_distributed(requested_device):
-    """DistContext from torchrun's environment (NCCL on CUDA, gloo otherwise), or a single process."""
+def setup_distributed(requested_device, group_of_one=False):
+    """DistContext from torchrun's environment (NCCL on CUDA, gloo otherwise), or a single process:
+    with group_of_one in a process group of its own (FSDP shards over a process group, even of one)."""
     device = pick_device(requested_device)
     if "RANK" not in os.environ:
+        if group_of_one:
+            torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                                 store=torch.distributed.HashStore(), rank=0, world_size=1)
         return DistContext(device=device)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     world_size = int(os.environ["WORLD_SIZE"])

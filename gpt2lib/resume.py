@@ -12,7 +12,7 @@ import os
 import socket
 from dataclasses import dataclass, field, replace
 
-from gpt2lib.checkpoints import LOG_FILES, find_resume_checkpoint
+from gpt2lib.checkpoints import LOG_FILES, TRAIN_STATE, find_resume_checkpoint
 from gpt2lib.common import UserError
 from gpt2lib.distributed import FollowerStop
 
@@ -47,6 +47,10 @@ def local_holding(resume, log_dir, layout, dist_ctx):
 
 
 def file_digest(path):
+    """Of a .pt checkpoint's bytes; of a sharded directory's train_state.pt, which holds its step,
+    data positions and RNG states, and differs between any two histories."""
+    if os.path.isdir(path):
+        path = os.path.join(path, TRAIN_STATE)
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "blake2b").hexdigest()
 

@@ -127,7 +127,7 @@ def column_major_weights(model):
     weights = {id(m.weight): m.weight for m in model.modules() if isinstance(m, nn.Linear)}.values()
     originals = []
     try:
-        if next(model.parameters()).device.type == "cpu":
+        if next(model.parameters()).device.type == "cpu" and not fsdp_managed(model):
             with torch.no_grad():
                 for weight in weights:
                     originals.append((weight, weight.data))
@@ -136,6 +136,13 @@ def column_major_weights(model):
     finally:
         for weight, data in originals:
             weight.data = data
+
+
+def fsdp_managed(model):
+    """A model sharded by FSDP2 owns its parameters' storage (it frees and regathers it): leave it be."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
 
 
 def sample_tokens(model, prompts, max_new_tokens, top_k, temperature, rng, pad_id, device):

@@ -25,6 +25,9 @@ VARIANTS=(
   "full-logits|--compile --loss-impl full|full (B, T, vocab) logits and F.cross_entropy, compiled"
   "eager|--no-compile|chunked loss, no torch.compile"
   "eager-full-logits|--no-compile --loss-impl full|full logits, no torch.compile (build-nanogpt as shipped)"
+  "fsdp|--compile --fsdp|FSDP2 in a process group of one: bf16 compute weights, fp32 reduce; the cost of the sharding hooks"
+  "recompute|--compile --recompute|activation recompute per Block: about 1/3 more compute, less peak memory"
+  "fsdp-recompute-eager|--no-compile --fsdp --recompute|FSDP2 and recompute together, no torch.compile"
 )
 STEPS=${STEPS:-5}            # timed steps per benchmark, after train_gpt2.py's 3 warm-up steps
 BUDGET_S=${BUDGET_S:-450}    # no stage starts that would end past this; none runs past BUDGET_S + 50
