@@ -519,9 +519,10 @@ class StepResult:
     stop: bool  # some rank asked to stop
 
 
-def train_step(run, step, stop_requested=False):
+def train_step(run, step, stop=None):
     """Optimizer step `step` over run.grad_accum_steps micro-batches, on every rank alike.
-    Raises NonFiniteLoss, on every rank, instead of stepping on NaN/inf."""
+    Raises NonFiniteLoss, on every rank, instead of stepping on NaN/inf. `stop` (this process's
+    StopRequest) is read after the micro-steps, so a signal during them stops this very step."""
     model, optimizer, precision, cfg = run.model, run.optimizer, run.precision, run.cfg
     lr = get_lr(step, cfg)
     for group in optimizer.param_groups:
@@ -541,7 +542,7 @@ def train_step(run, step, stop_requested=False):
         loss_sum += loss.detach().float()
         precision.scaler.scale(loss).backward()  # the scale is 1 unless fp16
     norm = clip_gradients(model, optimizer, precision, cfg.grad_clip)
-    result = share_step_outcome(loss_sum, norm, lr, stop_requested, run.dist_ctx)
+    result = share_step_outcome(loss_sum, norm, lr, stop is not None and stop.requested, run.dist_ctx)
     check_finite(result, precision)
     precision.scaler.step(optimizer)  # optimizer.step(), skipped by fp16 on overflow
     precision.scaler.update()
@@ -607,8 +608,8 @@ def train(cfg, dist_ctx, stop=None):
         if last_step:
             break
         with StepTimer(dist_ctx.device) as timer:  # the step alone: evals and checkpoints are not counted
-            # stop.requested is this process's signal; result.stop, all ranks' verdict, is what everyone acts on
-            result = train_step(run, step, stop.requested)
+            # stop is this process's signal; result.stop, all ranks' verdict, is what everyone acts on
+            result = train_step(run, step, stop)
         step_metrics.append(log_step(run, step, result, timer.seconds))
         losses.append(result.loss)
         stopping = result.stop

@@ -67,7 +67,7 @@ def final_weights(log_dir, step):
 
 # ---- gradient synchronisation: the flag must be set before the forward pass
 
-def late_flag_step(run, step, stop_requested=False):
+def late_flag_step(run, step, stop=None):
     """The anchors' old bug: the sync flag is set after forward, just before backward."""
     run.optimizer.zero_grad(set_to_none=True)
     for micro_step in range(run.grad_accum_steps):
