@@ -612,7 +612,8 @@ def train(cfg, dist_ctx, stop=None):
             result = train_step(run, step, stop)
         step_metrics.append(log_step(run, step, result, timer.seconds))
         losses.append(result.loss)
-        stopping = result.stop
+        # ranks agree through the step's all-reduce; one process also heeds a signal that came after it
+        stopping = result.stop or (not dist_ctx.ddp and stop.requested)
     return {"losses": losses, "metrics": step_metrics, "val_loss": run.val_loss}
 
 

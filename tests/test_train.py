@@ -313,9 +313,29 @@ def run_cli(args, cwd, **kwargs):
                           capture_output=True, text=True, timeout=300, **kwargs)
 
 
-def test_sigterm_writes_a_checkpoint_and_exits_zero(tmp_path):
+STOP_LIMIT_S = 30  # torchrun and SLURM send SIGKILL about 30 s after SIGTERM
+
+
+def signal_between_logged_steps(pids, target, sig, metrics_path):
+    """Freeze the processes, count the steps logged so far (n: steps 0..n-1 are done, step n is in
+    flight), send `sig` to `target` and let them go on. Returns (n, time of the signal)."""
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    with open(metrics_path) as f:
+        done = sum('"kind": "train"' in line for line in f)
+    os.kill(target, sig)
+    signalled = time.time()
+    for pid in pids:
+        os.kill(pid, signal.SIGCONT)
+    return done, signalled
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_stops_at_the_next_step_boundary_with_a_checkpoint(tmp_path, sig):
+    """SIGTERM, or Ctrl-C (SIGINT), to `python train_gpt2.py`: the step in flight finishes, its
+    checkpoint is written at the very next step boundary, and the process exits 0 within the limit."""
     data_dir = make_data(tmp_path / "data", n_train=200000)
-    args = ["--model", "d1", "--data-dir", data_dir, "-B", "2", "-T", "16", "--total-batch-size", "32",
+    args = ["--model", "d1", "--data-dir", data_dir, "-B", "2", "-T", "16", "--total-batch-size", "128",
             "--max-steps", "100000", "--eval-every", "0", "--sample-every", "0", "--checkpoint-every", "0",
             "--no-hellaswag", "--log-dir", "log"]
     env = {**os.environ, "PYTHONPATH": REPO}
@@ -324,14 +344,17 @@ def test_sigterm_writes_a_checkpoint_and_exits_zero(tmp_path):
     log = tmp_path / "log" / "log.txt"
     deadline = time.time() + 120
     while time.time() < deadline and not (log.exists() and log.read_text().count("train") >= 3):
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+        time.sleep(0.05)
+    done, signalled = signal_between_logged_steps([proc.pid], proc.pid, sig, tmp_path / "log" / "metrics.jsonl")
     out, err = proc.communicate(timeout=120)
+    seconds = time.time() - signalled
     assert proc.returncode == 0, err
     checkpoints = [n for n in os.listdir(tmp_path / "log") if n.endswith(".pt")]
-    assert len(checkpoints) == 1 and "stopped by signal" in out
+    assert len(checkpoints) == 1 and f"stopped by signal after step {done}" in out
     step = torch.load(tmp_path / "log" / checkpoints[0], weights_only=True)["step"]
-    assert step >= 3 and log.read_text().count("train") == step
+    assert step == done + 1, f"signal during step {done}: the checkpoint must be at step {done + 1}, not {step}"
+    assert log.read_text().count("train") == step
+    assert seconds < STOP_LIMIT_S
 
 
 def test_bad_settings_are_all_reported_at_once(tmp_path):
