@@ -413,16 +413,55 @@ def test_flops_per_token_matches_the_124m_figure():
     assert metrics.flops_per_token(config_for("d1", vocab_multiple=64), 1024) == 6 * n + 12 * 1 * 64 * 1024
 
 
-def test_benchmark_times_only_the_steps_after_warmup(tmp_path, capsys, monkeypatch):
+def slowed(monkeypatch, name, seconds, calls=None):
+    """Make train_gpt2.<name> sleep `seconds` first (on its first `calls` calls; None: always)."""
+    original, count = getattr(train_gpt2, name), [0]
+
+    def slow(*args, **kwargs):
+        count[0] += 1
+        if calls is None or count[0] <= calls:
+            time.sleep(seconds)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(train_gpt2, name, slow)
+
+
+def test_benchmark_median_excludes_the_warmup_steps(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    warmup = train_gpt2.BENCHMARK_WARMUP_STEPS
+    slowed(monkeypatch, "train_step", 1.0, calls=warmup)  # warm-up steps that are slow, as compiling ones are
     cfg = tiny_config("unused", "unused", benchmark=3, max_steps=1000)
     result = train_gpt2.benchmark(cfg, DistContext())
     out = capsys.readouterr().out
-    timed_steps = [line for line in out.splitlines() if line.startswith("step ")]
-    assert len(timed_steps) == train_gpt2.BENCHMARK_WARMUP_STEPS + 3  # ran warm-up + timed steps only
+    step_ms = [float(line.split("dt ")[1].split("ms")[0]) for line in out.splitlines() if line.startswith("step ")]
+    assert len(step_ms) == warmup + 3 and all(ms >= 1000 for ms in step_ms[:warmup])
     assert "benchmark d1 | B 2 T 16 x 1 process(es) | 3 steps | median" in out
-    assert result["tokens_per_sec"] > 0 and result["dt_ms"] > 0
+    assert result["dt_ms"] == pytest.approx(float(np.median(step_ms[warmup:])), abs=0.01)
+    assert result["tokens_per_sec"] == pytest.approx(128 / result["dt_ms"] * 1000, rel=1e-6)
     assert os.listdir(tmp_path) == []  # no data, logs or checkpoints left behind
+
+
+def test_tokens_per_second_counts_the_training_step_alone(tmp_path, monkeypatch):
+    """With evals, samples and checkpoints made slow (0.5 s each), a step's logged time is still the
+    time of train_step alone (measured around it here), and tokens/s follows from it."""
+    for name in ("run_evals", "print_samples", "save"):
+        slowed(monkeypatch, name, 0.5)
+    original, step_ms = train_gpt2.train_step, []
+
+    def timed_step(*args, **kwargs):
+        started = time.perf_counter()
+        result = original(*args, **kwargs)
+        step_ms.append((time.perf_counter() - started) * 1000)
+        return result
+
+    monkeypatch.setattr(train_gpt2, "train_step", timed_step)
+    cfg = tiny_config(make_data(tmp_path / "data"), str(tmp_path / "log"), max_steps=3, eval_every=1,
+                      sample_every=1, checkpoint_every=1)
+    metrics = train(cfg, DistContext())["metrics"]
+    assert len(metrics) == len(step_ms) == 3
+    for m, ms in zip(metrics, step_ms):
+        assert ms <= m["dt_ms"] < ms + 250, (m["dt_ms"], ms)  # 250 ms: half of what the slowed parts add
+        assert m["tokens_per_sec"] == pytest.approx(128 / m["dt_ms"] * 1000, rel=1e-6)
 
 
 def test_cli_runs_hellaswag_or_warns_when_its_data_is_missing(tmp_path):
