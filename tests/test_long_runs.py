@@ -374,3 +374,45 @@ def test_a_setting_rank_0_refuses_stops_every_rank(tmp_path):
     outcome = sorted(results.get() for _ in range(2))
     message = f"checkpoint {tmp_path / 'missing.pt'} does not exist"
     assert outcome == [(0, "UserError", message), (1, "FollowerStop", message)]
+
+
+def failed_write_worker(rank, world_size, port, cfg, results):
+    """Rank 0 finds a directory where its step-2 checkpoint should go: the rename onto it fails."""
+    from test_train import init_gloo
+    import torch.distributed as dist
+    ctx = init_gloo(rank, world_size, port)
+    if rank == 0:
+        original = train_gpt2.train_step
+
+        def blocking_step(*args, **kwargs):
+            os.makedirs(os.path.join(cfg.log_dir, "model_00002.pt", "in_the_way"), exist_ok=True)
+            return original(*args, **kwargs)
+
+        train_gpt2.train_step = blocking_step
+    try:
+        train(cfg, ctx)
+        results.put((rank, "trained", ""))
+    except train_gpt2.UserError as e:
+        results.put((rank, type(e).__name__, str(e)))
+    dist.destroy_process_group()
+
+
+def test_a_checkpoint_rank_0_cannot_write_stops_every_rank(tmp_path):
+    import torch.multiprocessing as mp
+    cfg = tiny_config(make_data(tmp_path / "data"), str(tmp_path / "log"), max_steps=4, checkpoint_every=2, eval_every=0)
+    ctx = mp.get_context("spawn")
+    results = ctx.SimpleQueue()
+    procs = [ctx.Process(target=failed_write_worker, args=(rank, 2, port, cfg, results))
+             for port in [free_port()] for rank in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)  # a rank left waiting for the others would hang here
+    hung = [p.pid for p in procs if p.is_alive()]
+    for p in procs:
+        p.kill()
+    assert not hung, "a rank did not exit"
+    outcome = sorted(results.get() for _ in range(2))
+    assert [o[:2] for o in outcome] == [(0, "UserError"), (1, "FollowerStop")], outcome
+    assert outcome[0][2] == outcome[1][2] and "model_00002.pt: cannot write" in outcome[0][2]
+    assert not any(name.endswith(".pt") and os.path.isfile(tmp_path / "log" / name) for name in os.listdir(tmp_path / "log"))
