@@ -295,9 +295,15 @@ def test_compiled_bf16_autocast_training_tracks_eager(tmp_path):
     torch._dynamo.reset()
     compiled = train(replace(cfg, log_dir=str(tmp_path / "compiled"), compile=True), DistContext())
     fp32 = train(replace(cfg, log_dir=str(tmp_path / "fp32"), dtype="fp32"), DistContext())
-    assert eager["losses"] != fp32["losses"], "bf16 autocast must have been active"
-    for run in (compiled, fp32):
-        torch.testing.assert_close(torch.tensor(run["losses"]), torch.tensor(eager["losses"]), atol=2e-2, rtol=0)
+    # measured (torch 2.13, CPU): compiled bf16 is within 4.2e-5 of eager bf16, fp32 2.2e-4 away from it;
+    # so a compiled run that dropped autocast (an fp32 run) lands outside the tolerance
+    tolerance = 1e-4
+
+    def distance(run):
+        return max(abs(a - b) for a, b in zip(run["losses"] + [run["val_loss"]], eager["losses"] + [eager["val_loss"]]))
+
+    assert distance(compiled) < tolerance, "compiled bf16 must track eager bf16"
+    assert distance(fp32) > tolerance, "bf16 autocast must have been active, and the tolerance tell it from fp32"
 
 
 def test_ddp_over_a_compiled_model_matches_one_eager_process(tmp_path):
