@@ -280,6 +280,38 @@ def test_interrupted_run_resumes_without_retokenizing(tmp_path, monkeypatch, enc
     assert json.loads((out / "edufineweb_manifest.json").read_text())["complete"] is True
 
 
+def test_two_worker_run_killed_mid_run_resumes_byte_identically(tmp_path, capsys):
+    """A real `fineweb.py --workers 2` process group SIGKILLed while it writes shards (no cleanup runs,
+    a temp file may be left half-written): the rerun gives the same bytes as an uninterrupted run."""
+    import signal
+    import time
+    src = write_jsonl(tmp_path / "c.jsonl", [{"text": d} for d in DOCS * 100])
+    args = ["--input", src, "--shard-size", "2000", "--workers", "2"]
+    run_main(*args, "--out", tmp_path / "clean")
+    out = tmp_path / "out"
+    # many small batches, so that both workers have work in flight when the kill comes
+    code = f"import sys, fineweb; fineweb.BATCH_CHARS = 3000; fineweb.main(sys.argv[1:])"
+    proc = subprocess.Popen([sys.executable, "-c", code, *args, "--out", str(out)], cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": REPO}, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out.is_dir() and len(os.listdir(out)) > 4) and proc.poll() is None:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)  # the main process and its two workers
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    manifest = json.loads((out / "edufineweb_manifest.json").read_text())
+    assert manifest["complete"] is False and len(manifest["shards"]) >= 2
+    capsys.readouterr()
+    run_main(*args, "--out", out)
+    assert "continuing after" in capsys.readouterr().out
+    names = sorted(n for n in os.listdir(tmp_path / "clean"))
+    assert sorted(os.listdir(out)) == names
+    for name in names:
+        if name.endswith(".npy"):
+            assert (out / name).read_bytes() == (tmp_path / "clean" / name).read_bytes(), name
+
+
 def test_rerun_skips_complete_output_and_repairs_a_damaged_shard(tmp_path, enc, capsys):
     src = write_parquet(tmp_path / "c.parquet", DOCS * 2)
     args = ("--input", src, "--out", tmp_path / "out", "--shard-size", 500)
