@@ -191,10 +191,11 @@ def write_hellaswag(path, n=10, seed=0):
 def test_two_ranks_match_one_rank_with_more_accumulation(tmp_path):
     data_dir = make_data(tmp_path / "data")
     hella = write_hellaswag(tmp_path / "hellaswag.jsonl", n=11)  # 11 examples: ranks get 6 and 5
-    single = tiny_config(data_dir, str(tmp_path / "single"), max_steps=4, checkpoint_every=4,
+    single = tiny_config(data_dir, str(tmp_path / "single"), max_steps=4, checkpoint_every=4, val_steps=4,
                          hellaswag=True, hellaswag_data=hella)
     train(single, DistContext())
-    double = replace(single, log_dir=str(tmp_path / "double"))  # same total batch: accum 4 -> 2
+    # same total batch: accum 4 -> 2; 2 ranks x 2 val batches read the windows of 1 rank x 4
+    double = replace(single, log_dir=str(tmp_path / "double"), val_steps=single.val_steps // 2)
     spawn_train(double)
     a, b = final_weights(single.log_dir, 4), final_weights(double.log_dir, 4)
     initial = GPT(config_for("d1", vocab_multiple=64)).state_dict()
@@ -205,6 +206,11 @@ def test_two_ranks_match_one_rank_with_more_accumulation(tmp_path):
     assert la.keys() == lb.keys() == {0, 1, 2, 3}
     for step in la:
         assert abs(la[step] - lb[step]) < 1e-5
+    # the val loss is the mean over both ranks' batches, not rank 0's alone
+    va, vb = logged(single.log_dir, "val"), logged(double.log_dir, "val")
+    assert va.keys() == vb.keys() == {0, 3, 4}
+    for step in va:
+        assert abs(va[step] - vb[step]) < 1e-5
     # HellaSwag split across the two ranks, counts all-reduced: the same as one process scoring all
     ha, hb = logged(single.log_dir, "hella"), logged(double.log_dir, "hella")
     assert ha.keys() == {0, 3, 4} and ha == hb
