@@ -137,6 +137,17 @@ def test_tokenize_matches_encode_ordinary(enc):
     assert one.dtype == np.uint16 and one.tolist() == [GPT2_EOT, 15496, 11, 995]
 
 
+def test_token_ids_beyond_gpt2_vocabulary_are_refused_before_writing(monkeypatch):
+    """uint16 holds ids up to 65535; an encoding with more than GPT-2's 50257 tokens must not pass."""
+    class WideEncoding:
+        def encode_to_numpy(self, doc, **kwargs):
+            return np.array([15496, 50300], dtype=np.uint32)
+
+    monkeypatch.setattr(fineweb, "get_encoding", lambda: WideEncoding())
+    with pytest.raises(ValueError, match="token id 50300 out of GPT-2's vocabulary"):
+        fineweb.tokenize_batch(["Hello"])
+
+
 def test_workers_output_identical_to_one_process(tmp_path, monkeypatch):
     monkeypatch.setattr(fineweb, "BATCH_CHARS", 300)  # many small batches: ordering across workers matters
     src = write_jsonl(tmp_path / "c.jsonl", [{"text": d} for d in DOCS * 5])
