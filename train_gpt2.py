@@ -656,9 +656,10 @@ class StepResult:
     failed: bool = False  # some rank could not go on (a shard changed, a log append failed)
 
 
-def train_step(run, step, stop_requested=False):
+def train_step(run, step, stop=None):
     """Optimizer step `step` over run.grad_accum_steps micro-batches, on every rank alike.
-    Raises NonFiniteLoss, on every rank, instead of stepping on NaN/inf."""
+    Raises NonFiniteLoss, on every rank, instead of stepping on NaN/inf. `stop` (this process's
+    StopRequest) is read after the micro-steps, so a signal during them stops this very step."""
     model, optimizer, precision, cfg = run.model, run.optimizer, run.precision, run.cfg
     lr = get_lr(step, cfg)
     for group in optimizer.param_groups:
@@ -687,7 +688,8 @@ def train_step(run, step, stop_requested=False):
         loss_sum += loss.detach().float()
         precision.scaler.scale(loss).backward()  # the scale is 1 unless fp16
     norm = clip_gradients(model, optimizer, precision, cfg.grad_clip)
-    result = share_step_outcome(loss_sum, norm, lr, stop_requested, failure is not None, run.dist_ctx)
+    result = share_step_outcome(loss_sum, norm, lr, stop is not None and stop.requested, failure is not None,
+                                run.dist_ctx)
     if result.failed:
         run.dist_ctx.on_every_rank(lambda: raise_failure(failure))
     check_finite(result, precision)
@@ -767,11 +769,12 @@ def train(cfg, dist_ctx, stop=None):
                 if last_step:
                     break
                 with StepTimer(dist_ctx.device) as timer:  # the step alone: evals and checkpoints are not timed
-                    # stop.requested is this process's signal; result.stop, all ranks' verdict, is what all act on
-                    result = train_step(run, step, stop.requested)
+                    # stop is this process's signal; result.stop, all ranks' verdict, is what everyone acts on
+                    result = train_step(run, step, stop)
                 step_metrics.append(log_step(run, step, result, timer.seconds))
                 losses.append(result.loss)
-                stopping = result.stop
+                # ranks agree through the step's all-reduce; one process also heeds a signal that came after it
+                stopping = result.stop or (not dist_ctx.ddp and stop.requested)
             finish_save(run)  # an --async-checkpoint write still in flight
             dist_ctx.on_every_rank(lambda: raise_failure(run.log.failure))  # an append of the last evals
     return {"losses": losses, "metrics": step_metrics, "val_loss": run.val_loss}

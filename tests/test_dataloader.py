@@ -1,6 +1,7 @@
 """DataLoaderLite: coverage across ranks, exact resume, and a clear error for every bad shard."""
 
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ import torch
 
 from gpt2lib.common import UserError
 from gpt2lib.shards import LLMC_MAGIC
-from train_gpt2 import DataLoaderLite
+from train_gpt2 import DataLoaderLite, DistContext
 
 
 def write_npy(path, tokens):
@@ -234,3 +235,63 @@ def test_block_shuffle_resumes_exactly_on_the_same_and_another_world_size(shards
             loader.load_state_dict(state)
         tail = np.concatenate(steps(resumed, 27))
         assert np.array_equal(np.concatenate([head, tail]), reference), world
+
+
+def test_shuffled_training_covers_every_shard_and_token_each_epoch_and_resumes_exactly(tmp_path, monkeypatch):
+    """--shuffle through train(): every epoch reads each train shard once, in a seeded order that
+    changes, and every token of the stream is an input exactly once but for the tail shorter than a
+    step; a run stopped in the second epoch and resumed reads the same batches and trains the same losses."""
+    import train_gpt2
+    from test_train import install_stop_after, tiny_config
+
+    lengths = [60, 40, 53, 50]
+    shard_tokens, start = [], 0
+    for i, n in enumerate(lengths, start=1):
+        shard_tokens.append(np.arange(start, start + n))  # every token's value is its place in the data
+        write_npy(tmp_path / f"tok_train_{i:06d}.npy", shard_tokens[-1])
+        start += n
+    step_tokens, steps_per_epoch = 64, (sum(lengths) - 1) // 64  # B=4, T=16, one rank, no accumulation
+    real_next_batch, reads = DataLoaderLite.next_batch, []
+
+    def recording_next_batch(loader):
+        x, y = real_next_batch(loader)
+        reads.append((loader.epoch, list(loader.order), x.flatten().numpy(), y.flatten().numpy()))
+        return x, y
+
+    monkeypatch.setattr(DataLoaderLite, "next_batch", recording_next_batch)
+    cfg = tiny_config(str(tmp_path), str(tmp_path / "full"), batch_size=4, total_batch_size=step_tokens,
+                      shuffle=True, max_steps=2 * steps_per_epoch + 2, eval_every=0,
+                      checkpoint_every=2 * steps_per_epoch + 2)
+    reference = train_gpt2.train(cfg, DistContext())["losses"]
+    full_reads = list(reads)
+    orders = []
+    for epoch in (0, 1):
+        batches = [r for r in full_reads if r[0] == epoch]
+        order = batches[0][1]
+        orders.append(order)
+        assert len(batches) == steps_per_epoch and sorted(order) == [0, 1, 2, 3], order
+        stream = np.concatenate([shard_tokens[i] for i in order])
+        inputs = np.concatenate([x for _, _, x, _ in batches])
+        targets = np.concatenate([y for _, _, _, y in batches])
+        np.testing.assert_array_equal(inputs, stream[:len(inputs)])
+        assert len(np.unique(inputs)) == len(inputs)  # no token twice
+        missing = np.setdiff1d(np.arange(sum(lengths)), inputs)  # only the tail, at the end of the last shard
+        assert len(missing) < step_tokens + 1 and np.isin(missing, shard_tokens[order[-1]]).all()
+        np.testing.assert_array_equal(missing, stream[len(inputs):])
+        np.testing.assert_array_equal(targets.reshape(-1, 16)[:, -1], stream[16:len(inputs) + 1:16])
+    assert orders[0] != orders[1] or orders[0] != [0, 1, 2, 3], "the shard order must be shuffled"
+
+    reads.clear()
+    cut = replace(cfg, log_dir=str(tmp_path / "cut"), resume="auto")
+    stop_at = steps_per_epoch + 1  # in the second epoch
+    original = install_stop_after(stop_at)
+    try:
+        first = train_gpt2.train(cut, DistContext())["losses"]
+    finally:
+        train_gpt2.train_step = original
+    reads.clear()
+    second = train_gpt2.train(cut, DistContext())["losses"]
+    assert first + second == reference, "a resumed shuffled run must train the same losses, bit for bit"
+    for a, b in zip(reads, full_reads[stop_at:]):
+        assert a[0] == b[0] and a[1] == b[1] and np.array_equal(a[2], b[2]) and np.array_equal(a[3], b[3])
+    assert len(reads) == len(full_reads) - stop_at

@@ -137,6 +137,17 @@ def test_tokenize_matches_encode_ordinary(enc):
     assert one.dtype == np.uint16 and one.tolist() == [GPT2_EOT, 15496, 11, 995]
 
 
+def test_token_ids_beyond_gpt2_vocabulary_are_refused_before_writing(monkeypatch):
+    """uint16 holds ids up to 65535; an encoding with more than GPT-2's 50257 tokens must not pass."""
+    class WideEncoding:
+        def encode_to_numpy(self, doc, **kwargs):
+            return np.array([15496, 50300], dtype=np.uint32)
+
+    monkeypatch.setattr(fineweb, "get_encoding", lambda: WideEncoding())
+    with pytest.raises(ValueError, match="token id 50300 out of GPT-2's vocabulary"):
+        fineweb.tokenize_batch(["Hello"])
+
+
 def test_workers_output_identical_to_one_process(tmp_path, monkeypatch):
     monkeypatch.setattr(fineweb, "BATCH_CHARS", 300)  # many small batches: ordering across workers matters
     src = write_jsonl(tmp_path / "c.jsonl", [{"text": d} for d in DOCS * 5])
@@ -278,6 +289,38 @@ def test_interrupted_run_resumes_without_retokenizing(tmp_path, monkeypatch, enc
     assert {n: os.stat(out / n).st_mtime_ns for n in before} == before  # the good shards were kept
     assert 0 < len(tokenized) < len(DOCS) * 3  # the documents in them were skipped, not re-tokenized
     assert json.loads((out / "edufineweb_manifest.json").read_text())["complete"] is True
+
+
+def test_two_worker_run_killed_mid_run_resumes_byte_identically(tmp_path, capsys):
+    """A real `fineweb.py --workers 2` process group SIGKILLed while it writes shards (no cleanup runs,
+    a temp file may be left half-written): the rerun gives the same bytes as an uninterrupted run."""
+    import signal
+    import time
+    src = write_jsonl(tmp_path / "c.jsonl", [{"text": d} for d in DOCS * 100])
+    args = ["--input", src, "--shard-size", "2000", "--workers", "2"]
+    run_main(*args, "--out", tmp_path / "clean")
+    out = tmp_path / "out"
+    # many small batches, so that both workers have work in flight when the kill comes
+    code = f"import sys, fineweb; fineweb.BATCH_CHARS = 3000; fineweb.main(sys.argv[1:])"
+    proc = subprocess.Popen([sys.executable, "-c", code, *args, "--out", str(out)], cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": REPO}, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out.is_dir() and len(os.listdir(out)) > 4) and proc.poll() is None:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)  # the main process and its two workers
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    manifest = json.loads((out / "edufineweb_manifest.json").read_text())
+    assert manifest["complete"] is False and len(manifest["shards"]) >= 2
+    capsys.readouterr()
+    run_main(*args, "--out", out)
+    assert "continuing after" in capsys.readouterr().out
+    names = sorted(n for n in os.listdir(tmp_path / "clean"))
+    assert sorted(os.listdir(out)) == names
+    for name in names:
+        if name.endswith(".npy"):
+            assert (out / name).read_bytes() == (tmp_path / "clean" / name).read_bytes(), name
 
 
 def test_rerun_skips_complete_output_and_repairs_a_damaged_shard(tmp_path, enc, capsys):

@@ -20,8 +20,8 @@ import torch
 
 import train_gpt2
 from gpt2lib import metrics
-from test_train import (REPO, final_weights, free_port, install_stop_after, logged, make_data, spawn_train,
-                        tiny_config, write_hellaswag)
+from test_train import (REPO, STOP_LIMIT_S, final_weights, free_port, install_stop_after, logged, make_data,
+                        signal_between_logged_steps, spawn_train, tiny_config, write_hellaswag)
 from train_gpt2 import GPT, DistContext, config_for, train
 
 TRAIN = os.path.join(REPO, "train_gpt2.py")
@@ -194,26 +194,33 @@ def wait_for(predicate, timeout=120):
     assert predicate(), "timed out"
 
 
-def test_sigterm_to_one_rank_stops_all_at_once_without_evals(tmp_path):
+@pytest.mark.parametrize("sig, rank", [(signal.SIGTERM, 1), (signal.SIGINT, 0)], ids=["SIGTERM-rank1", "SIGINT-rank0"])
+def test_a_signal_to_one_rank_stops_all_at_once_without_evals(tmp_path, sig, rank):
+    """The signalled rank reads its stop request after the micro-steps of the step in flight, and the
+    step's all-reduce carries it to the others: the checkpoint is at the next step boundary, or at the
+    one after when the signal came while that rank already waited in the step's all-reduce."""
     make_data(tmp_path / "data", n_train=200000)
     write_hellaswag(tmp_path / "h.jsonl")
-    args = TINY_ARGS + ["--total-batch-size", "64", "--max-steps", "100000", "--eval-every", "1", "--sample-every", "1",
-                        "--checkpoint-every", "0", "--hellaswag-data", "h.jsonl"]
+    args = TINY_ARGS + ["--total-batch-size", "256", "--max-steps", "100000", "--eval-every", "1",
+                        "--sample-every", "1", "--checkpoint-every", "0", "--hellaswag-data", "h.jsonl"]
     proc = torchrun(args, tmp_path, nproc=2)
     log = tmp_path / "log" / "log.txt"
     wait_for(lambda: log.exists() and log.read_text().count(" train ") >= 3)
-    signalled = time.time()
-    os.kill(worker_pid(proc.pid, rank=1), signal.SIGTERM)
+    workers = [worker_pid(proc.pid, rank=r) for r in (1, 0)]
+    done, signalled = signal_between_logged_steps(workers, worker_pid(proc.pid, rank=rank), sig,
+                                                  tmp_path / "log" / "metrics.jsonl")
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
     stop_seconds = time.time() - signalled
+    assert proc.returncode == 0, err
     [name] = checkpoints(tmp_path / "log")
     step = int(name[6:11])
+    assert done + 1 <= step <= done + 2, f"signal during step {done}, checkpoint at step {step}"
     text = log.read_text()
     assert f"stopped by signal after step {step - 1}" in out and text.count(" train ") == step
     assert not re.search(rf"^{step} (val|hella) ", text, re.M), "the stop step must not run evals"
     assert out.count("sample:") == 4 * (step - 1), "nor samples"
-    print(f"SIGTERM to exit: {stop_seconds:.2f} s")
+    assert stop_seconds < STOP_LIMIT_S
+    print(f"signal to exit: {stop_seconds:.2f} s")
 
 
 def test_torchrun_restart_after_sigkill_ends_like_an_uninterrupted_run(tmp_path):
@@ -288,9 +295,15 @@ def test_compiled_bf16_autocast_training_tracks_eager(tmp_path):
     torch._dynamo.reset()
     compiled = train(replace(cfg, log_dir=str(tmp_path / "compiled"), compile=True), DistContext())
     fp32 = train(replace(cfg, log_dir=str(tmp_path / "fp32"), dtype="fp32"), DistContext())
-    assert eager["losses"] != fp32["losses"], "bf16 autocast must have been active"
-    for run in (compiled, fp32):
-        torch.testing.assert_close(torch.tensor(run["losses"]), torch.tensor(eager["losses"]), atol=2e-2, rtol=0)
+    # measured (torch 2.13, CPU): compiled bf16 is within 4.2e-5 of eager bf16, fp32 2.2e-4 away from it;
+    # so a compiled run that dropped autocast (an fp32 run) lands outside the tolerance
+    tolerance = 1e-4
+
+    def distance(run):
+        return max(abs(a - b) for a, b in zip(run["losses"] + [run["val_loss"]], eager["losses"] + [eager["val_loss"]]))
+
+    assert distance(compiled) < tolerance, "compiled bf16 must track eager bf16"
+    assert distance(fp32) > tolerance, "bf16 autocast must have been active, and the tolerance tell it from fp32"
 
 
 def test_ddp_over_a_compiled_model_matches_one_eager_process(tmp_path):
@@ -373,3 +386,49 @@ def test_a_setting_rank_0_refuses_stops_every_rank(tmp_path):
     outcome = sorted(results.get() for _ in range(2))
     message = f"checkpoint {tmp_path / 'missing.pt'} does not exist on any node"
     assert outcome == [(0, "UserError", message), (1, "FollowerStop", message)]
+
+
+def failed_write_worker(rank, world_size, port, cfg, results):
+    """Rank 0 finds a directory where its step-2 checkpoint should go: the rename onto it fails."""
+    from test_train import init_gloo
+    import torch.distributed as dist
+    ctx = init_gloo(rank, world_size, port)
+    if rank == 0:
+        original = train_gpt2.train_step
+
+        def blocking_step(*args, **kwargs):
+            os.makedirs(os.path.join(cfg.log_dir, "model_00002.pt", "in_the_way"), exist_ok=True)
+            return original(*args, **kwargs)
+
+        train_gpt2.train_step = blocking_step
+    try:
+        train(cfg, ctx)
+        results.put((rank, "trained", ""))
+    except train_gpt2.UserError as e:
+        results.put((rank, type(e).__name__, str(e)))
+    dist.destroy_process_group()
+
+
+def test_a_checkpoint_rank_0_cannot_write_stops_every_rank(tmp_path):
+    import torch.multiprocessing as mp
+    cfg = tiny_config(make_data(tmp_path / "data"), str(tmp_path / "log"), max_steps=4, checkpoint_every=2, eval_every=0)
+    ctx = mp.get_context("spawn")
+    results = ctx.SimpleQueue()
+    procs = [ctx.Process(target=failed_write_worker, args=(rank, 2, port, cfg, results))
+             for port in [free_port()] for rank in (0, 1)]
+    for p in procs:
+        p.start()
+    deadline = time.time() + 90
+    for p in procs:
+        p.join(timeout=max(0.0, deadline - time.time()))  # a rank left waiting for the others would hang here
+    hung = [p.pid for p in procs if p.is_alive()]
+    for p in procs:
+        p.kill()
+    assert not hung, "a rank did not exit"
+    outcome = []
+    while not results.empty():  # a rank that crashed instead of stopping reported nothing
+        outcome.append(results.get())
+    outcome.sort()
+    assert [o[:2] for o in outcome] == [(0, "UserError"), (1, "FollowerStop")], outcome
+    assert outcome[0][2] == outcome[1][2] and "model_00002.pt: cannot write" in outcome[0][2]
+    assert not any(name.endswith(".pt") and os.path.isfile(tmp_path / "log" / name) for name in os.listdir(tmp_path / "log"))

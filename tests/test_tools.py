@@ -1,4 +1,4 @@
-"""tools/: the device check's parsing, table and build-nanogpt patch, on the CPU. The GPU side runs
+"""tools/: the device check's parsing, table and build-nanogpt patch, and the mutation check's list, on the CPU. The GPU side runs
 only on a device machine (tools/README.md); these tests keep its plumbing from breaking unseen."""
 
 import json
@@ -16,6 +16,7 @@ sys.path.insert(0, os.path.join(REPO, "tools"))
 
 import device_report  # noqa: E402
 import hellaswag_timing  # noqa: E402
+import mutation_check  # noqa: E402
 import nanogpt_anchor  # noqa: E402
 
 
@@ -107,3 +108,15 @@ def test_nanogpt_patch_changes_exactly_its_three_lines():
                                        "    if False:  # val-loss eval off for timing"]
     with pytest.raises(nanogpt_anchor.PatchError, match="use_compile = False"):
         nanogpt_anchor.patched_source(source.replace("use_compile = False", "use_compile = None"), steps=8)
+
+
+def test_every_mutation_still_fits_the_code_and_names_existing_tests():
+    """Each deliberate mistake's original text occurs once in its file (else the mistake is a no-op),
+    and each test it names exists."""
+    assert mutation_check.check_fits(mutation_check.MUTATIONS) == []
+    assert len({m.name for m in mutation_check.MUTATIONS}) == len(mutation_check.MUTATIONS)
+    for m in mutation_check.MUTATIONS:
+        for node in m.tests:
+            path, name = node.split("::")
+            with open(os.path.join(REPO, path)) as f:
+                assert f"def {name}(" in f.read(), node

@@ -67,7 +67,7 @@ def final_weights(log_dir, step):
 
 # ---- gradient synchronisation: the flag must be set before the forward pass
 
-def late_flag_step(run, step, stop_requested=False):
+def late_flag_step(run, step, stop=None):
     """The anchors' old bug: the sync flag is set after forward, just before backward."""
     run.optimizer.zero_grad(set_to_none=True)
     for micro_step in range(run.grad_accum_steps):
@@ -191,10 +191,11 @@ def write_hellaswag(path, n=10, seed=0):
 def test_two_ranks_match_one_rank_with_more_accumulation(tmp_path):
     data_dir = make_data(tmp_path / "data")
     hella = write_hellaswag(tmp_path / "hellaswag.jsonl", n=11)  # 11 examples: ranks get 6 and 5
-    single = tiny_config(data_dir, str(tmp_path / "single"), max_steps=4, checkpoint_every=4,
+    single = tiny_config(data_dir, str(tmp_path / "single"), max_steps=4, checkpoint_every=4, val_steps=4,
                          hellaswag=True, hellaswag_data=hella)
     train(single, DistContext())
-    double = replace(single, log_dir=str(tmp_path / "double"))  # same total batch: accum 4 -> 2
+    # same total batch: accum 4 -> 2; 2 ranks x 2 val batches read the windows of 1 rank x 4
+    double = replace(single, log_dir=str(tmp_path / "double"), val_steps=single.val_steps // 2)
     spawn_train(double)
     a, b = final_weights(single.log_dir, 4), final_weights(double.log_dir, 4)
     initial = GPT(config_for("d1", vocab_multiple=64)).state_dict()
@@ -205,6 +206,11 @@ def test_two_ranks_match_one_rank_with_more_accumulation(tmp_path):
     assert la.keys() == lb.keys() == {0, 1, 2, 3}
     for step in la:
         assert abs(la[step] - lb[step]) < 1e-5
+    # the val loss is the mean over both ranks' batches, not rank 0's alone
+    va, vb = logged(single.log_dir, "val"), logged(double.log_dir, "val")
+    assert va.keys() == vb.keys() == {0, 3, 4}
+    for step in va:
+        assert abs(va[step] - vb[step]) < 1e-5
     # HellaSwag split across the two ranks, counts all-reduced: the same as one process scoring all
     ha, hb = logged(single.log_dir, "hella"), logged(double.log_dir, "hella")
     assert ha.keys() == {0, 3, 4} and ha == hb
@@ -313,9 +319,29 @@ def run_cli(args, cwd, **kwargs):
                           capture_output=True, text=True, timeout=300, **kwargs)
 
 
-def test_sigterm_writes_a_checkpoint_and_exits_zero(tmp_path):
+STOP_LIMIT_S = 30  # torchrun and SLURM send SIGKILL about 30 s after SIGTERM
+
+
+def signal_between_logged_steps(pids, target, sig, metrics_path):
+    """Freeze the processes, count the steps logged so far (n: steps 0..n-1 are done, step n is in
+    flight), send `sig` to `target` and let them go on. Returns (n, time of the signal)."""
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    with open(metrics_path) as f:
+        done = sum('"kind": "train"' in line for line in f)
+    os.kill(target, sig)
+    signalled = time.time()
+    for pid in pids:
+        os.kill(pid, signal.SIGCONT)
+    return done, signalled
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_stops_at_the_next_step_boundary_with_a_checkpoint(tmp_path, sig):
+    """SIGTERM, or Ctrl-C (SIGINT), to `python train_gpt2.py`: the step in flight finishes, its
+    checkpoint is written at the very next step boundary, and the process exits 0 within the limit."""
     data_dir = make_data(tmp_path / "data", n_train=200000)
-    args = ["--model", "d1", "--data-dir", data_dir, "-B", "2", "-T", "16", "--total-batch-size", "32",
+    args = ["--model", "d1", "--data-dir", data_dir, "-B", "2", "-T", "16", "--total-batch-size", "128",
             "--max-steps", "100000", "--eval-every", "0", "--sample-every", "0", "--checkpoint-every", "0",
             "--no-hellaswag", "--log-dir", "log"]
     env = {**os.environ, "PYTHONPATH": REPO}
@@ -324,14 +350,17 @@ def test_sigterm_writes_a_checkpoint_and_exits_zero(tmp_path):
     log = tmp_path / "log" / "log.txt"
     deadline = time.time() + 120
     while time.time() < deadline and not (log.exists() and log.read_text().count("train") >= 3):
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+        time.sleep(0.05)
+    done, signalled = signal_between_logged_steps([proc.pid], proc.pid, sig, tmp_path / "log" / "metrics.jsonl")
     out, err = proc.communicate(timeout=120)
+    seconds = time.time() - signalled
     assert proc.returncode == 0, err
     checkpoints = [n for n in os.listdir(tmp_path / "log") if n.endswith(".pt")]
-    assert len(checkpoints) == 1 and "stopped by signal" in out
+    assert len(checkpoints) == 1 and f"stopped by signal after step {done}" in out
     step = torch.load(tmp_path / "log" / checkpoints[0], weights_only=True)["step"]
-    assert step >= 3 and log.read_text().count("train") == step
+    assert step == done + 1, f"signal during step {done}: the checkpoint must be at step {done + 1}, not {step}"
+    assert log.read_text().count("train") == step
+    assert seconds < STOP_LIMIT_S
 
 
 def test_bad_settings_are_all_reported_at_once(tmp_path):
@@ -390,16 +419,55 @@ def test_flops_per_token_matches_the_124m_figure():
     assert metrics.flops_per_token(config_for("d1", vocab_multiple=64), 1024) == 6 * n + 12 * 1 * 64 * 1024
 
 
-def test_benchmark_times_only_the_steps_after_warmup(tmp_path, capsys, monkeypatch):
+def slowed(monkeypatch, name, seconds, calls=None):
+    """Make train_gpt2.<name> sleep `seconds` first (on its first `calls` calls; None: always)."""
+    original, count = getattr(train_gpt2, name), [0]
+
+    def slow(*args, **kwargs):
+        count[0] += 1
+        if calls is None or count[0] <= calls:
+            time.sleep(seconds)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(train_gpt2, name, slow)
+
+
+def test_benchmark_median_excludes_the_warmup_steps(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    warmup = train_gpt2.BENCHMARK_WARMUP_STEPS
+    slowed(monkeypatch, "train_step", 1.0, calls=warmup)  # warm-up steps that are slow, as compiling ones are
     cfg = tiny_config("unused", "unused", benchmark=3, max_steps=1000)
     result = train_gpt2.benchmark(cfg, DistContext())
     out = capsys.readouterr().out
-    timed_steps = [line for line in out.splitlines() if line.startswith("step ")]
-    assert len(timed_steps) == train_gpt2.BENCHMARK_WARMUP_STEPS + 3  # ran warm-up + timed steps only
+    step_ms = [float(line.split("dt ")[1].split("ms")[0]) for line in out.splitlines() if line.startswith("step ")]
+    assert len(step_ms) == warmup + 3 and all(ms >= 1000 for ms in step_ms[:warmup])
     assert "benchmark d1 | B 2 T 16 x 1 process(es) | 3 steps | median" in out
-    assert result["tokens_per_sec"] > 0 and result["dt_ms"] > 0
+    assert result["dt_ms"] == pytest.approx(float(np.median(step_ms[warmup:])), abs=0.01)
+    assert result["tokens_per_sec"] == pytest.approx(128 / result["dt_ms"] * 1000, rel=1e-6)
     assert os.listdir(tmp_path) == []  # no data, logs or checkpoints left behind
+
+
+def test_tokens_per_second_counts_the_training_step_alone(tmp_path, monkeypatch):
+    """With evals, samples and checkpoints made slow (0.3 s each), a step's logged time is still the
+    time of train_step alone (measured around it here), and tokens/s follows from it."""
+    for name in ("run_evals", "print_samples", "save"):
+        slowed(monkeypatch, name, 0.3)
+    original, step_ms = train_gpt2.train_step, []
+
+    def timed_step(*args, **kwargs):
+        started = time.perf_counter()
+        result = original(*args, **kwargs)
+        step_ms.append((time.perf_counter() - started) * 1000)
+        return result
+
+    monkeypatch.setattr(train_gpt2, "train_step", timed_step)
+    cfg = tiny_config(make_data(tmp_path / "data"), str(tmp_path / "log"), max_steps=3, eval_every=1,
+                      sample_every=1, checkpoint_every=1)
+    metrics = train(cfg, DistContext())["metrics"]
+    assert len(metrics) == len(step_ms) == 3
+    for m, ms in zip(metrics, step_ms):
+        assert ms <= m["dt_ms"] < ms + 150, (m["dt_ms"], ms)  # 150 ms: half of what a slowed part adds
+        assert m["tokens_per_sec"] == pytest.approx(128 / m["dt_ms"] * 1000, rel=1e-6)
 
 
 def test_cli_runs_hellaswag_or_warns_when_its_data_is_missing(tmp_path):

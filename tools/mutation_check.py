@@ -1,0 +1,248 @@
+"""Do the tests catch the mistakes they are named after? Apply each deliberate mistake below to a
+scratch copy of the repository, one at a time, and run the tests that should catch it.
+
+    python tools/mutation_check.py                 # all mistakes; prints `caught NAME` or `missed NAME`
+    python tools/mutation_check.py --only nan_check_after_step lr_warmup_off_by_one
+    python tools/mutation_check.py --list          # names, files and tests, without running anything
+
+Before the mistakes, the chosen tests run once on the unchanged copy and must pass (a test that
+fails anyway catches nothing). Every mistake's original text must be present exactly once, so a
+refactor that moves the code makes this script fail loudly instead of checking a no-op. Exit status:
+0 when every mistake was caught, 1 when one was missed, 2 when the list no longer fits the code.
+Run on demand, not in CI: about 20 minutes on 2 cores."""
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMEOUT_S = 600  # per mistake; a hang counts as caught only through a test's own deadline
+
+
+@dataclass
+class Mutation:
+    name: str
+    path: str  # relative to the repository root
+    edits: list  # (original text, replacement) pairs, each original present exactly once
+    tests: list  # pytest node ids that must fail
+
+
+T = "tests/"
+MUTATIONS = [
+    # ---- the six that once passed every test
+    Mutation("loss_not_divided_before_backward", "train_gpt2.py",
+             [("        precision.scaler.scale(loss).backward()",
+               "        precision.scaler.scale(loss * run.grad_accum_steps).backward()")],
+             [T + "test_step.py::test_accumulated_gradient_equals_the_big_batch_gradient"]),
+    Mutation("nan_check_after_step", "train_gpt2.py",
+             [("    check_finite(result, precision)\n    precision.scaler.step(optimizer)  # optimizer.step(), skipped by fp16 on overflow\n    precision.scaler.update()\n",
+               "    precision.scaler.step(optimizer)\n    precision.scaler.update()\n    check_finite(result, precision)\n")],
+             [T + "test_step.py::test_nan_leaves_weights_and_optimizer_state_untouched"]),
+    Mutation("stop_acted_on_4_steps_late", "train_gpt2.py",
+             [("        stopping = result.stop or (not dist_ctx.ddp and stop.requested)\n",
+               "        late = locals().get('late', 0) + bool(result.stop or (not dist_ctx.ddp and stop.requested))\n"
+               "        stopping = late > 4\n")],
+             [T + "test_train.py::test_a_signal_stops_at_the_next_step_boundary_with_a_checkpoint"]),
+    Mutation("benchmark_times_warmup", "train_gpt2.py",
+             [('timed = train(run, dist_ctx, stop)["metrics"][BENCHMARK_WARMUP_STEPS:]',
+               'timed = train(run, dist_ctx, stop)["metrics"][:cfg.benchmark]')],
+             [T + "test_train.py::test_benchmark_median_excludes_the_warmup_steps"]),
+    Mutation("shuffled_epoch_drops_a_shard", "train_gpt2.py",
+             [("order = [int(i) for i in rng.permutation(order)]",
+               "order = [int(i) for i in rng.permutation(order)][1:]")],
+             [T + "test_dataloader.py::test_shuffled_training_covers_every_shard_and_token_each_epoch_and_resumes_exactly"]),
+    Mutation("samples_draw_from_the_global_rng", "gpt2lib/sampling.py",
+             [("choice = torch.multinomial(F.softmax(values, dim=-1), 1, generator=rng)",
+               "choice = torch.multinomial(F.softmax(values, dim=-1), 1)")],
+             [T + "test_step.py::test_training_draws_nothing_from_the_global_rng"]),
+    # ---- the three caught from the start
+    Mutation("sync_flag_after_forward", "train_gpt2.py",
+             [("            model.require_backward_grad_sync = last_micro_step\n"
+               "        with precision.autocast():\n            _, loss = model(x, y, loss_impl=cfg.loss_impl)\n",
+               "            pass\n        with precision.autocast():\n            _, loss = model(x, y, loss_impl=cfg.loss_impl)\n"
+               "        if run.dist_ctx.ddp:\n            model.require_backward_grad_sync = last_micro_step\n")],
+             [T + "test_train.py::test_gradients_are_all_reduced_once_per_optimizer_step"]),
+    Mutation("conv1d_not_transposed_on_hf_import", "gpt2lib/hf.py",
+             [("        tensor = hf[key].t() if key.endswith(CONV1D_SUFFIXES) else hf[key]",
+               "        tensor = hf[key]")],
+             [T + "test_model.py::test_from_pretrained_matches_huggingface"]),
+    Mutation("harness_acc_norm_per_token", "gpt2lib/hellaswag_scoring.py",
+             [("    norm_lengths = [[len(choice) for choice in four] for four in choices]",
+               "    norm_lengths = [[len(end) for end in ends] for ends in endings]")],
+             [T + "test_hellaswag.py::test_harness_normalizes_by_characters_not_tokens"]),
+    # ---- the training step and loop
+    Mutation("grad_clip_ignored", "train_gpt2.py",
+             [('grad_clip if grad_clip > 0 else float("inf")', 'float("inf")')],
+             [T + "test_step.py::test_grad_clip_bounds_the_gradient_the_optimizer_applies"]),
+    Mutation("lr_warmup_off_by_one", "train_gpt2.py",
+             [("        return cfg.lr * (step + 1) / cfg.warmup_steps", "        return cfg.lr * step / cfg.warmup_steps")],
+             [T + "test_train.py::test_lr_schedule"]),
+    Mutation("tokens_per_sec_counts_evals", "train_gpt2.py",
+             [("        last_step = step == cfg.max_steps\n",
+               "        last_step = step == cfg.max_steps\n        loop_started = time.perf_counter()\n"),
+              ("step_metrics.append(log_step(run, step, result, timer.seconds))",
+               "step_metrics.append(log_step(run, step, result, time.perf_counter() - loop_started))")],
+             [T + "test_train.py::test_tokens_per_second_counts_the_training_step_alone"]),
+    # ---- rank decisions
+    Mutation("val_loss_of_rank_0_only", "train_gpt2.py",
+             [("    mean_loss, failed = dist_ctx.mean(torch.stack([loss_sum / val_steps,",
+               "    mean_loss, failed = (lambda t: t)(torch.stack([loss_sum / val_steps,")],
+             [T + "test_train.py::test_two_ranks_match_one_rank_with_more_accumulation"]),
+    Mutation("follower_ignores_rank_0_failure", "gpt2lib/distributed.py",
+             [("        if reason is not None:\n            raise FollowerStop(reason) if not self.master_process else UserError(reason)\n",
+               "        if reason is not None and self.master_process:\n            raise UserError(reason)\n")],
+             [T + "test_long_runs.py::test_a_setting_rank_0_refuses_stops_every_rank"]),
+    Mutation("checkpoint_write_failure_on_rank_0_alone", "train_gpt2.py",
+             [("    path = ctx.decide(lambda: checkpoints.write_checkpoint(",
+               "    path = (lambda fn: fn() if ctx.master_process else None)(lambda: checkpoints.write_checkpoint(")],
+             [T + "test_long_runs.py::test_a_checkpoint_rank_0_cannot_write_stops_every_rank"]),
+    # ---- data
+    Mutation("loader_window_overlaps_the_next_rank", "train_gpt2.py",
+             [("self._stream_offset(self.position + self.process_rank * B * T), B * T + 1)",
+               "self._stream_offset(self.position + self.process_rank * (B * T - 1)), B * T + 1)")],
+             [T + "test_dataloader.py::test_ranks_cover_the_stream_once_without_overlap"]),
+    Mutation("shard_end_token_dropped", "train_gpt2.py",
+             [("            count = min(length - filled, self.shard_lengths[shard_index] - offset)",
+               "            count = min(length - filled, self.shard_lengths[shard_index] - 1 - offset)")],
+             [T + "test_dataloader.py::test_ranks_cover_the_stream_once_without_overlap"]),
+    Mutation("document_without_eot", "fineweb.py",
+             [("        parts.append(eot)\n", "")],
+             [T + "test_fineweb.py::test_tokenize_matches_encode_ordinary"]),
+    Mutation("fineweb_resume_point_one_token_off", "fineweb.py",
+             [("                flush(fill, first_doc, offset)", "                flush(fill, first_doc, offset + 1)")],
+             [T + "test_fineweb.py::test_two_worker_run_killed_mid_run_resumes_byte_identically"]),
+    Mutation("fineweb_vocabulary_check_dropped", "fineweb.py",
+             [("    if tokens.max() >= GPT2_VOCAB_SIZE:", "    if False:")],
+             [T + "test_fineweb.py::test_token_ids_beyond_gpt2_vocabulary_are_refused_before_writing"]),
+    # ---- checkpoints
+    Mutation("optimizer_state_not_restored", "train_gpt2.py",
+             [('    optimizer.load_state_dict(checkpoint["optimizer"])\n', "")],
+             [T + "test_train.py::test_resume_is_bitwise_identical_single_process"]),
+    Mutation("data_position_not_restored", "train_gpt2.py",
+             [('    train_loader.load_state_dict(checkpoint["loader"][dist_ctx.rank if same_world else 0])\n', "")],
+             [T + "test_train.py::test_resume_is_bitwise_identical_single_process"]),
+    Mutation("resume_picks_the_oldest_checkpoint", "gpt2lib/checkpoints.py",
+             [("for _, name in sorted(found, reverse=True)]", "for _, name in sorted(found)]")],
+             [T + "test_train.py::test_corrupt_newest_checkpoint_falls_back_to_previous"]),
+    Mutation("keep_last_keeps_one_too_few", "gpt2lib/checkpoints.py",
+             [("list_checkpoints(cfg.log_dir)[cfg.keep_last:]", "list_checkpoints(cfg.log_dir)[cfg.keep_last - 1:]")],
+             [T + "test_train.py::test_checkpoint_format_and_keep_last"]),
+    # ---- HF interchange
+    Mutation("export_keeps_the_vocabulary_padding", "gpt2lib/hf.py",
+             [("            tensor = tensor[:vocab]\n", "            tensor = tensor\n")],
+             [T + "test_model.py::test_padded_vocab_parity_and_export"]),
+    # ---- HellaSwag
+    Mutation("completion_acc_norm_per_character", "gpt2lib/hellaswag_scoring.py",
+             [('    return TokenizedExamples(ctx, endings, [int(ex["label"]) for ex in examples],\n'
+               '                             sources=[ex.get("_where") for ex in examples])\n',
+               '    return TokenizedExamples(ctx, endings, [int(ex["label"]) for ex in examples],\n'
+               '                             [[len(e) for e in ex["endings"]] for ex in examples],\n'
+               '                             sources=[ex.get("_where") for ex in examples])\n')],
+             [T + "test_hellaswag.py::test_acc_and_acc_norm_pick_different_endings"]),
+    Mutation("completion_ending_without_leading_space", "gpt2lib/hellaswag_scoring.py",
+             [('flat = enc.encode_ordinary_batch([" " + ending for ex in examples for ending in ex["endings"]])',
+               'flat = enc.encode_ordinary_batch([ending for ex in examples for ending in ex["endings"]])')],
+             [T + "test_hellaswag.py::test_acc_and_acc_norm_pick_different_endings"]),
+    # ---- precision
+    Mutation("compiled_run_drops_bf16_autocast", "train_gpt2.py",
+             [("        with precision.autocast():\n            _, loss = model(x, y, loss_impl=cfg.loss_impl)\n",
+               "        with (contextlib.nullcontext() if cfg.compile else precision.autocast()):\n"
+               "            _, loss = model(x, y, loss_impl=cfg.loss_impl)\n")],
+             [T + "test_long_runs.py::test_compiled_bf16_autocast_training_tracks_eager"]),
+]
+
+
+def scratch_copy(target):
+    """The repository's files as git lists them (tracked and untracked, not ignored) under target."""
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO,
+                            capture_output=True, check=True).stdout.decode().split("\0")
+    for rel in filter(None, listed):
+        source = os.path.join(REPO, rel)
+        if os.path.isfile(source):
+            os.makedirs(os.path.dirname(os.path.join(target, rel)), exist_ok=True)
+            shutil.copy2(source, os.path.join(target, rel))
+
+
+def check_fits(mutations):
+    """Each original text must occur exactly once in its file: else the mistake would be a no-op."""
+    problems = []
+    for m in mutations:
+        with open(os.path.join(REPO, m.path)) as f:
+            text = f.read()
+        for original, _ in m.edits:
+            if text.count(original) != 1:
+                problems.append(f"{m.name}: {m.path} holds its original text {text.count(original)} times, not once")
+    return problems
+
+
+def run_tests(copy, node_ids):
+    """(passed, seconds, output tail) of pytest -x -q on node_ids in the scratch copy."""
+    env = {**os.environ, "PYTHONPATH": copy, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    started = time.time()
+    try:
+        result = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:warnings", "-p", "no:cacheprovider",
+                                 *node_ids], cwd=copy, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+        passed, output = result.returncode == 0, result.stdout + result.stderr
+    except subprocess.TimeoutExpired:
+        passed, output = False, f"timed out after {TIMEOUT_S} s"
+    return passed, time.time() - started, output[-2000:]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="these mistakes only")
+    parser.add_argument("--list", action="store_true", help="list the mistakes and their tests, then exit")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the run of the tests on the unchanged copy")
+    args = parser.parse_args(argv)
+    chosen = [m for m in MUTATIONS if not args.only or m.name in args.only]
+    unknown = set(args.only or ()) - {m.name for m in MUTATIONS}
+    if unknown:
+        sys.exit(f"error: unknown mistake(s) {', '.join(sorted(unknown))}: see --list")
+    if args.list:
+        for m in chosen:
+            print(f"{m.name}: {m.path} -> {' '.join(m.tests)}")
+        return 0
+    problems = check_fits(chosen)
+    if problems:
+        print("\n".join("error: " + p for p in problems), file=sys.stderr)
+        return 2
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="mutation_check_") as copy:
+        scratch_copy(copy)
+        if not args.no_baseline:
+            node_ids = list(dict.fromkeys(t for m in chosen for t in m.tests))
+            passed, seconds, output = run_tests(copy, node_ids)
+            if not passed:
+                print(f"error: the tests fail without any mistake ({seconds:.0f} s):\n{output}", file=sys.stderr)
+                return 2
+            print(f"baseline: {len(node_ids)} tests pass on the unchanged code ({seconds:.0f} s)", flush=True)
+        missed = []
+        for m in chosen:
+            path = os.path.join(copy, m.path)
+            with open(path) as f:
+                original = f.read()
+            mutated = original
+            for old, new in m.edits:
+                mutated = mutated.replace(old, new)
+            with open(path, "w") as f:
+                f.write(mutated)
+            try:
+                passed, seconds, output = run_tests(copy, m.tests)
+            finally:
+                with open(path, "w") as f:
+                    f.write(original)
+            print(f"{'missed' if passed else 'caught'} {m.name} ({seconds:.0f} s)", flush=True)
+            if passed:
+                missed.append(m.name)
+    minutes = (time.time() - started) / 60
+    print(f"{len(chosen) - len(missed)}/{len(chosen)} caught in {minutes:.1f} min")
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
