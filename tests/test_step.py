@@ -28,7 +28,7 @@ def make_run(model, data_dir, B, accum, ctx, grad_clip=0.0):
     cfg = TrainConfig(lr=1e-3, warmup_steps=0, max_steps=10, grad_clip=grad_clip, loss_impl="chunked")
     return SimpleNamespace(model=model, optimizer=configure_optimizer(raw, 0.1, cfg.lr, "cpu"), cfg=cfg,
                            precision=train_gpt2.Precision("fp32", torch.device("cpu")), train_loader=loader,
-                           grad_accum_steps=accum, dist_ctx=ctx)
+                           grad_accum_steps=accum, dist_ctx=ctx, log=SimpleNamespace(failure=None))
 
 
 def fresh_model():

@@ -70,13 +70,14 @@ def wandb_records(path):
 
 
 def wandb_run(run_dir):
-    """(run id, {summary key: last value}) of one W&B offline run directory."""
+    """(run id, {summary key: last value}) of one W&B offline run directory. The id is the end of the
+    directory's name (offline-run-DATE_TIME-ID): a SIGKILLed process may not have flushed its run record."""
     [path] = glob.glob(os.path.join(run_dir, "run-*.wandb"))
-    run_id, summary = None, {}
+    run_id, summary = os.path.basename(run_dir).rsplit("-", 1)[1], {}
     for record in wandb_records(path):
         kind = record.WhichOneof("record_type")
         if kind == "run":
-            run_id = record.run.run_id
+            assert record.run.run_id == run_id, (record.run.run_id, run_dir)
         elif kind == "summary":
             for item in record.summary.update:
                 summary["/".join(item.nested_key) or item.key] = json.loads(item.value_json)
