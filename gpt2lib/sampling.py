@@ -146,6 +146,8 @@ def fsdp_managed(model):
 
 
 def sample_tokens(model, prompts, max_new_tokens, top_k, temperature, rng, pad_id, device):
+    """sample()'s loop: prefill the cache with the prompts, then one token per step; `out` holds
+    every row's tokens, left-padded, (B, width + max_new_tokens)."""
     tokens, pad = left_pad(prompts, pad_id, device)
     B, width = tokens.shape
     block = model.config.block_size
