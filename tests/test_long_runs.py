@@ -386,6 +386,15 @@ def test_a_setting_rank_0_refuses_stops_every_rank(tmp_path):
     outcome = sorted(results.get() for _ in range(2))
     message = f"checkpoint {tmp_path / 'missing.pt'} does not exist on any node"
     assert outcome == [(0, "UserError", message), (1, "FollowerStop", message)]
+    # a checkpoint that exists but that rank 0, which reads it, refuses (another model): the refusal
+    # reaches the other rank through DistContext.decide
+    data_dir = str(tmp_path / "data")
+    train(tiny_config(data_dir, str(tmp_path / "d1"), max_steps=1, eval_every=0, checkpoint_every=1), DistContext())
+    refused = tiny_config(data_dir, str(tmp_path / "log"), model="d2", resume=str(tmp_path / "d1" / "model_00001.pt"))
+    mp.spawn(refused_resume_worker, args=(2, free_port(), refused, results), nprocs=2)
+    outcome = sorted(results.get() for _ in range(2))
+    assert [(rank, kind) for rank, kind, _ in outcome] == [(0, "UserError"), (1, "FollowerStop")], outcome
+    assert outcome[0][2] == outcome[1][2] and "differs from --model's" in outcome[0][2]
 
 
 def failed_write_worker(rank, world_size, port, cfg, results):
