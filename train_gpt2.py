@@ -21,7 +21,6 @@ import re
 import signal
 import sys
 import tempfile
-import time
 import uuid
 from dataclasses import asdict, dataclass, fields, replace
 
@@ -32,19 +31,28 @@ from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
-from gpt2lib import checkpoints, hf, parallel, resume, rundir, sampling, tracking
-from gpt2lib.common import (DTYPES, GPT2_EOT, GPT2_VOCAB_SIZE, Precision, UserError, canonical_dtype,
-                            check_model_shape, get_encoding, one_line, pick_device, resolve_dtype)
-from gpt2lib.distributed import DistContext, FollowerStop, setup_distributed
-from gpt2lib.hellaswag_data import load_examples
-from gpt2lib.hellaswag_scoring import check_fits, evaluate as hellaswag_counts, tokenize_examples
+from gpt2lib import checkpoints, hf, parallel, resume, rundir, tracking
+from gpt2lib.checkpoints import finish_save, save
+from gpt2lib.common import (DTYPES, GPT2_EOT, GPT2_VOCAB_SIZE, Precision, UserError, canonical_dtype, check_model_shape,
+                            get_encoding, one_line, pick_device, raise_failure, resolve_dtype)
+from gpt2lib.distributed import DistContext, FollowerStop, StopRequest, setup_distributed
+from gpt2lib.evals import StepTimer, log_step, report_benchmark, run_evals
+from gpt2lib.flags import FLAG_HELP
 from gpt2lib.losses import LOSS_IMPLS, chunked_cross_entropy
-from gpt2lib.metrics import flops_per_token, gpu_peak_flops
+from gpt2lib.metrics import gpu_peak_flops
+from gpt2lib.parallel import wrap_model
+from gpt2lib.sampling import generate, sample_and_print
 from gpt2lib.shards import ShardFile, find_shards
+from gpt2lib.start import (Run, Start, agree_on_start, check_model_flag, check_resumable, check_shared_log_dir,
+                           cooldown_start, load_hellaswag, make_loaders, print_schedule, restore, schedule_config,
+                           shape_text)
+
+# what users' code imports from this script; generate, get_encoding, GPT2_EOT and DistContext live in gpt2lib
+__all__ = ["GPT", "GPTConfig", "DataLoaderLite", "TrainConfig", "DistContext", "config_for", "generate",
+           "get_encoding", "GPT2_EOT", "train", "main"]
 
 # -----------------------------------------------------------------------------
 # config
-
 
 @dataclass
 class GPTConfig:
@@ -81,6 +89,11 @@ def config_for(name, **overrides):
     else:
         raise UserError(f"unknown model '{name}': use one of {', '.join(OPENAI_SIZES)} or dN (e.g. d12)")
     return GPTConfig(**{**shape, **overrides})
+
+
+def model_config(name, **fields_):
+    """GPTConfig's fields as a dict: of a config_for name, or of the fields given (defaults filled) when name is None."""
+    return asdict(config_for(name, **fields_) if name else GPTConfig(**fields_))
 
 
 # -----------------------------------------------------------------------------
@@ -296,27 +309,6 @@ def checkpoint_layout(config):
     optimizer = configure_optimizer(model, 0.0, 1.0, "meta")
     return ({key: tuple(t.shape) for key, t in model.state_dict().items()},
             [tuple(p.shape) for group in optimizer.param_groups for p in group["params"]])
-
-
-# -----------------------------------------------------------------------------
-# sampling
-
-def generate(model, prompt, max_new_tokens, num_samples=1, top_k=50, temperature=1.0, seed=42, device=None):
-    """Sample continuations of `prompt` (text, or a list of texts of any lengths); returns num_samples
-    strings per prompt, prompt included (a list of prompts: all samples of the first, then the next).
-    top_k 0 or None samples from the whole vocabulary, 1 is greedy. Deterministic for a given seed: a
-    private generator leaves the global RNG (training) untouched. With a KV cache (gpt2lib/sampling.py);
-    a row's greedy text is that of its prompt alone, and past block_size the context is cropped."""
-    enc = get_encoding()
-    if device is None:
-        device = next(model.parameters()).device
-    texts = [prompt] if isinstance(prompt, str) else list(prompt)
-    encoded = [enc.encode(text, allowed_special={"<|endoftext|>"}) or [GPT2_EOT] for text in texts]
-    rows = [ids for ids in encoded for _ in range(num_samples)]
-    rng = torch.Generator(device=device).manual_seed(seed)
-    out = sampling.sample(model, rows, max_new_tokens, top_k=top_k, temperature=temperature, rng=rng,
-                          pad_id=GPT2_EOT, device=device)
-    return [enc.decode(ids) for ids in out]
 
 
 # -----------------------------------------------------------------------------
@@ -600,38 +592,6 @@ def get_lr(step, cfg):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - min_lr)
 
 
-def cooldown_start(max_steps, cooldown_steps):
-    """The first step of wsd's cooldown; --cooldown-steps 0 means 20% of --max-steps."""
-    return max_steps - (cooldown_steps or max_steps // 5)
-
-
-def schedule_config(cfg, checkpoint):
-    """cfg with the wsd cooldown fixed, so that the lr of the steps a resumed checkpoint already
-    trained never changes. A checkpoint of the stable phase continues it under a larger --max-steps,
-    and under a smaller one the cooldown starts at the checkpoint at the earliest. A checkpoint
-    already in its cooldown keeps that cooldown: another --max-steps is refused."""
-    if cfg.eval_only:  # no step is trained
-        return cfg
-    past = (checkpoint or {}).get("train_config") or {}
-    if checkpoint is not None and past.get("lr_schedule", "cosine") != cfg.lr_schedule:
-        raise UserError(f"the checkpoint at step {checkpoint['step']} was trained with --lr-schedule "
-                        f"{past.get('lr_schedule', 'cosine')}, not {cfg.lr_schedule}: pass the same --lr-schedule, "
-                        "or --resume none")
-    if cfg.lr_schedule != "wsd":
-        return cfg
-    start = cooldown_start(cfg.max_steps, cfg.cooldown_steps)
-    if checkpoint is not None:
-        step, past_start = checkpoint["step"], cooldown_start(past["max_steps"], past["cooldown_steps"])
-        if step <= past_start:
-            start = max(start, step)
-        elif cfg.max_steps != past["max_steps"]:
-            raise UserError(f"the checkpoint at step {step} is in the cooldown that started at step {past_start}: "
-                            f"resume it with --max-steps {past['max_steps']}, or resume a checkpoint of the stable phase")
-        else:  # the cooldown under way goes on as it started, whatever --cooldown-steps says now
-            start = past_start
-    return replace(cfg, cooldown_steps=cfg.max_steps - start)
-
-
 def configure_optimizer(model, weight_decay, lr, device_type):
     """AdamW with weight decay on matrices and embeddings only (not on biases and LayerNorm gains)."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -717,12 +677,6 @@ def share_step_outcome(loss, norm, lr, stop_requested, failed, dist_ctx):
     return StepResult(mean_loss, norm, lr, stops > 0, failures > 0)
 
 
-def raise_failure(message):
-    """Raise a rank's failure (a UserError message, or None for none) inside DistContext.on_every_rank."""
-    if message:
-        raise UserError(message)
-
-
 def check_finite(result, precision):
     """Stop before stepping on a non-finite loss or gradient norm. With fp16 an overflowing
     gradient is routine: the scaler skips that step and lowers its scale, so only the loss counts."""
@@ -784,115 +738,6 @@ def due(every, step, last_step):
     return every > 0 and (step % every == 0 or last_step)
 
 
-class StopRequest:
-    """Set by SIGTERM/SIGINT/SIGHUP: the loop finishes its step, writes a checkpoint and exits cleanly."""
-
-    def __init__(self):
-        self.requested = False
-
-    def __call__(self, signum, frame):
-        self.requested = True
-
-
-class StepTimer:
-    """Wall time of the block it wraps, waiting for the GPU's queued work; resets CUDA's peak memory."""
-
-    def __init__(self, device):
-        self.device, self.seconds = device, None
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        self.t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.seconds = time.perf_counter() - self.t0
-
-
-def log_step(run, step, result, seconds):
-    """Print (rank 0) and log a step's numbers; returns them as metrics.jsonl has them."""
-    cfg, device = run.cfg, run.dist_ctx.device
-    count_step_outcome(run.counts, result.norm, cfg.grad_clip, run.precision.scaler.is_enabled())
-    metrics = {"lr": result.lr, "norm": result.norm, "dt_ms": seconds * 1000,
-               "tokens_per_sec": cfg.total_batch_size / seconds, **run.counts}
-    line = (f"step {step:5d} | loss {result.loss:.6f} | lr {result.lr:.4e} | norm {result.norm:.4f} | "
-            f"dt {seconds * 1000:.2f}ms | tok/sec {metrics['tokens_per_sec']:.0f}")
-    if run.gpu_peak_flops:
-        step_flops = flops_per_token(run.raw_model.config, cfg.seq_len) * cfg.total_batch_size
-        metrics["mfu"] = step_flops / seconds / run.dist_ctx.world_size / run.gpu_peak_flops
-        line += f" | mfu {metrics['mfu'] * 100:.1f}%"
-    if device.type == "cuda":
-        metrics["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-        line += f" | mem {metrics['peak_mem_gib']:.1f}GiB"
-    if run.dist_ctx.master_process:
-        print(line)
-    run.log.write(step, "train", result.loss, **metrics)
-    return metrics
-
-
-def count_step_outcome(counts, norm, grad_clip, fp16):
-    """Add a step to the run's counts: clipped (the norm exceeded --grad-clip) or, with fp16, skipped
-    (an overflow: the scaler skipped the update)."""
-    skipped = fp16 and not math.isfinite(norm)
-    counts["skipped_steps"] = counts.get("skipped_steps", 0) + int(skipped)
-    counts["clipped_steps"] = counts.get("clipped_steps", 0) + int(not skipped and 0 < grad_clip < norm)
-
-
-@torch.no_grad()
-def evaluate_val_loss(model, val_loader, val_steps, precision, dist_ctx, loss_impl="chunked"):
-    """Mean loss over the first val_steps batches of the val split, averaged over all ranks."""
-    model.eval()
-    val_loader.reset()
-    loss_sum = torch.zeros((), device=dist_ctx.device)
-    failure = None  # a val shard that changed: every rank goes through the same collectives, then stops
-    for _ in range(val_steps):
-        try:
-            x, y = val_loader.next_batch()
-        except UserError as e:
-            failure = failure or str(e)
-            x = y = torch.zeros((val_loader.B, val_loader.T), dtype=torch.long, device=dist_ctx.device)
-        with precision.autocast():
-            _, loss = model(x, y, loss_impl=loss_impl)
-        loss_sum += loss.float()
-    model.train()
-    mean_loss, failed = dist_ctx.mean(torch.stack([loss_sum / val_steps, torch.tensor(float(failure is not None),
-                                                                                       device=dist_ctx.device)]))
-    if failed > 0:
-        dist_ctx.on_every_rank(lambda: raise_failure(failure))
-    return mean_loss
-
-
-@torch.no_grad()
-def evaluate_hellaswag(raw_model, examples, precision, dist_ctx):
-    """acc_norm over all of HellaSwag's val split, examples divided among the ranks. Runs on the
-    uncompiled module (sharing weights with the compiled one), so new shapes never recompile."""
-    raw_model.eval()
-    with parallel.full_weights(raw_model):  # with --fsdp: the ranks' shares differ in size
-        counts = hellaswag_counts(raw_model, examples, dist_ctx.device, rank=dist_ctx.rank,
-                                  world_size=dist_ctx.world_size, autocast_dtype=precision.dtype)
-    raw_model.train()
-    n, correct, correct_norm = dist_ctx.sum(counts.to(torch.float64)).tolist()
-    return {"n": int(n), "acc": correct / n, "acc_norm": correct_norm / n}
-
-
-def run_evals(run, step):
-    """Val loss (through the training module: same shapes, no recompile) and HellaSwag."""
-    master = run.dist_ctx.master_process
-    run.val_loss = evaluate_val_loss(run.model, run.val_loader, run.cfg.val_steps, run.precision, run.dist_ctx,
-                                     run.cfg.loss_impl).item()
-    if master:
-        print(f"step {step:5d} | val loss {run.val_loss:.4f}")
-    run.log.write(step, "val", run.val_loss)
-    if run.hella_examples is not None:
-        hella = evaluate_hellaswag(run.raw_model, run.hella_examples, run.precision, run.dist_ctx)
-        if master:
-            print(f"step {step:5d} | HellaSwag acc_norm {hella['acc_norm']:.4f} ({hella['n']} examples)")
-        run.log.write(step, "hella", hella["acc_norm"], acc=hella["acc"], n=hella["n"])
-
-
 def print_samples(run, step):
     """Rank 0 samples; with --fsdp every rank takes part in gathering the full weights it samples from."""
     master = run.dist_ctx.master_process
@@ -900,107 +745,14 @@ def print_samples(run, step):
         return
     run.raw_model.eval()
     with parallel.full_weights(run.raw_model), run.precision.autocast():
-        texts = generate(run.raw_model, run.cfg.sample_prompt, run.cfg.max_new_tokens, run.cfg.num_samples,
-                         run.cfg.top_k, run.cfg.temperature, seed=run.cfg.seed + step) if master else []
-    for text in texts:
-        print(f"sample: {text!r}")
-    if master:
-        run.log.write_samples(step, run.cfg.sample_prompt, texts)
+        if master:
+            texts = sample_and_print(run.raw_model, run.cfg.sample_prompt, run.cfg, run.cfg.seed + step)
+            run.log.write_samples(step, run.cfg.sample_prompt, texts)
     run.raw_model.train()
-
-
-def save(step, run):
-    """Gather every rank's data position and RNG state; rank 0 writes the checkpoint (with --fsdp every
-    rank writes its shards, rank 0 the rest), and every rank learns whether it could (a full disk stops
-    all ranks, not just rank 0)."""
-    ctx, cfg = run.dist_ctx, run.cfg
-    loader_states = ctx.gather_objects(run.train_loader.state_dict())
-    rng_states = ctx.gather_objects(checkpoints.rng_state(ctx.device))
-    if cfg.fsdp:
-        finish_save(run)  # one in flight (--async-checkpoint) completes first
-        partial = ctx.decide(lambda: checkpoints.begin_sharded_checkpoint(cfg.log_dir, step))
-        written = ctx.on_every_rank(lambda: checkpoints.write_shards(partial, run.raw_model, run.optimizer,
-                                                                      run.save_group))
-        val_loss = run.val_loss
-        run.pending_save = (partial, written, lambda: checkpoints.finish_sharded_checkpoint(
-            partial, step, run.raw_model.config, run.precision, cfg, val_loss, loader_states, rng_states, run.run_id,
-            dict(run.counts)))
-        if not cfg.async_checkpoint:
-            finish_save(run)
-        return
-    path = ctx.decide(lambda: checkpoints.write_checkpoint(
-        step, run.raw_model, run.optimizer, run.precision, cfg, run.val_loss, loader_states, rng_states,
-        run.run_id, run.counts))
-    if ctx.master_process:
-        print(f"step {step:5d} | saved {path}")
-
-
-def finish_save(run):
-    """Complete the sharded checkpoint being written, if any: every rank's shards written, then rank 0
-    adds the rest and renames it into place."""
-    if run.pending_save is None:
-        return
-    (partial, written, complete), run.pending_save = run.pending_save, None
-    run.dist_ctx.on_every_rank(lambda: checkpoints.wait_for_shards(written, partial))
-    path = run.dist_ctx.decide(complete)
-    if run.dist_ctx.master_process:
-        print(f"step {checkpoints.checkpoint_step(path):5d} | saved {path}")
 
 
 # -----------------------------------------------------------------------------
 # setting up a run: data, the start rank 0 chooses, model, optimizer, logs
-
-@dataclass
-class Run:
-    """Everything a training run holds. `model` is what trains: compiled and DDP-wrapped as
-    configured; `raw_model` is the same parameters without wrappers, for evals with new shapes,
-    sampling and checkpoints (so they never recompile and never see key prefixes)."""
-    cfg: TrainConfig
-    dist_ctx: DistContext
-    raw_model: GPT
-    model: nn.Module
-    optimizer: torch.optim.Optimizer | None  # None with --eval-only
-    precision: Precision
-    train_loader: DataLoaderLite | None  # None with --eval-only
-    val_loader: DataLoaderLite | None
-    hella_examples: object  # gpt2lib.hellaswag_scoring.TokenizedExamples, or None when HellaSwag is off
-    log: checkpoints.RunLog
-    grad_accum_steps: int
-    gpu_peak_flops: float | None  # for MFU; None off CUDA or on an unknown GPU
-    start_step: int
-    val_loss: float | None
-    run_id: str
-    counts: dict  # clipped_steps and skipped_steps so far, kept in checkpoints
-    save_group: object = None  # --async-checkpoint: the process group its background writes use
-    pending_save: tuple | None = None  # (partial directory, Future or None, completion): see save
-
-
-def make_loaders(cfg, dist_ctx):
-    """This rank's train and val loaders. Every rank reads its own --data-dir (nodes need not share
-    a filesystem), so all ranks check that they see the same shards as rank 0."""
-    loader_args = dict(B=cfg.batch_size, T=cfg.seq_len, process_rank=dist_ctx.rank,
-                       num_processes=dist_ctx.world_size, data_root=cfg.data_dir, device=dist_ctx.device)
-
-    def open_loaders():
-        train_loader = None if cfg.eval_only else \
-            DataLoaderLite(split="train", shuffle_seed=cfg.seed if cfg.shuffle else None,
-                           block_tokens=cfg.total_batch_size if cfg.shuffle else None, **loader_args)
-        val_loader = DataLoaderLite(split="val", **loader_args) if cfg.eval_every or cfg.eval_only else None
-        return train_loader, val_loader
-
-    train_loader, val_loader = dist_ctx.on_every_rank(open_loaders)
-    seen = [([os.path.basename(p) for p in loader.shards], loader.shard_lengths)
-            for loader in (train_loader, val_loader) if loader is not None]
-    rank0_seen = dist_ctx.gather_objects(seen)[0]
-
-    def check_same_shards():
-        if seen != rank0_seen:
-            raise UserError(f"the shards in {cfg.data_dir} differ from rank 0's (names or lengths): "
-                            "give every node the same data")
-
-    dist_ctx.on_every_rank(check_same_shards)
-    return train_loader, val_loader
-
 
 def setup_model(start, cfg, dist_ctx, precision):
     """The model in training mode on this rank's device, the same initial weights on every rank:
@@ -1015,23 +767,8 @@ def setup_model(start, cfg, dist_ctx, precision):
     model.set_recompute(cfg.recompute)
     model = model.to(dist_ctx.device)
     if cfg.fsdp:
-        if precision.name == "fp16":
-            raise UserError("--fsdp trains in bf16 or fp32, not fp16 (its loss scaler is not sharded): "
-                            "pass --dtype bf16 or --dtype fp32")
-        compute_dtype = precision.dtype if dist_ctx.device.type == "cuda" and precision.name == "bf16" else None
-        parallel.shard_model(model, dist_ctx.device, param_dtype=compute_dtype)
+        parallel.shard_for_training(model, precision, dist_ctx.device)
     return model
-
-
-def wrap_model(raw_model, cfg, dist_ctx):
-    """What trains: compiled (on CUDA unless --no-compile), then DDP-wrapped under torchrun (unless
-    --fsdp sharded it: see setup_model)."""
-    use_compile = cfg.compile if cfg.compile is not None else dist_ctx.device.type == "cuda"
-    model = torch.compile(raw_model) if use_compile else raw_model
-    if dist_ctx.ddp and not cfg.fsdp:
-        device_ids = [dist_ctx.local_rank] if dist_ctx.device.type == "cuda" else None
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-    return model, use_compile
 
 
 def setup_run(cfg, dist_ctx):
@@ -1042,8 +779,8 @@ def setup_run(cfg, dist_ctx):
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left outside autocast
         torch.backends.cudnn.allow_tf32 = True
     precision = Precision(resolve_dtype(cfg.dtype, device), device)
-    train_loader, val_loader = make_loaders(cfg, dist_ctx)
-    start = agree_on_start(cfg, dist_ctx)
+    train_loader, val_loader = make_loaders(cfg, dist_ctx, DataLoaderLite)
+    start = agree_on_start(cfg, dist_ctx, lambda holder: choose_start(cfg, holder), checkpoint_layout)
     if cfg.fsdp and not cfg.eval_only:
         check_shared_log_dir(cfg.log_dir, dist_ctx)
     raw_model = setup_model(start, cfg, dist_ctx, precision)
@@ -1070,10 +807,7 @@ def setup_run(cfg, dist_ctx):
               f"on {device.type} | {precision.name} | compile {use_compile} | grad accum {grad_accum_steps} | {how}"
               f"{' | fsdp' if cfg.fsdp else ''}{' | recompute' if cfg.recompute else ''}"
               f"{' | eval only' if cfg.eval_only else ''}")
-        if cfg.lr_schedule == "wsd" and not cfg.eval_only:
-            print(f"lr schedule wsd: warmup {cfg.warmup_steps} steps, lr {cfg.lr:g} until step "
-                  f"{cfg.max_steps - cfg.cooldown_steps}, {cfg.cooldown_shape} cooldown to {cfg.lr * cfg.min_lr_ratio:g} "
-                  f"at step {cfg.max_steps}")
+        print_schedule(cfg)
     trackers = tracking.Tracking.open(cfg.log_dir, start_step, cfg.wandb, cfg.wandb_name, cfg.tensorboard,
                                       asdict(cfg)) if master else None
     # background writes collect on a gloo group of their own, never interleaved with training's collectives
@@ -1084,23 +818,6 @@ def setup_run(cfg, dist_ctx):
 
 
 # ---- how a run starts: a seeded init, --init-from's weights, or a checkpoint of this run to resume
-
-@dataclass
-class Start:
-    """What a run starts from, decided on one rank and sent to every rank by DistContext.decide."""
-    config: dict  # GPTConfig's fields
-    checkpoint: dict | None  # the checkpoint of this run to resume, or None
-    weights: dict | None  # --init-from's state_dict, or None: a seeded init (or the checkpoint's weights)
-    run_id: str  # the same for every checkpoint of a run, across resumes
-    logs: dict | None = None  # the run log, when the checkpoint comes from another node than rank 0's
-
-
-SHAPE_FIELDS = ("n_layer", "n_head", "n_embd")
-
-
-def shape_text(config):
-    return f"{config['n_layer']} layers, {config['n_head']} heads, width {config['n_embd']}"
-
 
 def model_name(cfg):
     """The model as the command line names it: --init-from's source, else --model (gpt2 by default)."""
@@ -1126,58 +843,18 @@ def load_init_source(source, vocab_multiple):
     return model
 
 
-def check_model_flag(config, source, cfg):
-    """An explicit --model must have the shape of the model that `source` brings."""
-    if not cfg.model:
-        return
-    wanted = asdict(config_for(cfg.model))
-    if any(wanted[k] != config[k] for k in SHAPE_FIELDS):
-        raise UserError(f"--model {cfg.model} ({shape_text(wanted)}) conflicts with {source} ({shape_text(config)}): "
-                        f"leave --model out, the shape comes from {source}")
-
-
-def same_source(a, b):
-    return os.path.normpath(a) == os.path.normpath(b) if a and b else a == b
-
-
-def origin_text(init_from):
-    return f"--init-from {init_from}" if init_from else "scratch (no --init-from)"
-
-
-def check_resumable(path, checkpoint, cfg):
-    """Resume only a checkpoint of this run: one started from the same --init-from (or from scratch),
-    with the same model."""
-    started_from = (checkpoint.get("train_config") or {}).get("init_from", "")
-    if not same_source(started_from, cfg.init_from):
-        raise UserError(f"{path} is a run started from {origin_text(started_from)}, not from "
-                        f"{origin_text(cfg.init_from)}: pass the same --init-from, another --log-dir, or --resume none")
-    schedule_config(cfg, checkpoint)
-    config = asdict(GPTConfig(**checkpoint["config"]))
-    if not cfg.init_from:
-        expected = asdict(config_for(cfg.model or DEFAULT_MODEL, vocab_multiple=cfg.vocab_multiple))
-        if config != expected:
-            raise UserError(f"the checkpoint's model {config} differs from --model's {expected}: "
-                            "pass the same --model and --vocab-multiple, or --resume none")
-        return config
-    check_model_flag(config, path, cfg)
-    if config["vocab_multiple"] != cfg.vocab_multiple:
-        raise UserError(f"{path} pads its vocabulary to a multiple of {config['vocab_multiple']}, not "
-                        f"{cfg.vocab_multiple}: pass the same --vocab-multiple, or --resume none")
-    return config
-
-
 def choose_start(cfg, holder):
     """On the rank that holds the checkpoint to resume (rank 0 when there is none): the Start.
     A checkpoint of this run takes precedence over --init-from: a preempted fine-tune continues."""
     if holder is not None:
         path, checkpoint = holder.path, holder.checkpoint
-        config, weights, source = check_resumable(path, checkpoint, cfg), None, path
+        config, weights, source = check_resumable(path, checkpoint, cfg, model_config, DEFAULT_MODEL), None, path
         if cfg.init_from:
             print(f"resuming {path}, a run started from --init-from {cfg.init_from}, which is not loaded again")
     elif cfg.init_from:
         checkpoint, model = None, load_init_source(cfg.init_from, cfg.vocab_multiple)
         config, weights, source = asdict(model.config), model.state_dict(), f"--init-from {cfg.init_from}"
-        check_model_flag(config, source, cfg)
+        check_model_flag(config, source, cfg, model_config)
     else:
         checkpoint, weights = None, None
         config = asdict(config_for(cfg.model or DEFAULT_MODEL, vocab_multiple=cfg.vocab_multiple))
@@ -1187,69 +864,6 @@ def choose_start(cfg, holder):
     run_id = (checkpoint or {}).get("run_id") or uuid.uuid4().hex  # checkpoints from before run ids get one
     moved = holder is not None and holder.rank != 0
     return Start(config, checkpoint, weights, run_id, resume.read_logs(cfg.log_dir) if moved else None)
-
-
-def agree_on_start(cfg, dist_ctx):
-    """Every node reports its newest checkpoint; the newest of all is read by the rank that holds it
-    and sent to every rank (resume.find_holder). Then rank 0, which writes checkpoints and logs from
-    now on, sets its log dir up, with the holder's logs when the checkpoint came from another node."""
-    holder = resume.find_holder(cfg.resume, cfg.log_dir, checkpoint_layout, dist_ctx)
-    start = dist_ctx.decide(lambda: choose_start(cfg, holder), src=holder.rank if holder else 0)
-    resume_step = start.checkpoint["step"] if start.checkpoint else None
-    if holder is not None and holder.rank != 0 and dist_ctx.master_process:
-        print(f"resuming from another node: {holder.host} (rank {holder.rank}) holds the newest checkpoint, "
-              f"{holder.path} at step {resume_step}; its logs continue in this node's {cfg.log_dir}")
-    here = holder.path if holder is not None and holder.rank == 0 else None
-    dist_ctx.decide(lambda: checkpoints.prepare_run_dir(cfg.log_dir, here, resume_step, start.logs))
-    return start
-
-
-def restore(checkpoint, raw_model, optimizer, precision, train_loader, dist_ctx):
-    """Load a checkpoint's model into this process and, when it trains (an optimizer is given), its
-    optimizer, loss scale, data position and RNG. Sharded or not, a checkpoint loads into a model
-    sharded by --fsdp or not, at any world size."""
-    if "sharded" in checkpoint:  # a directory: every rank reads its part
-        checkpoints.load_sharded(checkpoint["sharded"], raw_model, optimizer)
-    elif parallel.is_sharded(raw_model):  # a .pt under --fsdp: every rank keeps its shard of the full state
-        parallel.load_full_state(raw_model, optimizer, checkpoint["model"], checkpoint["optimizer"])
-    else:
-        raw_model.load_state_dict(checkpoint["model"])
-        if optimizer is not None:
-            optimizer.load_state_dict(checkpoint["optimizer"])
-    if optimizer is None:  # --eval-only
-        return checkpoint["step"]
-    if checkpoint.get("scaler"):
-        precision.scaler.load_state_dict(checkpoint["scaler"])
-    # every rank's state is stored; with another world size the (global) data position still holds
-    same_world = len(checkpoint["loader"]) == dist_ctx.world_size
-    train_loader.load_state_dict(checkpoint["loader"][dist_ctx.rank if same_world else 0])
-    checkpoints.set_rng_state(checkpoint["rng"][dist_ctx.rank if same_world else 0], dist_ctx.device)
-    return checkpoint["step"]
-
-
-def check_shared_log_dir(log_dir, dist_ctx):
-    """Every rank writes its shards of a --fsdp checkpoint into log_dir: all ranks must see the same
-    directory. Said at start, on every rank, rather than found out at the first resume."""
-    probe = dist_ctx.decide(lambda: checkpoints.write_probe(log_dir))
-    blind = [rank for rank, seen in enumerate(dist_ctx.gather_objects(os.path.exists(probe))) if not seen]
-    dist_ctx.decide(lambda: os.remove(probe))
-    if blind:
-        message = (f"--fsdp: rank(s) {', '.join(map(str, blind))} do not see --log-dir {log_dir} as rank 0 does: "
-                   "sharded checkpoints need a log dir on a filesystem every node shares (or train without --fsdp)")
-        raise UserError(message) if dist_ctx.master_process else FollowerStop(message)
-
-
-def load_hellaswag(data_path, context_length):
-    """Tokenized HellaSwag val examples, or None (with a warning) when the data is unavailable or
-    holds a row longer than the model's context. Runs on rank 0 only: one download, and the
-    examples are sent to the other ranks."""
-    try:
-        examples = tokenize_examples(load_examples("val", data_path=data_path))
-        check_fits(examples, context_length)
-        return examples
-    except UserError as e:
-        print(f"warning: HellaSwag eval is off: {e}")
-        return None
 
 
 # -----------------------------------------------------------------------------
@@ -1269,20 +883,7 @@ def benchmark(cfg, dist_ctx, stop=None):
                       eval_every=0, sample_every=0, checkpoint_every=0, hellaswag=False, resume="none",
                       wandb="", tensorboard=False)
         timed = train(run, dist_ctx, stop)["metrics"][BENCHMARK_WARMUP_STEPS:]
-    if not timed:
-        return None
-    median = {key: float(np.median([m[key] for m in timed])) for key in timed[0] if key != "peak_mem_gib"}
-    if "peak_mem_gib" in timed[0]:
-        median["peak_mem_gib"] = max(m["peak_mem_gib"] for m in timed)
-    if dist_ctx.master_process:
-        line = (f"benchmark {model_name(cfg)} | B {cfg.batch_size} T {cfg.seq_len} x {dist_ctx.world_size} "
-                f"process(es) | {len(timed)} steps | median {median['dt_ms']:.1f} ms/step | {median['tokens_per_sec']:,.0f} tokens/s")
-        if "mfu" in median:
-            line += f" | MFU {median['mfu'] * 100:.1f}%"
-        if "peak_mem_gib" in median:
-            line += f" | peak memory {median['peak_mem_gib']:.2f} GiB"
-        print(line)
-    return median
+    return report_benchmark(timed, model_name(cfg), cfg, dist_ctx)
 
 
 def export_hf(cfg):
@@ -1319,70 +920,11 @@ def print_generated(cfg):
     print(f"generating from {source} on {device.type} in {precision.name}: {cfg.num_samples} sample(s) of "
           f"{cfg.max_new_tokens} tokens, top-k {cfg.top_k}, temperature {cfg.temperature}, seed {cfg.seed}")
     with precision.autocast():
-        texts = generate(model, cfg.generate, cfg.max_new_tokens, cfg.num_samples, cfg.top_k, cfg.temperature,
-                         seed=cfg.seed)
-    for text in texts:
-        print(f"sample: {text!r}")
+        sample_and_print(model, cfg.generate, cfg, cfg.seed)
 
 
 # -----------------------------------------------------------------------------
 # command line
-
-FLAG_HELP = {
-    "model": "gpt2, gpt2-medium, gpt2-large, gpt2-xl or dN (default: gpt2, or the shape of --init-from)",
-    "init_from": "fine-tune: start from the weights and shape of an OpenAI GPT-2 (gpt2 ... gpt2-xl), an HF "
-                 "directory or a training checkpoint (.pt), with a fresh optimizer at step 0",
-    "eval_only": "evaluate the initial (--init-from, seeded or resumed) model, log it at its step, and exit",
-    "export_hf": "write the --init-from model, else the checkpoint --resume picks, as an HF directory, and exit",
-    "generate": "print --num-samples continuations of this prompt by the --init-from model, else the checkpoint "
-                "--resume picks, and exit",
-    "num_samples": "samples per prompt, for --generate and the training samples (default: 4)",
-    "max_new_tokens": "tokens each sample adds to its prompt (default: 32)",
-    "top_k": "sample among the k likeliest tokens; 0: the whole vocabulary; 1: greedy (default: 50)",
-    "temperature": "divides the logits before sampling: lower is more conservative (default: 1.0)",
-    "data_dir": "directory of *_train_NNNNNN / *_val_NNNNNN token shards (.npy, or llm.c .bin)",
-    "batch_size": "micro-batch: sequences per forward pass per process",
-    "seq_len": "sequence length T (at most the model's block size)",
-    "total_batch_size": "tokens per optimizer step; divisible by B*T*processes (the rest is gradient accumulation)",
-    "max_steps": "optimizer steps of the whole run; the schedule ends here",
-    "warmup_steps": "steps of linear lr warmup",
-    "lr": "peak learning rate",
-    "min_lr_ratio": "the schedule decays to lr times this",
-    "lr_schedule": "cosine: decay from the end of warmup to --max-steps; wsd: warmup, hold --lr, cool down over "
-                   "--cooldown-steps (a stable-phase checkpoint can be resumed with another --max-steps)",
-    "cooldown_steps": "wsd: the last steps, over which the lr decays; 0: 20%% of --max-steps",
-    "cooldown_shape": "wsd: the cooldown's decay",
-    "weight_decay": "AdamW weight decay on matrices and embeddings",
-    "grad_clip": "clip the gradient norm to this; 0: no clipping",
-    "eval_every": "val loss (and HellaSwag) every N steps and at the end; 0: never",
-    "val_steps": "val batches per evaluation",
-    "hellaswag": "HellaSwag acc_norm at every eval (skipped with a warning when its data cannot be had)",
-    "hellaswag_data": "a local hellaswag_val.jsonl; empty: download it",
-    "sample_every": "print (and log) text samples every N steps; 0: never",
-    "sample_prompt": "the samples' prompt",
-    "checkpoint_every": "write a checkpoint every N steps and at the end; 0: only when stopped by a signal",
-    "keep_last": "checkpoints of this run kept in --log-dir; 0: all",
-    "log_dir": "log.txt, metrics.jsonl, checkpoints and tracking files of the run",
-    "resume": "auto (the newest good checkpoint in --log-dir), none, or a checkpoint path",
-    "device": "auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps",
-    "dtype": "auto: bf16 on CUDA (fp16 with loss scaling where bf16 is missing), fp32 elsewhere",
-    "compile": "torch.compile the model (default: on with CUDA)",
-    "loss_impl": "full computes the (B, T, vocab) logits; chunked and fused never hold them",
-    "sdpa_backend": "attention kernel to prefer; default (the default) leaves the choice to PyTorch",
-    "shuffle": "seeded shuffle, every epoch, of the train shards' order and of the blocks of one optimizer step",
-    "seed": "seed of the init, the shuffle and the samples",
-    "vocab_multiple": "pad the embedding rows to a multiple of this (64: 50257 -> 50304)",
-    "benchmark": "time N steps on random tokens (no data, evals or checkpoints), print the median, and exit",
-    "wandb": "log every metric to this Weights & Biases project (WANDB_MODE=offline or disabled is respected); "
-             "rank 0 only",
-    "wandb_name": "the W&B run's name (default: the log dir's name)",
-    "tensorboard": "write TensorBoard event files under {log_dir}/tensorboard/",
-    "fsdp": "shard weights, gradients and AdamW state across the ranks (FSDP2) and write sharded checkpoint "
-            "directories; for gpt2-medium and up (default: DDP, a full copy on every rank)",
-    "recompute": "recompute each Block's activations in backward instead of keeping them (less memory)",
-    "async_checkpoint": "with --fsdp: copy the state to CPU memory and write the checkpoint while the next "
-                        "steps run (a stop or the end of the run waits for it)",
-}
 
 # the values an enumerated flag takes, shown as its metavar in --help
 FLAG_CHOICES = {"dtype": DTYPES, "loss_impl": LOSS_IMPLS, "sdpa_backend": tuple(SDPA_BACKENDS),

@@ -170,6 +170,8 @@ def check_resume_state(checkpoint, parameter_shapes, path):
         states = checkpoint[key]
         if not isinstance(states, list) or not states or not all(check(state) for state in states):
             raise damaged(f"its {key} state is incomplete")
+
+
 def is_sharded_checkpoint(path):
     """Whether path is a sharded checkpoint directory (complete or not), not an HF model directory."""
     return os.path.isdir(path) and any(os.path.isfile(os.path.join(path, name)) for name in (OWNER, TRAIN_STATE))
@@ -516,3 +518,41 @@ def write_probe(log_dir):
     with open(path, "w"):
         pass
     return path
+
+
+def save(step, run):
+    """Gather every rank's data position and RNG state; rank 0 writes the checkpoint (with --fsdp every
+    rank writes its shards, rank 0 the rest), and every rank learns whether it could (a full disk stops
+    all ranks, not just rank 0)."""
+    ctx, cfg = run.dist_ctx, run.cfg
+    loader_states = ctx.gather_objects(run.train_loader.state_dict())
+    rng_states = ctx.gather_objects(rng_state(ctx.device))
+    if cfg.fsdp:
+        finish_save(run)  # one in flight (--async-checkpoint) completes first
+        partial = ctx.decide(lambda: begin_sharded_checkpoint(cfg.log_dir, step))
+        written = ctx.on_every_rank(lambda: write_shards(partial, run.raw_model, run.optimizer,
+                                                                      run.save_group))
+        val_loss = run.val_loss
+        run.pending_save = (partial, written, lambda: finish_sharded_checkpoint(
+            partial, step, run.raw_model.config, run.precision, cfg, val_loss, loader_states, rng_states, run.run_id,
+            dict(run.counts)))
+        if not cfg.async_checkpoint:
+            finish_save(run)
+        return
+    path = ctx.decide(lambda: write_checkpoint(
+        step, run.raw_model, run.optimizer, run.precision, cfg, run.val_loss, loader_states, rng_states,
+        run.run_id, run.counts))
+    if ctx.master_process:
+        print(f"step {step:5d} | saved {path}")
+
+
+def finish_save(run):
+    """Complete the sharded checkpoint being written, if any: every rank's shards written, then rank 0
+    adds the rest and renames it into place."""
+    if run.pending_save is None:
+        return
+    (partial, written, complete), run.pending_save = run.pending_save, None
+    run.dist_ctx.on_every_rank(lambda: wait_for_shards(written, partial))
+    path = run.dist_ctx.decide(complete)
+    if run.dist_ctx.master_process:
+        print(f"step {checkpoint_step(path):5d} | saved {path}")

@@ -231,3 +231,9 @@ class Precision:
 
     def autocast(self):
         return autocast_context(self.device, self.dtype)
+
+
+def raise_failure(message):
+    """Raise a rank's failure (a UserError message, or None for none) inside DistContext.on_every_rank."""
+    if message:
+        raise UserError(message)

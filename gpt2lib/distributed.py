@@ -156,3 +156,13 @@ def attempt_store():
         return None  # init_process_group's own env:// rendezvous
     store = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
     return torch.distributed.PrefixStore(f"train_gpt2/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
+class StopRequest:
+    """Set by SIGTERM/SIGINT/SIGHUP: the loop finishes its step, writes a checkpoint and exits cleanly."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __call__(self, signum, frame):
+        self.requested = True

@@ -11,6 +11,8 @@ import contextlib
 
 import torch
 
+from gpt2lib.common import UserError
+
 
 def shard_model(model, device, param_dtype=None):
     """Shard `model` (a train_gpt2.GPT, already on `device`) in place across the default process group:
@@ -110,3 +112,24 @@ def state_bytes(model, optimizer):
     return {"params": sum(local_bytes(p) for p in params),
             "grads": sum(local_bytes(p.grad) for p in params if p.grad is not None),
             "optimizer": sum(local_bytes(t) for t in optimizer_tensors)}
+
+
+def wrap_model(raw_model, cfg, dist_ctx):
+    """What trains: compiled (on CUDA unless --no-compile), then DDP-wrapped under torchrun (unless
+    --fsdp sharded it: see setup_model)."""
+    use_compile = cfg.compile if cfg.compile is not None else dist_ctx.device.type == "cuda"
+    model = torch.compile(raw_model) if use_compile else raw_model
+    if dist_ctx.ddp and not cfg.fsdp:
+        device_ids = [dist_ctx.local_rank] if dist_ctx.device.type == "cuda" else None
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    return model, use_compile
+
+
+def shard_for_training(model, precision, device):
+    """--fsdp: shard the model (see shard_model), computing in bf16 on CUDA when the run's dtype is
+    bf16. fp16 is refused: its loss scaler is not sharded."""
+    if precision.name == "fp16":
+        raise UserError("--fsdp trains in bf16 or fp32, not fp16 (its loss scaler is not sharded): "
+                        "pass --dtype bf16 or --dtype fp32")
+    compute_dtype = precision.dtype if device.type == "cuda" and precision.name == "bf16" else None
+    shard_model(model, device, param_dtype=compute_dtype)

@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from gpt2lib.common import GPT2_EOT, get_encoding
+
 
 class KVCache:
     """Keys and values of every layer for B left-padded rows, written in place into buffers of
@@ -182,3 +184,31 @@ def refill(model, cache, out, end, pad):
     window = min(end, model.config.block_size)
     cache.reset((pad - (end - window)).clamp_min(0))
     return feed(model, cache, out[:, end - window:end])
+
+
+def generate(model, prompt, max_new_tokens, num_samples=1, top_k=50, temperature=1.0, seed=42, device=None):
+    """Sample continuations of `prompt` (text, or a list of texts of any lengths); returns num_samples
+    strings per prompt, prompt included (a list of prompts: all samples of the first, then the next).
+    top_k 0 or None samples from the whole vocabulary, 1 is greedy. Deterministic for a given seed: a
+    private generator leaves the global RNG (training) untouched. With a KV cache (gpt2lib/sampling.py);
+    a row's greedy text is that of its prompt alone, and past block_size the context is cropped."""
+    enc = get_encoding()
+    if device is None:
+        device = next(model.parameters()).device
+    texts = [prompt] if isinstance(prompt, str) else list(prompt)
+    encoded = [enc.encode(text, allowed_special={"<|endoftext|>"}) or [GPT2_EOT] for text in texts]
+    rows = [ids for ids in encoded for _ in range(num_samples)]
+    rng = torch.Generator(device=device).manual_seed(seed)
+    out = sample(model, rows, max_new_tokens, top_k=top_k, temperature=temperature, rng=rng,
+                 pad_id=GPT2_EOT, device=device)
+    return [enc.decode(ids) for ids in out]
+
+
+def sample_and_print(model, prompt, settings, seed):
+    """generate() with settings' num_samples, max_new_tokens, top_k and temperature (the flags of
+    --generate and of the training samples); prints one `sample: '...'` line each, returns the texts."""
+    texts = generate(model, prompt, settings.max_new_tokens, settings.num_samples, settings.top_k,
+                     settings.temperature, seed=seed)
+    for text in texts:
+        print(f"sample: {text!r}")
+    return texts

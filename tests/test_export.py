@@ -23,7 +23,8 @@ sys.path.insert(0, str(REPO))
 
 import train_gpt2  # noqa: E402
 from gpt2lib import common, hf  # noqa: E402
-from train_gpt2 import GPT, GPT2_EOT, UserError, config_for  # noqa: E402
+from gpt2lib.common import GPT2_EOT  # noqa: E402
+from train_gpt2 import GPT, UserError, config_for  # noqa: E402
 from test_model import _corpus_text, perturb_, token_batch  # noqa: E402
 
 BLOCK = 64

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import train_gpt2  # noqa: E402
-from gpt2lib import checkpoints, common, hf  # noqa: E402
+from gpt2lib import checkpoints, common, hf, sampling  # noqa: E402
 from train_gpt2 import GPT, GPTConfig, UserError, config_for  # noqa: E402
 
 VOCAB = 50257
@@ -508,7 +508,7 @@ class RecordingEncoding:
 @pytest.fixture
 def recording_encoding(monkeypatch):
     rec = RecordingEncoding(train_gpt2.get_encoding())
-    monkeypatch.setattr(train_gpt2, "get_encoding", lambda: rec)
+    monkeypatch.setattr(sampling, "get_encoding", lambda: rec)
     return rec
 
 
