@@ -95,38 +95,36 @@ class DistContext:
         tensors = []
 
         def strip(value):
-            if isinstance(value, torch.Tensor):
-                tensors.append(value)
-                return _Slot(len(tensors) - 1, value.shape, value.dtype)
-            if dataclasses.is_dataclass(value) and not isinstance(value, type):
-                return dataclasses.replace(value, **{f.name: strip(getattr(value, f.name))
-                                                     for f in dataclasses.fields(value)})
-            if isinstance(value, dict):
-                return {k: strip(v) for k, v in value.items()}
-            if isinstance(value, (list, tuple)):
-                return type(value)(strip(v) for v in value)
-            return value
+            if not isinstance(value, torch.Tensor):
+                return value
+            tensors.append(value)
+            return _Slot(len(tensors) - 1, value.shape, value.dtype)
 
         def fill(value):
-            if isinstance(value, _Slot):
-                if self.rank == src:
-                    tensor = tensors[value.index].to(self.device).contiguous()
-                else:
-                    tensor = torch.empty(value.shape, dtype=value.dtype, device=self.device)
-                torch.distributed.broadcast(tensor, src=src)
-                return tensor.cpu()
-            if dataclasses.is_dataclass(value) and not isinstance(value, type):
-                return dataclasses.replace(value, **{f.name: fill(getattr(value, f.name))
-                                                     for f in dataclasses.fields(value)})
-            if isinstance(value, dict):
-                return {k: fill(v) for k, v in value.items()}
-            if isinstance(value, (list, tuple)):
-                return type(value)(fill(v) for v in value)
-            return value
+            if not isinstance(value, _Slot):
+                return value
+            if self.rank == src:
+                tensor = tensors[value.index].to(self.device).contiguous()
+            else:
+                tensor = torch.empty(value.shape, dtype=value.dtype, device=self.device)
+            torch.distributed.broadcast(tensor, src=src)  # every rank walks the structure in the same order
+            return tensor.cpu()
 
-        box = [strip(obj) if self.rank == src else None]
+        box = [map_leaves(obj, strip) if self.rank == src else None]
         torch.distributed.broadcast_object_list(box, src=src, device=self.device)
-        return fill(box[0])
+        return map_leaves(box[0], fill)
+
+
+def map_leaves(value, fn):
+    """value with fn applied to every leaf inside its dataclasses, dicts, lists and tuples."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(value, **{f.name: map_leaves(getattr(value, f.name), fn)
+                                             for f in dataclasses.fields(value)})
+    if isinstance(value, dict):
+        return {k: map_leaves(v, fn) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(map_leaves(v, fn) for v in value)
+    return fn(value)
 
 
 def setup_distributed(requested_device, group_of_one=False):
