@@ -301,7 +301,7 @@ def test_two_worker_run_killed_mid_run_resumes_byte_identically(tmp_path, capsys
     run_main(*args, "--out", tmp_path / "clean")
     out = tmp_path / "out"
     # many small batches, so that both workers have work in flight when the kill comes
-    code = f"import sys, fineweb; fineweb.BATCH_CHARS = 3000; fineweb.main(sys.argv[1:])"
+    code = "import sys, fineweb; fineweb.BATCH_CHARS = 3000; fineweb.main(sys.argv[1:])"
     proc = subprocess.Popen([sys.executable, "-c", code, *args, "--out", str(out)], cwd=REPO,
                             env={**os.environ, "PYTHONPATH": REPO}, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -5,7 +5,6 @@ holds about half the state at world size 2.
 
 Models are d1/d2 on random tokens; distributed runs use 2 gloo processes, several runs per spawn."""
 
-import gc
 import os
 import signal
 from dataclasses import replace
@@ -17,7 +16,7 @@ import torch.multiprocessing as mp
 
 import train_gpt2
 from gpt2lib import checkpoints
-from test_train import free_port, init_gloo, install_stop_after, logged, make_data, tiny_config, write_hellaswag
+from test_train import close_gloo, free_port, init_gloo, install_stop_after, logged, make_data, tiny_config, write_hellaswag
 from train_gpt2 import GPT, DistContext, train
 
 
@@ -30,8 +29,7 @@ def runs_worker(rank, world_size, port, cfgs, stopped_cfg):
     if stopped_cfg is not None:
         install_stop_after(1)
         train(stopped_cfg, ctx)
-    gc.collect()  # as main() does: DDP's reducer goes before its process group
-    dist.destroy_process_group()
+    close_gloo()
 
 
 def spawn_runs(*cfgs, stopped=None, world_size=2):
@@ -215,7 +213,7 @@ def saved_bytes(model, x):
     return loss, total[0]
 
 
-def sync_and_memory_worker(rank, world_size, port, data_dir, results):
+def sync_and_memory_report(rank, ctx, data_dir):
     from types import SimpleNamespace
 
     from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultReduceScatter
@@ -223,13 +221,12 @@ def sync_and_memory_worker(rank, world_size, port, data_dir, results):
     from gpt2lib import parallel
     from train_gpt2 import DataLoaderLite, TrainConfig, configure_optimizer
 
-    ctx = init_gloo(rank, world_size, port)
     report = {}
     # reduce-scatters: when, and how many per optimizer step
     for step_name, step_fn in (("ours", train_gpt2.train_step), ("late", flag_after_backward_step)):
         for accum in (1, 4):
             model = sharded_d1(rank)
-            loader = DataLoaderLite(2, 16, rank, world_size, "train", data_dir)
+            loader = DataLoaderLite(2, 16, rank, ctx.world_size, "train", data_dir)
             batches_read, during = [0], []
             next_batch = loader.next_batch
 
@@ -274,9 +271,15 @@ def sync_and_memory_worker(rank, world_size, port, data_dir, results):
             loss, kept = saved_bytes(model, x)
             loss.backward()
             report["recompute", sharded, recompute] = {"loss": loss.item(), "grads": full_grads(model), "saved": kept}
+    return report
+
+
+def sync_and_memory_worker(rank, world_size, port, data_dir, results):
+    ctx = init_gloo(rank, world_size, port)
+    report = sync_and_memory_report(rank, ctx, data_dir)  # its sharded models are garbage once it returns
     if rank == 0:
         torch.save(report, results)
-    dist.destroy_process_group()
+    close_gloo()
 
 
 def test_reduce_scatters_recompute_and_bytes_per_rank(tmp_path):

@@ -365,15 +365,14 @@ def test_fp16_overflow_skips_the_step_instead_of_stopping(tmp_path, monkeypatch)
 
 
 def refused_resume_worker(rank, world_size, port, cfg, results):
-    from test_train import init_gloo
-    import torch.distributed as dist
+    from test_train import close_gloo, init_gloo
     ctx = init_gloo(rank, world_size, port)
     try:
         train(cfg, ctx)
         results.put((rank, "trained", ""))
     except train_gpt2.UserError as e:
         results.put((rank, type(e).__name__, str(e)))
-    dist.destroy_process_group()
+    close_gloo()
 
 
 def test_a_setting_rank_0_refuses_stops_every_rank(tmp_path):
@@ -399,8 +398,7 @@ def test_a_setting_rank_0_refuses_stops_every_rank(tmp_path):
 
 def failed_write_worker(rank, world_size, port, cfg, results):
     """Rank 0 finds a directory where its step-2 checkpoint should go: the rename onto it fails."""
-    from test_train import init_gloo
-    import torch.distributed as dist
+    from test_train import close_gloo, init_gloo
     ctx = init_gloo(rank, world_size, port)
     if rank == 0:
         original = train_gpt2.train_step
@@ -415,7 +413,7 @@ def failed_write_worker(rank, world_size, port, cfg, results):
         results.put((rank, "trained", ""))
     except train_gpt2.UserError as e:
         results.put((rank, type(e).__name__, str(e)))
-    dist.destroy_process_group()
+    close_gloo()
 
 
 def test_a_checkpoint_rank_0_cannot_write_stops_every_rank(tmp_path):

@@ -9,12 +9,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import train_gpt2
-from test_train import free_port, init_gloo, make_data
+from test_train import close_gloo, free_port, init_gloo, make_data
 from train_gpt2 import GPT, DataLoaderLite, DistContext, NonFiniteLoss, TrainConfig, config_for, configure_optimizer
 
 T = 16
@@ -79,8 +78,7 @@ def two_rank_worker(rank, world_size, port, data_dir, out_dir):
     report["unchanged"] = same_state(before, snapshot(run))
     torch.save(report, os.path.join(out_dir, f"rank{rank}.pt"))  # megabytes: too big for a queue's pipe
     del model, run
-    dist.barrier()
-    dist.destroy_process_group()
+    close_gloo()
 
 
 @pytest.fixture(scope="module")

@@ -61,6 +61,16 @@ def init_gloo(rank, world_size, port):
     return DistContext(rank=rank, local_rank=rank, world_size=world_size, device=torch.device("cpu"))
 
 
+def close_gloo():
+    """End a test worker's process group as main() does, and only once every rank is done with it.
+    Models wrapped by DDP or FSDP keep the group alive through reference cycles: collected only at
+    interpreter exit, after destroy_process_group, the group's worker threads can abort the process
+    (SIGABRT, "terminate called without an active exception"). Callers drop their models first."""
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def final_weights(log_dir, step):
     return torch.load(os.path.join(log_dir, f"model_{step:05d}.pt"), weights_only=True)["model"]
 
@@ -116,9 +126,7 @@ def count_allreduces_worker(rank, world_size, port, data_dir, step_fn_name, resu
     if rank == 0:
         results.put(report)
     del model, run
-    gc.collect()  # free DDP's reducers (kept by reference cycles) while their process group still exists
-    dist.barrier()
-    dist.destroy_process_group()
+    close_gloo()
 
 
 def run_counting(tmp_path, step_fn_name):
@@ -148,8 +156,7 @@ def train_worker(rank, world_size, port, cfg, stop_after):
     if stop_after:
         install_stop_after(stop_after)
     train(cfg, ctx)
-    gc.collect()  # as main() does: DDP's reducer goes before its process group
-    dist.destroy_process_group()
+    close_gloo()
 
 
 def spawn_train(cfg, stop_after=0):

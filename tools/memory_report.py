@@ -7,6 +7,7 @@ peak RSS, and the activation bytes one micro-batch keeps for backward with and w
 """
 
 import argparse
+import gc
 import os
 import resource
 import socket
@@ -51,7 +52,9 @@ def state_worker(rank, world_size, port, model_name, fsdp, out_dir):
     counted = parallel.state_bytes(model, optimizer)
     counted["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     torch.save(counted, os.path.join(out_dir, f"rank{rank}.pt"))
-    del trained
+    del trained, model, optimizer, loss
+    gc.collect()  # the wrapped model's reference cycles go while its process group exists
+    dist.barrier()
     dist.destroy_process_group()
 
 
