@@ -3,6 +3,9 @@ decision that steers the run is taken on rank 0 (or agreed by all ranks) and sha
 
 import dataclasses
 import os
+import time
+import uuid
+from datetime import timedelta
 
 import torch
 
@@ -146,14 +149,60 @@ def setup_distributed(requested_device, group_of_one=False):
     return DistContext(rank, local_rank, world_size, device)
 
 
+ATTEMPT_KEYS = "train_gpt2/attempt"
+JOIN_TIMEOUT = timedelta(minutes=5)
+
+
 def attempt_store():
-    """The key-value store the processes meet in, private to this torchrun attempt. After a restart
-    (--max-restarts) torchrun gives the new workers the store their predecessors used, whose stale
-    addresses they could read and then wait on forever; a prefix per attempt keeps them apart."""
+    """The key-value store the processes meet in, private to this torchrun attempt. torchrun gives
+    every attempt (a --max-restarts restart, a rendezvous re-run after a node joined or was replaced)
+    the store that earlier attempts used, whose stale worker addresses the new workers could read and
+    then wait on forever; a prefix that rank 0 draws afresh for each attempt keeps them apart.
+    (TORCHELASTIC_RESTART_COUNT cannot be that prefix: it counts per node, so a replacement node
+    starts at 0 while the survivors are at 1, and a restart for a joining node leaves it unchanged.)"""
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return None  # init_process_group's own env:// rendezvous
-    store = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
-    return torch.distributed.PrefixStore(f"train_gpt2/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    store = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                       is_master=False, timeout=JOIN_TIMEOUT)
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    attempt = open_attempt(store, world_size) if rank == 0 else join_attempt(store, rank)
+    return torch.distributed.PrefixStore(f"{ATTEMPT_KEYS}/{attempt}", store)
+
+
+def join_attempt(store, rank):
+    """Rank > 0: learn this attempt's id from rank 0. The store still holds earlier attempts' answers,
+    so the question carries a token of this process that no earlier rank 0 can have answered."""
+    token = uuid.uuid4().hex
+    store.set(f"{ATTEMPT_KEYS}/hello/{rank}", token)
+    answer = f"{ATTEMPT_KEYS}/welcome/{token}"
+    try:
+        store.wait([answer], JOIN_TIMEOUT)
+    except torch.distributed.DistStoreError:
+        raise UserError(f"rank {rank}: rank 0 did not start within {JOIN_TIMEOUT} (see rank 0's node)") from None
+    attempt = store.get(answer).decode()
+    store.add(f"{ATTEMPT_KEYS}/{attempt}/joined", 1)
+    return attempt
+
+
+def open_attempt(store, world_size, poll_s=0.05):
+    """Rank 0: draw a new attempt id, and answer each rank's latest token until every rank has joined.
+    A token left by an earlier attempt's rank gets an answer too, which nobody reads."""
+    attempt = uuid.uuid4().hex
+    joined, answered = f"{ATTEMPT_KEYS}/{attempt}/joined", {}
+    deadline = time.monotonic() + JOIN_TIMEOUT.total_seconds()
+    while store.add(joined, 0) < world_size - 1:
+        if time.monotonic() > deadline:
+            missing = world_size - 1 - store.add(joined, 0)
+            raise UserError(f"{missing} of {world_size} ranks did not start within {JOIN_TIMEOUT} (see their nodes' logs)")
+        for rank in range(1, world_size):
+            question = f"{ATTEMPT_KEYS}/hello/{rank}"
+            if store.check([question]):
+                token = store.get(question).decode()
+                if answered.get(rank) != token:
+                    store.set(f"{ATTEMPT_KEYS}/welcome/{token}", attempt)
+                    answered[rank] = token
+        time.sleep(poll_s)
+    return attempt
 
 
 class StopRequest:

@@ -101,6 +101,9 @@ MUTATIONS = [
              [("    path = ctx.decide(lambda: write_checkpoint(",
                "    path = (lambda fn: fn() if ctx.master_process else None)(lambda: write_checkpoint(")],
              [T + "test_long_runs.py::test_a_checkpoint_rank_0_cannot_write_stops_every_rank"]),
+    Mutation("attempt_question_reuses_an_earlier_answer", "gpt2lib/distributed.py",
+             [("    token = uuid.uuid4().hex\n", "    token = str(rank)\n")],
+             [T + "test_rank0_moves.py::test_each_attempt_gets_one_fresh_prefix_even_when_ranks_arrive_before_rank_0"]),
     # ---- data
     Mutation("loader_window_overlaps_the_next_rank", "train_gpt2.py",
              [("self._stream_offset(self.position + self.process_rank * B * T), B * T + 1)",
