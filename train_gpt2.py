@@ -14,7 +14,6 @@ gpt2lib/, one module per job.
 
 import argparse
 import contextlib
-import gc
 import math
 import os
 import re
@@ -35,7 +34,7 @@ from gpt2lib import checkpoints, hf, parallel, resume, rundir, tracking
 from gpt2lib.checkpoints import finish_save, save
 from gpt2lib.common import (DTYPES, GPT2_EOT, GPT2_VOCAB_SIZE, Precision, UserError, canonical_dtype, check_model_shape,
                             get_encoding, one_line, pick_device, raise_failure, resolve_dtype)
-from gpt2lib.distributed import DistContext, FollowerStop, StopRequest, setup_distributed
+from gpt2lib.distributed import DistContext, FollowerStop, StopRequest, close_process_group, setup_distributed
 from gpt2lib.evals import StepTimer, log_step, report_benchmark, run_evals
 from gpt2lib.flags import FLAG_HELP
 from gpt2lib.losses import LOSS_IMPLS, chunked_cross_entropy
@@ -970,7 +969,7 @@ def main(argv=None):
     if problems:
         sys.exit("error: " + "\nerror: ".join(problems))
     stop = StopRequest()
-    dist_ctx = None
+    exit_code = 0
     try:
         if cfg.export_hf or cfg.generate:
             (export_hf if cfg.export_hf else print_generated)(cfg)
@@ -979,20 +978,20 @@ def main(argv=None):
             signal.signal(signum, stop)
         dist_ctx = setup_distributed(cfg.device, group_of_one=cfg.fsdp)
         (benchmark if cfg.benchmark else train)(cfg, dist_ctx, stop)
+    # exit only once the process group is gone: raised in here, the exit would keep the error's traceback,
+    # and with it the model, alive past close_process_group
     except FollowerStop:
-        sys.exit(2)  # rank 0 prints the reason
+        exit_code = 2  # rank 0 prints the reason
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        exit_code = 2
     except NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        exit_code = 1
     finally:
-        if dist_ctx is not None and torch.distributed.is_initialized():
-            # DDP's hooks form reference cycles: collect the wrapper now, while its process group exists
-            # (freed at interpreter exit instead, its reducer sometimes aborted the process)
-            gc.collect()
-            torch.distributed.destroy_process_group()
+        close_process_group()
+    if exit_code:
+        sys.exit(exit_code)
 
 
 if __name__ == "__main__":

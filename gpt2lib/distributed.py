@@ -2,6 +2,7 @@
 decision that steers the run is taken on rank 0 (or agreed by all ranks) and shared."""
 
 import dataclasses
+import gc
 import os
 import time
 import uuid
@@ -147,6 +148,15 @@ def setup_distributed(requested_device, group_of_one=False):
     backend = "nccl" if device.type == "cuda" else "gloo"
     torch.distributed.init_process_group(backend, store=attempt_store(), rank=rank, world_size=world_size)
     return DistContext(rank, local_rank, world_size, device)
+
+
+def close_process_group():
+    """End the process group, if there is one. DDP's and FSDP's hooks form reference cycles: collect
+    them now, while their process group exists (left to interpreter exit, a wrapped model's hooks
+    sometimes aborted the process)."""
+    if torch.distributed.is_initialized():
+        gc.collect()
+        torch.distributed.destroy_process_group()
 
 
 ATTEMPT_KEYS = "train_gpt2/attempt"
