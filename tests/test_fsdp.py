@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 
 import train_gpt2
 from gpt2lib import checkpoints
+from gpt2lib.distributed import close_process_group
 from test_train import close_gloo, free_port, init_gloo, install_stop_after, logged, make_data, tiny_config, write_hellaswag
 from train_gpt2 import GPT, DistContext, train
 
@@ -140,7 +141,7 @@ def test_kill_in_mid_write_resumes_from_the_previous_checkpoint_on_one_rank(tmp_
     try:
         resumed = train(killed, DistContext())["losses"]
     finally:
-        dist.destroy_process_group()
+        close_process_group()
     reference = logged(single.log_dir)
     assert len(resumed) == 2
     assert_same_losses(logged(killed.log_dir), reference, 1e-5)
