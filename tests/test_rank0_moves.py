@@ -137,6 +137,24 @@ def wait_for(path, timeout):
         time.sleep(0.1)
 
 
+def stop_nodes(agents, marker):
+    """After a failed test: SIGTERM the agents still running, which stop their workers (each in a
+    session of its own), SIGKILL those that do not exit, and the worker that waits to be killed."""
+    running = [p for p in agents if p is not None and p.poll() is None]
+    for proc in running:
+        os.killpg(proc.pid, signal.SIGTERM)
+    for proc in running:
+        try:
+            proc.wait(timeout=45)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+    if os.path.exists(marker):
+        try:
+            os.kill(int(marker.read_text()), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def test_max_restarts_after_a_node_dies_moves_rank_0_and_resumes_the_dead_nodes_checkpoint(tmp_path):
     a, b = tmp_path / "A", tmp_path / "B"
     for node in (a, b):
@@ -165,9 +183,7 @@ def test_max_restarts_after_a_node_dies_moves_rank_0_and_resumes_the_dead_nodes_
         b_out, b_err = b_node.communicate(timeout=240)
         a_out, a_err = replacement.communicate(timeout=60)
     finally:
-        for proc in (a_node, b_node, replacement):
-            if proc is not None and proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
+        stop_nodes([a_node, b_node, replacement], a / "died")
     assert (b_node.returncode, replacement.returncode) == (0, 0), (b_err[-3000:], a_err[-3000:])
     assert "holds the newest checkpoint, log/model_00004.pt at step 4" in b_out and "(rank 1)" in b_out, b_out
     assert "resuming at step 4" in b_out and a_out == "", (b_out, a_out)
