@@ -285,21 +285,42 @@ def files_of_other_runs(log_dir, resume_path, resume_step):
 
 def set_aside(log_dir, move, copy):
     """Move (or copy) files into a new log_dir/previous_N/: nothing of an earlier run is deleted or
-    overwritten. Returns that directory."""
+    overwritten. Returns that directory. A failure (a full disk stops a copy) puts back what was
+    moved, removes the copies and the new directory, and is one line."""
     n = 1
     while os.path.exists(os.path.join(log_dir, f"previous_{n}")):
         n += 1
     aside = os.path.join(log_dir, f"previous_{n}")
+    copied, moved = [], []
     try:
-        os.makedirs(aside)
+        os.makedirs(aside)  # new: so everything in it is this call's to remove
         for path in copy:
-            shutil.copy2(path, os.path.join(aside, os.path.basename(path)))
+            copied.append(os.path.join(aside, os.path.basename(path)))
+            shutil.copy2(path, copied[-1])
         for path in move:
             os.replace(path, os.path.join(aside, os.path.basename(path)))
-    except OSError as e:  # what was moved already is in `aside`, the rest still in log_dir: nothing is lost
-        raise UserError(f"{log_dir}: cannot set earlier runs' files aside into {aside} ({one_line(e)}): "
-                        "check free space and permissions") from None
+            moved.append(path)
+    except OSError as e:
+        undone = undo_set_aside(aside, copied, moved)
+        where = "nothing was moved" if undone else f"what was moved is in {aside}, the rest in {log_dir}"
+        raise UserError(f"{log_dir}: cannot set earlier runs' files aside into {aside} ({one_line(e)}); "
+                        f"{where}: check free space and permissions") from None
     return aside
+
+
+def undo_set_aside(aside, copied, moved):
+    """Put moved files back and remove the copies and aside itself; True when that all worked."""
+    try:
+        for path in moved:
+            os.replace(os.path.join(aside, os.path.basename(path)), path)
+        for path in copied:
+            if os.path.exists(path):
+                os.remove(path)
+        if os.path.isdir(aside):
+            os.rmdir(aside)
+        return True
+    except OSError:
+        return False
 
 
 def train_state(step, config, precision, cfg, val_loss, loader_states, rng_states, run_id, counts):

@@ -19,7 +19,7 @@ import torch
 
 import train_gpt2
 from gpt2lib import checkpoints, common
-from test_long_runs import TRAIN, same_weights, torchrun
+from test_long_runs import TRAIN, digest, same_weights, torchrun
 from test_train import REPO, final_weights, logged, make_data, run_cli, tiny_config
 from train_gpt2 import GPT, DistContext, UserError, train
 
@@ -330,6 +330,50 @@ def test_disk_full_on_a_log_append_stops_cleanly(tmp_path, monkeypatch):
         assert "log.txt: cannot append" in str(e.value) and "No space left" in str(e.value)
         assert "\n" not in str(e.value)
         assert not [name for name in os.listdir(disk / "log") if ".tmp" in name]
+
+
+def fill(disk):
+    """Use up a tmpfs: its space (a file that grows until ENOSPC), or, mounted with nr_inodes, its
+    inodes (empty files until ENOSPC)."""
+    with contextlib.suppress(OSError), open(disk / "filler", "wb", buffering=0) as f:
+        while True:
+            f.write(b"\0" * 65536)
+    with contextlib.suppress(OSError):
+        for n in range(100000):
+            (disk / f"inode_{n}").touch()
+
+
+def listing(log_dir):
+    """Every file under log_dir with its digest (the lock file aside: it names its holder)."""
+    return {os.path.relpath(os.path.join(d, n), log_dir): digest(os.path.join(d, n))
+            for d, _, names in os.walk(log_dir) for n in names if n != ".lock"}
+
+
+@pytest.mark.parametrize("case", ["copy, disk full", "move, no inodes left"])
+def test_a_set_aside_that_fails_puts_everything_back_and_is_one_line(tmp_path, monkeypatch, case):
+    """Resuming from an older checkpoint copies the logs aside (a full disk stops the copy); a fresh
+    start moves the earlier run aside into a new previous_N/ (no inode left for it)."""
+    options = "" if case.startswith("copy") else ",nr_inodes=16"
+    with tmpfs(tmp_path / "disk", "160m", options) as disk:
+        earlier = tiny_config(make_data(tmp_path / "data"), str(disk / "log"), max_steps=4, checkpoint_every=2,
+                              eval_every=0)
+        train(earlier, DistContext())
+        before = listing(disk / "log")
+        set_aside = checkpoints.set_aside
+
+        def fill_then_set_aside(*args):
+            fill(disk)
+            return set_aside(*args)
+
+        monkeypatch.setattr(checkpoints, "set_aside", fill_then_set_aside)
+        resume = str(disk / "log" / "model_00002.pt") if case.startswith("copy") else "none"
+        with pytest.raises(UserError) as e:
+            train(replace(earlier, max_steps=6, resume=resume), DistContext())
+        message = str(e.value)
+        assert message.startswith(f"{disk / 'log'}: cannot set earlier runs' files aside into "
+                                  f"{disk / 'log' / 'previous_1'}") and "No space left on device" in message, message
+        assert "nothing was moved" in message and "\n" not in message
+        assert listing(disk / "log") == before  # every file in place, unchanged; no previous_1, no copy
 
 
 def test_read_only_log_dir_and_an_impossible_model_are_one_line(tmp_path):
