@@ -109,19 +109,34 @@ def test_fsdp_matches_single_process_and_checkpoints_move_between_ddp_and_fsdp(t
 
 # ---- a kill in mid-write, another world size, the other readers
 
-def killing_worker(rank, world_size, port, cfg, kill_step):
-    """Train with --fsdp; when every rank has written its shards of the kill_step checkpoint, rank 1
-    is SIGKILLed before rank 0 can complete it (the .partial directory then holds .metadata and every
-    shard: all but train_state.pt and COMPLETE)."""
+def killing_worker(rank, world_size, port, cfg, kill_step, inside_dcp):
+    """Train with --fsdp and SIGKILL rank 1 while it writes the kill_step checkpoint: inside_dcp, once
+    its shard files are written but before DCP's coordinator can add .metadata; otherwise once every
+    rank's shards and .metadata are written, before rank 0 can add train_state.pt and COMPLETE."""
+    import torch.distributed.checkpoint as dcp
+
     ctx = init_gloo(rank, world_size, port)
-    write_shards = checkpoints.write_shards
+    target = f"model_{kill_step:05d}.partial"
+    if inside_dcp:
+        write_data = dcp.FileSystemWriter.write_data
 
-    def write_then_die(directory, model, optimizer, background_group=None):
-        write_shards(directory, model, optimizer, background_group)
-        if rank == 1 and directory.endswith(f"model_{kill_step:05d}.partial"):
-            os.kill(os.getpid(), signal.SIGKILL)
+        def write_data_then_die(self, plan, planner):
+            written = write_data(self, plan, planner)
+            if rank == 1 and str(self.path).endswith(target):
+                written.wait()
+                os.kill(os.getpid(), signal.SIGKILL)
+            return written
 
-    checkpoints.write_shards = write_then_die
+        dcp.FileSystemWriter.write_data = write_data_then_die
+    else:
+        write_shards = checkpoints.write_shards
+
+        def write_then_die(directory, model, optimizer, background_group=None):
+            write_shards(directory, model, optimizer, background_group)
+            if rank == 1 and directory.endswith(target):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        checkpoints.write_shards = write_then_die
     train(cfg, ctx)
 
 
@@ -129,25 +144,28 @@ def test_kill_in_mid_write_resumes_from_the_previous_checkpoint_on_one_rank(tmp_
     data_dir = make_data(tmp_path / "data")
     single = tiny_config(data_dir, str(tmp_path / "single"), max_steps=4, checkpoint_every=2, eval_every=0)
     train(single, DistContext())
-    killed = replace(single, log_dir=str(tmp_path / "killed"), fsdp=True, resume="auto")
-    with pytest.raises(mp.ProcessExitedException):
-        mp.spawn(killing_worker, args=(2, free_port(), killed, 4), nprocs=2)
-    partial = os.path.join(killed.log_dir, "model_00004.partial")
-    assert {".metadata", checkpoints.OWNER} <= set(os.listdir(partial))
-    assert checkpoints.list_checkpoints(killed.log_dir) == [os.path.join(killed.log_dir, "model_00002")]
-
-    # --resume auto, on one rank (a process group of one, as train_gpt2.py makes for --fsdp alone)
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        resumed = train(killed, DistContext())["losses"]
-    finally:
-        close_process_group()
     reference = logged(single.log_dir)
-    assert len(resumed) == 2
-    assert_same_losses(logged(killed.log_dir), reference, 1e-5)
-    assert not os.path.exists(partial)
-    final = os.path.join(killed.log_dir, "model_00004")
-    assert_same_weights(weights(final), weights(os.path.join(single.log_dir, "model_00004.pt")), 1e-5)
+    for inside_dcp in (True, False):
+        killed = replace(single, log_dir=str(tmp_path / f"killed_{inside_dcp}"), fsdp=True, resume="auto")
+        with pytest.raises(mp.ProcessExitedException):
+            mp.spawn(killing_worker, args=(2, free_port(), killed, 4, inside_dcp), nprocs=2)
+        partial = os.path.join(killed.log_dir, "model_00004.partial")
+        written = set(os.listdir(partial))
+        assert checkpoints.OWNER in written and any(name.endswith(".distcp") for name in written), written
+        assert (".metadata" in written) != inside_dcp, written
+        assert checkpoints.list_checkpoints(killed.log_dir) == [os.path.join(killed.log_dir, "model_00002")]
+
+        # --resume auto, on one rank (a process group of one, as train_gpt2.py makes for --fsdp alone)
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        try:
+            resumed = train(killed, DistContext())["losses"]
+        finally:
+            close_process_group()
+        assert len(resumed) == 2
+        assert_same_losses(logged(killed.log_dir), reference, 1e-5)
+        assert not os.path.exists(partial)
+        final = os.path.join(killed.log_dir, "model_00004")
+        assert_same_weights(weights(final), weights(os.path.join(single.log_dir, "model_00004.pt")), 1e-5)
 
     # the other readers gather the sharded directory: GPT.from_checkpoint, --init-from, --export-hf
     ours = GPT.from_checkpoint(final).eval()
