@@ -519,8 +519,8 @@ class RunLog:
 
 def prepare_run_dir(log_dir, resume_path, resume_step, logs=None):
     """On rank 0, once every input has been read (so a bad one moves nothing): set aside what other
-    runs left in log_dir, take over the run's logs from the node that held the checkpoint (logs:
-    {name: bytes}, when rank 0 moved to this node), then trim the logs to the resume point
+    runs left in log_dir, take over the run's logs and tracker files from the node that held the
+    checkpoint (logs: {name: bytes}, when rank 0 moved to this node), then trim the logs to the resume point
     (resume_step None: a fresh start)."""
     move, copy = files_of_other_runs(log_dir, resume_path, resume_step)
     if move:
@@ -529,6 +529,7 @@ def prepare_run_dir(log_dir, resume_path, resume_step, logs=None):
               f"({', '.join(sorted(os.listdir(aside)))})")
     os.makedirs(log_dir, exist_ok=True)
     for name, data in (logs or {}).items():
+        os.makedirs(os.path.dirname(os.path.join(log_dir, name)), exist_ok=True)  # tensorboard/
         atomic_write(os.path.join(log_dir, name), lambda f: f.write(data))
     RunLog.prepare(log_dir, resume_step)
 

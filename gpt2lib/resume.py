@@ -1,7 +1,8 @@
 """Which checkpoint a run resumes from, when its nodes need not share a filesystem.
 
 Rank 0 writes checkpoints and logs into its own --log-dir. After a restart rank 0 can be on another
-node (torchrun's c10d rendezvous assigns ranks in the order nodes join), so no single node's view
+node (torchrun's c10d rendezvous orders nodes by address and agent PID, so a replaced node, or other
+nodes than last time, can move it), so no single node's view
 decides: the first process of every node reports the newest good checkpoint in its own log dir
 (or whether it has the file --resume PATH names), every rank applies the same choice to the same
 reports, and the rank that holds the chosen checkpoint reads it and sends it to the others.
@@ -12,6 +13,7 @@ import os
 import socket
 from dataclasses import dataclass, field, replace
 
+from gpt2lib import tracking
 from gpt2lib.checkpoints import LOG_FILES, TRAIN_STATE, find_resume_checkpoint
 from gpt2lib.common import UserError
 from gpt2lib.distributed import FollowerStop
@@ -104,9 +106,14 @@ def find_holder(resume, log_dir, layout, dist_ctx):
 
 
 def read_logs(log_dir):
-    """{name: bytes} of the run log in log_dir, sent to a new rank 0 with the checkpoint."""
+    """{name relative to log_dir: bytes} of the run log in log_dir, sent to a new rank 0 with the
+    checkpoint: log.txt and metrics.jsonl, and the trackers' files that continue the run there
+    (TensorBoard's event files, the W&B run id; W&B's own run directories stay, the server has them)."""
+    names = [*LOG_FILES, tracking.WANDB_ID_FILE]
+    for directory, _, files in os.walk(os.path.join(log_dir, tracking.TENSORBOARD_DIR)):
+        names += [os.path.relpath(os.path.join(directory, name), log_dir) for name in sorted(files)]
     logs = {}
-    for name in LOG_FILES:
+    for name in names:
         path = os.path.join(log_dir, name)
         if os.path.isfile(path):
             with open(path, "rb") as f:

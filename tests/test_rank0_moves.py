@@ -38,17 +38,22 @@ def lines(path):
         return f.read().splitlines()
 
 
-def test_rank_0_on_another_node_resumes_the_newest_checkpoint_and_takes_over_the_logs(tmp_path):
+def test_rank_0_on_another_node_resumes_the_newest_checkpoint_and_takes_over_the_logs(tmp_path, monkeypatch):
+    from test_tracking import tensorboard_scalars
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
     a, b = tmp_path / "A", tmp_path / "B"
     for node in (a, b):
         make_data(node / "data")
-    first = run_nodes([a, b], ARGS)
+    tracked = ARGS + ["--tensorboard", "--wandb", "tests"]
+    first = run_nodes([a, b], tracked)
     assert [rc for rc, _, _ in first] == [0, 0], first
     uninterrupted = final_weights(a / "log", 6)
     (a / "log" / "model_00006.pt").unlink()  # as if the run had died after step 4's checkpoint
     kept = {name: digest(a / "log" / name) for name in checkpoints(a / "log")}
 
-    second = run_nodes([b, a], ARGS)  # B joined first: rank 0 is on B now, A holds the checkpoints
+    second = run_nodes([b, a], tracked)  # B joined first: rank 0 is on B now, A holds the checkpoints
     assert [rc for rc, _, _ in second] == [0, 0], second
     out = second[0][1]
     assert "holds the newest checkpoint, log/model_00004.pt at step 4" in out and "(rank 1)" in out, out
@@ -58,6 +63,10 @@ def test_rank_0_on_another_node_resumes_the_newest_checkpoint_and_takes_over_the
     train_steps = [int(line.split()[0]) for line in lines(b / "log" / "log.txt") if line.split()[1] == "train"]
     assert train_steps == list(range(6))
     assert sorted(logged(b / "log")) == list(range(6))
+    # so do the trackers': A's TensorBoard events and W&B run id came along, and continue on B
+    _, scalars = tensorboard_scalars(b / "log")
+    assert [step for step, _ in scalars["train/loss"]] == list(range(6))
+    assert (b / "log" / "wandb_run_id").read_text() == (a / "log" / "wandb_run_id").read_text()
     # nothing of A's was deleted or changed
     assert {name: digest(a / "log" / name) for name in checkpoints(a / "log")} == kept
 
