@@ -364,7 +364,8 @@ def test_fp16_overflow_skips_the_step_instead_of_stopping(tmp_path, monkeypatch)
         "skipped_steps": skipped, "clipped_steps": result["metrics"][-1]["clipped_steps"]}
 
 
-def refused_resume_worker(rank, world_size, port, cfg, results):
+def train_and_report(rank, world_size, port, cfg, results):
+    """Train on this rank; put (rank, "trained" or the UserError's class name, its message) on results."""
     from test_train import close_gloo, init_gloo
     ctx = init_gloo(rank, world_size, port)
     try:
@@ -381,7 +382,7 @@ def test_a_setting_rank_0_refuses_stops_every_rank(tmp_path):
     import torch.multiprocessing as mp
     cfg = tiny_config(make_data(tmp_path / "data"), str(tmp_path / "log"), resume=str(tmp_path / "missing.pt"))
     results = mp.get_context("spawn").SimpleQueue()
-    mp.spawn(refused_resume_worker, args=(2, free_port(), cfg, results), nprocs=2)
+    mp.spawn(train_and_report, args=(2, free_port(), cfg, results), nprocs=2)
     outcome = sorted(results.get() for _ in range(2))
     message = f"checkpoint {tmp_path / 'missing.pt'} does not exist on any node"
     assert outcome == [(0, "UserError", message), (1, "FollowerStop", message)]
@@ -390,7 +391,7 @@ def test_a_setting_rank_0_refuses_stops_every_rank(tmp_path):
     data_dir = str(tmp_path / "data")
     train(tiny_config(data_dir, str(tmp_path / "d1"), max_steps=1, eval_every=0, checkpoint_every=1), DistContext())
     refused = tiny_config(data_dir, str(tmp_path / "log"), model="d2", resume=str(tmp_path / "d1" / "model_00001.pt"))
-    mp.spawn(refused_resume_worker, args=(2, free_port(), refused, results), nprocs=2)
+    mp.spawn(train_and_report, args=(2, free_port(), refused, results), nprocs=2)
     outcome = sorted(results.get() for _ in range(2))
     assert [(rank, kind) for rank, kind, _ in outcome] == [(0, "UserError"), (1, "FollowerStop")], outcome
     assert outcome[0][2] == outcome[1][2] and "differs from --model's" in outcome[0][2]
@@ -398,8 +399,6 @@ def test_a_setting_rank_0_refuses_stops_every_rank(tmp_path):
 
 def failed_write_worker(rank, world_size, port, cfg, results):
     """Rank 0 finds a directory where its step-2 checkpoint should go: the rename onto it fails."""
-    from test_train import close_gloo, init_gloo
-    ctx = init_gloo(rank, world_size, port)
     if rank == 0:
         original = train_gpt2.train_step
 
@@ -408,12 +407,7 @@ def failed_write_worker(rank, world_size, port, cfg, results):
             return original(*args, **kwargs)
 
         train_gpt2.train_step = blocking_step
-    try:
-        train(cfg, ctx)
-        results.put((rank, "trained", ""))
-    except train_gpt2.UserError as e:
-        results.put((rank, type(e).__name__, str(e)))
-    close_gloo()
+    train_and_report(rank, world_size, port, cfg, results)
 
 
 def test_a_checkpoint_rank_0_cannot_write_stops_every_rank(tmp_path):
