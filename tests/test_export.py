@@ -11,7 +11,6 @@ import logging
 import os
 import shutil
 import stat
-import socket
 import sys
 from pathlib import Path
 
@@ -52,22 +51,6 @@ def tiny_model(seed):
     with torch.no_grad():
         model.transformer.wte.weight[model.config.vocab_size:] = 50.0
     return model
-
-
-@pytest.fixture(scope="module")
-def offline():
-    """Offline mode for transformers and the hub, and any socket connection fails the test."""
-    import huggingface_hub.constants
-
-    def no_network(*args, **kwargs):
-        raise AssertionError(f"network access to {args}")
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        mp.setenv("TRANSFORMERS_OFFLINE", "1")
-        mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import, so set it too
-        mp.setattr(socket.socket, "connect", no_network)
-        yield
 
 
 @pytest.fixture(scope="module")

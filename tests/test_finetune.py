@@ -25,12 +25,7 @@ B, T, VAL_STEPS = 2, 16, 3
 HF_SHAPE = dict(n_layer=2, n_head=2, n_embd=32)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def offline():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        mp.setenv("TRANSFORMERS_OFFLINE", "1")
-        yield
+pytestmark = pytest.mark.usefixtures("offline")  # tests/conftest.py: no hub, no network
 
 
 @pytest.fixture(scope="module")

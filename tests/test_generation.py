@@ -26,12 +26,7 @@ VOCAB = 50257
 PROMPTS = ["Hello, I'm a language model,", "The", "def f(x):\n    return 2 * x"]  # 8, 1 and 13 tokens
 
 
-@pytest.fixture(scope="module", autouse=True)
-def offline():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        mp.setenv("TRANSFORMERS_OFFLINE", "1")
-        yield
+pytestmark = pytest.mark.usefixtures("offline")  # tests/conftest.py: no hub, no network
 
 
 def tiny_model(block_size, seed=0, vocab_multiple=64):
