@@ -500,9 +500,11 @@ DEMO = dict(model="d4", data_dir="data/pydoc", batch_size=4, seq_len=128, total_
 DEFAULT_MODEL = "gpt2"
 
 
-def validate(cfg, world_size):
+def validate(cfg, world_size, rank=0):
     """Every problem with the settings, as a list of one-line messages (empty when all is well).
-    It reads no files, so every rank finds the same problems; files are checked on rank 0."""
+    It reads no files, so every rank finds the same problems; files are checked on rank 0. The one
+    exception, the trackers' packages, is checked on rank 0 alone: only rank 0 opens the trackers, so
+    another node's Python install must not stop the run."""
     problems = []
     model_config = None
     if cfg.model or not cfg.init_from:  # with --init-from alone the shape is only known once it is read
@@ -558,7 +560,8 @@ def validate(cfg, world_size):
     for flag, on in (("--export-hf", cfg.export_hf), ("--generate", cfg.generate)):
         if on and world_size > 1:
             problems.append(f"{flag} runs in one process: run it with python, not torchrun")
-    problems += tracking.missing_packages(cfg.wandb, cfg.tensorboard)
+    if rank == 0:
+        problems += tracking.missing_packages(cfg.wandb, cfg.tensorboard)
     if cfg.async_checkpoint and not cfg.fsdp:
         problems.append("--async-checkpoint writes sharded checkpoints: it needs --fsdp")
     return problems
@@ -704,6 +707,7 @@ def train(cfg, dist_ctx, stop=None):
         with run.log:  # at the end, the trackers' runs finish (as failed when training raised)
             if cfg.eval_only:
                 run_evals(run, run.start_step)
+                dist_ctx.on_every_rank(lambda: raise_failure(run.log.failure))  # a log append that failed
                 return {"losses": [], "metrics": [], "val_loss": run.val_loss}
             losses, step_metrics, stopping = [], [], False
             for step in range(run.start_step, cfg.max_steps + 1):
@@ -965,7 +969,7 @@ def parse_config(argv=None):
 
 def main(argv=None):
     cfg = parse_config(argv)
-    problems = validate(cfg, int(os.environ.get("WORLD_SIZE", 1)))
+    problems = validate(cfg, int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0)))
     if problems:
         sys.exit("error: " + "\nerror: ".join(problems))
     stop = StopRequest()

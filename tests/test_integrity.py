@@ -312,10 +312,11 @@ def test_disk_full_during_a_checkpoint_is_one_line_and_keeps_the_earlier_one(tmp
         assert checkpoint["step"] == 2
 
 
-def test_disk_full_on_a_log_append_stops_cleanly(tmp_path, monkeypatch):
+@pytest.mark.parametrize("eval_only", [False, True])
+def test_disk_full_on_a_log_append_stops_cleanly(tmp_path, monkeypatch, eval_only):
     with tmpfs(tmp_path / "disk", "1m") as disk:
         cfg = tiny_config(make_data(tmp_path / "data"), str(disk / "log"), max_steps=4, checkpoint_every=0,
-                          eval_every=0)
+                          eval_every=0, eval_only=eval_only)
         prepare = checkpoints.RunLog.prepare
 
         def prepare_then_fill(log_dir, resume_step):

@@ -171,3 +171,5 @@ def test_a_missing_package_is_one_line_naming_pip(monkeypatch):
                         lambda name, *a: None if name == "wandb" else real_find_spec(name, *a))
     problems = train_gpt2.validate(train_gpt2.TrainConfig(wandb="proj", tensorboard=True), 1)
     assert problems == ["--wandb needs the wandb package: pip install wandb"]
+    # only rank 0 opens the trackers: another node without the package does not stop the run
+    assert train_gpt2.validate(train_gpt2.TrainConfig(wandb="proj", tensorboard=True), 2, rank=1) == []
