@@ -8,8 +8,9 @@ scratch copy of the repository, one at a time, and run the tests that should cat
 Before the mistakes, the chosen tests run once on the unchanged copy and must pass (a test that
 fails anyway catches nothing). Every mistake's original text must be present exactly once, so a
 refactor that moves the code makes this script fail loudly instead of checking a no-op. Exit status:
-0 when every mistake was caught, 1 when one was missed, 2 when the list no longer fits the code.
-Run on demand, not in CI: about 20 minutes on 2 cores."""
+0 when every mistake was caught (a named test failed), 1 when one was missed, or its run broke (a
+collection error) or hung, 2 when the list no longer fits the code.
+Run on demand, not in CI: about 6 minutes on 2 cores."""
 
 import argparse
 import os
@@ -44,9 +45,9 @@ MUTATIONS = [
                "    precision.scaler.step(optimizer)\n    precision.scaler.update()\n    check_finite(result, precision)\n")],
              [T + "test_step.py::test_nan_leaves_weights_and_optimizer_state_untouched"]),
     Mutation("stop_acted_on_4_steps_late", "train_gpt2.py",
-             [("        stopping = result.stop or (not dist_ctx.ddp and stop.requested)\n",
-               "        late = locals().get('late', 0) + bool(result.stop or (not dist_ctx.ddp and stop.requested))\n"
-               "        stopping = late > 4\n")],
+             [("                stopping = result.stop or (not dist_ctx.ddp and stop.requested)\n",
+               "                late = locals().get('late', 0) + bool(result.stop or (not dist_ctx.ddp and stop.requested))\n"
+               "                stopping = late > 4\n")],
              [T + "test_train.py::test_a_signal_stops_at_the_next_step_boundary_with_a_checkpoint"]),
     Mutation("benchmark_times_warmup", "train_gpt2.py",
              [('timed = train(run, dist_ctx, stop)["metrics"][BENCHMARK_WARMUP_STEPS:]',
@@ -83,8 +84,9 @@ MUTATIONS = [
              [("        return cfg.lr * (step + 1) / cfg.warmup_steps", "        return cfg.lr * step / cfg.warmup_steps")],
              [T + "test_train.py::test_lr_schedule"]),
     Mutation("tokens_per_sec_counts_evals", "train_gpt2.py",
-             [("        last_step = step == cfg.max_steps\n",
-               "        last_step = step == cfg.max_steps\n        loop_started = __import__('time').perf_counter()\n"),
+             [("                last_step = step == cfg.max_steps\n",
+               "                last_step = step == cfg.max_steps\n"
+               "                loop_started = __import__('time').perf_counter()\n"),
               ("step_metrics.append(log_step(run, step, result, timer.seconds))",
                "step_metrics.append(log_step(run, step, result, __import__('time').perf_counter() - loop_started))")],
              [T + "test_train.py::test_tokens_per_second_counts_the_training_step_alone"]),
@@ -127,7 +129,7 @@ MUTATIONS = [
              [T + "test_fineweb.py::test_token_ids_beyond_gpt2_vocabulary_are_refused_before_writing"]),
     # ---- checkpoints
     Mutation("optimizer_state_not_restored", "gpt2lib/start.py",
-             [('    optimizer.load_state_dict(checkpoint["optimizer"])\n', "")],
+             [('            optimizer.load_state_dict(checkpoint["optimizer"])\n', "            pass\n")],
              [T + "test_train.py::test_resume_is_bitwise_identical_single_process"]),
     Mutation("data_position_not_restored", "gpt2lib/start.py",
              [('    train_loader.load_state_dict(checkpoint["loader"][dist_ctx.rank if same_world else 0])\n', "")],
@@ -174,8 +176,16 @@ def scratch_copy(target):
             shutil.copy2(source, os.path.join(target, rel))
 
 
+def mutated_text(text, mutation):
+    for old, new in mutation.edits:
+        text = text.replace(old, new)
+    return text
+
+
 def check_fits(mutations):
-    """Each original text must occur exactly once in its file: else the mistake would be a no-op."""
+    """Each original text must occur exactly once in its file (else the mistake would be a no-op), and
+    the mistaken file must still compile (else the tests would fail on a syntax error, not on the
+    mistake: an original that lost its indentation still matches inside a deeper-indented line)."""
     problems = []
     for m in mutations:
         with open(os.path.join(REPO, m.path)) as f:
@@ -183,20 +193,27 @@ def check_fits(mutations):
         for original, _ in m.edits:
             if text.count(original) != 1:
                 problems.append(f"{m.name}: {m.path} holds its original text {text.count(original)} times, not once")
+        try:
+            compile(mutated_text(text, m), m.path, "exec")
+        except SyntaxError as e:
+            problems.append(f"{m.name}: the mistaken {m.path} does not compile ({e.msg}, line {e.lineno})")
     return problems
 
 
 def run_tests(copy, node_ids):
-    """(passed, seconds, output tail) of pytest -x -q on node_ids in the scratch copy."""
+    """(outcome, seconds, output tail) of pytest -x -q on node_ids in the scratch copy. outcome: "passed",
+    "failed" (a test failed: pytest's exit status 1), "broken" (any other status: collection or usage
+    errors) or "hung" (past TIMEOUT_S). Only "failed" counts as catching a mistake."""
     env = {**os.environ, "PYTHONPATH": copy, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
     started = time.time()
     try:
         result = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:warnings", "-p", "no:cacheprovider",
                                  *node_ids], cwd=copy, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
-        passed, output = result.returncode == 0, result.stdout + result.stderr
+        outcome = {0: "passed", 1: "failed"}.get(result.returncode, "broken")
+        output = result.stdout + result.stderr
     except subprocess.TimeoutExpired:
-        passed, output = False, f"timed out after {TIMEOUT_S} s"
-    return passed, time.time() - started, output[-2000:]
+        outcome, output = "hung", f"timed out after {TIMEOUT_S} s"
+    return outcome, time.time() - started, output[-2000:]
 
 
 def main(argv=None):
@@ -222,8 +239,8 @@ def main(argv=None):
         scratch_copy(copy)
         if not args.no_baseline:
             node_ids = list(dict.fromkeys(t for m in chosen for t in m.tests))
-            passed, seconds, output = run_tests(copy, node_ids)
-            if not passed:
+            outcome, seconds, output = run_tests(copy, node_ids)
+            if outcome != "passed":
                 print(f"error: the tests fail without any mistake ({seconds:.0f} s):\n{output}", file=sys.stderr)
                 return 2
             print(f"baseline: {len(node_ids)} tests pass on the unchanged code ({seconds:.0f} s)", flush=True)
@@ -232,19 +249,19 @@ def main(argv=None):
             path = os.path.join(copy, m.path)
             with open(path) as f:
                 original = f.read()
-            mutated = original
-            for old, new in m.edits:
-                mutated = mutated.replace(old, new)
             with open(path, "w") as f:
-                f.write(mutated)
+                f.write(mutated_text(original, m))
             try:
-                passed, seconds, output = run_tests(copy, m.tests)
+                outcome, seconds, output = run_tests(copy, m.tests)
             finally:
                 with open(path, "w") as f:
                     f.write(original)
-            print(f"{'missed' if passed else 'caught'} {m.name} ({seconds:.0f} s)", flush=True)
-            if passed:
+            verdict = {"failed": "caught", "passed": "missed"}.get(outcome, outcome)
+            print(f"{verdict} {m.name} ({seconds:.0f} s)", flush=True)
+            if verdict != "caught":
                 missed.append(m.name)
+            if verdict in ("broken", "hung"):
+                print(output, flush=True)
     minutes = (time.time() - started) / 60
     print(f"{len(chosen) - len(missed)}/{len(chosen)} caught in {minutes:.1f} min")
     return 1 if missed else 0
