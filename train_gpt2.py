@@ -865,7 +865,8 @@ def choose_start(cfg, holder):
     if cfg.seq_len > config["block_size"]:
         raise UserError(f"--seq-len {cfg.seq_len} exceeds the block size {config['block_size']} of {source}")
     run_id = (checkpoint or {}).get("run_id") or uuid.uuid4().hex  # checkpoints from before run ids get one
-    moved = holder is not None and holder.rank != 0
+    # rank 0 is on another node: it takes over the run's logs, when the checkpoint is in this log dir
+    moved = holder is not None and holder.rank != 0 and checkpoints.continues_in(cfg.log_dir, holder.path)
     return Start(config, checkpoint, weights, run_id, resume.read_logs(cfg.log_dir) if moved else None)
 
 

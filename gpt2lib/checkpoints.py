@@ -264,6 +264,13 @@ def find_resume_checkpoint(resume, log_dir, layout=None, training=True):
     return None, None
 
 
+def continues_in(log_dir, resume_path):
+    """Whether resuming resume_path (None: a fresh start) continues the run whose logs are in log_dir:
+    the checkpoint lies in that directory."""
+    return resume_path is not None and os.path.isdir(log_dir) and \
+        os.path.samefile(os.path.dirname(os.path.abspath(resume_path)), log_dir)
+
+
 def files_of_other_runs(log_dir, resume_path, resume_step):
     """(files to move, files to copy) out of log_dir before this run starts. On a fresh start, or when
     resuming from a checkpoint kept elsewhere, everything in log_dir belongs to another run. Resuming
@@ -274,9 +281,7 @@ def files_of_other_runs(log_dir, resume_path, resume_step):
     checkpoints = list_checkpoints(log_dir)
     logs = [os.path.join(log_dir, name) for name in LOG_FILES
             if os.path.isfile(os.path.join(log_dir, name)) and os.path.getsize(os.path.join(log_dir, name))]
-    continues_here = resume_path is not None and \
-        os.path.samefile(os.path.dirname(os.path.abspath(resume_path)), log_dir)
-    if not continues_here:  # W&B and TensorBoard files go too: this run starts its own
+    if not continues_in(log_dir, resume_path):  # W&B and TensorBoard files go too: this run starts its own
         trackers = [os.path.join(log_dir, name) for name in tracking.PATHS if os.path.exists(os.path.join(log_dir, name))]
         return checkpoints + logs + trackers, []
     newer = [path for path in checkpoints if checkpoint_step(path) > resume_step]

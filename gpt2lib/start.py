@@ -79,8 +79,9 @@ def agree_on_start(cfg, dist_ctx, choose_start, layout):
     start = dist_ctx.decide(lambda: choose_start(holder), src=holder.rank if holder else 0)
     resume_step = start.checkpoint["step"] if start.checkpoint else None
     if holder is not None and holder.rank != 0 and dist_ctx.master_process:
+        logs = f"; its logs continue in this node's {cfg.log_dir}" if start.logs is not None else ""
         print(f"resuming from another node: {holder.host} (rank {holder.rank}) holds the newest checkpoint, "
-              f"{holder.path} at step {resume_step}; its logs continue in this node's {cfg.log_dir}")
+              f"{holder.path} at step {resume_step}{logs}")
     here = holder.path if holder is not None and holder.rank == 0 else None
     dist_ctx.decide(lambda: checkpoints.prepare_run_dir(cfg.log_dir, here, resume_step, start.logs))
     return start

@@ -4,6 +4,7 @@ ranks swapped; then with torchrun's c10d rendezvous and --max-restarts, where a 
 replacement joins the re-run rendezvous behind the surviving node, which becomes rank 0."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -106,6 +107,14 @@ def test_resume_path_on_another_node_is_found_and_a_path_no_node_has_is_one_line
     assert [rc for rc, _, _ in found] == [0, 0], found
     assert "log/model_00002.pt at step 2" in found[0][1] and "resuming at step 2" in found[0][1]
     assert sorted(logged(b / "log")) == [0, 1, 2, 3]
+    # a PATH outside the node's log dir is another run's checkpoint: its weights come along, not that
+    # log dir's logs (as when rank 0 itself holds such a file)
+    (a / "kept").mkdir()
+    shutil.copy(a / "log" / "model_00002.pt", a / "kept" / "model_00002.pt")
+    outside = run_nodes([b, a], run + ["--resume", "kept/model_00002.pt"])
+    assert [rc for rc, _, _ in outside] == [0, 0], outside
+    assert "kept/model_00002.pt at step 2\n" in outside[0][1] and "its logs continue" not in outside[0][1]
+    assert sorted(logged(b / "log")) == [2, 3]  # not A's log/ steps 0-3
 
 
 # ---- torchrun --max-restarts with the c10d rendezvous: a node dies, its replacement joins
