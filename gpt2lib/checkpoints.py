@@ -27,7 +27,7 @@ from dataclasses import asdict
 import torch
 
 from gpt2lib import tracking
-from gpt2lib.common import UserError, atomic_write, check_model_shape, one_line
+from gpt2lib.common import UserError, atomic_write, check_model_shape, disk_errors, one_line
 
 # the model config a checkpoint stores: train_gpt2.GPTConfig's fields (a test keeps the two equal)
 MODEL_CONFIG_KEYS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "vocab_multiple")
@@ -379,10 +379,12 @@ def begin_sharded_checkpoint(log_dir, step):
     if os.path.exists(partial):
         if not os.path.isfile(os.path.join(partial, OWNER)):
             raise UserError(f"{partial} is in the way and was not written by train_gpt2.py: move it elsewhere")
-        shutil.rmtree(partial)
-    os.makedirs(partial)
-    with open(os.path.join(partial, OWNER), "w"):
-        pass
+    with disk_errors(partial, "create the checkpoint directory"):
+        if os.path.exists(partial):
+            shutil.rmtree(partial)
+        os.makedirs(partial)
+        with open(os.path.join(partial, OWNER), "w"):
+            pass
     return partial
 
 
@@ -424,7 +426,8 @@ def finish_sharded_checkpoint(directory, step, config, precision, cfg, val_loss,
     atomic_write(os.path.join(directory, TRAIN_STATE), lambda f: torch.save(state, f))
     atomic_write(os.path.join(directory, COMPLETE), lambda f: f.write(b"complete\n"))
     path = os.path.join(cfg.log_dir, f"model_{step:05d}")
-    os.rename(directory, path)
+    with disk_errors(path, "rename the written checkpoint into place"):
+        os.rename(directory, path)
     remove_old_checkpoints(cfg, step)
     return path
 
@@ -532,9 +535,11 @@ def prepare_run_dir(log_dir, resume_path, resume_step, logs=None):
         aside = set_aside(log_dir, move, copy)
         print(f"{log_dir} held files this run does not continue: moved them to {aside} "
               f"({', '.join(sorted(os.listdir(aside)))})")
-    os.makedirs(log_dir, exist_ok=True)
+    with disk_errors(log_dir, "create this log directory"):
+        os.makedirs(log_dir, exist_ok=True)
     for name, data in (logs or {}).items():
-        os.makedirs(os.path.dirname(os.path.join(log_dir, name)), exist_ok=True)  # tensorboard/
+        with disk_errors(log_dir, "create a directory in it"):
+            os.makedirs(os.path.dirname(os.path.join(log_dir, name)), exist_ok=True)  # tensorboard/
         atomic_write(os.path.join(log_dir, name), lambda f: f.write(data))
     RunLog.prepare(log_dir, resume_step)
 
@@ -542,9 +547,14 @@ def prepare_run_dir(log_dir, resume_path, resume_step, logs=None):
 def write_probe(log_dir):
     """On rank 0: an empty file in log_dir with a name no other run uses; the other ranks look for it."""
     path = os.path.join(log_dir, f".shared_probe_{os.getpid()}_{os.urandom(4).hex()}")
-    with open(path, "w"):
+    with disk_errors(path, "write"), open(path, "w"):
         pass
     return path
+
+
+def remove_probe(path):
+    with disk_errors(path, "remove"):
+        os.remove(path)
 
 
 def save(step, run):

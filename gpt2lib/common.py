@@ -44,6 +44,16 @@ def write_failure(error):
     return None
 
 
+@contextlib.contextmanager
+def disk_errors(path, doing):
+    """An OSError inside (disk full, permissions, a file in the way) becomes a one-line UserError:
+    `path: cannot <doing> (<the error>): check free space and permissions`."""
+    try:
+        yield
+    except OSError as e:
+        raise UserError(f"{path}: cannot {doing} ({one_line(e)}): check free space and permissions") from None
+
+
 def temp_name(path):
     """A temporary file name next to path, unique to this writer (host, process, random part), so two
     writers never share one. temp_pattern recognises it, and the `.tmp` names of earlier versions."""

@@ -7,7 +7,7 @@ import fcntl
 import os
 import socket
 
-from gpt2lib.common import UserError, one_line, temp_pattern
+from gpt2lib.common import UserError, disk_errors, one_line, temp_pattern
 
 LOCK_NAME = ".lock"
 
@@ -16,11 +16,8 @@ def make_directory(directory, flag):
     """Create directory (and its parents); a file in its place or a failure is a one-line UserError."""
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise UserError(f"{flag} {directory} is a file, not a directory: choose another {flag}")
-    try:
+    with disk_errors(f"{flag} {directory}", "create this output directory"):
         os.makedirs(directory, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"{flag} {directory}: cannot create this output directory ({one_line(e)}): "
-                        "check free space and permissions") from None
 
 
 class DirectoryLock:

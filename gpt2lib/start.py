@@ -115,7 +115,7 @@ def check_shared_log_dir(log_dir, dist_ctx):
     directory. Said at start, on every rank, rather than found out at the first resume."""
     probe = dist_ctx.decide(lambda: checkpoints.write_probe(log_dir))
     blind = [rank for rank, seen in enumerate(dist_ctx.gather_objects(os.path.exists(probe))) if not seen]
-    dist_ctx.decide(lambda: os.remove(probe))
+    dist_ctx.decide(lambda: checkpoints.remove_probe(probe))
     if blind:
         message = (f"--fsdp: rank(s) {', '.join(map(str, blind))} do not see --log-dir {log_dir} as rank 0 does: "
                    "sharded checkpoints need a log dir on a filesystem every node shares (or train without --fsdp)")

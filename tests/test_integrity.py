@@ -377,6 +377,19 @@ def test_a_set_aside_that_fails_puts_everything_back_and_is_one_line(tmp_path, m
         assert listing(disk / "log") == before  # every file in place, unchanged; no previous_1, no copy
 
 
+def test_sharded_checkpoint_and_probe_writes_that_fail_are_one_line(tmp_path):
+    """The writes rank 0 makes through DistContext.decide outside atomic_write: a failure there is a
+    UserError naming the path, not a traceback."""
+    with tmpfs(tmp_path / "disk", "1m", ",nr_inodes=4") as disk:
+        fill(disk)
+        for write in (lambda: checkpoints.begin_sharded_checkpoint(str(disk), 2),
+                      lambda: checkpoints.write_probe(str(disk))):
+            with pytest.raises(UserError) as e:
+                write()
+            assert str(e.value).startswith(str(disk)) and "No space left on device" in str(e.value), e.value
+            assert "\n" not in str(e.value)
+
+
 def test_read_only_log_dir_and_an_impossible_model_are_one_line(tmp_path):
     with tmpfs(tmp_path / "ro", "1m", ",ro") as ro:
         for log_dir in (ro, ro / "log"):  # an existing read-only dir, and one that cannot be created
