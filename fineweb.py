@@ -405,8 +405,9 @@ def run(args):
     import datasets  # noqa: F401
     settings = {"format": MANIFEST_FORMAT, "tokenizer": "gpt2", "prefix": args.prefix,
                 "shard_size": args.shard_size, "source": source_of(args)}
-    # one writer per --out: a second run stops here; an interrupted write's temporary files go
-    with rundir.held(args.out, "--out", re.escape(args.prefix) + "_.*"):
+    # one writer per --out: a second run stops here; an interrupted write's temporary files (of the
+    # shard and manifest names this script writes, nothing else) go
+    with rundir.held(args.out, "--out", re.escape(args.prefix) + r"_(?:(?:val|train)_\d{6,}\.npy|manifest\.json)"):
         return tokenize_into(args, settings)
 
 

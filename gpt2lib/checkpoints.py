@@ -38,7 +38,7 @@ COMPLETE = "COMPLETE"  # written into a sharded checkpoint last, before the rena
 OWNER = ".train_gpt2"  # in every directory this project writes, partial or complete
 LOG_FILES = ("log.txt", "metrics.jsonl")
 # the files a run writes into --log-dir, whose leftover temporary files a later run removes
-RUN_FILE_NAMES = r"model_\d+\.pt|log\.txt|metrics\.jsonl"
+RUN_FILE_NAMES = r"model_\d+\.pt|log\.txt|metrics\.jsonl|" + re.escape(tracking.WANDB_ID_FILE)
 CHECKSUM_KEY, CHECKSUM_ALGORITHM = "checksum", "xxh3_128"
 LOADER_KEYS = ("split", "epoch", "position", "shuffle_seed", "shards", "shard_lengths")
 

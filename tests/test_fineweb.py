@@ -336,13 +336,15 @@ def test_rerun_skips_complete_output_and_repairs_a_damaged_shard(tmp_path, enc, 
     assert os.stat(shard2).st_mtime_ns == stamp
 
     shard2.write_bytes(shard2.read_bytes()[:300])  # e.g. a partial copy: np.load now fails
-    leftovers = [tmp_path / "out" / "edufineweb_train_000099.npy.tmp", tmp_path / "out" / "other_val_000000.npy.tmp"]
+    leftovers = [tmp_path / "out" / "edufineweb_train_000099.npy.tmp", tmp_path / "out" / "other_val_000000.npy.tmp",
+                 tmp_path / "out" / "edufineweb_notes.tmp"]  # the last: a user's file with our prefix
     for t in leftovers:
         t.write_bytes(b"half written")
     run_main(*args)
     assert "continuing after 2 existing" in capsys.readouterr().out
     check_shards(read_shards(tmp_path / "out", "edufineweb"), 500, expected)
-    assert not leftovers[0].exists() and leftovers[1].exists()  # our temp files go, others' stay
+    # our temp files go; others' stay, even under our prefix
+    assert not leftovers[0].exists() and leftovers[1].exists() and leftovers[2].exists()
 
     shard1 = tmp_path / "out" / "edufineweb_train_000001.npy"
     np.save(shard1, np.load(shard1).astype(np.int32))  # loads fine, but not a uint16 shard

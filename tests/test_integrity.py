@@ -239,7 +239,7 @@ def test_a_second_run_into_a_busy_log_dir_stops_and_the_first_ends_as_if_alone(t
     log = tmp_path / "log"
     log.mkdir()
     # what an earlier killed run left: its temporary files go, a user's look-alike stays
-    leftovers = ["model_00002.pt.tmp", "log.txt.tmp.node7.4242.0badf00d"]
+    leftovers = ["model_00002.pt.tmp", "log.txt.tmp.node7.4242.0badf00d", "wandb_run_id.tmp.node7.4242.0badf00d"]
     for name in leftovers + ["model_00002.pt.tmp.notes"]:
         (log / name).write_text("x")
     base = TINY_CLI + ["--data-dir", "data", "--resume", "none"]
