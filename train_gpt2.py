@@ -33,7 +33,7 @@ from torch.utils.checkpoint import checkpoint
 from gpt2lib import checkpoints, hf, parallel, resume, rundir, tracking
 from gpt2lib.checkpoints import finish_save, save
 from gpt2lib.common import (DTYPES, GPT2_EOT, GPT2_VOCAB_SIZE, Precision, UserError, canonical_dtype, check_model_shape,
-                            get_encoding, one_line, pick_device, raise_failure, resolve_dtype)
+                            get_encoding, pick_device, raise_failure, resolve_dtype)
 from gpt2lib.distributed import DistContext, FollowerStop, StopRequest, close_process_group, setup_distributed
 from gpt2lib.evals import StepTimer, log_step, report_benchmark, run_evals
 from gpt2lib.flags import FLAG_HELP
@@ -291,12 +291,9 @@ class GPT(nn.Module):
     def from_checkpoint(cls, path):
         """The model of a training checkpoint (log_dir/model_XXXXX.pt, or a sharded log_dir/model_XXXXX/
         directory, its shards gathered), on the CPU, verified first (checksum, shape, every weight)."""
-        checkpoint = checkpoints.read_checkpoint(path, layout=checkpoint_layout)
+        checkpoint = checkpoints.read_checkpoint(path, layout=checkpoint_layout)  # every key and shape checked
         model = cls(GPTConfig(**checkpoint["config"]))
-        try:
-            model.load_state_dict(checkpoint["model"])
-        except RuntimeError as e:
-            raise UserError(f"checkpoint {path}: the weights do not fit its config ({one_line(e)})") from None
+        model.load_state_dict(checkpoint["model"])
         return model
 
 

@@ -6,7 +6,13 @@
     shards          token shard files: naming and opening (build-nanogpt's .npy, llm.c's .bin)
     checkpoints     checkpoint files (checksum, structure checks), the resume choice, other runs set aside, the run log
     rundir          one writer per directory: the OS lock on --log-dir and --out, leftovers of killed writers
-    distributed     process groups and rank-0 decisions shared with every rank
+    distributed     process groups, each torchrun attempt's store, rank-0 decisions shared with every rank
+    resume          which checkpoint a run resumes from when its nodes do not share a filesystem
+    start           the run's start: resume checks, restore, loaders, the HellaSwag data
+    parallel        FSDP2 sharding, DDP/compile wrapping, full weights for evals and samples
+    evals           step timing and metrics, val loss, HellaSwag during training, benchmark summary
+    sampling        KV-cache generation and the printed samples
+    flags           train_gpt2.py's --help texts
     metrics         FLOPs per token and GPU peak FLOP/s, for MFU
     tracking        W&B and TensorBoard: every metrics.jsonl row, rank 0 only, optional packages
     hellaswag_data  HellaSwag's jsonl: download, validation, reading

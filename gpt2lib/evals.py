@@ -88,11 +88,9 @@ def evaluate_val_loss(model, val_loader, val_steps, precision, dist_ctx, loss_im
 def evaluate_hellaswag(raw_model, examples, precision, dist_ctx):
     """acc_norm over all of HellaSwag's val split, examples divided among the ranks. Runs on the
     uncompiled module (sharing weights with the compiled one), so new shapes never recompile."""
-    raw_model.eval()
     with parallel.full_weights(raw_model):  # with --fsdp: the ranks' shares differ in size
         counts = hellaswag_counts(raw_model, examples, dist_ctx.device, rank=dist_ctx.rank,
                                   world_size=dist_ctx.world_size, autocast_dtype=precision.dtype)
-    raw_model.train()
     n, correct, correct_norm = dist_ctx.sum(counts.to(torch.float64)).tolist()
     return {"n": int(n), "acc": correct / n, "acc_norm": correct_norm / n}
 

@@ -243,7 +243,7 @@ def meet(store_port, ranks, world_size, delays):
 def test_each_attempt_gets_one_fresh_prefix_even_when_ranks_arrive_before_rank_0():
     server = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     first = meet(server.port, range(3), 3, delays={})
-    assert len(set(first.values())) == 1
+    assert sorted(first) == [0, 1, 2] and len(set(first.values())) == 1, first
     # the next attempt finds the first one's questions and answers in the store; ranks 1 and 2 ask
     # before rank 0 starts, then rank 0 comes; then again with rank 0 first
     second = meet(server.port, range(3), 3, delays={0: 0.5})
