@@ -778,7 +778,8 @@ def setup_run(cfg, dist_ctx):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left outside autocast
         torch.backends.cudnn.allow_tf32 = True
-    precision = Precision(resolve_dtype(cfg.dtype, device), device)
+    # --dtype auto depends on the GPU: rank 0's choice holds for all, or mixed nodes would mix fp16 and bf16
+    precision = Precision(dist_ctx.decide(lambda: resolve_dtype(cfg.dtype, device)), device)
     train_loader, val_loader = make_loaders(cfg, dist_ctx, DataLoaderLite)
     start = agree_on_start(cfg, dist_ctx, lambda holder: choose_start(cfg, holder), checkpoint_layout)
     if cfg.fsdp and not cfg.eval_only:
