@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 
 from gpt2lib import tracking
 from gpt2lib.checkpoints import LOG_FILES, TRAIN_STATE, find_resume_checkpoint
-from gpt2lib.common import UserError
+from gpt2lib.common import UserError, one_line
 from gpt2lib.distributed import FollowerStop
 
 
@@ -29,6 +29,7 @@ class Holding:
     run_id: str | None  # None for checkpoints written before runs had an id
     digest: str | None = None  # of the file; computed only when two nodes hold the same step
     checkpoint: dict | None = field(default=None, repr=False)  # stays on the holder: never gathered
+    damaged: str | None = None  # under auto: why this node has checkpoints but none good (path None)
 
     def where(self):
         return f"{self.host} (rank {self.rank}) {self.path}"
@@ -41,7 +42,13 @@ def local_holding(resume, log_dir, layout, dist_ctx):
         return None
     if resume != "auto" and not os.path.exists(resume):
         return None  # another node may have it
-    path, checkpoint = find_resume_checkpoint(resume, log_dir, layout)
+    try:
+        path, checkpoint = find_resume_checkpoint(resume, log_dir, layout)
+    except UserError as e:
+        if resume != "auto":
+            raise
+        # every checkpoint here is damaged: a good one on another node may still do
+        return Holding(dist_ctx.rank, socket.gethostname(), None, -1, None, damaged=str(e))
     if checkpoint is None:
         return None
     return Holding(dist_ctx.rank, socket.gethostname(), path, checkpoint["step"], checkpoint.get("run_id"),
@@ -53,15 +60,22 @@ def file_digest(path):
     data positions and RNG states, and differs between any two histories."""
     if os.path.isdir(path):
         path = os.path.join(path, TRAIN_STATE)
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "blake2b").hexdigest()
+    try:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "blake2b").hexdigest()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read it again ({one_line(e)})") from None
 
 
 def newest(reports, resume):
     """The reports that hold the newest checkpoint (several when nodes hold the same step), or []
     to start without one. The same reports give the same answer on every rank."""
-    found = [r for r in reports if r is not None]
+    found = [r for r in reports if r is not None and r.damaged is None]
     if not found:
+        damaged = [r for r in reports if r is not None]
+        if damaged:  # and no node has a good one
+            r = damaged[0]
+            raise UserError(r.damaged if r.rank == 0 else f"{r.host} (rank {r.rank}): {r.damaged}")
         if resume not in ("auto", "none"):
             where = " on any node" if len(reports) > 1 else ""
             raise UserError(f"checkpoint {resume} does not exist{where}")
@@ -94,7 +108,8 @@ def find_holder(resume, log_dir, layout, dist_ctx):
         candidates = newest(reports, resume)
         if len(candidates) > 1:
             holds_one = mine is not None and any(r.rank == mine.rank for r in candidates)
-            digests = dist_ctx.gather_objects(file_digest(mine.path) if holds_one else None)
+            digest = dist_ctx.on_every_rank(lambda: file_digest(mine.path) if holds_one else None)
+            digests = dist_ctx.gather_objects(digest)
             candidates = [replace(r, digest=digests[r.rank]) for r in candidates]
             check_same_contents(candidates)
     except UserError as e:  # every rank found the same problem in the same reports; rank 0 says it

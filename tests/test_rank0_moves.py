@@ -93,6 +93,38 @@ def test_a_node_holding_another_runs_checkpoint_is_refused_and_nothing_moves(tmp
     assert {node: {n: digest(node / "log" / n) for n in checkpoints(node / "log")} for node in (a, b)} == digests
 
 
+def test_a_node_whose_checkpoints_are_all_damaged_resumes_from_another_nodes_good_one(tmp_path):
+    """Rank 0's node holds only damaged checkpoints, node B a good copy: the run resumes B's (it used
+    to stop, and the suggested --resume none would have thrown B's away); with none good anywhere,
+    one line as before."""
+    from test_integrity import flip_bytes
+
+    a, b = tmp_path / "A", tmp_path / "B"
+    for node in (a, b):
+        make_data(node / "data")
+    run = ARGS[:ARGS.index("--max-steps")] + ["--max-steps", "4"] + ARGS[ARGS.index("--max-steps") + 2:]
+    assert [rc for rc, _, _ in run_nodes([a, b], run)] == [0, 0]
+    (b / "log").mkdir()
+    shutil.copy(a / "log" / "model_00002.pt", b / "log" / "model_00002.pt")
+    for name in checkpoints(a / "log"):
+        flip_bytes(a / "log" / name)
+    longer = ARGS[:ARGS.index("--max-steps")] + ["--max-steps", "6"] + ARGS[ARGS.index("--max-steps") + 2:]
+    resumed = run_nodes([a, b], longer)
+    assert [rc for rc, _, _ in resumed] == [0, 0], resumed
+    assert "(rank 1) holds the newest checkpoint, log/model_00002.pt at step 2" in resumed[0][1], resumed[0][1]
+    assert "resuming at step 2" in resumed[0][1]
+    # A's damaged checkpoints were set aside, not deleted
+    assert sorted(os.listdir(a / "log" / "previous_1")) == ["log.txt", "metrics.jsonl", "model_00002.pt",
+                                                            "model_00004.pt"]
+    for name in checkpoints(b / "log"):
+        flip_bytes(b / "log" / name)
+    for name in checkpoints(a / "log"):
+        flip_bytes(a / "log" / name)
+    nothing_good = run_nodes([a, b], longer)
+    assert all(rc != 0 for rc, _, _ in nothing_good)
+    assert nothing_good[0][2].splitlines()[0].startswith("error: every checkpoint in log is damaged")
+
+
 def test_resume_path_on_another_node_is_found_and_a_path_no_node_has_is_one_line(tmp_path):
     a, b = tmp_path / "A", tmp_path / "B"
     for node in (a, b):
