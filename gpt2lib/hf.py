@@ -256,7 +256,8 @@ def replace_directory(new, directory):
     except BaseException:
         os.rename(old, directory)
         raise
-    shutil.rmtree(old)
+    # the new export is in place; an earlier one that cannot be removed now goes with the next export
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_hf_checkpoint(model, directory):
