@@ -34,7 +34,8 @@ from gpt2lib import checkpoints, hf, parallel, resume, rundir, tracking
 from gpt2lib.checkpoints import finish_save, save
 from gpt2lib.common import (DTYPES, GPT2_EOT, GPT2_VOCAB_SIZE, Precision, UserError, canonical_dtype, check_model_shape,
                             get_encoding, pick_device, raise_failure, resolve_dtype)
-from gpt2lib.distributed import DistContext, FollowerStop, StopRequest, close_process_group, setup_distributed
+from gpt2lib.distributed import (DistContext, FollowerStop, StopRequest, close_process_group, end_process,
+                                 setup_distributed)
 from gpt2lib.evals import StepTimer, log_step, report_benchmark, run_evals
 from gpt2lib.flags import FLAG_HELP
 from gpt2lib.losses import LOSS_IMPLS, chunked_cross_entropy
@@ -981,8 +982,8 @@ def main(argv=None):
             signal.signal(signum, stop)
         dist_ctx = setup_distributed(cfg.device, group_of_one=cfg.fsdp)
         (benchmark if cfg.benchmark else train)(cfg, dist_ctx, stop)
-    # exit only once the process group is gone: raised in here, the exit would keep the error's traceback,
-    # and with it the model, alive past close_process_group
+    # exit only once the process group is gone (raised in here, the exit would keep the error's traceback,
+    # and with it the model, alive past close_process_group), and then by end_process: see there
     except FollowerStop:
         exit_code = 2  # rank 0 prints the reason
     except UserError as e:
@@ -992,7 +993,9 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         exit_code = 1
     finally:
-        close_process_group()
+        had_group = close_process_group()
+    if had_group:
+        end_process(exit_code)
     if exit_code:
         sys.exit(exit_code)
 

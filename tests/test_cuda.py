@@ -17,10 +17,9 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from gpt2lib import hellaswag_scoring
-from gpt2lib.distributed import close_process_group
 from test_hellaswag import example_losses
 from test_model import PADDED_VOCAB, VOCAB, perturb_, rel_err
-from test_train import final_weights, free_port, make_data, tiny_config
+from test_train import end_worker, final_weights, free_port, make_data, tiny_config
 from train_gpt2 import GPT, LOSS_IMPLS, DistContext, GPTConfig, config_for, configure_optimizer, train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -162,10 +161,8 @@ def test_hellaswag_on_the_gpu_counts_like_the_cpu():
 def ddp_worker(rank, world_size, port, cfg):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
-        train(cfg, DistContext(rank=rank, local_rank=0, world_size=world_size, device=CUDA))
-    finally:
-        close_process_group()
+    train(cfg, DistContext(rank=rank, local_rank=0, world_size=world_size, device=CUDA))
+    end_worker()
 
 
 def test_two_ranks_on_one_gpu_match_one_rank(tmp_path):

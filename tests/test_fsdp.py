@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 import train_gpt2
 from gpt2lib import checkpoints
 from gpt2lib.distributed import close_process_group
-from test_train import close_gloo, free_port, init_gloo, install_stop_after, logged, make_data, tiny_config, write_hellaswag
+from test_train import end_worker, free_port, init_gloo, install_stop_after, logged, make_data, tiny_config, write_hellaswag
 from train_gpt2 import GPT, DistContext, train
 
 
@@ -30,7 +30,7 @@ def runs_worker(rank, world_size, port, cfgs, stopped_cfg):
     if stopped_cfg is not None:
         install_stop_after(1)
         train(stopped_cfg, ctx)
-    close_gloo()
+    end_worker()
 
 
 def spawn_runs(*cfgs, stopped=None, world_size=2):
@@ -298,7 +298,7 @@ def sync_and_memory_worker(rank, world_size, port, data_dir, results):
     report = sync_and_memory_report(rank, ctx, data_dir)  # its sharded models are garbage once it returns
     if rank == 0:
         torch.save(report, results)
-    close_gloo()
+    end_worker()
 
 
 def test_reduce_scatters_recompute_and_bytes_per_rank(tmp_path):

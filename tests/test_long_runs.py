@@ -129,12 +129,51 @@ def torchrun(args, cwd, nnodes=1, node_rank=0, nproc=1, port=None, extra=()):
                             stderr=subprocess.PIPE, text=True)
 
 
+def finish(procs, timeout=300):
+    """[(returncode, stdout, stderr)] of each process once it ends. Each is printed too: pytest shows
+    them whole when the test fails, where an assertion's message would be cut short."""
+    results = []
+    for n, proc in enumerate(procs):
+        out, err = proc.communicate(timeout=timeout)
+        print(f"---- process {n}: exit code {proc.returncode}\n{out}\n---- its stderr\n{err}")
+        results.append((proc.returncode, out, err))
+    return results
+
+
 def two_nodes(tmp_path, args):
     """Two single-process 'nodes' of one run, each in its own working directory (no shared files)."""
     port = free_port()
-    procs = [torchrun(args, tmp_path / f"node{n}", nnodes=2, node_rank=n, port=port) for n in (0, 1)]
-    outputs = [p.communicate(timeout=300) for p in procs]
-    return [(p.returncode, out, err) for p, (out, err) in zip(procs, outputs)]
+    return finish([torchrun(args, tmp_path / f"node{n}", nnodes=2, node_rank=n, port=port) for n in (0, 1)])
+
+
+# a process that had a DDP model's process group, ending as train_gpt2.main() ends it
+ENDS = """
+import atexit, sys, torch
+from gpt2lib.distributed import close_process_group, end_process
+torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 4))
+model(torch.randn(2, 4)).sum().backward()
+atexit.register(lambda: open(sys.argv[1], "w").close())
+print("last line", end="")
+print("last error line", end="", file=sys.stderr)
+close_process_group()
+end_process(3)
+"""
+
+
+def test_a_process_that_had_a_process_group_ends_without_teardown_with_its_output_and_exit_code(tmp_path):
+    """The interpreter's teardown, where the group's surviving threads can abort the process, is
+    skipped (an atexit handler never runs); what the process printed and its exit code still come out."""
+    marker = tmp_path / "teardown_ran"
+    proc = subprocess.run([sys.executable, "-c", ENDS, str(marker)], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": REPO}, timeout=120)
+    assert (proc.returncode, proc.stdout) == (3, "last line"), proc
+    assert proc.stderr.endswith("last error line"), proc.stderr
+    assert not marker.exists()
+    # the same process without end_process runs the teardown: the marker does tell
+    subprocess.run([sys.executable, "-c", ENDS.replace("end_process(3)", ""), str(marker)], cwd=REPO,
+                   env={**os.environ, "PYTHONPATH": REPO}, timeout=120, check=True)
+    assert marker.exists()
 
 
 def test_two_nodes_without_a_shared_filesystem_resume_and_evaluate_together(tmp_path):
@@ -366,14 +405,14 @@ def test_fp16_overflow_skips_the_step_instead_of_stopping(tmp_path, monkeypatch)
 
 def train_and_report(rank, world_size, port, cfg, results):
     """Train on this rank; put (rank, "trained" or the UserError's class name, its message) on results."""
-    from test_train import close_gloo, init_gloo
+    from test_train import end_worker, init_gloo
     ctx = init_gloo(rank, world_size, port)
     try:
         train(cfg, ctx)
         results.put((rank, "trained", ""))
     except train_gpt2.UserError as e:
         results.put((rank, type(e).__name__, str(e)))
-    close_gloo()
+    end_worker()
 
 
 def test_a_setting_rank_0_refuses_stops_every_rank(tmp_path):

@@ -18,7 +18,7 @@ import torch
 from gpt2lib import distributed
 from gpt2lib.common import UserError
 
-from test_long_runs import TINY_ARGS, checkpoints, digest, same_weights, torchrun
+from test_long_runs import TINY_ARGS, checkpoints, digest, finish, same_weights, torchrun
 from test_train import REPO, final_weights, free_port, logged, make_data, tiny_config
 from train_gpt2 import DistContext, train
 
@@ -29,9 +29,7 @@ ARGS = TINY_ARGS + ["--total-batch-size", "64", "--max-steps", "6", "--checkpoin
 def run_nodes(dirs, args):
     """One run over two nodes; dirs[0] is the node that gets rank 0. Returns [(rc, out, err)] per node."""
     port = free_port()
-    procs = [torchrun(args, d, nnodes=2, node_rank=n, port=port) for n, d in enumerate(dirs)]
-    outputs = [p.communicate(timeout=300) for p in procs]
-    return [(p.returncode, out, err) for p, (out, err) in zip(procs, outputs)]
+    return finish([torchrun(args, d, nnodes=2, node_rank=n, port=port) for n, d in enumerate(dirs)])
 
 
 def lines(path):

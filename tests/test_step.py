@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import train_gpt2
-from test_train import close_gloo, free_port, init_gloo, make_data
+from test_train import end_worker, free_port, init_gloo, make_data
 from train_gpt2 import GPT, DataLoaderLite, DistContext, NonFiniteLoss, TrainConfig, config_for, configure_optimizer
 
 T = 16
@@ -78,7 +78,7 @@ def two_rank_worker(rank, world_size, port, data_dir, out_dir):
     report["unchanged"] = same_state(before, snapshot(run))
     torch.save(report, os.path.join(out_dir, f"rank{rank}.pt"))  # megabytes: too big for a queue's pipe
     del model, run
-    close_gloo()
+    end_worker()
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 Models are d1 (one layer, 64 wide) on random tokens; distributed runs use 2 gloo processes."""
 
-import gc
 import json
 import os
 import shutil
@@ -24,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import train_gpt2
 from gpt2lib import metrics
+from gpt2lib.distributed import close_process_group, end_process
 from train_gpt2 import (GPT, DataLoaderLite, DistContext, TrainConfig, UserError, config_for, configure_optimizer,
                         parse_config, train, validate)
 
@@ -61,14 +61,11 @@ def init_gloo(rank, world_size, port):
     return DistContext(rank=rank, local_rank=rank, world_size=world_size, device=torch.device("cpu"))
 
 
-def close_gloo():
-    """End a test worker's process group as main() does, and only once every rank is done with it.
-    Models wrapped by DDP or FSDP keep the group alive through reference cycles: collected only at
-    interpreter exit, after destroy_process_group, the group's worker threads can abort the process
-    (SIGABRT, "terminate called without an active exception"). Callers drop their models first."""
-    gc.collect()
-    dist.barrier()
-    dist.destroy_process_group()
+def end_worker():
+    """End a test worker as main() ends a process that had a process group (see
+    distributed.end_process: a normal exit can abort). Callers store their results first."""
+    close_process_group()
+    end_process(0)
 
 
 def final_weights(log_dir, step):
@@ -126,7 +123,7 @@ def count_allreduces_worker(rank, world_size, port, data_dir, step_fn_name, resu
     if rank == 0:
         results.put(report)
     del model, run
-    close_gloo()
+    end_worker()
 
 
 def run_counting(tmp_path, step_fn_name):
@@ -156,7 +153,7 @@ def train_worker(rank, world_size, port, cfg, stop_after):
     if stop_after:
         install_stop_after(stop_after)
     train(cfg, ctx)
-    close_gloo()
+    end_worker()
 
 
 def spawn_train(cfg, stop_after=0):

@@ -7,7 +7,6 @@ peak RSS, and the activation bytes one micro-batch keeps for backward with and w
 """
 
 import argparse
-import gc
 import os
 import resource
 import socket
@@ -22,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import train_gpt2  # noqa: E402
 from gpt2lib import parallel  # noqa: E402
+from gpt2lib.distributed import close_process_group, end_process  # noqa: E402
 
 MIB = 2**20
 
@@ -52,10 +52,8 @@ def state_worker(rank, world_size, port, model_name, fsdp, out_dir):
     counted = parallel.state_bytes(model, optimizer)
     counted["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     torch.save(counted, os.path.join(out_dir, f"rank{rank}.pt"))
-    del trained, model, optimizer, loss
-    gc.collect()  # the wrapped model's reference cycles go while its process group exists
-    dist.barrier()
-    dist.destroy_process_group()
+    close_process_group()
+    end_process(0)  # a normal exit can abort: see distributed.end_process
 
 
 def measure_state(model_name, world_size, fsdp):
