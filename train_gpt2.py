@@ -30,12 +30,11 @@ from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
-from gpt2lib import checkpoints, hf, parallel, resume, rundir, tracking
+from gpt2lib import checkpoints, distributed, hf, parallel, resume, rundir, tracking
 from gpt2lib.checkpoints import finish_save, save
 from gpt2lib.common import (DTYPES, GPT2_EOT, GPT2_VOCAB_SIZE, Precision, UserError, canonical_dtype, check_model_shape,
                             get_encoding, pick_device, raise_failure, resolve_dtype)
-from gpt2lib.distributed import (DistContext, FollowerStop, StopRequest, close_process_group, end_process,
-                                 setup_distributed)
+from gpt2lib.distributed import DistContext, FollowerStop, StopRequest, setup_distributed
 from gpt2lib.evals import StepTimer, log_step, report_benchmark, run_evals
 from gpt2lib.flags import FLAG_HELP
 from gpt2lib.losses import LOSS_IMPLS, chunked_cross_entropy
@@ -972,8 +971,7 @@ def main(argv=None):
     problems = validate(cfg, int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0)))
     if problems:
         sys.exit("error: " + "\nerror: ".join(problems))
-    stop = StopRequest()
-    exit_code = 0
+    stop, exit_code = StopRequest(), 0
     try:
         if cfg.export_hf or cfg.generate:
             (export_hf if cfg.export_hf else print_generated)(cfg)
@@ -982,20 +980,16 @@ def main(argv=None):
             signal.signal(signum, stop)
         dist_ctx = setup_distributed(cfg.device, group_of_one=cfg.fsdp)
         (benchmark if cfg.benchmark else train)(cfg, dist_ctx, stop)
-    # exit only once the process group is gone (raised in here, the exit would keep the error's traceback,
-    # and with it the model, alive past close_process_group), and then by end_process: see there
+    # exit only after close_process_group (an exit raised in here would keep the model alive past it)
     except FollowerStop:
         exit_code = 2  # rank 0 prints the reason
-    except UserError as e:
+    except (UserError, NonFiniteLoss) as e:  # a setting or input to fix, or a run that diverged
         print(f"error: {e}", file=sys.stderr)
-        exit_code = 2
-    except NonFiniteLoss as e:
-        print(f"error: {e}", file=sys.stderr)
-        exit_code = 1
+        exit_code = 1 if isinstance(e, NonFiniteLoss) else 2
     finally:
-        had_group = close_process_group()
+        had_group = distributed.close_process_group()
     if had_group:
-        end_process(exit_code)
+        distributed.end_process(exit_code)  # see there: a normal exit can abort
     if exit_code:
         sys.exit(exit_code)
 
