@@ -980,7 +980,7 @@ def main(argv=None):
             signal.signal(signum, stop)
         dist_ctx = setup_distributed(cfg.device, group_of_one=cfg.fsdp)
         (benchmark if cfg.benchmark else train)(cfg, dist_ctx, stop)
-    # exit only after close_process_group (an exit raised in here would keep the model alive past it)
+    # no exit in here: the process exits below, once close_process_group has run
     except FollowerStop:
         exit_code = 2  # rank 0 prints the reason
     except (UserError, NonFiniteLoss) as e:  # a setting or input to fix, or a run that diverged

@@ -152,8 +152,8 @@ def setup_distributed(requested_device, group_of_one=False):
 
 
 def close_process_group():
-    """End the process group, if there is one; True when there was. DDP's and FSDP's hooks form
-    reference cycles: collect them now, while their process group exists."""
+    """End the process group, if there is one; True when there was. The wrapped models' reference
+    cycles (DDP's and FSDP's hooks) are collected first, while the group they use still exists."""
     if not torch.distributed.is_initialized():
         return False
     gc.collect()

@@ -295,7 +295,7 @@ def sync_and_memory_report(rank, ctx, data_dir):
 
 def sync_and_memory_worker(rank, world_size, port, data_dir, results):
     ctx = init_gloo(rank, world_size, port)
-    report = sync_and_memory_report(rank, ctx, data_dir)  # its sharded models are garbage once it returns
+    report = sync_and_memory_report(rank, ctx, data_dir)
     if rank == 0:
         torch.save(report, results)
     end_worker()

@@ -77,7 +77,6 @@ def two_rank_worker(rank, world_size, port, data_dir, out_dir):
         report["raised"] = True
     report["unchanged"] = same_state(before, snapshot(run))
     torch.save(report, os.path.join(out_dir, f"rank{rank}.pt"))  # megabytes: too big for a queue's pipe
-    del model, run
     end_worker()
 
 

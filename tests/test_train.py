@@ -122,7 +122,6 @@ def count_allreduces_worker(rank, world_size, port, data_dir, step_fn_name, resu
                          "ranks_agree": all(torch.equal(gathered[0], g) for g in gathered)}
     if rank == 0:
         results.put(report)
-    del model, run
     end_worker()
 
 
