@@ -21,7 +21,7 @@ import signal
 import sys
 import tempfile
 import uuid
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
 import torch
@@ -35,16 +35,16 @@ from gpt2lib.checkpoints import finish_save, save
 from gpt2lib.common import (DTYPES, GPT2_EOT, GPT2_VOCAB_SIZE, Precision, UserError, canonical_dtype, check_model_shape,
                             get_encoding, pick_device, raise_failure, resolve_dtype)
 from gpt2lib.distributed import DistContext, FollowerStop, StopRequest, setup_distributed
-from gpt2lib.evals import StepTimer, log_step, report_benchmark, run_evals
-from gpt2lib.flags import FLAG_HELP
+from gpt2lib.evals import load_hellaswag, run_evals
+from gpt2lib.flops import gpu_peak_flops
 from gpt2lib.losses import LOSS_IMPLS, chunked_cross_entropy
-from gpt2lib.metrics import gpu_peak_flops
 from gpt2lib.parallel import wrap_model
+from gpt2lib.resume import check_model_flag, check_resumable, cooldown_start, restore, schedule_config, shape_text
+from gpt2lib.run_state import Run, Start
+from gpt2lib.runlog import RunLog
 from gpt2lib.sampling import generate, sample_and_print
 from gpt2lib.shards import ShardFile, find_shards
-from gpt2lib.start import (Run, Start, agree_on_start, check_model_flag, check_resumable, check_shared_log_dir,
-                           cooldown_start, load_hellaswag, make_loaders, print_schedule, restore, schedule_config,
-                           shape_text)
+from gpt2lib.step_metrics import StepTimer, log_step, report_benchmark
 
 # what users' code imports from this script; generate, get_encoding, GPT2_EOT and DistContext live in gpt2lib
 __all__ = ["GPT", "GPTConfig", "DataLoaderLite", "TrainConfig", "DistContext", "config_for", "generate",
@@ -291,20 +291,10 @@ class GPT(nn.Module):
     def from_checkpoint(cls, path):
         """The model of a training checkpoint (log_dir/model_XXXXX.pt, or a sharded log_dir/model_XXXXX/
         directory, its shards gathered), on the CPU, verified first (checksum, shape, every weight)."""
-        checkpoint = checkpoints.read_checkpoint(path, layout=checkpoint_layout)  # every key and shape checked
+        checkpoint = read_verified(path)  # every key and shape checked
         model = cls(GPTConfig(**checkpoint["config"]))
         model.load_state_dict(checkpoint["model"])
         return model
-
-
-def checkpoint_layout(config):
-    """({key: shape} of the model's state_dict, the optimizer's parameter shapes in its order) for a
-    GPTConfig dict, built on the meta device: checking a checkpoint's structure allocates nothing."""
-    with torch.device("meta"):
-        model = GPT(GPTConfig(**config))
-    optimizer = configure_optimizer(model, 0.0, 1.0, "meta")
-    return ({key: tuple(t.shape) for key, t in model.state_dict().items()},
-            [tuple(p.shape) for group in optimizer.param_groups for p in group["params"]])
 
 
 # -----------------------------------------------------------------------------
@@ -435,57 +425,88 @@ class DataLoaderLite:
 
 
 # -----------------------------------------------------------------------------
-# training config: one dataclass, one flag per field, one validation pass
+# training config: one dataclass, one flag per field (its --help written beside it), one validation pass
+
+def flag(default, help):
+    """A TrainConfig field: its default, and the --help text build_parser gives its flag."""
+    return field(default=default, metadata={"help": help})
+
 
 @dataclass
 class TrainConfig:
-    model: str = ""  # gpt2, gpt2-medium, gpt2-large, gpt2-xl, or dN; empty: gpt2, or --init-from's shape
-    init_from: str = ""  # start from these weights (fine-tuning): an OpenAI GPT-2 name, an HF directory or a .pt
-    eval_only: bool = False  # evaluate the initial (or resumed) model, then exit
-    export_hf: str = ""  # write the --init-from (or resumable) model as an HF directory here, then exit
-    generate: str = ""  # print samples continuing this prompt from the --init-from (or resumable) model, then exit
-    data_dir: str = "edu_fineweb10B"
-    batch_size: int = 64  # micro-batch B, sequences per forward pass per GPU
-    seq_len: int = 1024  # T
-    total_batch_size: int = 524288  # tokens per optimizer step, 2**19 ~ 0.5M as in GPT-3 124M
-    max_steps: int = 19073  # 10B tokens / 2**19: one epoch of FineWeb-Edu sample-10BT
-    warmup_steps: int = 715  # 375M tokens, as in GPT-3
-    lr: float = 6e-4
-    min_lr_ratio: float = 0.1  # the schedule decays to 10% of lr
-    lr_schedule: str = "cosine"  # cosine: decay from warmup to max_steps; wsd: warmup, hold lr, cool down at the end
-    cooldown_steps: int = 0  # wsd: the last steps, which decay the lr; 0: 20% of max_steps
-    cooldown_shape: str = "linear"  # wsd: linear or 1-sqrt
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    eval_every: int = 250
-    val_steps: int = 20
-    hellaswag: bool = True
-    hellaswag_data: str = ""  # a local hellaswag_val.jsonl; empty: download it
-    sample_every: int = 250
-    sample_prompt: str = "Hello, I'm a language model,"
-    num_samples: int = 4  # samples per prompt: --generate's and the training samples'
-    max_new_tokens: int = 32
-    top_k: int = 50  # sample among the k likeliest tokens; 0: all; 1: greedy
-    temperature: float = 1.0
-    checkpoint_every: int = 1000
-    keep_last: int = 3  # checkpoints of this run kept in log_dir; 0 keeps all
-    log_dir: str = "log"
-    resume: str = "auto"  # auto: the newest good checkpoint in log_dir; none; or a path
-    device: str = "auto"
-    dtype: str = "auto"  # bf16, fp16 (with loss scaling) or fp32; auto: bf16 on CUDA (fp16 where unsupported), fp32 elsewhere
-    compile: bool | None = None  # None: on with CUDA
-    loss_impl: str = "chunked"  # full, or chunked/fused: without materialising the (B, T, vocab) logits
-    sdpa_backend: str = "default"  # attention kernel to prefer: default (PyTorch's choice), cudnn, flash, ...
-    shuffle: bool = False  # seeded shuffle, every epoch, of the train shards' order and of the step-sized blocks
-    seed: int = 1337
-    vocab_multiple: int = 64  # 50257 -> 50304
-    benchmark: int = 0  # time this many steps on random tokens (no data, evals or checkpoints); 0: train
-    wandb: str = ""  # W&B project to log to (WANDB_MODE offline/disabled respected); empty: no W&B
-    wandb_name: str = ""  # W&B run name; empty: the log dir's name
-    tensorboard: bool = False  # TensorBoard event files under {log_dir}/tensorboard/
-    fsdp: bool = False  # shard weights, gradients and optimizer state across ranks (FSDP2); default DDP
-    recompute: bool = False  # activation recompute per Block: less memory, about a third more compute
-    async_checkpoint: bool = False  # with --fsdp: write checkpoints in the background while training goes on
+    """Every setting of a run; each field is a flag (--batch-size for batch_size) whose --help is its text."""
+
+    model: str = flag("", 'gpt2, gpt2-medium, gpt2-large, gpt2-xl or dN (default: gpt2, or the shape of --init-from)')
+    init_from: str = flag("", 
+        'fine-tune: start from the weights and shape of an OpenAI GPT-2 (gpt2 ... gpt2-xl), an HF directory '
+        'or a training checkpoint (.pt), with a fresh optimizer at step 0')
+    eval_only: bool = flag(False, 
+        'evaluate the initial (--init-from, seeded or resumed) model, log it at its step, and exit')
+    export_hf: str = flag("", 
+        'write the --init-from model, else the checkpoint --resume picks, as an HF directory, and exit')
+    generate: str = flag("", 
+        'print --num-samples continuations of this prompt by the --init-from model, else the checkpoint '
+        '--resume picks, and exit')
+    data_dir: str = flag("edu_fineweb10B", 
+        'directory of *_train_NNNNNN / *_val_NNNNNN token shards (.npy, or llm.c .bin)')
+    batch_size: int = flag(64, 'micro-batch: sequences per forward pass per process')
+    seq_len: int = flag(1024, "sequence length T (at most the model's block size)")
+    # 2**19, about 0.5M tokens a step, as GPT-3 124M; 19073 steps are 10B tokens, one epoch of
+    # FineWeb-Edu sample-10BT; 715 warmup steps are GPT-3's 375M tokens
+    total_batch_size: int = flag(524288, 
+        'tokens per optimizer step; divisible by B*T*processes (the rest is gradient accumulation)')
+    max_steps: int = flag(19073, 'optimizer steps of the whole run; the schedule ends here')
+    warmup_steps: int = flag(715, 'steps of linear lr warmup')
+    lr: float = flag(6e-4, 'peak learning rate')
+    min_lr_ratio: float = flag(0.1, 'the schedule decays to lr times this')
+    lr_schedule: str = flag("cosine", 
+        'cosine: decay from the end of warmup to --max-steps; wsd: warmup, hold --lr, cool down over '
+        '--cooldown-steps (a stable-phase checkpoint can be resumed with another --max-steps)')
+    cooldown_steps: int = flag(0, 'wsd: the last steps, over which the lr decays; 0: 20% of --max-steps')
+    cooldown_shape: str = flag("linear", "wsd: the cooldown's decay")
+    weight_decay: float = flag(0.1, 'AdamW weight decay on matrices and embeddings')
+    grad_clip: float = flag(1.0, 'clip the gradient norm to this; 0: no clipping')
+    eval_every: int = flag(250, 'val loss (and HellaSwag) every N steps and at the end; 0: never')
+    val_steps: int = flag(20, 'val batches per evaluation')
+    hellaswag: bool = flag(True, 
+        'HellaSwag acc_norm at every eval (skipped with a warning when its data cannot be had)')
+    hellaswag_data: str = flag("", 'a local hellaswag_val.jsonl; empty: download it')
+    sample_every: int = flag(250, 'print (and log) text samples every N steps; 0: never')
+    sample_prompt: str = flag("Hello, I'm a language model,", "the samples' prompt")
+    num_samples: int = flag(4, 'samples per prompt, for --generate and the training samples')
+    max_new_tokens: int = flag(32, 'tokens each sample adds to its prompt')
+    top_k: int = flag(50, 'sample among the k likeliest tokens; 0: the whole vocabulary; 1: greedy')
+    temperature: float = flag(1.0, 'divides the logits before sampling: lower is more conservative')
+    checkpoint_every: int = flag(1000, 
+        'write a checkpoint every N steps and at the end; 0: only when stopped by a signal')
+    keep_last: int = flag(3, 'checkpoints of this run kept in --log-dir; 0: all')
+    log_dir: str = flag("log", 'log.txt, metrics.jsonl, checkpoints and tracking files of the run')
+    resume: str = flag("auto", 'auto (the newest good checkpoint in --log-dir), none, or a checkpoint path')
+    device: str = flag("auto", 'auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps')
+    dtype: str = flag("auto", 'auto: bf16 on CUDA (fp16 with loss scaling where bf16 is missing), fp32 elsewhere')
+    compile: bool | None = flag(None, 'torch.compile the model (default: on with CUDA)')
+    loss_impl: str = flag("chunked", 'full computes the (B, T, vocab) logits; chunked and fused never hold them')
+    sdpa_backend: str = flag("default", 
+        'attention kernel to prefer; default (the default) leaves the choice to PyTorch')
+    shuffle: bool = flag(False, 
+        "seeded shuffle, every epoch, of the train shards' order and of the blocks of one optimizer step")
+    seed: int = flag(1337, 'seed of the init, the shuffle and the samples')
+    vocab_multiple: int = flag(64, 'pad the embedding rows to a multiple of this (64: 50257 -> 50304)')
+    benchmark: int = flag(0, 
+        'time N steps on random tokens (no data, evals or checkpoints), print the median, and exit')
+    wandb: str = flag("", 
+        'log every metric to this Weights & Biases project (WANDB_MODE=offline or disabled is respected); '
+        'rank 0 only')
+    wandb_name: str = flag("", "the W&B run's name (default: the log dir's name)")
+    tensorboard: bool = flag(False, 'write TensorBoard event files under {log_dir}/tensorboard/')
+    fsdp: bool = flag(False, 
+        'shard weights, gradients and AdamW state across the ranks (FSDP2) and write sharded checkpoint '
+        'directories; for gpt2-medium and up (default: DDP, a full copy on every rank)')
+    recompute: bool = flag(False, 
+        "recompute each Block's activations in backward instead of keeping them (less memory)")
+    async_checkpoint: bool = flag(False, 
+        'with --fsdp: copy the state to CPU memory and write the checkpoint while the next steps run (a stop '
+        'or the end of the run waits for it)')
 
 
 # A few minutes on a CPU: a d4 model on the Python docs that `python fineweb.py --demo` prepares.
@@ -780,10 +801,10 @@ def setup_run(cfg, dist_ctx):
         torch.backends.cudnn.allow_tf32 = True
     # --dtype auto depends on the GPU: rank 0's choice holds for all, or mixed nodes would mix fp16 and bf16
     precision = Precision(dist_ctx.decide(lambda: resolve_dtype(cfg.dtype, device)), device)
-    train_loader, val_loader = make_loaders(cfg, dist_ctx, DataLoaderLite)
-    start = agree_on_start(cfg, dist_ctx, lambda holder: choose_start(cfg, holder), checkpoint_layout)
+    train_loader, val_loader = make_loaders(cfg, dist_ctx)
+    start = agree_on_start(cfg, dist_ctx)
     if cfg.fsdp and not cfg.eval_only:
-        check_shared_log_dir(cfg.log_dir, dist_ctx)
+        rundir.check_shared_log_dir(cfg.log_dir, dist_ctx)
     raw_model = setup_model(start, cfg, dist_ctx, precision)
     optimizer = None if cfg.eval_only else configure_optimizer(raw_model, cfg.weight_decay, cfg.lr, device.type)
     checkpoint = start.checkpoint
@@ -814,11 +835,128 @@ def setup_run(cfg, dist_ctx):
     # background writes collect on a gloo group of their own, never interleaved with training's collectives
     save_group = torch.distributed.new_group(backend="gloo") if cfg.async_checkpoint else None
     return Run(cfg, dist_ctx, raw_model, model, optimizer, precision, train_loader, val_loader, hella_examples,
-               checkpoints.RunLog(cfg.log_dir, master, trackers), grad_accum_steps, gpu_peak_flops(device, master),
+               RunLog(cfg.log_dir, master, trackers), grad_accum_steps, gpu_peak_flops(device, master),
                start_step, val_loss, run_id, counts, save_group)
 
 
+def make_loaders(cfg, dist_ctx):
+    """This rank's train and val loaders. Every rank reads its own --data-dir (nodes need not share
+    a filesystem), so all ranks check that they see the same shards as rank 0."""
+    loader_args = dict(B=cfg.batch_size, T=cfg.seq_len, process_rank=dist_ctx.rank,
+                       num_processes=dist_ctx.world_size, data_root=cfg.data_dir, device=dist_ctx.device)
+
+    def open_loaders():
+        train_loader = None if cfg.eval_only else \
+            DataLoaderLite(split="train", shuffle_seed=cfg.seed if cfg.shuffle else None,
+                           block_tokens=cfg.total_batch_size if cfg.shuffle else None, **loader_args)
+        val_loader = DataLoaderLite(split="val", **loader_args) if cfg.eval_every or cfg.eval_only else None
+        return train_loader, val_loader
+
+    train_loader, val_loader = dist_ctx.on_every_rank(open_loaders)
+    seen = [([os.path.basename(p) for p in loader.shards], loader.shard_lengths)
+            for loader in (train_loader, val_loader) if loader is not None]
+    rank0_seen = dist_ctx.gather_objects(seen)[0]
+
+    def check_same_shards():
+        if seen != rank0_seen:
+            raise UserError(f"the shards in {cfg.data_dir} differ from rank 0's (names or lengths): "
+                            "give every node the same data")
+
+    dist_ctx.on_every_rank(check_same_shards)
+    return train_loader, val_loader
+
+
+def print_schedule(cfg):
+    """One line at start for a wsd run: where its stable phase ends and how it cools down."""
+    if cfg.lr_schedule == "wsd" and not cfg.eval_only:
+        print(f"lr schedule wsd: warmup {cfg.warmup_steps} steps, lr {cfg.lr:g} until step "
+              f"{cfg.max_steps - cfg.cooldown_steps}, {cfg.cooldown_shape} cooldown to {cfg.lr * cfg.min_lr_ratio:g} "
+              f"at step {cfg.max_steps}")
+
+
 # ---- how a run starts: a seeded init, --init-from's weights, or a checkpoint of this run to resume
+
+def agree_on_start(cfg, dist_ctx):
+    """Every node reports its newest good checkpoint; the rank that holds the newest of all builds the
+    Start from it (choose_start) and sends it to every rank. Then rank 0, which writes checkpoints and
+    logs from now on, sets its log dir up, with the holder's logs when the checkpoint came from another node."""
+    holder = resume.find_holder(local_checkpoint(cfg, dist_ctx), cfg.resume, dist_ctx)
+    start = dist_ctx.decide(lambda: choose_start(cfg, holder), src=holder.rank if holder else 0)
+    resume_step = start.checkpoint["step"] if start.checkpoint else None
+    if holder is not None and holder.rank != 0 and dist_ctx.master_process:
+        logs = f"; its logs continue in this node's {cfg.log_dir}" if start.logs is not None else ""
+        print(f"resuming from another node: {holder.host} (rank {holder.rank}) holds the newest checkpoint, "
+              f"{holder.path} at step {resume_step}{logs}")
+    here = holder.path if holder is not None and holder.rank == 0 else None
+    dist_ctx.decide(lambda: rundir.prepare_run_dir(cfg.log_dir, here, resume_step, start.logs))
+    return start
+
+
+def local_checkpoint(cfg, dist_ctx):
+    """This process's report for resume.find_holder: the newest good checkpoint in its node's log dir
+    (with --resume PATH: that file, when this node has it), or None. Each node's first process looks."""
+    def look():
+        if not resume.looks_here(cfg.resume, dist_ctx):
+            return None
+        try:
+            path, checkpoint = find_checkpoint(cfg.resume, cfg.log_dir)
+        except UserError as e:
+            if cfg.resume != "auto":
+                raise
+            return resume.local_holding(dist_ctx.rank, None, None, damaged=str(e))
+        return resume.local_holding(dist_ctx.rank, path, checkpoint)
+
+    return dist_ctx.on_every_rank(look)
+
+
+def checkpoint_layout(config):
+    """({key: shape} of the model's state_dict, the optimizer's parameter shapes in its order) for a
+    GPTConfig dict, built on the meta device: checking a checkpoint's structure allocates nothing."""
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**config))
+    optimizer = configure_optimizer(model, 0.0, 1.0, "meta")
+    return ({key: tuple(t.shape) for key, t in model.state_dict().items()},
+            [tuple(p.shape) for group in optimizer.param_groups for p in group["params"]])
+
+
+def read_verified(path, resume=False, weights=True):
+    """A checkpoint read and verified by gpt2lib.checkpoints (checksum, config), then checked against the
+    model its config builds here; resume: also what a resume restores (optimizer, data position, RNG).
+    weights False: a sharded checkpoint's weights stay on disk (restore loads each rank's part)."""
+    checkpoint = checkpoints.read_checkpoint(path, weights)
+    layout, optimizer_shapes = checkpoint_layout(checkpoint["config"])
+    checkpoints.check_layout(path, checkpoint, layout, optimizer_shapes if resume else None)
+    return checkpoint
+
+
+def find_checkpoint(resume, log_dir, training=True):
+    """(path, checkpoint read and verified) that --resume picks, or (None, None) to start fresh: auto
+    takes the newest good checkpoint in log_dir (a damaged one is skipped with a warning, and set aside
+    when the run starts), none none, a path that file (damaged: an error). training False: for a mode
+    that only reads the model, which needs no optimizer, data position or RNG."""
+    if resume == "none":
+        return None, None
+    if resume != "auto":
+        return resume, read_verified(resume, resume=training, weights=False)
+    damaged = []
+    for path in checkpoints.list_checkpoints(log_dir):
+        try:
+            return path, read_verified(path, resume=training, weights=False)
+        except UserError as e:
+            print(f"warning: skipping {path}: {e}")
+            damaged.append(os.path.basename(path))
+    if damaged:
+        raise checkpoints.all_damaged(log_dir, damaged)
+    return None, None
+
+
+def wanted_model(cfg):
+    """GPTConfig's fields that --model asks for (default gpt2), with --vocab-multiple; None with
+    --init-from and no --model: the shape is then the one --init-from (or its run's checkpoint) brings."""
+    if cfg.init_from and not cfg.model:
+        return None
+    return model_config(cfg.model or DEFAULT_MODEL, vocab_multiple=cfg.vocab_multiple)
+
 
 def model_name(cfg):
     """The model as the command line names it: --init-from's source, else --model (gpt2 by default)."""
@@ -849,13 +987,14 @@ def choose_start(cfg, holder):
     A checkpoint of this run takes precedence over --init-from: a preempted fine-tune continues."""
     if holder is not None:
         path, checkpoint = holder.path, holder.checkpoint
-        config, weights, source = check_resumable(path, checkpoint, cfg, model_config, DEFAULT_MODEL), None, path
+        config, weights, source = model_config(None, **checkpoint["config"]), None, path
+        check_resumable(path, checkpoint, config, cfg, wanted_model(cfg))
         if cfg.init_from:
             print(f"resuming {path}, a run started from --init-from {cfg.init_from}, which is not loaded again")
     elif cfg.init_from:
         checkpoint, model = None, load_init_source(cfg.init_from, cfg.vocab_multiple)
         config, weights, source = asdict(model.config), model.state_dict(), f"--init-from {cfg.init_from}"
-        check_model_flag(config, source, cfg, model_config)
+        check_model_flag(config, source, cfg.model, wanted_model(cfg))
     else:
         checkpoint, weights = None, None
         config = asdict(config_for(cfg.model or DEFAULT_MODEL, vocab_multiple=cfg.vocab_multiple))
@@ -903,7 +1042,7 @@ def load_cli_model(cfg, what):
     checkpoint --resume picks. `what` starts the error when there is neither."""
     if cfg.init_from:
         return f"--init-from {cfg.init_from}", load_init_source(cfg.init_from, cfg.vocab_multiple)
-    path, _ = checkpoints.find_resume_checkpoint(cfg.resume, cfg.log_dir, checkpoint_layout, training=False)
+    path, _ = find_checkpoint(cfg.resume, cfg.log_dir, training=False)
     if path is None:
         reason = "--resume none" if cfg.resume == "none" else f"no checkpoint in {cfg.log_dir}"
         raise UserError(f"{what} ({reason}): pass --init-from SOURCE or --resume PATH")
@@ -945,9 +1084,10 @@ def build_parser():
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         names = [short[f.name], flag] if f.name in short else [flag]
-        text, default = FLAG_HELP[f.name], getattr(defaults, f.name)
+        text, default = f.metadata["help"], getattr(defaults, f.name)
         if "default" not in text and default not in ("", None):
             text += f" (default: {default})"
+        text = text.replace("%", "%%")  # argparse formats help with %
         if f.type in (bool, bool | None):
             parser.add_argument(*names, action=argparse.BooleanOptionalAction, help=text)
         else:

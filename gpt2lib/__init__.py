@@ -1,22 +1,27 @@
 """The machinery that train_gpt2.py, hellaswag.py, fineweb.py and tools/ share, one module per job:
 
-    common          errors, atomic writes, the offline GPT-2 tokenizer, device and precision
-    losses          cross-entropy through the lm_head without holding the (B, T, vocab) logits
-    hf              HuggingFace directories in and out: key mapping, config, tokenizer export
-    shards          token shard files: naming and opening (build-nanogpt's .npy, llm.c's .bin)
-    checkpoints     checkpoint files (checksum, structure checks), the resume choice, other runs set aside, the run log
-    rundir          one writer per directory: the OS lock on --log-dir and --out, leftovers of killed writers
-    distributed     process groups, each torchrun attempt's store, rank-0 decisions shared with every rank
-    resume          which checkpoint a run resumes from when its nodes do not share a filesystem
-    start           the run's start: resume checks, restore, loaders, the HellaSwag data
-    parallel        FSDP2 sharding, DDP/compile wrapping, full weights for evals and samples
-    evals           step timing and metrics, val loss, HellaSwag during training, benchmark summary
-    sampling        KV-cache generation and the printed samples
-    flags           train_gpt2.py's --help texts
-    metrics         FLOPs per token and GPU peak FLOP/s, for MFU
-    tracking        W&B and TensorBoard: every metrics.jsonl row, rank 0 only, optional packages
-    hellaswag_data  HellaSwag's jsonl: download, validation, reading
+    common             errors, atomic writes, the offline GPT-2 tokenizer, device and precision
+    losses             cross-entropy through the lm_head without holding the (B, T, vocab) logits
+    hf                 HuggingFace directories in and out: key mapping, config, tokenizer export
+    shards             token shard files: naming and opening (build-nanogpt's .npy, llm.c's .bin)
+    checkpoints        checkpoint files, whole or sharded: writing, reading back verified, listing
+    resume             which checkpoint a run resumes (across nodes), the resume checks, restoring state
+    rundir             one writer per directory (the lock), leftovers, other runs' files set aside
+    runlog             log.txt and metrics.jsonl, and the trackers they feed
+    run_state          the Start every rank receives and the Run a training run holds
+    distributed        process groups, each torchrun attempt's store, rank-0 decisions shared with every rank
+    parallel           FSDP2 sharding, DDP/compile wrapping, full weights for evals and samples
+    evals              val loss and HellaSwag during training
+    step_metrics       the step's timer and metrics, the --benchmark summary
+    flops              FLOPs per token and GPU peak FLOP/s, for MFU
+    sampling           KV-cache generation and the printed samples
+    tracking           W&B and TensorBoard: every metrics.jsonl row, rank 0 only, optional packages
+    hellaswag_data     HellaSwag's jsonl: download, validation, reading
     hellaswag_scoring  HellaSwag tokenization, batching and scoring (training and hellaswag.py)
+
+The package offers services that take instances and plain values: it never receives a class or
+function of a script (DistContext.decide and on_every_rank run a caller's function on the ranks
+they name, which is their job).
 
 Only the scripts import this package; it never imports a script, and no two of its modules
 import each other both ways. Importing any of it does no heavy work (transformers, tiktoken,

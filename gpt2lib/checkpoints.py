@@ -1,4 +1,4 @@
-"""Checkpoints and the run directory: one run per --log-dir.
+"""Checkpoint files: writing them (whole or sharded), reading them back verified, listing a log dir's.
 
 A checkpoint is log_dir/model_{step:05d}.pt, a dict saved by torch.save and read with
 weights_only=True: model (our state_dict), optimizer, scaler, step, config (the GPTConfig fields in
@@ -14,10 +14,8 @@ renamed once COMPLETE is in it, so a directory named model_{step:05d} is complet
 directory this project wrote (only those are ever deleted). Either kind resumes a run of either kind,
 on any number of ranks.
 
-This module writes and reads them, checks their structure, picks the one to resume, sets other runs'
-files aside in previous_N/, and keeps the run log (log.txt, metrics.jsonl)."""
+Which checkpoint a run resumes is resume.py's; setting other runs' files aside is rundir.py's."""
 
-import json
 import os
 import re
 import shutil
@@ -36,7 +34,6 @@ SHARDED_PATTERN = re.compile(r"^model_(\d+)$")  # a directory
 TRAIN_STATE = "train_state.pt"  # in a sharded checkpoint: everything but the model and optimizer
 COMPLETE = "COMPLETE"  # written into a sharded checkpoint last, before the rename
 OWNER = ".train_gpt2"  # in every directory this project writes, partial or complete
-LOG_FILES = ("log.txt", "metrics.jsonl")
 # the files a run writes into --log-dir, whose leftover temporary files a later run removes
 RUN_FILE_NAMES = r"model_\d+\.pt|log\.txt|metrics\.jsonl|" + re.escape(tracking.WANDB_ID_FILE)
 CHECKSUM_KEY, CHECKSUM_ALGORITHM = "checksum", "xxh3_128"
@@ -75,23 +72,22 @@ def feed(digest, value):
         digest.update(f"{type(value).__name__} {value!r};".encode())
 
 
-def read_checkpoint(path, layout=None, resume=False, weights=True):
+def read_checkpoint(path, weights=True):
     """A checkpoint dict, loaded with weights_only=True (opening a checkpoint never runs code), its
-    checksum verified and its model shape checked before anything is allocated. With layout (a
-    function of the config giving the model's {key: shape} and the optimizer's parameter shapes, in
-    order), every weight is checked; with resume, the optimizer, loader and RNG state too. Any
-    problem is a one-line UserError naming path. For a sharded checkpoint directory, "sharded" is its
+    checksum verified and its model shape checked before anything is allocated. check_layout then
+    checks every weight, and for a resume the optimizer, loader and RNG state, against the model the
+    caller builds from checkpoint["config"]. Any problem is a one-line UserError naming path. For a sharded checkpoint directory, "sharded" is its
     path and "model" the full weights gathered from its shards (not with weights=False: then every rank
     of a resumed run reads its own shards)."""
     if os.path.isdir(path):
-        return read_sharded_checkpoint(path, layout, resume, weights)
+        return read_sharded_checkpoint(path, weights)
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist")
     checkpoint = load_file(path)
     if not isinstance(checkpoint, dict) or not {"model", "config"} <= checkpoint.keys():
         raise UserError(f"checkpoint {path} is not a train_gpt2.py checkpoint (no 'model' and 'config')")
     verify_checksum(path, checkpoint)
-    return check_config(path, checkpoint, layout, resume)
+    return check_config(path, checkpoint)
 
 
 def verify_checksum(path, checkpoint):
@@ -111,7 +107,7 @@ def load_file(path):
         raise UserError(f"checkpoint {path} is damaged or not a train_gpt2.py checkpoint ({one_line(e)})") from None
 
 
-def check_config(path, checkpoint, layout=None, resume=False):
+def check_config(path, checkpoint):
     if not isinstance(checkpoint["config"], dict) or not set(checkpoint["config"]) <= set(MODEL_CONFIG_KEYS):
         raise UserError(f"checkpoint {path} has an unreadable config: {checkpoint['config']!r:.200}")
     check_model_shape(checkpoint["config"], f"checkpoint {path}")
@@ -120,12 +116,18 @@ def check_config(path, checkpoint, layout=None, resume=False):
     # a compiled or DDP-wrapped model's state_dict (other projects save those) has prefixed keys
     checkpoint["model"] = {re.sub(r"^(_orig_mod\.|module\.)+", "", str(key)): value
                            for key, value in checkpoint["model"].items()}
-    if layout is not None:
-        weights, optimizer_shapes = layout(checkpoint["config"])
-        check_weights(checkpoint["model"], weights, path)
-        if resume:
-            check_resume_state(checkpoint, optimizer_shapes, path)
     return checkpoint
+
+
+def check_layout(path, checkpoint, weights, optimizer_shapes=None):
+    """Check a checkpoint read by read_checkpoint against the model its config builds: weights is that
+    model's {key: shape}; optimizer_shapes, for a resume, its optimizer's parameter shapes in order. A
+    sharded checkpoint read without its weights is checked by DCP when it loads them."""
+    if "sharded" in checkpoint and not checkpoint["model"]:
+        return
+    check_weights(checkpoint["model"], weights, path)
+    if optimizer_shapes is not None:
+        check_resume_state(checkpoint, optimizer_shapes, path)
 
 
 def check_weights(state, expected, path):
@@ -177,7 +179,7 @@ def is_sharded_checkpoint(path):
     return os.path.isdir(path) and any(os.path.isfile(os.path.join(path, name)) for name in (OWNER, TRAIN_STATE))
 
 
-def read_sharded_checkpoint(path, layout, resume, weights):
+def read_sharded_checkpoint(path, weights):
     """See read_checkpoint. The shards carry no checksum of ours (DCP reads them by its metadata);
     train_state.pt does."""
     if not os.path.isfile(os.path.join(path, COMPLETE)) or not os.path.isfile(os.path.join(path, ".metadata")):
@@ -189,7 +191,7 @@ def read_sharded_checkpoint(path, layout, resume, weights):
     verify_checksum(path, checkpoint)
     checkpoint["sharded"] = path
     checkpoint["model"] = gather_sharded_model(path) if weights else {}
-    return check_config(path, checkpoint, layout if weights else None, resume)
+    return check_config(path, checkpoint)
 
 
 def gather_sharded_model(path):
@@ -241,27 +243,10 @@ def checkpoint_step(path):
     return int((CHECKPOINT_PATTERN.match(name) or SHARDED_PATTERN.match(name)).group(1))
 
 
-def find_resume_checkpoint(resume, log_dir, layout=None, training=True):
-    """(path, checkpoint already read and verified) to resume from, or (None, None) to start fresh.
-    resume is --resume: auto (the newest good checkpoint in log_dir; damaged ones are skipped with a
-    warning, and set aside by prepare_run_dir), none, or a path (a damaged one is an error).
-    training False: for a mode that only reads the model (--export-hf, --generate), which needs no
-    optimizer, loader or RNG state."""
-    if resume == "none":
-        return None, None
-    if resume != "auto":
-        return resume, read_checkpoint(resume, layout, resume=training, weights=False)
-    damaged = []
-    for path in list_checkpoints(log_dir):
-        try:
-            return path, read_checkpoint(path, layout, resume=training, weights=False)
-        except UserError as e:
-            print(f"warning: skipping {path}: {e}")
-            damaged.append(os.path.basename(path))
-    if damaged:
-        raise UserError(f"every checkpoint in {log_dir} is damaged ({', '.join(damaged)}): restore a good one, "
-                        "or pass --resume none to start over (the damaged ones are then set aside)")
-    return None, None
+def all_damaged(log_dir, damaged):
+    """The error when every checkpoint in log_dir (their names: damaged) failed to read."""
+    return UserError(f"every checkpoint in {log_dir} is damaged ({', '.join(damaged)}): restore a good one, "
+                     "or pass --resume none to start over (the damaged ones are then set aside)")
 
 
 def continues_in(log_dir, resume_path):
@@ -269,63 +254,6 @@ def continues_in(log_dir, resume_path):
     the checkpoint lies in that directory."""
     return resume_path is not None and os.path.isdir(log_dir) and \
         os.path.samefile(os.path.dirname(os.path.abspath(resume_path)), log_dir)
-
-
-def files_of_other_runs(log_dir, resume_path, resume_step):
-    """(files to move, files to copy) out of log_dir before this run starts. On a fresh start, or when
-    resuming from a checkpoint kept elsewhere, everything in log_dir belongs to another run. Resuming
-    from log_dir, checkpoints newer than the resume point (another branch of the run, or damaged ones
-    that were skipped) are another run's; the logs stay, and that run gets a copy of them."""
-    if not os.path.isdir(log_dir):
-        return [], []
-    checkpoints = list_checkpoints(log_dir)
-    logs = [os.path.join(log_dir, name) for name in LOG_FILES
-            if os.path.isfile(os.path.join(log_dir, name)) and os.path.getsize(os.path.join(log_dir, name))]
-    if not continues_in(log_dir, resume_path):  # W&B and TensorBoard files go too: this run starts its own
-        trackers = [os.path.join(log_dir, name) for name in tracking.PATHS if os.path.exists(os.path.join(log_dir, name))]
-        return checkpoints + logs + trackers, []
-    newer = [path for path in checkpoints if checkpoint_step(path) > resume_step]
-    return (newer, logs) if newer else ([], [])
-
-
-def set_aside(log_dir, move, copy):
-    """Move (or copy) files into a new log_dir/previous_N/: nothing of an earlier run is deleted or
-    overwritten. Returns that directory. A failure (a full disk stops a copy) puts back what was
-    moved, removes the copies and the new directory, and is one line."""
-    n = 1
-    while os.path.exists(os.path.join(log_dir, f"previous_{n}")):
-        n += 1
-    aside = os.path.join(log_dir, f"previous_{n}")
-    copied, moved = [], []
-    try:
-        os.makedirs(aside)  # new: so everything in it is this call's to remove
-        for path in copy:
-            copied.append(os.path.join(aside, os.path.basename(path)))
-            shutil.copy2(path, copied[-1])
-        for path in move:
-            os.replace(path, os.path.join(aside, os.path.basename(path)))
-            moved.append(path)
-    except OSError as e:
-        undone = undo_set_aside(aside, copied, moved)
-        where = "nothing was moved" if undone else f"what was moved is in {aside}, the rest in {log_dir}"
-        raise UserError(f"{log_dir}: cannot set earlier runs' files aside into {aside} ({one_line(e)}); "
-                        f"{where}: check free space and permissions") from None
-    return aside
-
-
-def undo_set_aside(aside, copied, moved):
-    """Put moved files back and remove the copies and aside itself; True when that all worked."""
-    try:
-        for path in moved:
-            os.replace(os.path.join(aside, os.path.basename(path)), path)
-        for path in copied:
-            if os.path.exists(path):
-                os.remove(path)
-        if os.path.isdir(aside):
-            os.rmdir(aside)
-        return True
-    except OSError:
-        return False
 
 
 def train_state(step, config, precision, cfg, val_loss, loader_states, rng_states, run_id, counts):
@@ -440,121 +368,6 @@ def set_rng_state(state, device):
     torch.set_rng_state(state["cpu"])
     if device.type == "cuda" and state["cuda"] is not None:
         torch.cuda.set_rng_state(state["cuda"], device)
-
-
-class RunLog:
-    """log.txt with build-nanogpt's lines (`{step} train {loss}`, `... val ...`, `... hella ...`)
-    and metrics.jsonl with everything else (samples too), each row also sent to the trackers
-    (a gpt2lib.tracking.Tracking). Only the master process writes."""
-
-    def __init__(self, log_dir, enabled, trackers=None):
-        self.enabled = enabled
-        self.failure = None  # why an append failed (a full disk): the loop stops every rank with it
-        self.text_path = os.path.join(log_dir, "log.txt")
-        self.jsonl_path = os.path.join(log_dir, "metrics.jsonl")
-        self.trackers = trackers
-
-    @staticmethod
-    def prepare(log_dir, resume_step):
-        """Keep the lines of steps before resume_step (a crashed run's later lines will be redone)
-        and drop a line torn by a kill in mid-append, with a warning. A fresh run (resume_step None)
-        starts with empty files; earlier runs' files were set aside before."""
-        for name in LOG_FILES:
-            path = os.path.join(log_dir, name)
-            kept, torn = [], 0
-            if resume_step is not None and os.path.exists(path):
-                with open(path, errors="replace") as f:
-                    for line in f:
-                        step = RunLog.line_step(line)
-                        if step is None:
-                            torn += 1
-                        elif step < resume_step:
-                            kept.append(line)
-            if torn:
-                print(f"warning: {path}: dropped {torn} malformed line(s), left by a run killed while writing")
-            atomic_write(path, lambda f: f.write("".join(kept).encode()))
-
-    @staticmethod
-    def line_step(line):
-        """The step of a well-formed log.txt or metrics.jsonl line, else None."""
-        if not line.endswith("\n"):
-            return None
-        try:
-            if line.startswith("{"):
-                row = json.loads(line)
-                return row["step"] if isinstance(row, dict) and isinstance(row.get("step"), int) else None
-            step, kind, value = line.split()
-            float(value)
-            return int(step)
-        except ValueError:
-            return None
-
-    def write(self, step, kind, value, **metrics):
-        """Append one line to each file. A failed append is kept in self.failure, not raised: the
-        other ranks are not writing, so the next collective stops them all together."""
-        if not self.enabled or self.failure:
-            return
-        self._append(self.text_path, f"{step} {kind} {value:.6f}\n" if kind == "train" else f"{step} {kind} {value:.4f}\n")
-        self._append_row({"step": step, "kind": kind, "value": value, **metrics})
-
-    def write_samples(self, step, prompt, texts):
-        """Samples go to metrics.jsonl (kind `sample`) and the trackers; log.txt has numbers only."""
-        if self.enabled and not self.failure:
-            self._append_row({"step": step, "kind": "sample", "prompt": prompt, "texts": list(texts)})
-
-    def _append_row(self, row):
-        self._append(self.jsonl_path, json.dumps(row) + "\n")
-        if self.trackers is not None and not self.failure:
-            self.trackers.log(row)
-
-    def _append(self, path, line):
-        if self.failure:
-            return
-        try:
-            with open(path, "a") as f:
-                f.write(line)
-        except OSError as e:
-            self.failure = f"{path}: cannot append ({one_line(e)}): check free space and permissions"
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        """Finish the trackers' runs, as failed when training raised."""
-        if self.trackers is not None:
-            self.trackers.close(ok=exc_type is None)
-
-
-def prepare_run_dir(log_dir, resume_path, resume_step, logs=None):
-    """On rank 0, once every input has been read (so a bad one moves nothing): set aside what other
-    runs left in log_dir, take over the run's logs and tracker files from the node that held the
-    checkpoint (logs: {name: bytes}, when rank 0 moved to this node), then trim the logs to the resume point
-    (resume_step None: a fresh start)."""
-    move, copy = files_of_other_runs(log_dir, resume_path, resume_step)
-    if move:
-        aside = set_aside(log_dir, move, copy)
-        print(f"{log_dir} held files this run does not continue: moved them to {aside} "
-              f"({', '.join(sorted(os.listdir(aside)))})")
-    with disk_errors(log_dir, "create this log directory"):
-        os.makedirs(log_dir, exist_ok=True)
-    for name, data in (logs or {}).items():
-        with disk_errors(log_dir, "create a directory in it"):
-            os.makedirs(os.path.dirname(os.path.join(log_dir, name)), exist_ok=True)  # tensorboard/
-        atomic_write(os.path.join(log_dir, name), lambda f: f.write(data))
-    RunLog.prepare(log_dir, resume_step)
-
-
-def write_probe(log_dir):
-    """On rank 0: an empty file in log_dir with a name no other run uses; the other ranks look for it."""
-    path = os.path.join(log_dir, f".shared_probe_{os.getpid()}_{os.urandom(4).hex()}")
-    with disk_errors(path, "write"), open(path, "w"):
-        pass
-    return path
-
-
-def remove_probe(path):
-    with disk_errors(path, "remove"):
-        os.remove(path)
 
 
 def save(step, run):

@@ -39,7 +39,7 @@ def test_help_describes_every_flag_and_lists_the_choices():
                     "--lr-schedule {cosine,wsd}", "--cooldown-shape {linear,1-sqrt}"):
         assert choices in text, choices
     for field in train_gpt2.fields(train_gpt2.TrainConfig):
-        assert train_gpt2.FLAG_HELP.get(field.name), f"--{field.name} has no description"
+        assert field.metadata.get("help"), f"--{field.name} has no description"
     assert "20% of --max-steps" in text
 
 

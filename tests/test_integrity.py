@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import train_gpt2
-from gpt2lib import checkpoints, common
+from gpt2lib import checkpoints, common, rundir, runlog
 from test_long_runs import TRAIN, digest, same_weights, torchrun
 from test_train import REPO, final_weights, logged, make_data, run_cli, tiny_config
 from train_gpt2 import GPT, DistContext, UserError, train
@@ -97,11 +97,11 @@ def test_checkpoint_missing_state_falls_back_to_the_one_before(trained, tmp_path
     cfg, _ = copy_run(trained, tmp_path)
     newest = os.path.join(cfg.log_dir, "model_00004.pt")
     DAMAGES[damage](newest)
-    path, checkpoint = checkpoints.find_resume_checkpoint("auto", cfg.log_dir, train_gpt2.checkpoint_layout)
+    path, checkpoint = train_gpt2.find_checkpoint("auto", cfg.log_dir)
     assert path == os.path.join(cfg.log_dir, "model_00002.pt") and checkpoint["step"] == 2
     assert f"warning: skipping {newest}: checkpoint {newest}" in capsys.readouterr().out
     with pytest.raises(UserError) as e:
-        checkpoints.find_resume_checkpoint(newest, cfg.log_dir, train_gpt2.checkpoint_layout)
+        train_gpt2.find_checkpoint(newest, cfg.log_dir)
     assert "\n" not in str(e.value) and newest in str(e.value)
 
 
@@ -127,7 +127,7 @@ def test_checkpoint_without_checksum_still_loads_with_a_note(trained, tmp_path, 
     cfg, _ = copy_run(trained, tmp_path)
     newest = os.path.join(cfg.log_dir, "model_00004.pt")
     rewrite(newest, lambda c: None)
-    path, checkpoint = checkpoints.find_resume_checkpoint("auto", cfg.log_dir, train_gpt2.checkpoint_layout)
+    path, checkpoint = train_gpt2.find_checkpoint("auto", cfg.log_dir)
     assert path == newest and checkpoint["step"] == 4
     assert f"note: checkpoint {newest} has no checksum" in capsys.readouterr().out
     assert same_weights(GPT.from_checkpoint(newest).state_dict(), final_weights(trained[0].log_dir, 4))
@@ -307,8 +307,7 @@ def test_disk_full_during_a_checkpoint_is_one_line_and_keeps_the_earlier_one(tmp
             "No space left on device" in errors[0], err
         assert 'train_gpt2.py", line' not in err and "Connection closed" not in err
         assert sorted(os.listdir(disk / "log")) == [".lock", "log.txt", "metrics.jsonl", "model_00002.pt"]
-        checkpoint = checkpoints.read_checkpoint(str(disk / "log" / "model_00002.pt"), train_gpt2.checkpoint_layout,
-                                                 resume=True)  # verified: checksum and structure
+        checkpoint = train_gpt2.read_verified(str(disk / "log" / "model_00002.pt"), resume=True)  # verified: checksum and structure
         assert checkpoint["step"] == 2
 
 
@@ -317,7 +316,7 @@ def test_disk_full_on_a_log_append_stops_cleanly(tmp_path, monkeypatch, eval_onl
     with tmpfs(tmp_path / "disk", "1m") as disk:
         cfg = tiny_config(make_data(tmp_path / "data"), str(disk / "log"), max_steps=4, checkpoint_every=0,
                           eval_every=0, eval_only=eval_only)
-        prepare = checkpoints.RunLog.prepare
+        prepare = runlog.RunLog.prepare
 
         def prepare_then_fill(log_dir, resume_step):
             prepare(log_dir, resume_step)
@@ -325,7 +324,7 @@ def test_disk_full_on_a_log_append_stops_cleanly(tmp_path, monkeypatch, eval_onl
                 while True:
                     f.write(b"\0" * 4096)
 
-        monkeypatch.setattr(checkpoints.RunLog, "prepare", staticmethod(prepare_then_fill))
+        monkeypatch.setattr(runlog.RunLog, "prepare", staticmethod(prepare_then_fill))
         with pytest.raises(UserError) as e:
             train(cfg, DistContext())
         assert "log.txt: cannot append" in str(e.value) and "No space left" in str(e.value)
@@ -360,13 +359,13 @@ def test_a_set_aside_that_fails_puts_everything_back_and_is_one_line(tmp_path, m
                               eval_every=0)
         train(earlier, DistContext())
         before = listing(disk / "log")
-        set_aside = checkpoints.set_aside
+        set_aside = rundir.set_aside
 
         def fill_then_set_aside(*args):
             fill(disk)
             return set_aside(*args)
 
-        monkeypatch.setattr(checkpoints, "set_aside", fill_then_set_aside)
+        monkeypatch.setattr(rundir, "set_aside", fill_then_set_aside)
         resume = str(disk / "log" / "model_00002.pt") if case.startswith("copy") else "none"
         with pytest.raises(UserError) as e:
             train(replace(earlier, max_steps=6, resume=resume), DistContext())
@@ -383,7 +382,7 @@ def test_sharded_checkpoint_and_probe_writes_that_fail_are_one_line(tmp_path):
     with tmpfs(tmp_path / "disk", "1m", ",nr_inodes=4") as disk:
         fill(disk)
         for write in (lambda: checkpoints.begin_sharded_checkpoint(str(disk), 2),
-                      lambda: checkpoints.write_probe(str(disk))):
+                      lambda: rundir.write_probe(str(disk))):
             with pytest.raises(UserError) as e:
                 write()
             assert str(e.value).startswith(str(disk)) and "No space left on device" in str(e.value), e.value

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import train_gpt2
-from gpt2lib import metrics
+from gpt2lib import flops
 from test_train import (REPO, STOP_LIMIT_S, final_weights, free_port, install_stop_after, logged, make_data,
                         signal_between_logged_steps, spawn_train, tiny_config, write_hellaswag)
 from train_gpt2 import GPT, DistContext, config_for, train
@@ -305,14 +305,14 @@ def test_resume_on_half_the_ranks_with_twice_the_accumulation(tmp_path):
     ("Tesla V100-SXM2-16GB", 125e12), ("Tesla T4", 65e12), ("NVIDIA A10G", None), ("NVIDIA B200", None),
 ])
 def test_gpu_peak_is_looked_up_by_exact_model(name, peak):
-    assert metrics.peak_flops(name) == peak
+    assert flops.peak_flops(name) == peak
 
 
 def test_unknown_gpu_is_named_once_and_gets_no_mfu(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA Future GPU")
-    assert metrics.gpu_peak_flops(torch.device("cuda"), master_process=True) is None
+    assert flops.gpu_peak_flops(torch.device("cuda"), master_process=True) is None
     assert capsys.readouterr().out == "note: no peak FLOP/s known for 'NVIDIA Future GPU': MFU is not shown\n"
-    assert metrics.gpu_peak_flops(torch.device("cpu"), master_process=True) is None
+    assert flops.gpu_peak_flops(torch.device("cpu"), master_process=True) is None
 
 
 # ---- init, and torch.compile with bf16 autocast and with DDP

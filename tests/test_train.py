@@ -22,7 +22,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import train_gpt2
-from gpt2lib import metrics
+from gpt2lib import flops
 from gpt2lib.distributed import close_process_group, end_process
 from train_gpt2 import (GPT, DataLoaderLite, DistContext, TrainConfig, UserError, config_for, configure_optimizer,
                         parse_config, train, validate)
@@ -416,10 +416,10 @@ def test_optimizer_decays_only_matrices():
 
 def test_flops_per_token_matches_the_124m_figure():
     # about 855 MFLOP per token for 124M with the padded vocabulary (6N + 12*L*H*Q*T)
-    flops = metrics.flops_per_token(config_for("gpt2", vocab_multiple=64), 1024)
+    per_token = flops.flops_per_token(config_for("gpt2", vocab_multiple=64), 1024)
     n = sum(p.numel() for p in GPT(config_for("d1", vocab_multiple=64)).parameters()) - 1024 * 64
-    assert flops == pytest.approx(855e6, rel=0.01)
-    assert metrics.flops_per_token(config_for("d1", vocab_multiple=64), 1024) == 6 * n + 12 * 1 * 64 * 1024
+    assert per_token == pytest.approx(855e6, rel=0.01)
+    assert flops.flops_per_token(config_for("d1", vocab_multiple=64), 1024) == 6 * n + 12 * 1 * 64 * 1024
 
 
 def slowed(monkeypatch, name, seconds, calls=None):

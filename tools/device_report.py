@@ -79,7 +79,7 @@ def gpt2_mfu_inputs():
     gpt2 with the vocabulary padded to 50304 at T=1024; None off CUDA or on an unknown card."""
     sys.path.insert(0, REPO)
     import torch
-    from gpt2lib.metrics import flops_per_token, peak_flops
+    from gpt2lib.flops import flops_per_token, peak_flops
     from train_gpt2 import config_for
 
     if not torch.cuda.is_available():
