@@ -139,3 +139,46 @@ def test_one_set_of_dtype_names_with_torchs_spelling_as_aliases(capsys):
     with pytest.raises(SystemExit):
         hellaswag.parse_args(["-m", "gpt2", "--dtype", "float64"])
     assert "invalid choice: 'float64'" in capsys.readouterr().err
+
+
+GENERIC_RUNNERS = ("decide", "on_every_rank")  # DistContext's: they run the caller's function on ranks
+
+
+def script_callbacks_into_package(path):
+    """(line, call) of every call in a script that hands the package one of the script's own functions
+    or classes, or a lambda around one: the package takes instances and values. DistContext.decide and
+    on_every_rank are exempt: running a caller's function on the chosen ranks is what they are for."""
+    with open(path) as f:
+        tree = ast.parse(f.read(), path)
+    own = {node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+    package_names = set()  # modules and names the script imports from the package
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(PACKAGE):
+            package_names.update(alias.asname or alias.name for alias in node.names)
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        func = node.func
+        root = func
+        while isinstance(root, ast.Attribute):
+            root = root.value
+        if not (isinstance(root, ast.Name) and root.id in package_names):
+            continue
+        if isinstance(func, ast.Attribute) and func.attr in GENERIC_RUNNERS:
+            continue
+        for arg in [*node.args, *(k.value for k in node.keywords)]:
+            names = [n.id for n in ast.walk(arg) if isinstance(n, ast.Name)] if isinstance(arg, ast.Lambda) else \
+                [arg.id] if isinstance(arg, ast.Name) else []
+            if any(name in own for name in names):
+                found.append((node.lineno, ast.unparse(node)[:80]))
+    return found
+
+
+def test_the_script_hands_the_package_no_function_or_class_of_its_own(tmp_path):
+    for script in SCRIPTS:
+        assert script_callbacks_into_package(os.path.join(REPO, script + ".py")) == [], script
+    bad = tmp_path / "bad.py"
+    bad.write_text("from gpt2lib import resume\nclass Loader: pass\ndef f(): pass\n"
+                   "resume.find_holder(Loader, 1)\nresume.x(key=lambda: f())\nresume.ok(Loader(), lambda x: x + 1)\n")
+    assert [line for line, _ in script_callbacks_into_package(str(bad))] == [4, 5]

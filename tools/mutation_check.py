@@ -156,6 +156,12 @@ MUTATIONS = [
              [('flat = enc.encode_ordinary_batch([" " + ending for ex in examples for ending in ex["endings"]])',
                'flat = enc.encode_ordinary_batch([ending for ex in examples for ending in ex["endings"]])')],
              [T + "test_hellaswag.py::test_acc_and_acc_norm_pick_different_endings"]),
+    # ---- layout
+    Mutation("package_receives_a_script_function", "train_gpt2.py",
+             [("    holder = resume.find_holder(local_checkpoint(cfg, dist_ctx), cfg.resume, dist_ctx)\n",
+               "    holder = resume.find_holder(local_checkpoint(cfg, dist_ctx), cfg.resume, dist_ctx)\n"
+               "    resume.looks_here(checkpoint_layout, dist_ctx)\n")],
+             [T + "test_layout.py::test_the_script_hands_the_package_no_function_or_class_of_its_own"]),
     # ---- precision
     Mutation("compiled_run_drops_bf16_autocast", "train_gpt2.py",
              [("        with precision.autocast():\n            _, loss = model(x, y, loss_impl=cfg.loss_impl)\n",
