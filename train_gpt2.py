@@ -495,6 +495,9 @@ DEMO = dict(model="d4", data_dir="data/pydoc", batch_size=4, seq_len=128, total_
             sample_every=100, sample_prompt="The", checkpoint_every=100, log_dir="log_demo")
 
 DEFAULT_MODEL = "gpt2"
+# An AdamW step moves each weight by about lr (GPT-2's peak is 6e-4): a value above 10 is a typo
+# (1e3 for 1e-3), not a setting, and 1e308 overflows the optimizer's arithmetic.
+MAX_LR = 10.0
 
 
 def validate(cfg, world_size, rank=0):
@@ -503,6 +506,11 @@ def validate(cfg, world_size, rank=0):
     exception, the trackers' packages, is checked on rank 0 alone: only rank 0 opens the trackers, so
     another node's Python install must not stop the run."""
     problems = []
+    # nan passes every comparison below (nan <= 0 is False) and inf most of them: refuse both first,
+    # and leave such a flag out of its range check so that it gets one message, not two
+    not_finite = {f.name for f in fields(cfg) if f.type is float and not math.isfinite(getattr(cfg, f.name))}
+    problems += [f"--{name.replace('_', '-')} must be a finite number, got {getattr(cfg, name)}"
+                 for name in sorted(not_finite)]
     model_config = None
     if cfg.model or not cfg.init_from:  # with --init-from alone the shape is only known once it is read
         try:
@@ -515,11 +523,15 @@ def validate(cfg, world_size, rank=0):
         if getattr(cfg, name) <= 0:
             problems.append(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     for name in ("benchmark", "warmup_steps", "eval_every", "sample_every", "checkpoint_every", "keep_last", "weight_decay", "grad_clip"):
-        if getattr(cfg, name) < 0:
+        if name not in not_finite and getattr(cfg, name) < 0:
             problems.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
-    if cfg.lr <= 0:
-        problems.append(f"--lr must be positive, got {cfg.lr}")
-    if not 0 <= cfg.min_lr_ratio <= 1:
+    if "lr" not in not_finite and not 0 < cfg.lr <= MAX_LR:
+        problems.append(f"--lr must be positive and at most {MAX_LR:g}, got {cfg.lr}")
+    elif not {"lr", "weight_decay"} & not_finite and cfg.lr * cfg.weight_decay >= 1:
+        # AdamW multiplies each decayed weight by 1 - lr * weight_decay every step
+        problems.append(f"--weight-decay {cfg.weight_decay} times --lr {cfg.lr} must be below 1: each step would "
+                        "zero or flip the sign of every decayed weight")
+    if "min_lr_ratio" not in not_finite and not 0 <= cfg.min_lr_ratio <= 1:
         problems.append(f"--min-lr-ratio must be in [0, 1], got {cfg.min_lr_ratio}")
     if cfg.lr_schedule not in LR_SCHEDULES:
         problems.append(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {cfg.lr_schedule}")
@@ -546,7 +558,7 @@ def validate(cfg, world_size, rank=0):
     if cfg.sdpa_backend not in SDPA_BACKENDS:
         problems.append(f"--sdpa-backend must be one of {', '.join(SDPA_BACKENDS)}, got {cfg.sdpa_backend}")
     for name in ("num_samples", "max_new_tokens", "temperature"):
-        if getattr(cfg, name) <= 0:
+        if name not in not_finite and getattr(cfg, name) <= 0:
             problems.append(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     if cfg.top_k < 0:
         problems.append(f"--top-k must be >= 0 (0: the whole vocabulary, 1: greedy), got {cfg.top_k}")

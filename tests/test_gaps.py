@@ -1,0 +1,49 @@
+"""Gaps closed by issue 23: bad numbers refused at parse time, quiet one-line failures (a tracker on a
+full disk, Ctrl-C during start-up, shards changed since the checkpoint), and direct tests for mistakes
+that the suite once missed or caught only by accident."""
+
+import math
+import os
+from dataclasses import fields
+
+import pytest
+
+import train_gpt2
+from train_gpt2 import TrainConfig, validate
+
+FLOAT_FLAGS = [f.name for f in fields(TrainConfig) if f.type is float]
+
+
+# ---- numbers validated at parse time
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("name", FLOAT_FLAGS)
+def test_every_float_flag_refuses_nan_and_inf_in_one_message(name, value):
+    flag = "--" + name.replace("_", "-")
+    assert validate(TrainConfig(**{name: value}), 1) == [f"{flag} must be a finite number, got {value}"]
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(lr=1e308), "--lr must be positive and at most 10, got 1e+308"),
+    (dict(lr=0.0), "--lr must be positive and at most 10, got 0.0"),
+    (dict(lr=5.0, weight_decay=0.2), "--weight-decay 0.2 times --lr 5.0 must be below 1: each step would zero or "
+                                     "flip the sign of every decayed weight"),
+    (dict(grad_clip=-1.0), "--grad-clip must be >= 0, got -1.0"),
+    (dict(min_lr_ratio=1.5), "--min-lr-ratio must be in [0, 1], got 1.5"),
+    (dict(temperature=-0.5), "--temperature must be positive, got -0.5"),
+])
+def test_out_of_range_float_flags_are_refused(settings, message):
+    assert validate(TrainConfig(**settings), 1) == [message]
+
+
+def test_bad_numbers_stop_the_command_line_before_anything_starts(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        train_gpt2.main(["--lr", "nan", "--temperature", "nan", "--grad-clip", "nan", "--weight-decay", "inf",
+                         "--log-dir", "log"])
+    assert str(e.value.code).splitlines() == [
+        "error: --grad-clip must be a finite number, got nan",
+        "error: --lr must be a finite number, got nan",
+        "error: --temperature must be a finite number, got nan",
+        "error: --weight-decay must be a finite number, got inf"]
+    assert os.listdir(tmp_path) == []
