@@ -4,12 +4,18 @@ that the suite once missed or caught only by accident."""
 
 import math
 import os
+import subprocess
+import sys
+import textwrap
 from dataclasses import fields
 
 import pytest
 
 import train_gpt2
+from test_integrity import tmpfs
 from train_gpt2 import TrainConfig, validate
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 FLOAT_FLAGS = [f.name for f in fields(TrainConfig) if f.type is float]
 
@@ -47,3 +53,35 @@ def test_bad_numbers_stop_the_command_line_before_anything_starts(tmp_path, monk
         "error: --temperature must be a finite number, got nan",
         "error: --weight-decay must be a finite number, got inf"]
     assert os.listdir(tmp_path) == []
+
+
+# ---- quiet one-line failures
+
+FILL_THEN_TRACK = """
+import contextlib, sys, threading
+from gpt2lib.tracking import Tracking
+disk = sys.argv[1]
+tracking = Tracking.open(disk + "/log", 0, tensorboard=True)
+with contextlib.suppress(OSError), open(disk + "/filler", "wb", buffering=0) as f:
+    while True:
+        f.write(bytes(4096))
+for step in range(20):
+    tracking.log({"step": step, "kind": "sample", "value": 1.0, "texts": ["x" * 2000]})
+tracking.close()
+for thread in threading.enumerate():  # the writer thread's last words, if any, come before the exit
+    if thread is not threading.current_thread():
+        thread.join(timeout=30)
+print("training went on")
+"""
+
+
+def test_tensorboard_on_a_full_disk_is_one_line_without_the_writer_threads_traceback(tmp_path):
+    pytest.importorskip("tensorboard")
+    with tmpfs(tmp_path / "disk", "256k") as disk:
+        result = subprocess.run([sys.executable, "-c", FILL_THEN_TRACK, str(disk)], capture_output=True, text=True,
+                                env={**os.environ, "PYTHONPATH": REPO}, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "warning: TensorBoard tracking failed (OSError: [Errno 28] No space left on device): training goes on "
+        "without it", "training went on"]
+    assert result.stderr == ""
