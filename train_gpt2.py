@@ -12,12 +12,18 @@ gpt2lib/, one module per job.
     python train_gpt2.py --init-from gpt2 --data-dir data/mine --log-dir log_ft  # fine-tune OpenAI's 124M
 """
 
+import os
+import signal
+
+if __name__ == "__main__":
+    # Ctrl-C during the imports below (seconds: torch's alone) exits quietly with the shell's 130, not a
+    # KeyboardInterrupt traceback. Nothing is written yet, so nothing needs cleaning up.
+    signal.signal(signal.SIGINT, lambda signum, frame: os._exit(128 + signum))
+
 import argparse
 import contextlib
 import math
-import os
 import re
-import signal
 import sys
 import tempfile
 import uuid
@@ -1007,4 +1013,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # imported: Ctrl-C is main()'s to handle
     main()

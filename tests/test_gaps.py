@@ -4,6 +4,7 @@ that the suite once missed or caught only by accident."""
 
 import math
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -85,3 +86,27 @@ def test_tensorboard_on_a_full_disk_is_one_line_without_the_writer_threads_trace
         "warning: TensorBoard tracking failed (OSError: [Errno 28] No space left on device): training goes on "
         "without it", "training went on"]
     assert result.stderr == ""
+
+
+def test_ctrl_c_while_train_gpt2_imports_exits_quietly_with_130(tmp_path):
+    # -X importtime reports each import as it completes: numpy's line means the script's own imports
+    # have begun, and torch's (seconds) is still under way
+    proc = subprocess.Popen([sys.executable, "-X", "importtime", os.path.join(REPO, "train_gpt2.py"), "--device", "cpu"],
+                            cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if line.rstrip().endswith("| numpy"):
+            proc.send_signal(signal.SIGINT)
+            break
+    lines += proc.stderr.readlines()
+    assert proc.wait(timeout=60) == 130
+    assert not any(line.rstrip().endswith("| torch") for line in lines), "the signal came after the imports"
+    assert [line for line in lines if not line.startswith("import time:")] == []
+    assert os.listdir(tmp_path) == []
+
+
+def test_importing_train_gpt2_leaves_the_signal_handlers_alone():
+    script = "import signal, train_gpt2; print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.stdout.strip() == "True", result.stderr
