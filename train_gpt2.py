@@ -424,12 +424,18 @@ class DataLoaderLite:
         return {"split": self.split, "epoch": self.epoch, "position": self.position,
                 "shuffle_seed": self.shuffle_seed, "block_tokens": self.block_tokens,
                 "shards": [os.path.basename(p) for p in self.shards],
-                "shard_lengths": list(self.shard_lengths)}
+                "shard_lengths": list(self.shard_lengths), "shard_digests": [file.digest() for file in self.files]}
 
     def load_state_dict(self, state):
         if state["shards"] != [os.path.basename(p) for p in self.shards] or state["shard_lengths"] != self.shard_lengths:
             raise UserError(f"the '{self.split}' shards differ from those the checkpoint was trained on: "
                             "resume with the same --data-dir, or start a new run with --resume none")
+        # the token counts match, so the position still means something; checkpoints from before digests have none
+        changed = [name for name, digest, file in zip(state["shards"], state.get("shard_digests") or [], self.files)
+                   if digest != file.digest()]
+        if changed and self.process_rank == 0:
+            print(f"warning: {len(changed)} '{self.split}' shard(s) changed since the checkpoint ({changed[0]}"
+                  f"{', ...' if len(changed) > 1 else ''}): same names and token counts, other tokens; resuming on them")
         # the order the run was trained in goes on (checkpoints from before block shuffling have none)
         self.shuffle_seed, self.block_tokens = state["shuffle_seed"], state.get("block_tokens")
         if self.block_tokens and self.block_tokens % (self.B * self.T * self.num_processes):

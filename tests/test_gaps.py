@@ -10,11 +10,13 @@ import sys
 import textwrap
 from dataclasses import fields
 
+import numpy as np
 import pytest
 
 import train_gpt2
 from test_integrity import tmpfs
-from train_gpt2 import TrainConfig, validate
+from test_train import install_stop_after, make_data, tiny_config
+from train_gpt2 import GPT2_VOCAB_SIZE, DataLoaderLite, DistContext, TrainConfig, train, validate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -110,3 +112,31 @@ def test_importing_train_gpt2_leaves_the_signal_handlers_alone():
     script = "import signal, train_gpt2; print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)"
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert result.stdout.strip() == "True", result.stderr
+
+
+def test_a_resume_on_shards_changed_since_the_checkpoint_says_so_in_one_line(tmp_path, capsys):
+    cfg = tiny_config(make_data(tmp_path / "data"), str(tmp_path / "log"), resume="auto", eval_every=0)
+    warned = lambda: [line for line in capsys.readouterr().out.splitlines() if "changed since" in line]
+    for stop_after in (1, 1):  # a checkpoint at step 1, then one at step 2 resumed from it
+        original = install_stop_after(stop_after)
+        try:
+            train(cfg, DistContext())
+        finally:
+            train_gpt2.train_step = original
+        assert warned() == []  # the same shards: nothing to say
+    shard = tmp_path / "data" / "t_train_000002.npy"
+    tokens = np.load(shard)
+    np.save(shard, (tokens[::-1] + 1) % GPT2_VOCAB_SIZE)  # same name, size and token count; other tokens
+    assert train(cfg, DistContext())["losses"]  # resumed at step 2 and went on to the end
+    assert warned() == ["warning: 1 'train' shard(s) changed since the checkpoint (t_train_000002.npy): same names "
+                        "and token counts, other tokens; resuming on them"]
+
+
+def test_a_checkpoint_from_before_shard_digests_still_resumes(tmp_path, capsys):
+    loader = DataLoaderLite(2, 16, 0, 1, "train", make_data(tmp_path / "data"))
+    loader.next_batch()
+    state = loader.state_dict()
+    del state["shard_digests"]
+    fresh = DataLoaderLite(2, 16, 0, 1, "train", str(tmp_path / "data"))
+    fresh.load_state_dict(state)
+    assert fresh.position == loader.position and capsys.readouterr().out == ""
