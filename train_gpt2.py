@@ -507,8 +507,8 @@ DEMO = dict(model="d4", data_dir="data/pydoc", batch_size=4, seq_len=128, total_
             sample_every=100, sample_prompt="The", checkpoint_every=100, log_dir="log_demo")
 
 DEFAULT_MODEL = "gpt2"
-# An AdamW step moves each weight by about lr (GPT-2's peak is 6e-4): a value above 10 is a typo
-# (1e3 for 1e-3), not a setting, and 1e308 overflows the optimizer's arithmetic.
+# An AdamW step moves each weight by about lr (GPT-2's peak is 6e-4): above 10 is a typo (1e3 for 1e-3),
+# not a setting; 1e308 made the first update's weights inf.
 MAX_LR = 10.0
 
 
