@@ -12,12 +12,18 @@ gpt2lib/, one module per job.
     python train_gpt2.py --init-from gpt2 --data-dir data/mine --log-dir log_ft  # fine-tune OpenAI's 124M
 """
 
+import os
+import signal
+
+if __name__ == "__main__":
+    # Ctrl-C during the imports below (seconds: torch's alone) exits quietly with the shell's 130, not a
+    # KeyboardInterrupt traceback. Nothing is written yet, so nothing needs cleaning up.
+    signal.signal(signal.SIGINT, lambda signum, frame: os._exit(128 + signum))
+
 import argparse
 import contextlib
 import math
-import os
 import re
-import signal
 import sys
 import tempfile
 import uuid
@@ -408,12 +414,18 @@ class DataLoaderLite:
         return {"split": self.split, "epoch": self.epoch, "position": self.position,
                 "shuffle_seed": self.shuffle_seed, "block_tokens": self.block_tokens,
                 "shards": [os.path.basename(p) for p in self.shards],
-                "shard_lengths": list(self.shard_lengths)}
+                "shard_lengths": list(self.shard_lengths), "shard_digests": [file.digest() for file in self.files]}
 
     def load_state_dict(self, state):
         if state["shards"] != [os.path.basename(p) for p in self.shards] or state["shard_lengths"] != self.shard_lengths:
             raise UserError(f"the '{self.split}' shards differ from those the checkpoint was trained on: "
                             "resume with the same --data-dir, or start a new run with --resume none")
+        # the token counts match, so the position still means something; checkpoints from before digests have none
+        changed = [name for name, digest, file in zip(state["shards"], state.get("shard_digests") or [], self.files)
+                   if digest != file.digest()]
+        if changed and self.process_rank == 0:
+            print(f"warning: {len(changed)} '{self.split}' shard(s) changed since the checkpoint ({changed[0]}"
+                  f"{', ...' if len(changed) > 1 else ''}): same names and token counts, other tokens; resuming on them")
         # the order the run was trained in goes on (checkpoints from before block shuffling have none)
         self.shuffle_seed, self.block_tokens = state["shuffle_seed"], state.get("block_tokens")
         if self.block_tokens and self.block_tokens % (self.B * self.T * self.num_processes):
@@ -516,6 +528,9 @@ DEMO = dict(model="d4", data_dir="data/pydoc", batch_size=4, seq_len=128, total_
             sample_every=100, sample_prompt="The", checkpoint_every=100, log_dir="log_demo")
 
 DEFAULT_MODEL = "gpt2"
+# An AdamW step moves each weight by about lr (GPT-2's peak is 6e-4): above 10 is a typo (1e3 for 1e-3),
+# not a setting; 1e308 made the first update's weights inf.
+MAX_LR = 10.0
 
 
 def validate(cfg, world_size, rank=0):
@@ -524,6 +539,11 @@ def validate(cfg, world_size, rank=0):
     exception, the trackers' packages, is checked on rank 0 alone: only rank 0 opens the trackers, so
     another node's Python install must not stop the run."""
     problems = []
+    # nan passes every comparison below (nan <= 0 is False) and inf most of them: refuse both first,
+    # and leave such a flag out of its range check so that it gets one message, not two
+    not_finite = {f.name for f in fields(cfg) if f.type is float and not math.isfinite(getattr(cfg, f.name))}
+    problems += [f"--{name.replace('_', '-')} must be a finite number, got {getattr(cfg, name)}"
+                 for name in sorted(not_finite)]
     model_config = None
     if cfg.model or not cfg.init_from:  # with --init-from alone the shape is only known once it is read
         try:
@@ -536,11 +556,15 @@ def validate(cfg, world_size, rank=0):
         if getattr(cfg, name) <= 0:
             problems.append(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     for name in ("benchmark", "warmup_steps", "eval_every", "sample_every", "checkpoint_every", "keep_last", "weight_decay", "grad_clip"):
-        if getattr(cfg, name) < 0:
+        if name not in not_finite and getattr(cfg, name) < 0:
             problems.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
-    if cfg.lr <= 0:
-        problems.append(f"--lr must be positive, got {cfg.lr}")
-    if not 0 <= cfg.min_lr_ratio <= 1:
+    if "lr" not in not_finite and not 0 < cfg.lr <= MAX_LR:
+        problems.append(f"--lr must be positive and at most {MAX_LR:g}, got {cfg.lr}")
+    elif not {"lr", "weight_decay"} & not_finite and cfg.lr * cfg.weight_decay >= 1:
+        # AdamW multiplies each decayed weight by 1 - lr * weight_decay every step
+        problems.append(f"--weight-decay {cfg.weight_decay} times --lr {cfg.lr} must be below 1: each step would "
+                        "zero or flip the sign of every decayed weight")
+    if "min_lr_ratio" not in not_finite and not 0 <= cfg.min_lr_ratio <= 1:
         problems.append(f"--min-lr-ratio must be in [0, 1], got {cfg.min_lr_ratio}")
     if cfg.lr_schedule not in LR_SCHEDULES:
         problems.append(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {cfg.lr_schedule}")
@@ -567,7 +591,7 @@ def validate(cfg, world_size, rank=0):
     if cfg.sdpa_backend not in SDPA_BACKENDS:
         problems.append(f"--sdpa-backend must be one of {', '.join(SDPA_BACKENDS)}, got {cfg.sdpa_backend}")
     for name in ("num_samples", "max_new_tokens", "temperature"):
-        if getattr(cfg, name) <= 0:
+        if name not in not_finite and getattr(cfg, name) <= 0:
             problems.append(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     if cfg.top_k < 0:
         problems.append(f"--top-k must be >= 0 (0: the whole vocabulary, 1: greedy), got {cfg.top_k}")
@@ -1135,4 +1159,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # imported: Ctrl-C is main()'s to handle
     main()

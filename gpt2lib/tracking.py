@@ -14,6 +14,7 @@ import html
 import importlib.util
 import os
 import secrets
+import threading
 
 from gpt2lib.common import atomic_write, one_line
 
@@ -50,12 +51,31 @@ def sample_text(row):
     return "\n\n".join(row["texts"])
 
 
+def quiet_tensorboard_writer_threads():
+    """TensorBoard's writer thread keeps a write error (a full disk) for the writer's next call to raise,
+    where Tracking reports it in one line, and then lets it escape too: threading would print its whole
+    traceback ("Exception in thread ..."). Silence exactly those threads' handed-over exceptions; every
+    other thread's go to the previous hook. Installed once per process."""
+    previous = threading.excepthook
+    if getattr(previous, "quiets_tensorboard", False):
+        return
+
+    def hook(args):
+        handed_over = getattr(args.thread, "exception", None) is args.exc_value
+        if not (handed_over and type(args.thread).__module__.startswith("tensorboard.")):
+            previous(args)
+
+    hook.quiets_tensorboard = True
+    threading.excepthook = hook
+
+
 class TensorBoard:
     name = "TensorBoard"
 
     def __init__(self, log_dir, start_step):
         from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
 
+        quiet_tensorboard_writer_threads()
         # purge_step: readers drop what earlier files logged at steps >= start_step (redone now)
         self.writer = SummaryWriter(os.path.join(log_dir, TENSORBOARD_DIR), purge_step=start_step or None)
 

@@ -305,8 +305,14 @@ def test_two_worker_run_killed_mid_run_resumes_byte_identically(tmp_path, capsys
     proc = subprocess.Popen([sys.executable, "-c", code, *args, "--out", str(out)], cwd=REPO,
                             env={**os.environ, "PYTHONPATH": REPO}, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    manifest_path = out / "edufineweb_manifest.json"
+
+    def shards_recorded():  # the manifest is replaced by rename: never read half-written
+        return len(json.loads(manifest_path.read_text())["shards"]) if manifest_path.exists() else 0
+
+    # wait for the state the test needs (two shards recorded), however slowly a loaded machine gets there
     deadline = time.time() + 120
-    while time.time() < deadline and not (out.is_dir() and len(os.listdir(out)) > 4) and proc.poll() is None:
+    while time.time() < deadline and shards_recorded() < 2 and proc.poll() is None:
         time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)  # the main process and its two workers
     proc.communicate(timeout=60)
