@@ -182,7 +182,7 @@ MUTATIONS = [
     Mutation("shared_lock", "gpt2lib/rundir.py",
              [("fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)", "fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)")],
              [T + "test_gaps.py::test_a_second_process_is_refused_the_directory_lock_at_once"]),
-    Mutation("resume_keeps_resume_step_lines", "gpt2lib/checkpoints.py",
+    Mutation("resume_keeps_resume_step_lines", "gpt2lib/runlog.py",
              [("                        elif step < resume_step:", "                        elif step <= resume_step:")],
              [T + "test_gaps.py::test_a_resumed_run_logs_each_step_once_line_by_line_like_an_uninterrupted_one"]),
     Mutation("checksum_not_compared", "gpt2lib/checkpoints.py",
