@@ -30,7 +30,7 @@ from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
-from gpt2lib import checkpoints, distributed, hf, parallel, resume, rundir, tracking
+from gpt2lib import checkpoints, distributed, hf, optimizers, parallel, resume, rundir, tracking
 from gpt2lib.checkpoints import finish_save, save
 from gpt2lib.common import (DTYPES, GPT2_EOT, GPT2_VOCAB_SIZE, Precision, UserError, canonical_dtype, check_model_shape,
                             get_encoding, pick_device, raise_failure, resolve_dtype)
@@ -297,14 +297,15 @@ class GPT(nn.Module):
         return model
 
 
-def checkpoint_layout(config):
-    """({key: shape} of the model's state_dict, the optimizer's parameter shapes in its order) for a
-    GPTConfig dict, built on the meta device: checking a checkpoint's structure allocates nothing."""
+def checkpoint_layout(config, optimizer="adamw"):
+    """({key: shape} of the model's state_dict, [(shape, state names)] of each parameter of the
+    --optimizer's state in its order) for a GPTConfig dict, built on the meta device: checking a
+    checkpoint's structure allocates nothing."""
     with torch.device("meta"):
         model = GPT(GPTConfig(**config))
-    optimizer = configure_optimizer(model, 0.0, 1.0, "meta")
+    built = configure_optimizer(model, 0.0, 1.0, "meta", muon=dict(lr=1.0) if optimizer == "muon" else None)
     return ({key: tuple(t.shape) for key, t in model.state_dict().items()},
-            [tuple(p.shape) for group in optimizer.param_groups for p in group["params"]])
+            [(tuple(p.shape), optimizers.state_names(group)) for group in built.param_groups for p in group["params"]])
 
 
 # -----------------------------------------------------------------------------
@@ -456,6 +457,10 @@ class TrainConfig:
     cooldown_steps: int = 0  # wsd: the last steps, which decay the lr; 0: 20% of max_steps
     cooldown_shape: str = "linear"  # wsd: linear or 1-sqrt
     weight_decay: float = 0.1
+    optimizer: str = "adamw"  # adamw, or muon: Muon for the blocks' matrices, AdamW (--lr) for the rest
+    muon_lr: float = 0.02  # Muon's peak lr; the schedule scales it as it scales --lr
+    muon_momentum: float = 0.95
+    muon_weight_decay: float = 0.0  # decoupled: each step multiplies the matrices by 1 - lr * this
     grad_clip: float = 1.0
     eval_every: int = 250
     val_steps: int = 20
@@ -519,6 +524,11 @@ def validate(cfg, world_size, rank=0):
             problems.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
     if cfg.lr <= 0:
         problems.append(f"--lr must be positive, got {cfg.lr}")
+    if cfg.optimizer not in OPTIMIZERS:
+        problems.append(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {cfg.optimizer}")
+    if cfg.muon_lr <= 0 or not 0 <= cfg.muon_momentum < 1 or cfg.muon_weight_decay < 0:
+        problems.append(f"Muon needs --muon-lr > 0, 0 <= --muon-momentum < 1 and --muon-weight-decay >= 0, got "
+                        f"{cfg.muon_lr}, {cfg.muon_momentum} and {cfg.muon_weight_decay}")
     if not 0 <= cfg.min_lr_ratio <= 1:
         problems.append(f"--min-lr-ratio must be in [0, 1], got {cfg.min_lr_ratio}")
     if cfg.lr_schedule not in LR_SCHEDULES:
@@ -568,6 +578,7 @@ def validate(cfg, world_size, rank=0):
 # one optimizer step: lr, micro-steps (the DDP sync flag set before each forward), clip, update
 
 LR_SCHEDULES = ("cosine", "wsd")
+OPTIMIZERS = ("adamw", "muon")
 COOLDOWN_SHAPES = ("linear", "1-sqrt")
 
 
@@ -591,8 +602,13 @@ def get_lr(step, cfg):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - min_lr)
 
 
-def configure_optimizer(model, weight_decay, lr, device_type):
-    """AdamW with weight decay on matrices and embeddings only (not on biases and LayerNorm gains)."""
+def configure_optimizer(model, weight_decay, lr, device_type, muon=None):
+    """AdamW with weight decay on matrices and embeddings only (not on biases and LayerNorm gains);
+    with muon (a dict of Muon's lr, momentum and weight_decay: see muon_settings), Muon for the blocks'
+    matrices and that AdamW for the rest (gpt2lib/optimizers.py)."""
+    if muon is not None:
+        return optimizers.muon_adamw(model, weight_decay, lr, device_type == "cuda", muon["lr"],
+                                     muon.get("momentum", 0.95), muon.get("weight_decay", 0.0))
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
@@ -600,6 +616,21 @@ def configure_optimizer(model, weight_decay, lr, device_type):
     ]
     # the fused kernel does the whole update in one launch: noticeably faster on CUDA
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=device_type == "cuda")
+
+
+def muon_settings(cfg):
+    """configure_optimizer's muon argument for --optimizer (None: AdamW alone)."""
+    if cfg.optimizer != "muon":
+        return None
+    return dict(lr=cfg.muon_lr, momentum=cfg.muon_momentum, weight_decay=cfg.muon_weight_decay)
+
+
+def set_lr(optimizer, step, cfg):
+    """Every param group's lr at this step: its peak lr (--muon-lr for Muon's groups, --lr for
+    AdamW's) times the schedule's factor get_lr(step) / --lr."""
+    factor = get_lr(step, cfg) / cfg.lr
+    for group in optimizer.param_groups:
+        group["lr"] = factor * (cfg.muon_lr if group.get(optimizers.MUON_GROUP) else cfg.lr)
 
 
 class NonFiniteLoss(Exception):
@@ -620,9 +651,8 @@ def train_step(run, step, stop=None):
     Raises NonFiniteLoss, on every rank, instead of stepping on NaN/inf. `stop` (this process's
     StopRequest) is read after the micro-steps, so a signal during them stops this very step."""
     model, optimizer, precision, cfg = run.model, run.optimizer, run.precision, run.cfg
-    lr = get_lr(step, cfg)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    lr = get_lr(step, cfg)  # AdamW's, logged; Muon's follows it (set_lr)
+    set_lr(optimizer, step, cfg)
     optimizer.zero_grad(set_to_none=True)
     loss_sum = torch.zeros((), device=precision.device)  # summed on the device: no host sync per micro-step
     failure = run.log.failure  # a log append that failed on rank 0, or a shard that changed (below)
@@ -785,7 +815,8 @@ def setup_run(cfg, dist_ctx):
     if cfg.fsdp and not cfg.eval_only:
         check_shared_log_dir(cfg.log_dir, dist_ctx)
     raw_model = setup_model(start, cfg, dist_ctx, precision)
-    optimizer = None if cfg.eval_only else configure_optimizer(raw_model, cfg.weight_decay, cfg.lr, device.type)
+    optimizer = None if cfg.eval_only else configure_optimizer(raw_model, cfg.weight_decay, cfg.lr, device.type,
+                                                                 muon=muon_settings(cfg))
     checkpoint = start.checkpoint
     resumed = checkpoint is not None
     cfg = schedule_config(cfg, checkpoint)  # the holder checked it in check_resumable
@@ -930,7 +961,8 @@ def print_generated(cfg):
 
 # the values an enumerated flag takes, shown as its metavar in --help
 FLAG_CHOICES = {"dtype": DTYPES, "loss_impl": LOSS_IMPLS, "sdpa_backend": tuple(SDPA_BACKENDS),
-                "lr_schedule": LR_SCHEDULES, "cooldown_shape": COOLDOWN_SHAPES, "resume": ("auto", "none", "PATH")}
+                "lr_schedule": LR_SCHEDULES, "cooldown_shape": COOLDOWN_SHAPES, "resume": ("auto", "none", "PATH"),
+                "optimizer": OPTIMIZERS}
 
 
 def build_parser():

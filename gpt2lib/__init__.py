@@ -10,6 +10,7 @@
     resume          which checkpoint a run resumes from when its nodes do not share a filesystem
     start           the run's start: resume checks, restore, loaders, the HellaSwag data
     parallel        FSDP2 sharding, DDP/compile wrapping, full weights for evals and samples
+    optimizers      --optimizer muon: torch's Muon for the blocks' matrices and AdamW for the rest, as one optimizer
     evals           step timing and metrics, val loss, HellaSwag during training, benchmark summary
     sampling        KV-cache generation and the printed samples
     flags           train_gpt2.py's --help texts

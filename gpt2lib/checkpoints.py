@@ -26,7 +26,7 @@ from dataclasses import asdict
 
 import torch
 
-from gpt2lib import tracking
+from gpt2lib import optimizers, tracking
 from gpt2lib.common import UserError, atomic_write, check_model_shape, disk_errors, one_line
 
 # the model config a checkpoint stores: train_gpt2.GPTConfig's fields (a test keeps the two equal)
@@ -78,8 +78,8 @@ def feed(digest, value):
 def read_checkpoint(path, layout=None, resume=False, weights=True):
     """A checkpoint dict, loaded with weights_only=True (opening a checkpoint never runs code), its
     checksum verified and its model shape checked before anything is allocated. With layout (a
-    function of the config giving the model's {key: shape} and the optimizer's parameter shapes, in
-    order), every weight is checked; with resume, the optimizer, loader and RNG state too. Any
+    function of the config and the run's --optimizer giving the model's {key: shape} and each of the
+    optimizer's parameters' (shape, state names), in order), every weight is checked; with resume, the optimizer, loader and RNG state too. Any
     problem is a one-line UserError naming path. For a sharded checkpoint directory, "sharded" is its
     path and "model" the full weights gathered from its shards (not with weights=False: then every rank
     of a resumed run reads its own shards)."""
@@ -121,10 +121,10 @@ def check_config(path, checkpoint, layout=None, resume=False):
     checkpoint["model"] = {re.sub(r"^(_orig_mod\.|module\.)+", "", str(key)): value
                            for key, value in checkpoint["model"].items()}
     if layout is not None:
-        weights, optimizer_shapes = layout(checkpoint["config"])
+        weights, optimizer_layout = layout(checkpoint["config"], trained_with(checkpoint))
         check_weights(checkpoint["model"], weights, path)
         if resume:
-            check_resume_state(checkpoint, optimizer_shapes, path)
+            check_resume_state(checkpoint, optimizer_layout, path)
     return checkpoint
 
 
@@ -142,8 +142,14 @@ def check_weights(state, expected, path):
                             f"{list(shape)}): the file is damaged or not of this model")
 
 
-def check_resume_state(checkpoint, parameter_shapes, path):
-    """The step, the optimizer's state for each parameter (AdamW's moments, shaped like it), and every
+def trained_with(checkpoint):
+    """The --optimizer a checkpoint was trained with (checkpoints from before --optimizer: adamw)."""
+    return (checkpoint.get("train_config") or {}).get("optimizer", "adamw")
+
+
+def check_resume_state(checkpoint, parameter_layout, path):
+    """The step, the optimizer's state for each parameter (parameter_layout: its shape and state names
+    in the optimizer's order: AdamW's moments or Muon's momentum buffer, shaped like it), and every
     rank's loader position and RNG state: what a resume restores."""
     def damaged(what):
         return UserError(f"checkpoint {path} cannot be resumed: {what}")
@@ -158,11 +164,11 @@ def check_resume_state(checkpoint, parameter_shapes, path):
             or not isinstance(optimizer.get("param_groups"), list):
         raise damaged("its optimizer state is not an optimizer's")
     ids = [i for group in optimizer["param_groups"] if isinstance(group, dict) for i in group.get("params", [])]
-    if len(ids) != len(parameter_shapes):
-        raise damaged(f"its optimizer holds {len(ids)} parameters, the model has {len(parameter_shapes)}")
-    for i, shape in zip(ids, parameter_shapes):
+    if len(ids) != len(parameter_layout):
+        raise damaged(f"its optimizer holds {len(ids)} parameters, the model has {len(parameter_layout)}")
+    for i, (shape, names) in zip(ids, parameter_layout):
         moments = optimizer["state"].get(i, {})  # a parameter never stepped (fp16 skips) has none
-        for name in ("exp_avg", "exp_avg_sq"):
+        for name in names:
             if moments and (not isinstance(moments.get(name), torch.Tensor) or tuple(moments[name].shape) != shape):
                 raise damaged(f"optimizer state {name} of parameter {i} is missing or not shaped {list(shape)}")
     for key, check in (("loader", lambda s: isinstance(s, dict) and set(LOADER_KEYS) <= s.keys()),
@@ -220,10 +226,11 @@ def load_sharded(path, model, optimizer):
         dcp.load(state, checkpoint_id=path)
         set_model_state_dict(model, state["model"])
         return
-    model_state, optimizer_state = get_state_dict(model, optimizer)
+    model_state, optimizer_state = get_state_dict(model, optimizers.parts(optimizer))
     state = {"model": model_state, "optimizer": optimizer_state}
     dcp.load(state, checkpoint_id=path)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    set_state_dict(model, optimizers.parts(optimizer), model_state_dict=state["model"],
+                   optim_state_dict=state["optimizer"])
 
 
 def list_checkpoints(log_dir):
@@ -396,7 +403,7 @@ def write_shards(directory, model, optimizer, background_group=None):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    model_state, optimizer_state = get_state_dict(model, optimizer)
+    model_state, optimizer_state = get_state_dict(model, optimizers.parts(optimizer))
     state = {"model": model_state, "optimizer": optimizer_state}
     try:
         if background_group is not None:

@@ -25,6 +25,12 @@ FLAG_HELP = {
     "cooldown_steps": "wsd: the last steps, over which the lr decays; 0: 20%% of --max-steps",
     "cooldown_shape": "wsd: the cooldown's decay",
     "weight_decay": "AdamW weight decay on matrices and embeddings",
+    "optimizer": "adamw: AdamW for every parameter; muon: Muon (torch.optim.Muon) for the blocks' weight matrices, "
+                 "AdamW at --lr for the embeddings, LayerNorms and biases (see docs/optimizers.md)",
+    "muon_lr": "with --optimizer muon: Muon's peak lr, scaled by the same schedule as --lr",
+    "muon_momentum": "with --optimizer muon: Muon's (Nesterov) momentum",
+    "muon_weight_decay": "with --optimizer muon: Muon's decoupled weight decay (each step scales the matrices by "
+                         "1 - lr * this)",
     "grad_clip": "clip the gradient norm to this; 0: no clipping",
     "eval_every": "val loss (and HellaSwag) every N steps and at the end; 0: never",
     "val_steps": "val batches per evaluation",

@@ -207,6 +207,9 @@ def check_resumable(path, checkpoint, cfg, model_config, default_model):
         raise UserError(f"{path} is a run started from {origin_text(started_from)}, not from "
                         f"{origin_text(cfg.init_from)}: pass the same --init-from, another --log-dir, or --resume none")
     schedule_config(cfg, checkpoint)
+    if checkpoints.trained_with(checkpoint) != cfg.optimizer:
+        raise UserError(f"{path} was trained with --optimizer {checkpoints.trained_with(checkpoint)}, not "
+                        f"{cfg.optimizer}: pass the same --optimizer, another --log-dir, or --resume none")
     config = model_config(None, **checkpoint["config"])
     if not cfg.init_from:
         expected = model_config(cfg.model or default_model, vocab_multiple=cfg.vocab_multiple)
