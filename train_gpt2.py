@@ -569,6 +569,9 @@ def validate(cfg, world_size, rank=0):
             problems.append(f"{flag} runs in one process: run it with python, not torchrun")
     if rank == 0:
         problems += tracking.missing_packages(cfg.wandb, cfg.tensorboard)
+    if cfg.fsdp and cfg.optimizer == "muon":
+        problems.append("--optimizer muon trains with DDP, not --fsdp: torch.optim.Muon orthogonalizes whole "
+                        "matrices and is not FSDP-aware (every rank would gather and orthogonalize each one)")
     if cfg.async_checkpoint and not cfg.fsdp:
         problems.append("--async-checkpoint writes sharded checkpoints: it needs --fsdp")
     return problems

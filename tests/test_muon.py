@@ -113,18 +113,37 @@ def test_a_muon_checkpoint_is_checked_for_its_momentum_and_its_optimizer(tmp_pat
 
 
 def test_two_ranks_equal_one_process_under_muon(tmp_path):
-    """Every rank orthogonalizes the same all-reduced gradient. The gradients of 2 ranks x 2
-    micro-batches and 1 x 4 differ in the last float32 bits; Newton-Schulz runs in bf16, so a
-    difference can flip a bf16 rounding: the stated tolerance is 2e-4 on weights of size ~0.02."""
+    """Every rank orthogonalizes the same all-reduced gradient, so 2 ranks x 2 micro-batches equal
+    1 process x 4 as closely as float32 summation order lets any two Muon runs agree: Newton-Schulz
+    runs in bf16 and amplifies small singular values (up to ~490x over its 5 steps), so gradients that
+    differ in their last bits give updates that differ visibly. The stated tolerance is therefore
+    measured, not fixed: one process with micro-batches of 4 instead of 2 (the same gradient, summed
+    in another order) differs from it by about 3e-3 after 4 steps on d1 (AdamW: 6e-7); two ranks
+    must be no further off than 1.5 times that, and the losses agree within 1e-4."""
     single = muon_config(tmp_path, max_steps=4, checkpoint_every=4, eval_every=0)
     train(single, DistContext())
+    regrouped = replace(single, log_dir=str(tmp_path / "regrouped"), batch_size=4)
+    train(regrouped, DistContext())
     double = replace(single, log_dir=str(tmp_path / "double"))
     spawn_train(double)
-    a, b = final_weights(single.log_dir, 4), final_weights(double.log_dir, 4)
-    worst = max((a[k] - b[k]).abs().max().item() for k in a)
-    assert worst < 2e-4, worst
+    a, b, c = (final_weights(cfg.log_dir, 4) for cfg in (single, double, regrouped))
+
+    def worst(x, y):
+        return max((x[k] - y[k]).abs().max().item() for k in x)
+
+    assert worst(a, b) <= 1.5 * worst(a, c) + 1e-6, (worst(a, b), worst(a, c))
     la, lb = logged(single.log_dir), logged(double.log_dir)
-    assert all(abs(la[s] - lb[s]) < 1e-4 for s in la)
+    assert la.keys() == lb.keys() and all(abs(la[s] - lb[s]) < 1e-4 for s in la)
+
+
+def test_muon_settings_are_validated_and_fsdp_is_refused_in_one_line():
+    cfg = TrainConfig(model="d1", optimizer="muon", device="cpu")
+    assert train_gpt2.validate(cfg, 1) == []
+    assert train_gpt2.validate(replace(cfg, optimizer="sgd"), 1) == ["--optimizer must be one of adamw, muon, got sgd"]
+    [problem] = train_gpt2.validate(replace(cfg, fsdp=True), 2)
+    assert problem.startswith("--optimizer muon trains with DDP, not --fsdp")
+    assert len(train_gpt2.validate(replace(cfg, muon_lr=0.0, muon_momentum=1.0), 1)) == 1
+    assert train_gpt2.parse_config(["--optimizer", "muon", "--muon-lr", "0.03"]).muon_lr == 0.03
 
 
 def test_the_optimizer_pair_works_with_the_fp16_loss_scaler():
