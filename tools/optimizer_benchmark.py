@@ -158,7 +158,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--eval-every", type=int, default=25)
-    p.add_argument("--val-steps", type=int, default=16)
+    p.add_argument("--val-tokens", type=int, default=32768,
+                   help="val tokens per eval, the same for every run (a few thousand are one or two documents)")
     p.add_argument("--adamw-lrs", type=float, nargs="+", default=[1e-3, 3e-3, 6e-3])
     p.add_argument("--muon-lrs", type=float, nargs="+", default=[0.01, 0.02, 0.04])
     p.add_argument("--rest-lr", type=float, help="AdamW's lr for what Muon does not take (default: the best "
@@ -221,7 +222,8 @@ def main(argv=None):
     tokens_per_step = args.total_batch_size or args.batch_size * args.seq_len
     base = TrainConfig(model=args.model, data_dir=args.data_dir, batch_size=args.batch_size, seq_len=args.seq_len,
                        total_batch_size=tokens_per_step, max_steps=args.steps, warmup_steps=args.warmup,
-                       eval_every=args.eval_every, val_steps=args.val_steps, hellaswag=False, sample_every=0,
+                       eval_every=args.eval_every,
+                       val_steps=max(1, args.val_tokens // (args.batch_size * args.seq_len)), hellaswag=False, sample_every=0,
                        checkpoint_every=0, resume="none", device=args.device, dtype=args.dtype, seed=args.seed)
     runs = []
     for lr in args.adamw_lrs:
