@@ -36,7 +36,7 @@ from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
-from gpt2lib import checkpoints, distributed, hf, parallel, resume, rundir, tracking
+from gpt2lib import checkpoints, distributed, hf, optimizers, parallel, resume, rundir, tracking
 from gpt2lib.checkpoints import finish_save, save
 from gpt2lib.common import (DTYPES, GPT2_EOT, GPT2_VOCAB_SIZE, Precision, UserError, canonical_dtype, check_model_shape,
                             get_encoding, pick_device, raise_failure, resolve_dtype)
@@ -477,6 +477,13 @@ class TrainConfig:
     cooldown_steps: int = flag(0, 'wsd: the last steps, over which the lr decays; 0: 20% of --max-steps')
     cooldown_shape: str = flag("linear", "wsd: the cooldown's decay")
     weight_decay: float = flag(0.1, 'AdamW weight decay on matrices and embeddings')
+    optimizer: str = flag("adamw",
+        "adamw: AdamW for every parameter; muon: Muon (torch.optim.Muon) for the blocks' weight matrices, AdamW "
+        'at --lr for the embeddings, LayerNorms and biases (see docs/optimizers.md)')
+    muon_lr: float = flag(0.02, "with --optimizer muon: Muon's peak lr, scaled by the same schedule as --lr")
+    muon_momentum: float = flag(0.95, "with --optimizer muon: Muon's (Nesterov) momentum")
+    muon_weight_decay: float = flag(0.0,
+        "with --optimizer muon: Muon's decoupled weight decay (each step scales the matrices by 1 - lr * this)")
     grad_clip: float = flag(1.0, 'clip the gradient norm to this; 0: no clipping')
     eval_every: int = flag(250, 'val loss (and HellaSwag) every N steps and at the end; 0: never')
     val_steps: int = flag(20, 'val batches per evaluation')
@@ -564,6 +571,12 @@ def validate(cfg, world_size, rank=0):
         # AdamW multiplies each decayed weight by 1 - lr * weight_decay every step
         problems.append(f"--weight-decay {cfg.weight_decay} times --lr {cfg.lr} must be below 1: each step would "
                         "zero or flip the sign of every decayed weight")
+    if cfg.optimizer not in OPTIMIZERS:
+        problems.append(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {cfg.optimizer}")
+    if not {"muon_lr", "muon_momentum", "muon_weight_decay"} & not_finite and \
+            (cfg.muon_lr <= 0 or not 0 <= cfg.muon_momentum < 1 or cfg.muon_weight_decay < 0):
+        problems.append(f"Muon needs --muon-lr > 0, 0 <= --muon-momentum < 1 and --muon-weight-decay >= 0, got "
+                        f"{cfg.muon_lr}, {cfg.muon_momentum} and {cfg.muon_weight_decay}")
     if "min_lr_ratio" not in not_finite and not 0 <= cfg.min_lr_ratio <= 1:
         problems.append(f"--min-lr-ratio must be in [0, 1], got {cfg.min_lr_ratio}")
     if cfg.lr_schedule not in LR_SCHEDULES:
@@ -604,6 +617,9 @@ def validate(cfg, world_size, rank=0):
             problems.append(f"{flag} runs in one process: run it with python, not torchrun")
     if rank == 0:
         problems += tracking.missing_packages(cfg.wandb, cfg.tensorboard)
+    if cfg.fsdp and cfg.optimizer == "muon":
+        problems.append("--optimizer muon trains with DDP, not --fsdp: torch.optim.Muon orthogonalizes whole "
+                        "matrices and is not FSDP-aware (every rank would gather and orthogonalize each one)")
     if cfg.async_checkpoint and not cfg.fsdp:
         problems.append("--async-checkpoint writes sharded checkpoints: it needs --fsdp")
     return problems
@@ -613,6 +629,7 @@ def validate(cfg, world_size, rank=0):
 # one optimizer step: lr, micro-steps (the DDP sync flag set before each forward), clip, update
 
 LR_SCHEDULES = ("cosine", "wsd")
+OPTIMIZERS = ("adamw", "muon")
 COOLDOWN_SHAPES = ("linear", "1-sqrt")
 
 
@@ -636,8 +653,13 @@ def get_lr(step, cfg):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - min_lr)
 
 
-def configure_optimizer(model, weight_decay, lr, device_type):
-    """AdamW with weight decay on matrices and embeddings only (not on biases and LayerNorm gains)."""
+def configure_optimizer(model, weight_decay, lr, device_type, muon=None):
+    """AdamW with weight decay on matrices and embeddings only (not on biases and LayerNorm gains);
+    with muon (a dict of Muon's lr, momentum and weight_decay: see muon_settings), Muon for the blocks'
+    matrices and that AdamW for the rest (gpt2lib/optimizers.py)."""
+    if muon is not None:
+        return optimizers.muon_adamw(model, weight_decay, lr, device_type == "cuda", muon["lr"],
+                                     muon.get("momentum", 0.95), muon.get("weight_decay", 0.0))
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
@@ -645,6 +667,21 @@ def configure_optimizer(model, weight_decay, lr, device_type):
     ]
     # the fused kernel does the whole update in one launch: noticeably faster on CUDA
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=device_type == "cuda")
+
+
+def muon_settings(cfg):
+    """configure_optimizer's muon argument for --optimizer (None: AdamW alone)."""
+    if cfg.optimizer != "muon":
+        return None
+    return dict(lr=cfg.muon_lr, momentum=cfg.muon_momentum, weight_decay=cfg.muon_weight_decay)
+
+
+def set_lr(optimizer, step, cfg):
+    """Every param group's lr at this step: its peak lr (--muon-lr for Muon's groups, --lr for
+    AdamW's) times the schedule's factor get_lr(step) / --lr."""
+    factor = get_lr(step, cfg) / cfg.lr
+    for group in optimizer.param_groups:
+        group["lr"] = factor * (cfg.muon_lr if group.get(optimizers.MUON_GROUP) else cfg.lr)
 
 
 class NonFiniteLoss(Exception):
@@ -665,9 +702,8 @@ def train_step(run, step, stop=None):
     Raises NonFiniteLoss, on every rank, instead of stepping on NaN/inf. `stop` (this process's
     StopRequest) is read after the micro-steps, so a signal during them stops this very step."""
     model, optimizer, precision, cfg = run.model, run.optimizer, run.precision, run.cfg
-    lr = get_lr(step, cfg)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    lr = get_lr(step, cfg)  # AdamW's, logged; Muon's follows it (set_lr)
+    set_lr(optimizer, step, cfg)
     optimizer.zero_grad(set_to_none=True)
     loss_sum = torch.zeros((), device=precision.device)  # summed on the device: no host sync per micro-step
     failure = run.log.failure  # a log append that failed on rank 0, or a shard that changed (below)
@@ -830,7 +866,8 @@ def setup_run(cfg, dist_ctx):
     if cfg.fsdp and not cfg.eval_only:
         rundir.check_shared_log_dir(cfg.log_dir, dist_ctx)
     raw_model = setup_model(start, cfg, dist_ctx, precision)
-    optimizer = None if cfg.eval_only else configure_optimizer(raw_model, cfg.weight_decay, cfg.lr, device.type)
+    optimizer = None if cfg.eval_only else configure_optimizer(raw_model, cfg.weight_decay, cfg.lr, device.type,
+                                                                 muon=muon_settings(cfg))
     checkpoint = start.checkpoint
     resumed = checkpoint is not None
     cfg = schedule_config(cfg, checkpoint)  # the holder checked it in check_resumable
@@ -933,14 +970,15 @@ def local_checkpoint(cfg, dist_ctx):
     return dist_ctx.on_every_rank(look)
 
 
-def checkpoint_layout(config):
-    """({key: shape} of the model's state_dict, the optimizer's parameter shapes in its order) for a
-    GPTConfig dict, built on the meta device: checking a checkpoint's structure allocates nothing."""
+def checkpoint_layout(config, optimizer="adamw"):
+    """({key: shape} of the model's state_dict, [(shape, state names)] of each parameter of the
+    --optimizer's state in its order) for a GPTConfig dict, built on the meta device: checking a
+    checkpoint's structure allocates nothing."""
     with torch.device("meta"):
         model = GPT(GPTConfig(**config))
-    optimizer = configure_optimizer(model, 0.0, 1.0, "meta")
+    built = configure_optimizer(model, 0.0, 1.0, "meta", muon=dict(lr=1.0) if optimizer == "muon" else None)
     return ({key: tuple(t.shape) for key, t in model.state_dict().items()},
-            [tuple(p.shape) for group in optimizer.param_groups for p in group["params"]])
+            [(tuple(p.shape), optimizers.state_names(group)) for group in built.param_groups for p in group["params"]])
 
 
 def read_verified(path, resume=False, weights=True):
@@ -948,8 +986,8 @@ def read_verified(path, resume=False, weights=True):
     model its config builds here; resume: also what a resume restores (optimizer, data position, RNG).
     weights False: a sharded checkpoint's weights stay on disk (restore loads each rank's part)."""
     checkpoint = checkpoints.read_checkpoint(path, weights)
-    layout, optimizer_shapes = checkpoint_layout(checkpoint["config"])
-    checkpoints.check_layout(path, checkpoint, layout, optimizer_shapes if resume else None)
+    layout, optimizer_layout = checkpoint_layout(checkpoint["config"], checkpoints.trained_with(checkpoint))
+    checkpoints.check_layout(path, checkpoint, layout, optimizer_layout if resume else None)
     return checkpoint
 
 
@@ -1093,7 +1131,8 @@ def print_generated(cfg):
 
 # the values an enumerated flag takes, shown as its metavar in --help
 FLAG_CHOICES = {"dtype": DTYPES, "loss_impl": LOSS_IMPLS, "sdpa_backend": tuple(SDPA_BACKENDS),
-                "lr_schedule": LR_SCHEDULES, "cooldown_shape": COOLDOWN_SHAPES, "resume": ("auto", "none", "PATH")}
+                "lr_schedule": LR_SCHEDULES, "cooldown_shape": COOLDOWN_SHAPES, "resume": ("auto", "none", "PATH"),
+                "optimizer": OPTIMIZERS}
 
 
 def build_parser():

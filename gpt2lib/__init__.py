@@ -11,6 +11,7 @@
     run_state          the Start every rank receives and the Run a training run holds
     distributed        process groups, each torchrun attempt's store, rank-0 decisions shared with every rank
     parallel           FSDP2 sharding, DDP/compile wrapping, full weights for evals and samples
+    optimizers         --optimizer muon: torch's Muon for the blocks' matrices, AdamW for the rest, as one optimizer
     evals              val loss and HellaSwag during training
     step_metrics       the step's timer and metrics, the --benchmark summary
     flops              FLOPs per token and GPU peak FLOP/s, for MFU

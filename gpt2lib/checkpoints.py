@@ -24,7 +24,7 @@ from dataclasses import asdict
 
 import torch
 
-from gpt2lib import tracking
+from gpt2lib import optimizers, tracking
 from gpt2lib.common import UserError, atomic_write, check_model_shape, disk_errors, one_line
 
 # the model config a checkpoint stores: train_gpt2.GPTConfig's fields (a test keeps the two equal)
@@ -119,15 +119,16 @@ def check_config(path, checkpoint):
     return checkpoint
 
 
-def check_layout(path, checkpoint, weights, optimizer_shapes=None):
+def check_layout(path, checkpoint, weights, optimizer_layout=None):
     """Check a checkpoint read by read_checkpoint against the model its config builds: weights is that
-    model's {key: shape}; optimizer_shapes, for a resume, its optimizer's parameter shapes in order. A
-    sharded checkpoint read without its weights is checked by DCP when it loads them."""
+    model's {key: shape}; optimizer_layout, for a resume, its optimizer's parameters in order, each as
+    (shape, state names) (see check_resume_state). A sharded checkpoint read without its weights is
+    checked by DCP when it loads them."""
     if "sharded" in checkpoint and not checkpoint["model"]:
         return
     check_weights(checkpoint["model"], weights, path)
-    if optimizer_shapes is not None:
-        check_resume_state(checkpoint, optimizer_shapes, path)
+    if optimizer_layout is not None:
+        check_resume_state(checkpoint, optimizer_layout, path)
 
 
 def check_weights(state, expected, path):
@@ -144,8 +145,14 @@ def check_weights(state, expected, path):
                             f"{list(shape)}): the file is damaged or not of this model")
 
 
-def check_resume_state(checkpoint, parameter_shapes, path):
-    """The step, the optimizer's state for each parameter (AdamW's moments, shaped like it), and every
+def trained_with(checkpoint):
+    """The --optimizer a checkpoint was trained with (checkpoints from before --optimizer: adamw)."""
+    return (checkpoint.get("train_config") or {}).get("optimizer", "adamw")
+
+
+def check_resume_state(checkpoint, parameter_layout, path):
+    """The step, the optimizer's state for each parameter (parameter_layout: its shape and state names
+    in the optimizer's order: AdamW's moments or Muon's momentum buffer, shaped like it), and every
     rank's loader position and RNG state: what a resume restores."""
     def damaged(what):
         return UserError(f"checkpoint {path} cannot be resumed: {what}")
@@ -160,11 +167,11 @@ def check_resume_state(checkpoint, parameter_shapes, path):
             or not isinstance(optimizer.get("param_groups"), list):
         raise damaged("its optimizer state is not an optimizer's")
     ids = [i for group in optimizer["param_groups"] if isinstance(group, dict) for i in group.get("params", [])]
-    if len(ids) != len(parameter_shapes):
-        raise damaged(f"its optimizer holds {len(ids)} parameters, the model has {len(parameter_shapes)}")
-    for i, shape in zip(ids, parameter_shapes):
+    if len(ids) != len(parameter_layout):
+        raise damaged(f"its optimizer holds {len(ids)} parameters, the model has {len(parameter_layout)}")
+    for i, (shape, names) in zip(ids, parameter_layout):
         moments = optimizer["state"].get(i, {})  # a parameter never stepped (fp16 skips) has none
-        for name in ("exp_avg", "exp_avg_sq"):
+        for name in names:
             if moments and (not isinstance(moments.get(name), torch.Tensor) or tuple(moments[name].shape) != shape):
                 raise damaged(f"optimizer state {name} of parameter {i} is missing or not shaped {list(shape)}")
     for key, check in (("loader", lambda s: isinstance(s, dict) and set(LOADER_KEYS) <= s.keys()),
@@ -222,10 +229,11 @@ def load_sharded(path, model, optimizer):
         dcp.load(state, checkpoint_id=path)
         set_model_state_dict(model, state["model"])
         return
-    model_state, optimizer_state = get_state_dict(model, optimizer)
+    model_state, optimizer_state = get_state_dict(model, optimizers.parts(optimizer))
     state = {"model": model_state, "optimizer": optimizer_state}
     dcp.load(state, checkpoint_id=path)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    set_state_dict(model, optimizers.parts(optimizer), model_state_dict=state["model"],
+                   optim_state_dict=state["optimizer"])
 
 
 def list_checkpoints(log_dir):
@@ -324,7 +332,7 @@ def write_shards(directory, model, optimizer, background_group=None):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    model_state, optimizer_state = get_state_dict(model, optimizer)
+    model_state, optimizer_state = get_state_dict(model, optimizers.parts(optimizer))
     state = {"model": model_state, "optimizer": optimizer_state}
     try:
         if background_group is not None:

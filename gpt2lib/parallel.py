@@ -11,6 +11,7 @@ import contextlib
 
 import torch
 
+from gpt2lib import optimizers
 from gpt2lib.common import UserError
 
 
@@ -92,8 +93,8 @@ def load_full_state(model, optimizer, model_state, optimizer_state=None):
     options = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, model_state, options=options)
     if optimizer is not None and optimizer_state is not None:
-        set_optimizer_state_dict(model, optimizer, named_optimizer_state(model, optimizer, optimizer_state),
-                                 options=options)
+        set_optimizer_state_dict(model, optimizers.parts(optimizer),
+                                 named_optimizer_state(model, optimizer, optimizer_state), options=options)
 
 
 def local_bytes(tensor):

@@ -199,6 +199,9 @@ def check_resumable(path, checkpoint, config, cfg, wanted):
         raise UserError(f"{path} is a run started from {origin_text(started_from)}, not from "
                         f"{origin_text(cfg.init_from)}: pass the same --init-from, another --log-dir, or --resume none")
     schedule_config(cfg, checkpoint)
+    if checkpoints.trained_with(checkpoint) != cfg.optimizer:
+        raise UserError(f"{path} was trained with --optimizer {checkpoints.trained_with(checkpoint)}, not "
+                        f"{cfg.optimizer}: pass the same --optimizer, another --log-dir, or --resume none")
     if not cfg.init_from:
         if config != wanted:
             raise UserError(f"the checkpoint's model {config} differs from --model's {wanted}: "

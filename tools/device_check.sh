@@ -20,6 +20,7 @@ set -uo pipefail
 # rows in order (when time is short, the last ones are skipped).
 VARIANTS=(
   "compiled|--compile|this project's default: chunked loss, PyTorch's SDPA kernel choice, torch.compile"
+  "muon|--compile --optimizer muon|Muon (bf16 Newton-Schulz each step) for the blocks' matrices, AdamW for the rest: the optimizer's cost per step"
   "fused-loss|--compile --loss-impl fused|chunked loss in the fusable formulation (no fp32 logits copy)"
   "cudnn-attention|--compile --loss-impl fused --sdpa-backend cudnn|fused loss + cuDNN attention preferred"
   "full-logits|--compile --loss-impl full|full (B, T, vocab) logits and F.cross_entropy, compiled"

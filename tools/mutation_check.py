@@ -35,6 +35,20 @@ class Mutation:
 
 T = "tests/"
 MUTATIONS = [
+    # ---- --optimizer muon
+    Mutation("muon_takes_1d_parameters", "gpt2lib/optimizers.py",
+             [('return name.startswith("transformer.h.") and name.endswith(".weight") and param.dim() == 2',
+               'return name.startswith("transformer.h.") and param.dim() >= 1')],
+             [T + "test_muon.py::test_muon_takes_the_blocks_matrices_and_adamw_the_rest"]),
+    Mutation("muon_state_not_saved", "gpt2lib/optimizers.py",
+             [('merged["state"].update({offset + index: value for index, value in state["state"].items()})',
+               'merged["state"].update({offset + index: value for index, value in state["state"].items()\n'
+               '                                    if part is not self.muon})')],
+             [T + "test_muon.py::test_resume_under_muon_is_bitwise_identical"]),
+    Mutation("muon_group_gets_adamw_lr", "train_gpt2.py",
+             [('group["lr"] = factor * (cfg.muon_lr if group.get(optimizers.MUON_GROUP) else cfg.lr)',
+               'group["lr"] = factor * cfg.lr')],
+             [T + "test_muon.py::test_each_group_follows_the_schedule_from_its_own_peak_lr"]),
     # ---- the six that once passed every test
     Mutation("loss_not_divided_before_backward", "train_gpt2.py",
              [("        precision.scaler.scale(loss).backward()",
@@ -170,8 +184,8 @@ MUTATIONS = [
              [T + "test_long_runs.py::test_compiled_bf16_autocast_training_tracks_eager"]),
     # ---- issue 23: the mistakes the suite missed or caught only by accident, and its quiet failures
     Mutation("lr_first_group_only", "train_gpt2.py",
-             [('    for group in optimizer.param_groups:\n        group["lr"] = lr\n',
-               '    optimizer.param_groups[0]["lr"] = lr\n')],
+             [("    for group in optimizer.param_groups:\n        group[\"lr\"] = factor * (",
+               "    for group in optimizer.param_groups[:1]:\n        group[\"lr\"] = factor * (")],
              [T + "test_gaps.py::test_every_param_group_of_every_optimizer_follows_the_lr_schedule"]),
     Mutation("adamw_betas_dropped", "train_gpt2.py",
              [("lr=lr, betas=(0.9, 0.95), eps=1e-8,", "lr=lr, eps=1e-8,")],
