@@ -30,7 +30,7 @@ from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
-from gpt2lib import checkpoints, distributed, hf, parallel, resume, rundir, tracking
+from gpt2lib import checkpoints, distributed, hf, parallel, resume, tracking
 from gpt2lib.checkpoints import finish_save, save
 from gpt2lib.common import (DTYPES, GPT2_EOT, GPT2_VOCAB_SIZE, Precision, UserError, canonical_dtype, check_model_shape,
                             get_encoding, pick_device, raise_failure, resolve_dtype)
@@ -43,8 +43,8 @@ from gpt2lib.parallel import wrap_model
 from gpt2lib.sampling import generate, sample_and_print
 from gpt2lib.shards import ShardFile, find_shards
 from gpt2lib.start import (Run, Start, agree_on_start, check_model_flag, check_resumable, check_shared_log_dir,
-                           cooldown_start, load_hellaswag, make_loaders, print_schedule, restore, schedule_config,
-                           shape_text)
+                           claim_log_dir, cooldown_start, load_hellaswag, make_loaders, print_schedule, restore,
+                           schedule_config, shape_text)
 
 # what users' code imports from this script; generate, get_encoding, GPT2_EOT and DistContext live in gpt2lib
 __all__ = ["GPT", "GPTConfig", "DataLoaderLite", "TrainConfig", "DistContext", "config_for", "generate",
@@ -288,10 +288,10 @@ class GPT(nn.Module):
         hf.write_hf_checkpoint(self, directory)
 
     @classmethod
-    def from_checkpoint(cls, path):
-        """The model of a training checkpoint (log_dir/model_XXXXX.pt, or a sharded log_dir/model_XXXXX/
-        directory, its shards gathered), on the CPU, verified first (checksum, shape, every weight)."""
-        checkpoint = checkpoints.read_checkpoint(path, layout=checkpoint_layout)  # every key and shape checked
+    def from_checkpoint(cls, path, checkpoint=None):
+        """The model of a training checkpoint (log_dir/model_XXXXX.pt, or a sharded log_dir/model_XXXXX/ directory,
+        its shards gathered; `checkpoint`: its contents, already read), on the CPU, verified (checksum, shapes, weights)."""
+        checkpoint = checkpoint or checkpoints.read_checkpoint(path, layout=checkpoint_layout)  # keys, shapes checked
         model = cls(GPTConfig(**checkpoint["config"]))
         model.load_state_dict(checkpoint["model"])
         return model
@@ -695,12 +695,12 @@ def train(cfg, dist_ctx, stop=None):
     and once more at s = max_steps, after the final update. Once any rank has asked to stop, the
     next top of a step writes a checkpoint and nothing else: the evals would be redone on resume.
 
-    With --eval-only, only the evals of the start step run (logged as a training run logs them):
-    no training, no checkpoint."""
+    With --eval-only, only the evals of the start step run (logged as a training run logs them, into
+    a new or empty log dir only: see claim_log_dir): no training, no checkpoint."""
     stop = stop or StopRequest()
     # rank 0 holds log_dir's lock throughout: a second run into it stops before touching anything
-    with rundir.held(cfg.log_dir, "--log-dir", checkpoints.RUN_FILE_NAMES, dist_ctx.decide):
-        run = setup_run(cfg, dist_ctx)
+    with claim_log_dir(cfg, dist_ctx) as writes_log:  # False: an --eval-only that leaves log_dir as it is
+        run = setup_run(cfg, dist_ctx, writes_log)
         with run.log:  # at the end, the trackers' runs finish (as failed when training raised)
             if cfg.eval_only:
                 run_evals(run, run.start_step)
@@ -771,9 +771,9 @@ def setup_model(start, cfg, dist_ctx, precision):
     return model
 
 
-def setup_run(cfg, dist_ctx):
+def setup_run(cfg, dist_ctx, writes_log=True):
     """Model (seeded, from --init-from, or resumed from a checkpoint of this run when rank 0 finds one),
-    optimizer, data and logs."""
+    optimizer, data and logs (writes_log False: log_dir is left as it is, results are only printed)."""
     master, device = dist_ctx.master_process, dist_ctx.device
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left outside autocast
@@ -781,7 +781,7 @@ def setup_run(cfg, dist_ctx):
     # --dtype auto depends on the GPU: rank 0's choice holds for all, or mixed nodes would mix fp16 and bf16
     precision = Precision(dist_ctx.decide(lambda: resolve_dtype(cfg.dtype, device)), device)
     train_loader, val_loader = make_loaders(cfg, dist_ctx, DataLoaderLite)
-    start = agree_on_start(cfg, dist_ctx, lambda holder: choose_start(cfg, holder), checkpoint_layout)
+    start = agree_on_start(cfg, dist_ctx, lambda holder: choose_start(cfg, holder), checkpoint_layout, writes_log)
     if cfg.fsdp and not cfg.eval_only:
         check_shared_log_dir(cfg.log_dir, dist_ctx)
     raw_model = setup_model(start, cfg, dist_ctx, precision)
@@ -810,12 +810,12 @@ def setup_run(cfg, dist_ctx):
               f"{' | eval only' if cfg.eval_only else ''}")
         print_schedule(cfg)
     trackers = tracking.Tracking.open(cfg.log_dir, start_step, cfg.wandb, cfg.wandb_name, cfg.tensorboard,
-                                      asdict(cfg)) if master else None
+                                      asdict(cfg)) if master and writes_log else None
     # background writes collect on a gloo group of their own, never interleaved with training's collectives
     save_group = torch.distributed.new_group(backend="gloo") if cfg.async_checkpoint else None
     return Run(cfg, dist_ctx, raw_model, model, optimizer, precision, train_loader, val_loader, hella_examples,
-               checkpoints.RunLog(cfg.log_dir, master, trackers), grad_accum_steps, gpu_peak_flops(device, master),
-               start_step, val_loss, run_id, counts, save_group)
+               checkpoints.RunLog(cfg.log_dir, master and writes_log, trackers), grad_accum_steps,
+               gpu_peak_flops(device, master), start_step, val_loss, run_id, counts, save_group)
 
 
 # ---- how a run starts: a seeded init, --init-from's weights, or a checkpoint of this run to resume
@@ -903,11 +903,11 @@ def load_cli_model(cfg, what):
     checkpoint --resume picks. `what` starts the error when there is neither."""
     if cfg.init_from:
         return f"--init-from {cfg.init_from}", load_init_source(cfg.init_from, cfg.vocab_multiple)
-    path, _ = checkpoints.find_resume_checkpoint(cfg.resume, cfg.log_dir, checkpoint_layout, training=False)
+    path, checkpoint = checkpoints.find_resume_checkpoint(cfg.resume, cfg.log_dir, checkpoint_layout, training=False)
     if path is None:
         reason = "--resume none" if cfg.resume == "none" else f"no checkpoint in {cfg.log_dir}"
         raise UserError(f"{what} ({reason}): pass --init-from SOURCE or --resume PATH")
-    return path, GPT.from_checkpoint(path)
+    return path, GPT.from_checkpoint(path, checkpoint)  # read once: a live run may prune it
 
 
 def print_generated(cfg):

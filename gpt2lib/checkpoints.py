@@ -41,6 +41,7 @@ LOG_FILES = ("log.txt", "metrics.jsonl")
 RUN_FILE_NAMES = r"model_\d+\.pt|log\.txt|metrics\.jsonl|" + re.escape(tracking.WANDB_ID_FILE)
 CHECKSUM_KEY, CHECKSUM_ALGORITHM = "checksum", "xxh3_128"
 LOADER_KEYS = ("split", "epoch", "position", "shuffle_seed", "shards", "shard_lengths")
+MAX_PRUNED_WHILE_READ = 100  # checkpoints a read-only mode may see pruned by a live run before it gives up
 
 
 # -----------------------------------------------------------------------------
@@ -246,18 +247,29 @@ def find_resume_checkpoint(resume, log_dir, layout=None, training=True):
     resume is --resume: auto (the newest good checkpoint in log_dir; damaged ones are skipped with a
     warning, and set aside by prepare_run_dir), none, or a path (a damaged one is an error).
     training False: for a mode that only reads the model (--export-hf, --generate), which needs no
-    optimizer, loader or RNG state."""
+    optimizer, loader or RNG state, and gets a sharded checkpoint's weights gathered (read_checkpoint).
+    The checkpoint is read once, into memory: a read-only mode never opens it again. One that
+    disappears while it is read was pruned by the live run writing log_dir (--keep-last), which
+    has a newer one by then: the newest is looked for again."""
     if resume == "none":
         return None, None
     if resume != "auto":
-        return resume, read_checkpoint(resume, layout, resume=training, weights=False)
-    damaged = []
-    for path in list_checkpoints(log_dir):
+        return resume, read_checkpoint(resume, layout, resume=training, weights=not training)
+    damaged, listed, pruned = [], list_checkpoints(log_dir), 0
+    while listed:
+        path = listed.pop(0)
         try:
-            return path, read_checkpoint(path, layout, resume=training, weights=False)
+            return path, read_checkpoint(path, layout, resume=training, weights=not training)
         except UserError as e:
-            print(f"warning: skipping {path}: {e}")
-            damaged.append(os.path.basename(path))
+            if os.path.lexists(path):
+                print(f"warning: skipping {path}: {e}")
+                damaged.append(os.path.basename(path))
+                continue
+        pruned += 1  # while it was read
+        if pruned > MAX_PRUNED_WHILE_READ:
+            raise UserError(f"the checkpoints in {log_dir} were pruned faster than they could be read "
+                            f"({pruned} times): pass --resume PATH, or wait for the run to end")
+        listed = [p for p in list_checkpoints(log_dir) if os.path.basename(p) not in damaged]
     if damaged:
         raise UserError(f"every checkpoint in {log_dir} is damaged ({', '.join(damaged)}): restore a good one, "
                         "or pass --resume none to start over (the damaged ones are then set aside)")

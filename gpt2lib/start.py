@@ -3,10 +3,11 @@ every rank receives, the checks that a checkpoint belongs to this run, the wsd c
 keeps, loading a checkpoint into this rank's model, optimizer, data position and RNG, and the
 HellaSwag data read once on rank 0. Works on train_gpt2's config and model without importing it."""
 
+import contextlib
 import os
 from dataclasses import dataclass, replace
 
-from gpt2lib import checkpoints, parallel, resume
+from gpt2lib import checkpoints, parallel, resume, rundir
 from gpt2lib.common import Precision, UserError
 from gpt2lib.distributed import DistContext, FollowerStop
 from gpt2lib.hellaswag_data import load_examples
@@ -70,11 +71,33 @@ def schedule_config(cfg, checkpoint):
     return replace(cfg, cooldown_steps=cfg.max_steps - start)
 
 
-def agree_on_start(cfg, dist_ctx, choose_start, layout):
+@contextlib.contextmanager
+def claim_log_dir(cfg, dist_ctx):
+    """Yields whether this run writes into cfg.log_dir. A run holds its lock throughout (on rank 0),
+    so a second run into it stops before touching anything. --eval-only never changes what a log dir
+    holds: into a new or empty one it logs its evals (a baseline for play.ipynb); into any other it
+    takes no lock, sets nothing aside, trims no log and writes no line: its results are only printed."""
+    if cfg.eval_only and dist_ctx.decide(lambda: holds_files(cfg.log_dir)):
+        if dist_ctx.master_process:
+            print(f"note: --eval-only writes nothing into --log-dir {cfg.log_dir}, which holds files already: its "
+                  "results are only printed (a new or empty --log-dir logs them)")
+        yield False
+        return
+    with rundir.held(cfg.log_dir, "--log-dir", checkpoints.RUN_FILE_NAMES, dist_ctx.decide):
+        yield True
+
+
+def holds_files(log_dir):
+    """Whether log_dir holds anything but a lock file."""
+    return os.path.isdir(log_dir) and bool(set(os.listdir(log_dir)) - {rundir.LOCK_NAME})
+
+
+def agree_on_start(cfg, dist_ctx, choose_start, layout, writes_log=True):
     """Every node reports its newest checkpoint; the newest of all is read by the rank that holds it
     and sent to every rank (resume.find_holder). Then rank 0, which writes checkpoints and logs from
-    now on, sets its log dir up, with the holder's logs when the checkpoint came from another node.
-    choose_start(holder) builds the Start on the holder; layout checks a checkpoint's weights."""
+    now on, sets its log dir up, with the holder's logs when the checkpoint came from another node
+    (unless writes_log is False: see claim_log_dir). choose_start(holder) builds the Start on the
+    holder; layout checks a checkpoint's weights."""
     holder = resume.find_holder(cfg.resume, cfg.log_dir, layout, dist_ctx)
     start = dist_ctx.decide(lambda: choose_start(holder), src=holder.rank if holder else 0)
     resume_step = start.checkpoint["step"] if start.checkpoint else None
@@ -83,7 +106,8 @@ def agree_on_start(cfg, dist_ctx, choose_start, layout):
         print(f"resuming from another node: {holder.host} (rank {holder.rank}) holds the newest checkpoint, "
               f"{holder.path} at step {resume_step}{logs}")
     here = holder.path if holder is not None and holder.rank == 0 else None
-    dist_ctx.decide(lambda: checkpoints.prepare_run_dir(cfg.log_dir, here, resume_step, start.logs))
+    if writes_log:
+        dist_ctx.decide(lambda: checkpoints.prepare_run_dir(cfg.log_dir, here, resume_step, start.logs))
     return start
 
 
