@@ -162,6 +162,15 @@ MUTATIONS = [
                "        with (contextlib.nullcontext() if cfg.compile else precision.autocast()):\n"
                "            _, loss = model(x, y, loss_impl=cfg.loss_impl)\n")],
              [T + "test_long_runs.py::test_compiled_bf16_autocast_training_tracks_eager"]),
+    # ---- read-only modes and exports
+    Mutation("export_digest", "gpt2lib/hf.py",
+             [("unchanged = os.path.isfile(path) and digests.get(name) == file_sha256(path)",
+               "unchanged = os.path.isfile(path)")],
+             [T + "test_readonly.py::test_reexport_over_an_edited_export_stops_naming_the_file"]),
+    Mutation("eval_only_read_only", "gpt2lib/start.py",
+             [("    if cfg.eval_only and dist_ctx.decide(lambda: holds_files(cfg.log_dir)):",
+               "    if cfg.eval_only and dist_ctx.decide(lambda: not os.path.isdir(cfg.log_dir)):")],
+             [T + "test_readonly.py::test_eval_only_in_a_run_log_dir_changes_nothing_and_prints_its_results"]),
 ]
 
 
