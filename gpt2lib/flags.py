@@ -4,7 +4,8 @@ FLAG_HELP = {
     "model": "gpt2, gpt2-medium, gpt2-large, gpt2-xl or dN (default: gpt2, or the shape of --init-from)",
     "init_from": "fine-tune: start from the weights and shape of an OpenAI GPT-2 (gpt2 ... gpt2-xl), an HF "
                  "directory or a training checkpoint (.pt), with a fresh optimizer at step 0",
-    "eval_only": "evaluate the initial (--init-from, seeded or resumed) model, log it at its step, and exit",
+    "eval_only": "evaluate the initial (--init-from, seeded or resumed) model, log it at its step into a new or "
+                 "empty --log-dir (any other is left as it is: results printed only), and exit",
     "export_hf": "write the --init-from model, else the checkpoint --resume picks, as an HF directory, and exit",
     "generate": "print --num-samples continuations of this prompt by the --init-from model, else the checkpoint "
                 "--resume picks, and exit",
