@@ -294,10 +294,11 @@ class GPT(nn.Module):
         hf.write_hf_checkpoint(self, directory)
 
     @classmethod
-    def from_checkpoint(cls, path):
+    def from_checkpoint(cls, path, checkpoint=None):
         """The model of a training checkpoint (log_dir/model_XXXXX.pt, or a sharded log_dir/model_XXXXX/
-        directory, its shards gathered), on the CPU, verified first (checksum, shape, every weight)."""
-        checkpoint = read_verified(path)  # every key and shape checked
+        directory, its shards gathered; `checkpoint`: its contents, already read and verified), on the
+        CPU, verified first (checksum, shape, every weight)."""
+        checkpoint = checkpoint or read_verified(path)  # every key and shape checked
         model = cls(GPTConfig(**checkpoint["config"]))
         model.load_state_dict(checkpoint["model"])
         return model
@@ -452,8 +453,9 @@ class TrainConfig:
     init_from: str = flag("", 
         'fine-tune: start from the weights and shape of an OpenAI GPT-2 (gpt2 ... gpt2-xl), an HF directory '
         'or a training checkpoint (.pt), with a fresh optimizer at step 0')
-    eval_only: bool = flag(False, 
-        'evaluate the initial (--init-from, seeded or resumed) model, log it at its step, and exit')
+    eval_only: bool = flag(False,
+        'evaluate the initial (--init-from, seeded or resumed) model, log it at its step into a new or empty '
+        '--log-dir (any other is left as it is: results printed only), and exit')
     export_hf: str = flag("", 
         'write the --init-from model, else the checkpoint --resume picks, as an HF directory, and exit')
     generate: str = flag("", 
@@ -776,12 +778,11 @@ def train(cfg, dist_ctx, stop=None):
     and once more at s = max_steps, after the final update. Once any rank has asked to stop, the
     next top of a step writes a checkpoint and nothing else: the evals would be redone on resume.
 
-    With --eval-only, only the evals of the start step run (logged as a training run logs them):
-    no training, no checkpoint."""
+    With --eval-only, only the evals of the start step run (logged as a training run logs them, into
+    a new or empty log dir only: see claim_log_dir): no training, no checkpoint."""
     stop = stop or StopRequest()
-    # rank 0 holds log_dir's lock throughout: a second run into it stops before touching anything
-    with rundir.held(cfg.log_dir, "--log-dir", checkpoints.RUN_FILE_NAMES, dist_ctx.decide):
-        run = setup_run(cfg, dist_ctx)
+    with claim_log_dir(cfg, dist_ctx) as writes_log:  # False: an --eval-only that leaves log_dir as it is
+        run = setup_run(cfg, dist_ctx, writes_log)
         with run.log:  # at the end, the trackers' runs finish (as failed when training raised)
             if cfg.eval_only:
                 run_evals(run, run.start_step)
@@ -852,9 +853,9 @@ def setup_model(start, cfg, dist_ctx, precision):
     return model
 
 
-def setup_run(cfg, dist_ctx):
+def setup_run(cfg, dist_ctx, writes_log=True):
     """Model (seeded, from --init-from, or resumed from a checkpoint of this run when rank 0 finds one),
-    optimizer, data and logs."""
+    optimizer, data and logs (writes_log False: log_dir is left as it is, results are only printed)."""
     master, device = dist_ctx.master_process, dist_ctx.device
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left outside autocast
@@ -862,7 +863,7 @@ def setup_run(cfg, dist_ctx):
     # --dtype auto depends on the GPU: rank 0's choice holds for all, or mixed nodes would mix fp16 and bf16
     precision = Precision(dist_ctx.decide(lambda: resolve_dtype(cfg.dtype, device)), device)
     train_loader, val_loader = make_loaders(cfg, dist_ctx)
-    start = agree_on_start(cfg, dist_ctx)
+    start = agree_on_start(cfg, dist_ctx, writes_log)
     if cfg.fsdp and not cfg.eval_only:
         rundir.check_shared_log_dir(cfg.log_dir, dist_ctx)
     raw_model = setup_model(start, cfg, dist_ctx, precision)
@@ -892,11 +893,11 @@ def setup_run(cfg, dist_ctx):
               f"{' | eval only' if cfg.eval_only else ''}")
         print_schedule(cfg)
     trackers = tracking.Tracking.open(cfg.log_dir, start_step, cfg.wandb, cfg.wandb_name, cfg.tensorboard,
-                                      asdict(cfg)) if master else None
+                                      asdict(cfg)) if master and writes_log else None
     # background writes collect on a gloo group of their own, never interleaved with training's collectives
     save_group = torch.distributed.new_group(backend="gloo") if cfg.async_checkpoint else None
     return Run(cfg, dist_ctx, raw_model, model, optimizer, precision, train_loader, val_loader, hella_examples,
-               RunLog(cfg.log_dir, master, trackers), grad_accum_steps, gpu_peak_flops(device, master),
+               RunLog(cfg.log_dir, master and writes_log, trackers), grad_accum_steps, gpu_peak_flops(device, master),
                start_step, val_loss, run_id, counts, save_group)
 
 
@@ -937,10 +938,27 @@ def print_schedule(cfg):
 
 # ---- how a run starts: a seeded init, --init-from's weights, or a checkpoint of this run to resume
 
-def agree_on_start(cfg, dist_ctx):
+@contextlib.contextmanager
+def claim_log_dir(cfg, dist_ctx):
+    """Yields whether this run writes into cfg.log_dir. A run holds its lock throughout (on rank 0),
+    so a second run into it stops before touching anything. --eval-only never changes what a log dir
+    holds: into a new or empty one it logs its evals (a baseline for play.ipynb); into any other it
+    takes no lock, sets nothing aside, trims no log and writes no line: its results are only printed."""
+    if cfg.eval_only and dist_ctx.decide(lambda: rundir.holds_files(cfg.log_dir)):
+        if dist_ctx.master_process:
+            print(f"note: --eval-only writes nothing into --log-dir {cfg.log_dir}, which holds files already: its "
+                  "results are only printed (a new or empty --log-dir logs them)")
+        yield False
+        return
+    with rundir.held(cfg.log_dir, "--log-dir", checkpoints.RUN_FILE_NAMES, dist_ctx.decide):
+        yield True
+
+
+def agree_on_start(cfg, dist_ctx, writes_log=True):
     """Every node reports its newest good checkpoint; the rank that holds the newest of all builds the
     Start from it (choose_start) and sends it to every rank. Then rank 0, which writes checkpoints and
-    logs from now on, sets its log dir up, with the holder's logs when the checkpoint came from another node."""
+    logs from now on, sets its log dir up, with the holder's logs when the checkpoint came from another
+    node (unless writes_log is False: see claim_log_dir)."""
     holder = resume.find_holder(local_checkpoint(cfg, dist_ctx), cfg.resume, dist_ctx)
     start = dist_ctx.decide(lambda: choose_start(cfg, holder), src=holder.rank if holder else 0)
     resume_step = start.checkpoint["step"] if start.checkpoint else None
@@ -949,7 +967,8 @@ def agree_on_start(cfg, dist_ctx):
         print(f"resuming from another node: {holder.host} (rank {holder.rank}) holds the newest checkpoint, "
               f"{holder.path} at step {resume_step}{logs}")
     here = holder.path if holder is not None and holder.rank == 0 else None
-    dist_ctx.decide(lambda: rundir.prepare_run_dir(cfg.log_dir, here, resume_step, start.logs))
+    if writes_log:
+        dist_ctx.decide(lambda: rundir.prepare_run_dir(cfg.log_dir, here, resume_step, start.logs))
     return start
 
 
@@ -995,18 +1014,29 @@ def find_checkpoint(resume, log_dir, training=True):
     """(path, checkpoint read and verified) that --resume picks, or (None, None) to start fresh: auto
     takes the newest good checkpoint in log_dir (a damaged one is skipped with a warning, and set aside
     when the run starts), none none, a path that file (damaged: an error). training False: for a mode
-    that only reads the model, which needs no optimizer, data position or RNG."""
+    that only reads the model (no optimizer, data position or RNG), which gets a sharded checkpoint's
+    weights gathered. The checkpoint is read once, into memory. One that disappears while it is read
+    was pruned by a live run writing log_dir (--keep-last), which has a newer one by then: the newest
+    is looked for again."""
     if resume == "none":
         return None, None
     if resume != "auto":
-        return resume, read_verified(resume, resume=training, weights=False)
-    damaged = []
-    for path in checkpoints.list_checkpoints(log_dir):
+        return resume, read_verified(resume, resume=training, weights=not training)
+    damaged, listed, pruned = [], checkpoints.list_checkpoints(log_dir), 0
+    while listed:
+        path = listed.pop(0)
         try:
-            return path, read_verified(path, resume=training, weights=False)
+            return path, read_verified(path, resume=training, weights=not training)
         except UserError as e:
-            print(f"warning: skipping {path}: {e}")
-            damaged.append(os.path.basename(path))
+            if os.path.lexists(path):
+                print(f"warning: skipping {path}: {e}")
+                damaged.append(os.path.basename(path))
+                continue
+        pruned += 1  # while it was read
+        if pruned > checkpoints.MAX_PRUNED_WHILE_READ:
+            raise UserError(f"the checkpoints in {log_dir} were pruned faster than they could be read "
+                            f"({pruned} times): pass --resume PATH, or wait for the run to end")
+        listed = [p for p in checkpoints.list_checkpoints(log_dir) if os.path.basename(p) not in damaged]
     if damaged:
         raise checkpoints.all_damaged(log_dir, damaged)
     return None, None
@@ -1104,11 +1134,11 @@ def load_cli_model(cfg, what):
     checkpoint --resume picks. `what` starts the error when there is neither."""
     if cfg.init_from:
         return f"--init-from {cfg.init_from}", load_init_source(cfg.init_from, cfg.vocab_multiple)
-    path, _ = find_checkpoint(cfg.resume, cfg.log_dir, training=False)
+    path, checkpoint = find_checkpoint(cfg.resume, cfg.log_dir, training=False)
     if path is None:
         reason = "--resume none" if cfg.resume == "none" else f"no checkpoint in {cfg.log_dir}"
         raise UserError(f"{what} ({reason}): pass --init-from SOURCE or --resume PATH")
-    return path, GPT.from_checkpoint(path)
+    return path, GPT.from_checkpoint(path, checkpoint)  # read once: a live run may prune it
 
 
 def print_generated(cfg):

@@ -38,6 +38,7 @@ OWNER = ".train_gpt2"  # in every directory this project writes, partial or comp
 RUN_FILE_NAMES = r"model_\d+\.pt|log\.txt|metrics\.jsonl|" + re.escape(tracking.WANDB_ID_FILE)
 CHECKSUM_KEY, CHECKSUM_ALGORITHM = "checksum", "xxh3_128"
 LOADER_KEYS = ("split", "epoch", "position", "shuffle_seed", "shards", "shard_lengths")
+MAX_PRUNED_WHILE_READ = 100  # checkpoints a read-only mode may see pruned by a live run before it gives up
 
 
 # -----------------------------------------------------------------------------

@@ -4,8 +4,10 @@ Reading works on tensors and a config dict, writing on any model with a GPTConfi
 a state_dict in our layout, so this module needs no model class. transformers, safetensors and the
 hub client are imported when used."""
 
+import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -190,16 +192,25 @@ def read_marker(directory):
     return marker if isinstance(marker, dict) and isinstance(marker.get("files"), list) else None
 
 
+def file_sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def write_marker(directory, target, files):
+    """The marker names the files and records the SHA-256 of each (the marker aside), so that a
+    re-export can tell an untouched export from one a user changed in place."""
+    digests = {name: file_sha256(os.path.join(directory, name)) for name in sorted(files) if name != EXPORT_MARKER}
     with open(os.path.join(directory, EXPORT_MARKER), "w") as f:
         json.dump({"written_by": "train_gpt2.py --export-hf / GPT.save_pretrained", "target": target,
-                   "files": sorted(files)}, f, indent=1)
+                   "files": sorted(files), "sha256": digests}, f, indent=1)
 
 
 def check_replaceable(directory):
     """An export replaces its whole directory, so it may only replace an earlier export of this
-    project (its marker lists exactly the files in it) or an empty directory. Anything else, like a
-    user's HF folder, a Trainer output or a project checkout, is refused with one line."""
+    project that nobody changed since (its marker lists exactly the files in it, each with the
+    digest it was written with) or an empty directory. Anything else, like a user's HF folder, a
+    Trainer output, a project checkout or an export fine-tuned in place, is refused with one line."""
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise UserError(f"{directory} is a file: export into a new directory")
     if not os.path.isdir(directory) or not os.listdir(directory):
@@ -213,6 +224,26 @@ def check_replaceable(directory):
     if others:
         raise UserError(f"{directory} holds files an export did not write ({', '.join(others[:5])}): it would "
                         "replace them, so export into a new or empty directory; nothing was changed")
+    check_unchanged(directory, sorted(held - {EXPORT_MARKER}), marker.get("sha256"))
+
+
+def check_unchanged(directory, names, digests):
+    """Every file of an earlier export still has the digest its marker records."""
+    if not isinstance(digests, dict):
+        raise UserError(f"{directory} is an export whose marker records no digests of its files (written by an "
+                        "earlier version): whether they were changed since cannot be told, so it is not replaced; "
+                        "move it away (or delete it) and export again; nothing was changed")
+    for name in names:
+        path = os.path.join(directory, name)
+        try:
+            unchanged = os.path.isfile(path) and digests.get(name) == file_sha256(path)
+        except OSError as e:
+            raise UserError(f"{path}: cannot read it to check that it is unchanged since the export ({one_line(e)}); "
+                            "nothing was changed") from None
+        if not unchanged:
+            raise UserError(f"{path} was changed since it was exported (its contents differ from the digest the "
+                            "export recorded): export into a new or empty directory, or move this one away; "
+                            "nothing was changed")
 
 
 def make_temp_directory(directory):
@@ -260,12 +291,20 @@ def replace_directory(new, directory):
     shutil.rmtree(old, ignore_errors=True)
 
 
+def export_write_failure(error):
+    """write_failure, and the tokenizers library's failed write of tokenizer.json: a plain Exception
+    whose text is the Rust I/O error, e.g. `No space left on device (os error 28)`."""
+    if type(error) is Exception and re.search(r"\(os error \d+\)$", str(error)):
+        return error
+    return write_failure(error)
+
+
 def write_hf_checkpoint(model, directory):
     """A directory that transformers (AutoTokenizer, AutoModelForCausalLM, pipeline) and
     lm-evaluation-harness load offline and alone: config.json, generation_config.json,
     model.safetensors, the GPT-2 tokenizer (tokenizer.json, tokenizer_config.json) and EXPORT_MARKER.
-    It is written to a temporary directory that then replaces `directory` (only an earlier export
-    or an empty directory: check_replaceable), so a crash never leaves a half-written export or a
+    It is written to a temporary directory that then replaces `directory` (only an unchanged earlier
+    export or an empty directory: check_replaceable), so a crash never leaves a half-written export or a
     mix of two; what killed exports to the same directory left behind is removed afterwards."""
     from safetensors.torch import save_file
     from transformers import GenerationConfig
@@ -294,7 +333,7 @@ def write_hf_checkpoint(model, directory):
     except BaseException as e:
         if tmp is not None and os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
-        failure = write_failure(e) if isinstance(e, Exception) else None
+        failure = export_write_failure(e) if isinstance(e, Exception) else None
         if failure is not None:
             raise UserError(f"{directory}: cannot write the export ({one_line(failure)}): check free space and "
                             "permissions") from None

@@ -118,6 +118,11 @@ def held(directory, flag, name_pattern, decide=lambda fn: fn()):
         lock.release()
 
 
+def holds_files(directory):
+    """Whether directory holds anything but a lock file."""
+    return os.path.isdir(directory) and bool(set(os.listdir(directory)) - {LOCK_NAME})
+
+
 def files_of_other_runs(log_dir, resume_path, resume_step):
     """(files to move, files to copy) out of log_dir before this run starts. On a fresh start, or when
     resuming from a checkpoint kept elsewhere, everything in log_dir belongs to another run. Resuming

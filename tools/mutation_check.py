@@ -214,6 +214,15 @@ MUTATIONS = [
     Mutation("changed_shards_resumed_silently", "train_gpt2.py",
              [("                   if digest != file.digest()]", "                   if False]")],
              [T + "test_gaps.py::test_a_resume_on_shards_changed_since_the_checkpoint_says_so_in_one_line"]),
+    # ---- read-only modes and exports
+    Mutation("export_digest", "gpt2lib/hf.py",
+             [("unchanged = os.path.isfile(path) and digests.get(name) == file_sha256(path)",
+               "unchanged = os.path.isfile(path)")],
+             [T + "test_readonly.py::test_reexport_over_an_edited_export_stops_naming_the_file"]),
+    Mutation("eval_only_read_only", "train_gpt2.py",
+             [("    if cfg.eval_only and dist_ctx.decide(lambda: rundir.holds_files(cfg.log_dir)):",
+               "    if cfg.eval_only and dist_ctx.decide(lambda: not os.path.isdir(cfg.log_dir)):")],
+             [T + "test_readonly.py::test_eval_only_in_a_run_log_dir_changes_nothing_and_prints_its_results"]),
 ]
 
 
