@@ -229,7 +229,7 @@ def test_a_checkpoint_changed_in_a_way_that_keeps_it_finite_is_refused_by_its_ch
     weight.view(-1)[0] = torch.nextafter(weight.view(-1)[0], torch.tensor(math.inf))  # one float, one ulp
     torch.save(checkpoint, path)  # with the checksum of the original contents
     with pytest.raises(UserError) as e:
-        checkpoints.read_checkpoint(str(path), train_gpt2.checkpoint_layout, resume=True)
+        train_gpt2.read_verified(str(path), resume=True)
     assert str(e.value) == f"checkpoint {path} is damaged: its contents do not match the checksum written with it"
 
 
