@@ -224,16 +224,14 @@ def check_shard_files(path, digests, layout, resume):
               "they are checked for structure only")
     else:
         verify_file_digests(path, digests)
-    metadata = read_shard_metadata(path)
-    for info in metadata.storage_data.values():
-        name = info.relative_path
-        file = os.path.join(path, name)
+    files, shapes = read_shard_metadata(path)
+    for name, end in files:
         if os.path.basename(name) != name or (digests is not None and name not in digests):
             raise UserError(f"checkpoint {path} is damaged: its .metadata names {name!r:.80}, a file not written with it")
-        if not os.path.isfile(file) or os.path.getsize(file) < info.offset + info.length:
+        if not os.path.isfile(os.path.join(path, name)) or os.path.getsize(os.path.join(path, name)) < end:
             raise UserError(f"checkpoint {path} is damaged: {name} is missing or shorter than its .metadata says")
     if layout is not None:
-        check_shard_shapes(path, metadata.state_dict_metadata, *layout, resume)
+        check_shard_shapes(path, shapes, *layout, resume)
 
 
 def verify_file_digests(path, digests):
@@ -275,29 +273,40 @@ def dcp_errors():
 
 
 def read_shard_metadata(path):
+    """What a sharded checkpoint's .metadata says: [(file name, the end of a tensor's bytes in it)] and
+    {key: shape} of its tensors."""
     import torch.distributed.checkpoint as dcp
 
     try:
-        return dcp.FileSystemReader(path).read_metadata()
+        metadata = dcp.FileSystemReader(path).read_metadata()
     except dcp_errors() as e:
         raise UserError(f"checkpoint {path} is damaged: its .metadata is unreadable ({dcp_error(e)})") from None
+    try:  # an older checkpoint's .metadata has no digest: it may hold anything
+        files = [(info.relative_path, info.offset + info.length) for info in metadata.storage_data.values()]
+        shapes = {key: tuple(meta.size) for key, meta in metadata.state_dict_metadata.items() if hasattr(meta, "size")}
+    except (AttributeError, TypeError):
+        files = None
+    if files is None or not all(isinstance(name, str) and isinstance(end, int) for name, end in files):
+        raise UserError(f"checkpoint {path} is damaged: its .metadata is not DCP's")
+    return files, shapes
 
 
-def check_shard_shapes(path, metadata, weights, parameter_shapes, resume):
-    """The weights .metadata lists fit the model's; with resume, each AdamW moment is shaped like its weight."""
-    shapes = {key: tuple(meta.size) for key, meta in metadata.items() if hasattr(meta, "size")}
+def check_shard_shapes(path, shapes, weights, parameter_shapes, resume):
+    """The weights .metadata lists ({key: shape}) fit the model's; with resume, each AdamW moment is
+    shaped like its weight."""
     check_weights({key.removeprefix("model."): torch.empty(shape, device="meta")
                    for key, shape in shapes.items() if key.startswith("model.")}, weights, path)
     if not resume:
         return
     moments = {key: shape for key, shape in shapes.items() if key.startswith("optimizer.state.")
                and key.endswith((".exp_avg", ".exp_avg_sq"))}
-    if not moments:
-        raise UserError(f"checkpoint {path} cannot be resumed: its shards hold no optimizer state")
     for key, shape in moments.items():
-        name = key.removeprefix("optimizer.state.").rsplit(".", 1)[0]
-        if weights.get(name) != shape:
+        if weights.get(key.removeprefix("optimizer.state.").rsplit(".", 1)[0]) != shape:
             raise UserError(f"checkpoint {path} cannot be resumed: optimizer state {key} does not fit the model")
+    stepped = {key.removeprefix("optimizer.state.").rsplit(".", 1)[0] for key in moments}
+    if len(stepped) != len(parameter_shapes):  # every parameter has its moments after the first step
+        raise UserError(f"checkpoint {path} cannot be resumed: its optimizer holds state for {len(stepped)} "
+                        f"parameters, the model has {len(parameter_shapes)}")
 
 
 def gather_sharded_model(path):

@@ -162,6 +162,19 @@ MUTATIONS = [
                "        with (contextlib.nullcontext() if cfg.compile else precision.autocast()):\n"
                "            _, loss = model(x, y, loss_impl=cfg.loss_impl)\n")],
              [T + "test_long_runs.py::test_compiled_bf16_autocast_training_tracks_eager"]),
+    # ---- sharded checkpoints
+    Mutation("shard_digest_check", "gpt2lib/checkpoints.py",
+             [("        if digest != recorded.get(CHECKSUM_ALGORITHM):\n",
+               "        if digest is None:\n")],
+             [T + "test_sharded_integrity.py::test_damaged_sharded_checkpoint_is_refused_by_every_reader[flipped-distcp]"]),
+    Mutation("sharded_fallback", "gpt2lib/checkpoints.py",
+             [("    check_shard_files(path, digests, layout(checkpoint[\"config\"]) if layout else None, resume)\n",
+               "    if weights:\n"
+               "        check_shard_files(path, digests, layout(checkpoint[\"config\"]) if layout else None, resume)\n")],
+             [T + "test_sharded_integrity.py::test_damaged_sharded_checkpoint_is_refused_by_every_reader[missing-distcp]"]),
+    Mutation("async_counts", "gpt2lib/checkpoints.py",
+             [("            counts, file_digests))", "            dict(run.counts), file_digests))")],
+             [T + "test_sharded_integrity.py::test_async_checkpoint_holds_its_steps_state_field_by_field"]),
 ]
 
 
