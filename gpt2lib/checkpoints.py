@@ -533,8 +533,8 @@ def write_shards(directory, model, optimizer, background_group=None):
 def shard_write_error(directory, error):
     reason = dcp_error(error)
     if "No space left" not in reason and free_bytes(directory) == 0:
-        # DCP passes on torch.save's RuntimeError ("unexpected pos") without the OSError behind it
-        reason = f"No space left on device: its filesystem is full; {reason}"
+        # DCP passes on torch.save's RuntimeError ("unexpected pos ...") without the OSError behind it
+        reason = "No space left on device: its filesystem is full"
     return UserError(f"{directory}: cannot write the checkpoint shards ({reason}): check free space and permissions")
 
 
