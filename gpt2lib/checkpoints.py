@@ -9,13 +9,17 @@ every other value), verified on every load.
 A --fsdp run writes sharded checkpoints instead: a directory log_dir/model_{step:05d}/ in which every
 rank wrote its shards of the model and optimizer state with torch.distributed.checkpoint (DCP, keys
 "model" and "optimizer", the optimizer's state keyed by parameter name), and rank 0 wrote the rest of
-what a .pt holds, with its checksum, to train_state.pt. It is written as model_{step:05d}.partial/ and
-renamed once COMPLETE is in it, so a directory named model_{step:05d} is complete; OWNER marks every
-directory this project wrote (only those are ever deleted). Either kind resumes a run of either kind,
-on any number of ranks.
+what a .pt holds, with its checksum, to train_state.pt. Every rank digests the shard files it wrote
+(rank 0 .metadata too), and train_state.pt records every file's size and digest (FILE_DIGESTS_KEY), so
+its checksum covers them; every reader verifies them, then .metadata's structure, before DCP reads a
+tensor. It is written as model_{step:05d}.partial/ and renamed once COMPLETE is in it, so a directory
+named model_{step:05d} is complete; OWNER marks every directory this project wrote (only those are ever
+deleted, and a .partial whose write failed is). Either kind resumes a run of either kind, on any number
+of ranks.
 
 Which checkpoint a run resumes is resume.py's; setting other runs' files aside is rundir.py's."""
 
+import contextlib
 import os
 import re
 import shutil
@@ -25,7 +29,7 @@ from dataclasses import asdict
 import torch
 
 from gpt2lib import optimizers, tracking
-from gpt2lib.common import UserError, atomic_write, check_model_shape, disk_errors, one_line
+from gpt2lib.common import UserError, atomic_write, check_model_shape, disk_errors, one_line, write_failure
 
 # the model config a checkpoint stores: train_gpt2.GPTConfig's fields (a test keeps the two equal)
 MODEL_CONFIG_KEYS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "vocab_multiple")
@@ -37,6 +41,8 @@ OWNER = ".train_gpt2"  # in every directory this project writes, partial or comp
 # the files a run writes into --log-dir, whose leftover temporary files a later run removes
 RUN_FILE_NAMES = r"model_\d+\.pt|log\.txt|metrics\.jsonl|" + re.escape(tracking.WANDB_ID_FILE)
 CHECKSUM_KEY, CHECKSUM_ALGORITHM = "checksum", "xxh3_128"
+FILE_DIGESTS_KEY = "file_digests"
+SHARD_SHAPES = "shard_shapes"  # in a sharded checkpoint read without its weights: {key: shape} .metadata gives
 LOADER_KEYS = ("split", "epoch", "position", "shuffle_seed", "shards", "shard_lengths")
 MAX_PRUNED_WHILE_READ = 100  # checkpoints a read-only mode may see pruned by a live run before it gives up
 
@@ -124,8 +130,9 @@ def check_layout(path, checkpoint, weights, optimizer_layout=None):
     """Check a checkpoint read by read_checkpoint against the model its config builds: weights is that
     model's {key: shape}; optimizer_layout, for a resume, its optimizer's parameters in order, each as
     (shape, state names) (see check_resume_state). A sharded checkpoint read without its weights is
-    checked by DCP when it loads them."""
+    checked against the shapes its .metadata gives."""
     if "sharded" in checkpoint and not checkpoint["model"]:
+        check_shard_shapes(path, checkpoint[SHARD_SHAPES], weights, optimizer_layout)
         return
     check_weights(checkpoint["model"], weights, path)
     if optimizer_layout is not None:
@@ -182,14 +189,27 @@ def check_resume_state(checkpoint, parameter_layout, path):
             raise damaged(f"its {key} state is incomplete")
 
 
+def digest_file(path):
+    """xxHash3-128 of a file's bytes, read in 16 MiB pieces."""
+    import xxhash
+
+    digest = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        while piece := f.read(1 << 24):
+            digest.update(piece)
+    return digest.hexdigest()
+
+
 def is_sharded_checkpoint(path):
     """Whether path is a sharded checkpoint directory (complete or not), not an HF model directory."""
     return os.path.isdir(path) and any(os.path.isfile(os.path.join(path, name)) for name in (OWNER, TRAIN_STATE))
 
 
 def read_sharded_checkpoint(path, weights):
-    """See read_checkpoint. The shards carry no checksum of ours (DCP reads them by its metadata);
-    train_state.pt does."""
+    """See read_checkpoint. train_state.pt's checksum is verified, then every shard file against the
+    digest recorded in it, then .metadata's structure, all before a tensor is read: so --resume auto,
+    which reads no tensor when it chooses, skips a checkpoint with damaged shards. Read without its
+    weights, the checkpoint keeps the shapes .metadata gives (SHARD_SHAPES) for check_layout."""
     if not os.path.isfile(os.path.join(path, COMPLETE)) or not os.path.isfile(os.path.join(path, ".metadata")):
         raise UserError(f"checkpoint {path} is incomplete (its write was cut off) or not a sharded "
                         f"train_gpt2.py checkpoint (no {COMPLETE} or .metadata)")
@@ -197,9 +217,109 @@ def read_sharded_checkpoint(path, weights):
     if not isinstance(checkpoint, dict) or "config" not in checkpoint:
         raise UserError(f"checkpoint {path} is not a train_gpt2.py checkpoint (no config in {TRAIN_STATE})")
     verify_checksum(path, checkpoint)
-    checkpoint["sharded"] = path
-    checkpoint["model"] = gather_sharded_model(path) if weights else {}
+    digests = checkpoint.pop(FILE_DIGESTS_KEY, None)
+    checkpoint.update(sharded=path, model={})
+    check_config(path, checkpoint)  # a usable model shape before its layout is built
+    shapes = check_shard_files(path, digests)
+    if weights:
+        checkpoint["model"] = gather_sharded_model(path)
+    else:
+        checkpoint[SHARD_SHAPES] = shapes
     return check_config(path, checkpoint)
+
+
+def check_shard_files(path, digests):
+    """A sharded checkpoint's files as they were written: each file's size and digest as recorded
+    (digests None: a checkpoint written before they were, said in a note), then .metadata readable,
+    naming only files that are there and as long as it says. Returns {key: shape} of its tensors."""
+    if digests is None:
+        print(f"note: checkpoint {path} has no digests of its shard files (written before they had them): "
+              "they are checked for structure only")
+    else:
+        verify_file_digests(path, digests)
+    files, shapes = read_shard_metadata(path)
+    for name, end in files:
+        if os.path.basename(name) != name or (digests is not None and name not in digests):
+            raise UserError(f"checkpoint {path} is damaged: its .metadata names {name!r:.80}, a file not written with it")
+        if not os.path.isfile(os.path.join(path, name)) or os.path.getsize(os.path.join(path, name)) < end:
+            raise UserError(f"checkpoint {path} is damaged: {name} is missing or shorter than its .metadata says")
+    return shapes
+
+
+def verify_file_digests(path, digests):
+    """Each file recorded in digests ({name: {"size", CHECKSUM_ALGORITHM}}) is there, of that size and digest."""
+    if not isinstance(digests, dict) or not all(isinstance(d, dict) for d in digests.values()):
+        raise UserError(f"checkpoint {path} is damaged: the digests of its files are unreadable")
+    for name, recorded in digests.items():
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            raise UserError(f"checkpoint {path} is damaged: {name} is missing")
+        if os.path.getsize(file) != recorded.get("size"):
+            raise UserError(f"checkpoint {path} is damaged: {name} is {os.path.getsize(file)} bytes, "
+                            f"{recorded.get('size')} were written")
+        try:
+            digest = digest_file(file)
+        except OSError as e:
+            raise UserError(f"checkpoint {path}: cannot read {name} ({one_line(e)})") from None
+        if digest != recorded.get(CHECKSUM_ALGORITHM):
+            raise UserError(f"checkpoint {path} is damaged: {name} does not match the digest written with it")
+
+
+def dcp_error(error):
+    """One line for an error out of torch.distributed.checkpoint. Its CheckpointException (a
+    BaseException, which `except Exception` misses) gathers every rank's failure: the first one's,
+    with the OSError behind it when there is one."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    if isinstance(error, CheckpointException) and error.failures:
+        rank, (failure, _) = min(error.failures.items())
+        return f"on rank {rank}: {one_line(write_failure(failure) or failure)}"
+    return one_line(write_failure(error) or error)
+
+
+def dcp_errors():
+    """The exception types torch.distributed.checkpoint raises: CheckpointException and any Exception."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return (CheckpointException, Exception)
+
+
+def read_shard_metadata(path):
+    """What a sharded checkpoint's .metadata says: [(file name, the end of a tensor's bytes in it)] and
+    {key: shape} of its tensors."""
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        metadata = dcp.FileSystemReader(path).read_metadata()
+    except dcp_errors() as e:
+        raise UserError(f"checkpoint {path} is damaged: its .metadata is unreadable ({dcp_error(e)})") from None
+    try:  # an older checkpoint's .metadata has no digest: it may hold anything
+        files = [(info.relative_path, info.offset + info.length) for info in metadata.storage_data.values()]
+        shapes = {key: tuple(meta.size) for key, meta in metadata.state_dict_metadata.items() if hasattr(meta, "size")}
+    except (AttributeError, TypeError):
+        files = None
+    if files is None or not all(isinstance(name, str) and isinstance(end, int) for name, end in files):
+        raise UserError(f"checkpoint {path} is damaged: its .metadata is not DCP's")
+    return files, shapes
+
+
+def check_shard_shapes(path, shapes, weights, parameter_layout=None):
+    """The weights .metadata lists ({key: shape}) fit the model's; with parameter_layout (a resume:
+    see check_resume_state), each optimizer state tensor is shaped like its weight."""
+    check_weights({key.removeprefix("model."): torch.empty(shape, device="meta")
+                   for key, shape in shapes.items() if key.startswith("model.")}, weights, path)
+    if parameter_layout is None:
+        return
+    names = tuple({f".{name}" for _, state_names in parameter_layout for name in state_names})
+    moments = {key: shape for key, shape in shapes.items() if key.startswith("optimizer.state.")
+               and key.endswith(names)}
+    for key, shape in moments.items():
+        if weights.get(key.removeprefix("optimizer.state.").rsplit(".", 1)[0]) != shape:
+            raise UserError(f"checkpoint {path} cannot be resumed: optimizer state {key} does not fit the model")
+    stepped = {key.removeprefix("optimizer.state.").rsplit(".", 1)[0] for key in moments}
+    if len(stepped) != len(parameter_layout):  # every parameter has its state after the first step
+        raise UserError(f"checkpoint {path} cannot be resumed: its optimizer holds state for {len(stepped)} "
+                        f"parameters, the model has {len(parameter_layout)}")
 
 
 def gather_sharded_model(path):
@@ -213,28 +333,34 @@ def gather_sharded_model(path):
         with warnings.catch_warnings():  # DCP warns that it loads in a single process: that is the point
             warnings.simplefilter("ignore")
             dcp.load({"model": model}, checkpoint_id=path, no_dist=True)
-    except Exception as e:  # a missing or damaged shard file: DCP raises many types
-        raise UserError(f"checkpoint {path}: cannot read its shards ({one_line(e)})") from None
+    except dcp_errors() as e:  # a shard file changed since it was verified
+        raise UserError(f"checkpoint {path}: cannot read its shards ({dcp_error(e)})") from None
     return model
 
 
 def load_sharded(path, model, optimizer):
     """Every rank of a run loads a sharded checkpoint directory into its model (sharded by --fsdp or
-    not: DCP reads each rank's part, whatever the world size that wrote it) and, unless None, optimizer."""
+    not: DCP reads each rank's part, whatever the world size that wrote it) and, unless None, optimizer.
+    The checkpoint was verified when it was chosen; a read that fails now is a UserError on every rank
+    (DCP gathers every rank's failure)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict,
                                                          set_model_state_dict, set_state_dict)
 
     if optimizer is None:
         state = {"model": get_model_state_dict(model)}
+    else:
+        model_state, optimizer_state = get_state_dict(model, optimizers.parts(optimizer))
+        state = {"model": model_state, "optimizer": optimizer_state}
+    try:
         dcp.load(state, checkpoint_id=path)
+    except dcp_errors() as e:
+        raise UserError(f"checkpoint {path}: cannot read its shards ({dcp_error(e)})") from None
+    if optimizer is None:
         set_model_state_dict(model, state["model"])
-        return
-    model_state, optimizer_state = get_state_dict(model, optimizers.parts(optimizer))
-    state = {"model": model_state, "optimizer": optimizer_state}
-    dcp.load(state, checkpoint_id=path)
-    set_state_dict(model, optimizers.parts(optimizer), model_state_dict=state["model"],
-                   optim_state_dict=state["optimizer"])
+    else:
+        set_state_dict(model, optimizers.parts(optimizer), model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"])
 
 
 def list_checkpoints(log_dir):
@@ -339,26 +465,77 @@ def write_shards(directory, model, optimizer, background_group=None):
         if background_group is not None:
             return dcp.async_save(state, checkpoint_id=directory, process_group=background_group)
         dcp.save(state, checkpoint_id=directory)
-    except Exception as e:  # DCP gathers every rank's failure (a full disk, ...) and raises on all ranks
-        raise UserError(f"{directory}: writing the checkpoint shards failed ({one_line(e)})") from None
+    except dcp_errors() as e:  # DCP gathers every rank's failure (a full disk, ...) and raises on all ranks
+        raise shard_write_error(directory, e) from None
     return None
 
 
-def wait_for_shards(future, directory):
-    """Wait for a background write_shards (future None: there is none)."""
-    if future is None:
-        return
+def shard_write_error(directory, error):
+    reason = dcp_error(error)
+    if "No space left" not in reason and free_bytes(directory) == 0:
+        # DCP passes on torch.save's RuntimeError ("unexpected pos ...") without the OSError behind it
+        reason = "No space left on device: its filesystem is full"
+    return UserError(f"{directory}: cannot write the checkpoint shards ({reason}): check free space and permissions")
+
+
+def free_bytes(directory):
+    """Bytes free to this user on directory's filesystem, or None when that cannot be told."""
     try:
-        future.result()
-    except Exception as e:
-        raise UserError(f"{directory}: writing the checkpoint shards failed ({one_line(e)})") from None
+        stat = os.statvfs(directory)
+    except OSError:
+        return None
+    return stat.f_bavail * stat.f_frsize
+
+
+def wait_for_shards(future, directory):
+    """Wait for a background write_shards (future None: there is none), then digest this rank's
+    files: {name: {"size", CHECKSUM_ALGORITHM}}."""
+    if future is not None:
+        try:
+            future.result()
+        except dcp_errors() as e:
+            raise shard_write_error(directory, e) from None
+    return digest_own_files(directory)
+
+
+def digest_own_files(directory):
+    """The size and digest of each file this rank wrote into a sharded checkpoint: DCP's writer names
+    them __{rank}_{n}.distcp, and the coordinator (rank 0) writes .metadata."""
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    names = [name for name in os.listdir(directory) if name.startswith(f"__{rank}_") and name.endswith(".distcp")]
+    if rank == 0:
+        names.append(".metadata")
+    with disk_errors(directory, "read back the checkpoint shards just written"):
+        return {name: {"size": os.path.getsize(os.path.join(directory, name)),
+                       CHECKSUM_ALGORITHM: digest_file(os.path.join(directory, name))} for name in sorted(names)}
+
+
+def discard_partial(partial):
+    """Remove a sharded checkpoint whose write failed (the OWNER marker proves it ours): a full disk
+    is freed of it. Once its failure is known on every rank, no rank still writes into it."""
+    if os.path.isfile(os.path.join(partial, OWNER)):
+        shutil.rmtree(partial, ignore_errors=True)  # what stays is removed by the next begin_sharded_checkpoint
+
+
+@contextlib.contextmanager
+def discarded_on_failure(dist_ctx, partial):
+    """A UserError inside (agreed by every rank, as DistContext's collectives raise it) leaves no
+    partial checkpoint behind: rank 0 removes it."""
+    try:
+        yield
+    except UserError:
+        if dist_ctx.master_process:
+            discard_partial(partial)
+        raise
 
 
 def finish_sharded_checkpoint(directory, step, config, precision, cfg, val_loss, loader_states, rng_states, run_id,
-                              counts=None):
-    """On rank 0, once every rank has written its shards: train_state.pt (with its checksum), then
-    COMPLETE, then the rename to model_{step:05d}/ that makes the checkpoint visible. Returns its path."""
+                              counts, file_digests):
+    """On rank 0, once every rank has written and digested its shards: train_state.pt (with the files'
+    digests, and its checksum over all of it), then COMPLETE, then the rename to model_{step:05d}/ that
+    makes the checkpoint visible. Returns its path."""
     state = train_state(step, config, precision, cfg, val_loss, loader_states, rng_states, run_id, counts)
+    state[FILE_DIGESTS_KEY] = file_digests
     state[CHECKSUM_KEY] = {CHECKSUM_ALGORITHM: checksum(state)}
     atomic_write(os.path.join(directory, TRAIN_STATE), lambda f: torch.save(state, f))
     atomic_write(os.path.join(directory, COMPLETE), lambda f: f.write(b"complete\n"))
@@ -389,12 +566,12 @@ def save(step, run):
     if cfg.fsdp:
         finish_save(run)  # one in flight (--async-checkpoint) completes first
         partial = ctx.decide(lambda: begin_sharded_checkpoint(cfg.log_dir, step))
-        written = ctx.on_every_rank(lambda: write_shards(partial, run.raw_model, run.optimizer,
-                                                                      run.save_group))
-        val_loss = run.val_loss
-        run.pending_save = (partial, written, lambda: finish_sharded_checkpoint(
+        with discarded_on_failure(ctx, partial):
+            written = ctx.on_every_rank(lambda: write_shards(partial, run.raw_model, run.optimizer, run.save_group))
+        val_loss, counts = run.val_loss, dict(run.counts)  # this step's: a background write completes steps later
+        run.pending_save = (partial, written, lambda file_digests: finish_sharded_checkpoint(
             partial, step, run.raw_model.config, run.precision, cfg, val_loss, loader_states, rng_states, run.run_id,
-            dict(run.counts)))
+            counts, file_digests))
         if not cfg.async_checkpoint:
             finish_save(run)
         return
@@ -406,12 +583,15 @@ def save(step, run):
 
 
 def finish_save(run):
-    """Complete the sharded checkpoint being written, if any: every rank's shards written, then rank 0
-    adds the rest and renames it into place."""
+    """Complete the sharded checkpoint being written, if any: every rank's shards written and digested,
+    then rank 0 adds the rest, with the digests, and renames it into place. A failure anywhere removes it."""
     if run.pending_save is None:
         return
     (partial, written, complete), run.pending_save = run.pending_save, None
-    run.dist_ctx.on_every_rank(lambda: wait_for_shards(written, partial))
-    path = run.dist_ctx.decide(complete)
-    if run.dist_ctx.master_process:
+    ctx = run.dist_ctx
+    with discarded_on_failure(ctx, partial):
+        mine = ctx.on_every_rank(lambda: wait_for_shards(written, partial))
+        file_digests = {name: digest for digests in ctx.gather_objects(mine) for name, digest in digests.items()}
+        path = ctx.decide(lambda: complete(file_digests))
+    if ctx.master_process:
         print(f"step {checkpoint_step(path):5d} | saved {path}")

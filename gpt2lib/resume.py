@@ -217,8 +217,8 @@ def restore(checkpoint, raw_model, optimizer, precision, train_loader, dist_ctx)
     """Load a checkpoint's model into this process and, when it trains (an optimizer is given), its
     optimizer, loss scale, data position and RNG. Sharded or not, a checkpoint loads into a model
     sharded by --fsdp or not, at any world size."""
-    if "sharded" in checkpoint:  # a directory: every rank reads its part
-        checkpoints.load_sharded(checkpoint["sharded"], raw_model, optimizer)
+    if "sharded" in checkpoint:  # a directory: every rank reads its part; a failed read stops every rank
+        dist_ctx.on_every_rank(lambda: checkpoints.load_sharded(checkpoint["sharded"], raw_model, optimizer))
     elif parallel.is_sharded(raw_model):  # a .pt under --fsdp: every rank keeps its shard of the full state
         parallel.load_full_state(raw_model, optimizer, checkpoint["model"], checkpoint["optimizer"])
     else:

@@ -19,7 +19,6 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import train_gpt2
-from gpt2lib import checkpoints
 from gpt2lib.common import UserError
 from test_integrity import tmpfs
 from test_train import install_stop_after, make_data, tiny_config

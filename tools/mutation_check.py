@@ -223,6 +223,18 @@ MUTATIONS = [
              [("    if cfg.eval_only and dist_ctx.decide(lambda: rundir.holds_files(cfg.log_dir)):",
                "    if cfg.eval_only and dist_ctx.decide(lambda: not os.path.isdir(cfg.log_dir)):")],
              [T + "test_readonly.py::test_eval_only_in_a_run_log_dir_changes_nothing_and_prints_its_results"]),
+    # ---- sharded checkpoints
+    Mutation("shard_digest_check", "gpt2lib/checkpoints.py",
+             [("        if digest != recorded.get(CHECKSUM_ALGORITHM):\n",
+               "        if digest is None:\n")],
+             [T + "test_sharded_integrity.py::test_damaged_sharded_checkpoint_is_refused_by_every_reader[flipped-distcp]"]),
+    Mutation("sharded_fallback", "gpt2lib/checkpoints.py",
+             [("    shapes = check_shard_files(path, digests)\n",
+               "    shapes = check_shard_files(path, digests) if weights else read_shard_metadata(path)[1]\n")],
+             [T + "test_sharded_integrity.py::test_damaged_sharded_checkpoint_is_refused_by_every_reader[missing-distcp]"]),
+    Mutation("async_counts", "gpt2lib/checkpoints.py",
+             [("            counts, file_digests))", "            dict(run.counts), file_digests))")],
+             [T + "test_sharded_integrity.py::test_async_checkpoint_holds_its_steps_state_field_by_field"]),
 ]
 
 
