@@ -124,8 +124,10 @@ def val_curve(log_dir):
     return [(row["step"], row["value"]) for row in rows if row.get("kind") == "val"]
 
 
-def run_one(base, optimizer, lr, muon_lr=None):
+def run_one(base, optimizer, lr, muon_lr=None, threads=1):
     """Train one configuration; its val curve and median seconds per step."""
+    if threads:
+        torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = replace(base, optimizer=optimizer, lr=lr, muon_lr=muon_lr or base.muon_lr, log_dir=tmp)
         result = train(cfg, DistContext(device=torch.device(base.device)))
@@ -163,7 +165,10 @@ def parse_args(argv=None):
     p.add_argument("--muon-lrs", type=float, nargs="+", default=[0.01, 0.02, 0.04])
     p.add_argument("--rest-lr", type=float, help="AdamW's lr for what Muon does not take (default: the best "
                    "of --adamw-lrs)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads per run (0: torch's default)")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained side by side, each in its own process")
+    p.add_argument("--repeat-best", action="store_true",
+                   help="train each optimizer's best run again and check that it gives the same curve")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--corpus-seed", type=int, default=0)
     p.add_argument("--shard-size", type=int, default=2 ** 17)
@@ -213,6 +218,22 @@ def plot(best, tokens_per_step, path):
     fig.savefig(path, dpi=100)
 
 
+def run_all(configs, base, jobs, threads):
+    """run_one for each (optimizer, lr, muon_lr), `jobs` at a time in processes of their own."""
+    if jobs <= 1:
+        return [run_one(base, *config, threads=threads) for config in configs]
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(jobs) as pool:
+        return pool.starmap(run_one, [(base, *config, threads) for config in configs])
+
+
+def print_run(r):
+    rest = f" (AdamW lr {r['lr']:g} for the rest)" if r["muon_lr"] else ""
+    print(f"{r['optimizer']} lr {r['muon_lr'] or r['lr']:g}{rest}: final val {r['final']:.4f}, "
+          f"{r['s_per_step']:.3f} s/step", flush=True)
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.threads:
@@ -222,18 +243,28 @@ def main(argv=None):
     base = TrainConfig(model=args.model, data_dir=args.data_dir, batch_size=args.batch_size, seq_len=args.seq_len,
                        total_batch_size=tokens_per_step, max_steps=args.steps, warmup_steps=args.warmup,
                        eval_every=args.eval_every,
-                       val_steps=max(1, args.val_tokens // (args.batch_size * args.seq_len)), hellaswag=False, sample_every=0,
-                       checkpoint_every=0, resume="none", device=args.device, dtype=args.dtype, seed=args.seed)
-    runs = []
-    for lr in args.adamw_lrs:
-        runs.append(run_one(base, "adamw", lr))
-        print(f"adamw lr {lr:g}: final val {runs[-1]['final']:.4f}, {runs[-1]['s_per_step']:.3f} s/step", flush=True)
-    rest_lr = args.rest_lr or min(runs, key=lambda r: r["final"])["lr"]
-    for muon_lr in args.muon_lrs:
-        runs.append(run_one(base, "muon", rest_lr, muon_lr))
-        print(f"muon lr {muon_lr:g} (AdamW lr {rest_lr:g} for the rest): final val {runs[-1]['final']:.4f}, "
-              f"{runs[-1]['s_per_step']:.3f} s/step", flush=True)
+                       val_steps=max(1, args.val_tokens // (args.batch_size * args.seq_len)), hellaswag=False,
+                       sample_every=0, checkpoint_every=0, resume="none", device=args.device, dtype=args.dtype,
+                       seed=args.seed)
+    # with --rest-lr given, both sweeps run together; else Muon's runs wait for AdamW's best lr
+    adamw_configs = [("adamw", lr, None) for lr in args.adamw_lrs]
+    if args.rest_lr:
+        runs = run_all(adamw_configs + [("muon", args.rest_lr, m) for m in args.muon_lrs], base, args.jobs,
+                       args.threads)
+    else:
+        runs = run_all(adamw_configs, base, args.jobs, args.threads)
+        rest_lr = min(runs, key=lambda r: r["final"])["lr"]
+        runs += run_all([("muon", rest_lr, m) for m in args.muon_lrs], base, args.jobs, args.threads)
+    for r in runs:
+        print_run(r)
     best = report(runs, tokens_per_step)
+    if args.repeat_best:
+        again = run_all([(r["optimizer"], r["lr"], r["muon_lr"]) for r in best.values()], base, args.jobs,
+                        args.threads)
+        for first, second in zip(best.values(), again):
+            same = first["curve"] == second["curve"]
+            print(f"repeat {first['optimizer']}: the same val curve twice: {same} (final {first['final']:.6f}, "
+                  f"{second['final']:.6f})")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "runs": runs}, f, indent=1)
