@@ -26,7 +26,7 @@ from dataclasses import asdict
 
 import torch
 
-from gpt2lib import tracking
+from gpt2lib import rundir, tracking
 from gpt2lib.common import UserError, atomic_write, check_model_shape, disk_errors, one_line
 
 # the model config a checkpoint stores: train_gpt2.GPTConfig's fields (a test keeps the two equal)
@@ -296,6 +296,7 @@ def set_aside(log_dir, move, copy):
     while os.path.exists(os.path.join(log_dir, f"previous_{n}")):
         n += 1
     aside = os.path.join(log_dir, f"previous_{n}")
+    rundir.check_held(log_dir)  # nothing is moved in a directory that another run may hold by now
     copied, moved = [], []
     try:
         os.makedirs(aside)  # new: so everything in it is this call's to remove
@@ -352,6 +353,7 @@ def write_checkpoint(step, raw_model, optimizer, precision, cfg, val_loss, loade
                   **train_state(step, raw_model.config, precision, cfg, val_loss, loader_states, rng_states, run_id,
                                 counts)}
     checkpoint[CHECKSUM_KEY] = {CHECKSUM_ALGORITHM: checksum(checkpoint)}
+    rundir.check_held(cfg.log_dir)  # never written into a directory that another run may hold by now
     atomic_write(path, lambda f: torch.save(checkpoint, f))
     remove_old_checkpoints(cfg, step)
     return path
@@ -376,6 +378,7 @@ def begin_sharded_checkpoint(log_dir, step):
     """On rank 0: the empty directory model_{step:05d}.partial/ that every rank writes its shards into.
     One left by a write that was cut off (marked OWNER) is deleted first."""
     partial = os.path.join(log_dir, f"model_{step:05d}.partial")
+    rundir.check_held(log_dir)
     if os.path.exists(partial):
         if not os.path.isfile(os.path.join(partial, OWNER)):
             raise UserError(f"{partial} is in the way and was not written by train_gpt2.py: move it elsewhere")
@@ -426,6 +429,7 @@ def finish_sharded_checkpoint(directory, step, config, precision, cfg, val_loss,
     atomic_write(os.path.join(directory, TRAIN_STATE), lambda f: torch.save(state, f))
     atomic_write(os.path.join(directory, COMPLETE), lambda f: f.write(b"complete\n"))
     path = os.path.join(cfg.log_dir, f"model_{step:05d}")
+    rundir.check_held(cfg.log_dir)
     with disk_errors(path, "rename the written checkpoint into place"):
         os.rename(directory, path)
     remove_old_checkpoints(cfg, step)
@@ -511,10 +515,13 @@ class RunLog:
         if self.failure:
             return
         try:
+            rundir.check_held(os.path.dirname(path))  # the directory is still this run's (a stat or two)
             with open(path, "a") as f:
                 f.write(line)
         except OSError as e:
             self.failure = f"{path}: cannot append ({one_line(e)}): check free space and permissions"
+        except UserError as e:
+            self.failure = str(e)
 
     def __enter__(self):
         return self

