@@ -709,13 +709,13 @@ def train(cfg, dist_ctx, stop=None):
             losses, step_metrics, stopping = [], [], False
             for step in range(run.start_step, cfg.max_steps + 1):
                 last_step = step == cfg.max_steps
+                if not stopping and run.val_loader is not None and due(cfg.eval_every, step, last_step):
+                    stopping = not run_evals(run, step, stop)  # a stop ends them at the next batch: redone on resume
                 if stopping:
                     save(step, run)
                     if dist_ctx.master_process:
                         print(f"stopped by signal after step {step - 1}; resume with the same command")
                     break
-                if run.val_loader is not None and due(cfg.eval_every, step, last_step):
-                    run_evals(run, step)
                 if step > 0 and due(cfg.sample_every, step, last_step):  # rank 0 samples; see print_samples
                     print_samples(run, step)
                 if step > run.start_step and due(cfg.checkpoint_every, step, last_step):

@@ -30,9 +30,15 @@ class DistContext:
     """Rank, world size and device of this process, and the collectives the loop needs.
     A single process (no torchrun) is world_size 1 and every collective is a no-op."""
 
-    def __init__(self, rank=0, local_rank=0, world_size=1, device=torch.device("cpu")):
+    def __init__(self, rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), watchdog=None):
         self.rank, self.local_rank, self.world_size, self.device = rank, local_rank, world_size, device
         self.master_process = rank == 0
+        self.watchdog = watchdog
+
+    def progress(self, step=None):
+        """This rank moved on (a step done, an eval batch): the watchdog's measure; no I/O."""
+        if self.watchdog is not None:
+            self.watchdog.progress(step)
 
     @property
     def ddp(self):

@@ -10,6 +10,8 @@ import re
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
@@ -17,7 +19,8 @@ import pytest
 from gpt2lib import rundir
 from gpt2lib.common import UserError
 from test_integrity import TINY_CLI, start_cli, wait_for_steps
-from test_train import make_data
+from test_long_runs import TRAIN, same_weights
+from test_train import REPO, final_weights, make_data
 
 # ---- a lock that holds
 
@@ -133,3 +136,52 @@ def test_a_refused_contender_always_names_the_holder(tmp_path):
     for loser, message in messages:
         winner = (pids - {loser}).pop()
         assert f"(host {socket.gethostname()}, pid {winner})" in message, message
+
+
+# ---- a stop that is quick during an eval
+
+EVAL_ARGS = TINY_CLI + ["--data-dir", "data", "--eval-every", "2", "--checkpoint-every", "0", "--log-dir", "log"]
+LONG_EVAL_S = 12  # the val eval's length in these runs: what a stop used to wait for
+
+
+def val_steps_lasting(seconds):
+    return str(int(seconds * 50))  # d1, B=2, T=16 on one CPU thread: about 50 val batches a second (its 50304-wide head)
+
+
+def test_a_signal_during_the_val_eval_ends_it_at_the_next_batch_and_the_resume_redoes_it(tmp_path):
+    make_data(tmp_path / "data", n_train=200000)
+    val = ["--val-steps", val_steps_lasting(LONG_EVAL_S)]
+    out_path = tmp_path / "out.txt"
+    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    with open(out_path, "w") as out:
+        proc = subprocess.Popen([sys.executable, TRAIN, *EVAL_ARGS, *val, "--max-steps", "100000"], cwd=tmp_path,
+                                env=env, stdout=out, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and "model d1" not in out_path.read_text():
+            time.sleep(0.02)
+        time.sleep(1)  # into the step-0 eval
+        proc.send_signal(signal.SIGINT)
+        signalled = time.time()
+        _, err = proc.communicate(timeout=120)
+        seconds = time.time() - signalled
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    print(f"stop latency during the val eval: {seconds:.2f} s (the eval alone takes about {LONG_EVAL_S} s)")
+    assert proc.returncode == 0, err
+    assert "stopped by signal" in out_path.read_text()
+    assert os.listdir(tmp_path / "log") and sorted(n for n in os.listdir(tmp_path / "log") if ".pt" in n) == \
+        ["model_00000.pt"]
+    assert " val " not in (tmp_path / "log" / "log.txt").read_text()  # the unfinished eval is not logged
+    assert seconds < LONG_EVAL_S / 2, f"the stop took {seconds:.1f} s: it waited for the eval"
+    # the resume redoes the step-0 eval; its logs and weights are an uninterrupted run's
+    for log_dir in ["log", "alone"]:
+        result = subprocess.run([sys.executable, TRAIN, *EVAL_ARGS[:-1], log_dir, *val, "--max-steps", "2",
+                                 "--checkpoint-every", "2"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                                timeout=300)
+        assert result.returncode == 0, result.stderr
+    resumed, alone = [(tmp_path / d / "log.txt").read_text() for d in ["log", "alone"]]
+    assert resumed == alone and resumed.count(" val ") == 2
+    assert same_weights(final_weights(str(tmp_path / "log"), 2), final_weights(str(tmp_path / "alone"), 2))

@@ -169,6 +169,9 @@ MUTATIONS = [
               ("    lock = _HELD.get(os.path.abspath(directory))\n", "    lock = None\n")],
              [T + "test_liveness.py::test_a_lock_file_deleted_or_replaced_under_a_live_run_lets_no_second_run_in",
               T + "test_liveness.py::test_a_log_dir_moved_or_deleted_under_a_live_run_stops_it_with_one_line"]),
+    Mutation("eval_stop", "gpt2lib/evals.py",
+             [("    if not dist_ctx.ddp:\n        return stop.requested\n", "    if not dist_ctx.ddp:\n        return False\n")],
+             [T + "test_liveness.py::test_a_signal_during_the_val_eval_ends_it_at_the_next_batch_and_the_resume_redoes_it"]),
 ]
 
 
