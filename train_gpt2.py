@@ -486,6 +486,7 @@ class TrainConfig:
     fsdp: bool = False  # shard weights, gradients and optimizer state across ranks (FSDP2); default DDP
     recompute: bool = False  # activation recompute per Block: less memory, about a third more compute
     async_checkpoint: bool = False  # with --fsdp: write checkpoints in the background while training goes on
+    collective_timeout: float = 600.0  # seconds without progress before every rank stops (torchrun restarts)
 
 
 # A few minutes on a CPU: a d4 model on the Python docs that `python fineweb.py --demo` prepares.
@@ -511,7 +512,7 @@ def validate(cfg, world_size, rank=0):
         except UserError as e:
             problems.append(f"--model: {e}")
             model_config = None
-    for name in ("batch_size", "seq_len", "total_batch_size", "max_steps", "val_steps"):
+    for name in ("batch_size", "seq_len", "total_batch_size", "max_steps", "val_steps", "collective_timeout"):
         if getattr(cfg, name) <= 0:
             problems.append(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     for name in ("benchmark", "warmup_steps", "eval_every", "sample_every", "checkpoint_every", "keep_last", "weight_decay", "grad_clip"):
@@ -978,7 +979,7 @@ def main(argv=None):
             return
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # SIGHUP: an SSH session that dropped
             signal.signal(signum, stop)
-        dist_ctx = setup_distributed(cfg.device, group_of_one=cfg.fsdp)
+        dist_ctx = setup_distributed(cfg.device, group_of_one=cfg.fsdp, collective_timeout=cfg.collective_timeout)
         (benchmark if cfg.benchmark else train)(cfg, dist_ctx, stop)
     # no exit in here: the process exits below, once close_process_group has run
     except FollowerStop:

@@ -52,6 +52,9 @@ FLAG_HELP = {
     "fsdp": "shard weights, gradients and AdamW state across the ranks (FSDP2) and write sharded checkpoint "
             "directories; for gpt2-medium and up (default: DDP, a full copy on every rank)",
     "recompute": "recompute each Block's activations in backward instead of keeping them (less memory)",
+    "collective_timeout": "under torchrun: seconds without progress (a step, an eval batch) after which every "
+                          "live rank names the stalled rank and exits, for torchrun to restart; longer than a "
+                          "checkpoint write",
     "async_checkpoint": "with --fsdp: copy the state to CPU memory and write the checkpoint while the next "
                         "steps run (a stop or the end of the run waits for it)",
 }

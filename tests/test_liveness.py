@@ -4,6 +4,7 @@ The lock: real second processes against a live run whose .lock or log dir was de
 moved. The watchdog: a real SIGSTOP of one rank of two under torchrun. The stop: a real signal to a
 real run in the middle of a long val eval. Models are d1 on random tokens."""
 
+import contextlib
 import multiprocessing
 import os
 import re
@@ -12,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -19,7 +21,7 @@ import pytest
 from gpt2lib import rundir
 from gpt2lib.common import UserError
 from test_integrity import TINY_CLI, start_cli, wait_for_steps
-from test_long_runs import TRAIN, same_weights
+from test_long_runs import TRAIN, same_weights, torchrun
 from test_train import REPO, final_weights, make_data
 
 # ---- a lock that holds
@@ -185,3 +187,53 @@ def test_a_signal_during_the_val_eval_ends_it_at_the_next_batch_and_the_resume_r
     resumed, alone = [(tmp_path / d / "log.txt").read_text() for d in ["log", "alone"]]
     assert resumed == alone and resumed.count(" val ") == 2
     assert same_weights(final_weights(str(tmp_path / "log"), 2), final_weights(str(tmp_path / "alone"), 2))
+
+
+# ---- no silent hang
+
+def worker_pids(torchrun_proc):
+    """{rank: pid} of torchrun's workers."""
+    pids = {}
+    for pid in map(int, open(f"/proc/{torchrun_proc.pid}/task/{torchrun_proc.pid}/children").read().split()):
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
+        pids[int(env[b"RANK"])] = pid
+    return pids
+
+
+def test_a_stopped_rank_is_named_by_the_other_within_the_collective_timeout(tmp_path):
+    """SIGSTOP one rank of two: the other prints one line naming it and exits, instead of waiting
+    in its collective for gloo's 30 minutes."""
+    make_data(tmp_path / "data", n_train=400000)
+    timeout_s = 3
+    args = TINY_CLI + ["--data-dir", "data", "--log-dir", "log", "--max-steps", "100000", "--checkpoint-every", "0",
+                       "--collective-timeout", str(timeout_s)]
+    proc = torchrun(args, tmp_path, nproc=2)
+    lines, stopped = [], None
+    reader = threading.Thread(target=lambda: [lines.append((time.time(), line)) for line in proc.stderr], daemon=True)
+    reader.start()
+    pids = {}
+    try:
+        wait_for_steps(tmp_path / "log" / "log.txt", 3, proc)
+        pids = worker_pids(proc)
+        os.kill(pids[1], signal.SIGSTOP)
+        stopped = time.time()
+        deadline = stopped + 60
+        while time.time() < deadline and not any(line.startswith("error:") for _, line in lines):
+            time.sleep(0.05)
+    finally:
+        for pid in pids.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+                os.kill(pid, signal.SIGCONT)
+        proc.wait(timeout=120)
+        reader.join(timeout=10)
+    errors = [(t, line.strip()) for t, line in lines if line.startswith("error:")]
+    assert len(errors) == 1, lines
+    seconds = errors[0][0] - stopped
+    print(f"SIGSTOP to the other rank's line: {seconds:.1f} s (--collective-timeout {timeout_s})")
+    assert re.fullmatch(rf"error: rank 0: no progress for \d+ s \(--collective-timeout {timeout_s}\): rank 1 \(host "
+                        rf"{re.escape(socket.gethostname())}\) stopped responding at step \d+; ending this rank so that "
+                        r"torchrun can restart the run", errors[0][1]), errors
+    assert seconds < timeout_s + 10
+    assert proc.returncode != 0

@@ -172,6 +172,10 @@ MUTATIONS = [
     Mutation("eval_stop", "gpt2lib/evals.py",
              [("    if not dist_ctx.ddp:\n        return stop.requested\n", "    if not dist_ctx.ddp:\n        return False\n")],
              [T + "test_liveness.py::test_a_signal_during_the_val_eval_ends_it_at_the_next_batch_and_the_resume_redoes_it"]),
+    Mutation("watchdog", "gpt2lib/distributed.py",
+             [("            if since is not None and now - since >= self.timeout_s and not self.stopped.is_set():\n",
+               "            if False:\n")],
+             [T + "test_liveness.py::test_a_stopped_rank_is_named_by_the_other_within_the_collective_timeout"]),
 ]
 
 
