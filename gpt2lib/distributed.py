@@ -319,12 +319,17 @@ class Watchdog:
         silent = [r for r in others if r not in self.seen or now - self.seen[r][1] >= 3 * self.poll_s]
         if silent:
             return "; ".join(f"rank {r} (host {self.seen[r][0][3] if r in self.seen else 'unknown'}) stopped "
-                             f"responding at step {self.seen[r][0][0] if r in self.seen else 'unknown'}" for r in silent)
+                             f"responding {where(self.seen[r][0][0] if r in self.seen else 'None')}" for r in silent)
         steps = {r: int(self.seen[r][0][0]) for r in others if self.seen[r][0][0] != "None"}
         behind = [r for r in steps if self.step is not None and steps[r] < self.step]
         if behind:
             return "; ".join(f"rank {r} (host {self.seen[r][0][3]}) is stuck at step {steps[r]}" for r in behind)
         return f"every rank waits at step {self.step} (a collective, or a hung device on some rank)"
+
+
+def where(step):
+    """A rank's last published step, in words (published a poll apart: it may be a step behind)."""
+    return "before its first step" if step == "None" else f"after step {step}"
 
 
 class StopRequest:

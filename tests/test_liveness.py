@@ -215,6 +215,7 @@ def test_a_stopped_rank_is_named_by_the_other_within_the_collective_timeout(tmp_
     pids = {}
     try:
         wait_for_steps(tmp_path / "log" / "log.txt", 3, proc)
+        time.sleep(2)  # the ranks have published a step
         pids = worker_pids(proc)
         os.kill(pids[1], signal.SIGSTOP)
         stopped = time.time()
@@ -233,7 +234,7 @@ def test_a_stopped_rank_is_named_by_the_other_within_the_collective_timeout(tmp_
     seconds = errors[0][0] - stopped
     print(f"SIGSTOP to the other rank's line: {seconds:.1f} s (--collective-timeout {timeout_s})")
     assert re.fullmatch(rf"error: rank 0: no progress for \d+ s \(--collective-timeout {timeout_s}\): rank 1 \(host "
-                        rf"{re.escape(socket.gethostname())}\) stopped responding at step \d+; ending this rank so that "
+                        rf"{re.escape(socket.gethostname())}\) stopped responding after step \d+; ending this rank so that "
                         r"torchrun can restart the run", errors[0][1]), errors
     assert seconds < timeout_s + 10
     assert proc.returncode != 0
