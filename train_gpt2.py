@@ -36,7 +36,7 @@ from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
-from gpt2lib import checkpoints, distributed, hf, optimizers, parallel, resume, rundir, tracking
+from gpt2lib import checkpoints, distributed, hf, optimizers, parallel, previous_runs, resume, rundir, tracking
 from gpt2lib.checkpoints import finish_save, save
 from gpt2lib.common import (DTYPES, GPT2_EOT, GPT2_VOCAB_SIZE, Precision, UserError, canonical_dtype, check_model_shape,
                             get_encoding, pick_device, raise_failure, resolve_dtype)
@@ -528,6 +528,9 @@ class TrainConfig:
     async_checkpoint: bool = flag(False, 
         'with --fsdp: copy the state to CPU memory and write the checkpoint while the next steps run (a stop '
         'or the end of the run waits for it)')
+    collective_timeout: float = flag(600.0,
+        'under torchrun: seconds without progress (a step, an eval batch) after which every live rank names the '
+        'stalled rank and exits, for torchrun to restart; longer than a checkpoint write or an eval')
 
 
 # A few minutes on a CPU: a d4 model on the Python docs that `python fineweb.py --demo` prepares.
@@ -561,7 +564,7 @@ def validate(cfg, world_size, rank=0):
         except UserError as e:
             problems.append(f"--model: {e}")
             model_config = None
-    for name in ("batch_size", "seq_len", "total_batch_size", "max_steps", "val_steps"):
+    for name in ("batch_size", "seq_len", "total_batch_size", "max_steps", "val_steps", "collective_timeout"):
         if getattr(cfg, name) <= 0:
             problems.append(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     for name in ("benchmark", "warmup_steps", "eval_every", "sample_every", "checkpoint_every", "keep_last", "weight_decay", "grad_clip"):
@@ -791,13 +794,13 @@ def train(cfg, dist_ctx, stop=None):
             losses, step_metrics, stopping = [], [], False
             for step in range(run.start_step, cfg.max_steps + 1):
                 last_step = step == cfg.max_steps
+                if not stopping and run.val_loader is not None and due(cfg.eval_every, step, last_step):
+                    stopping = not run_evals(run, step, stop)  # a stop ends them at the next batch: redone on resume
                 if stopping:
                     save(step, run)
                     if dist_ctx.master_process:
                         print(f"stopped by signal after step {step - 1}; resume with the same command")
                     break
-                if run.val_loader is not None and due(cfg.eval_every, step, last_step):
-                    run_evals(run, step)
                 if step > 0 and due(cfg.sample_every, step, last_step):  # rank 0 samples; see print_samples
                     print_samples(run, step)
                 if step > run.start_step and due(cfg.checkpoint_every, step, last_step):
@@ -968,7 +971,7 @@ def agree_on_start(cfg, dist_ctx, writes_log=True):
               f"{holder.path} at step {resume_step}{logs}")
     here = holder.path if holder is not None and holder.rank == 0 else None
     if writes_log:
-        dist_ctx.decide(lambda: rundir.prepare_run_dir(cfg.log_dir, here, resume_step, start.logs))
+        dist_ctx.decide(lambda: previous_runs.prepare_run_dir(cfg.log_dir, here, resume_step, start.logs))
     return start
 
 
@@ -1211,7 +1214,7 @@ def main(argv=None):
             return
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # SIGHUP: an SSH session that dropped
             signal.signal(signum, stop)
-        dist_ctx = setup_distributed(cfg.device, group_of_one=cfg.fsdp)
+        dist_ctx = setup_distributed(cfg.device, group_of_one=cfg.fsdp, collective_timeout=cfg.collective_timeout)
         (benchmark if cfg.benchmark else train)(cfg, dist_ctx, stop)
     # no exit in here: the process exits below, once close_process_group has run
     except FollowerStop:

@@ -6,7 +6,8 @@
     shards             token shard files: naming and opening (build-nanogpt's .npy, llm.c's .bin)
     checkpoints        checkpoint files, whole or sharded: writing, reading back verified, listing
     resume             which checkpoint a run resumes (across nodes), the resume checks, restoring state
-    rundir             one writer per directory (the lock), leftovers, other runs' files set aside
+    rundir             one writer per directory (the lock, checked before each write), leftovers
+    previous_runs      other runs' files in a log dir set aside into previous_N/, logs trimmed to the resume point
     runlog             log.txt and metrics.jsonl, and the trackers they feed
     run_state          the Start every rank receives and the Run a training run holds
     distributed        process groups, each torchrun attempt's store, rank-0 decisions shared with every rank

@@ -28,7 +28,7 @@ from dataclasses import asdict
 
 import torch
 
-from gpt2lib import optimizers, tracking
+from gpt2lib import optimizers, rundir, tracking
 from gpt2lib.common import UserError, atomic_write, check_model_shape, disk_errors, one_line, write_failure
 
 # the model config a checkpoint stores: train_gpt2.GPTConfig's fields (a test keeps the two equal)
@@ -415,6 +415,7 @@ def write_checkpoint(step, raw_model, optimizer, precision, cfg, val_loss, loade
                   **train_state(step, raw_model.config, precision, cfg, val_loss, loader_states, rng_states, run_id,
                                 counts)}
     checkpoint[CHECKSUM_KEY] = {CHECKSUM_ALGORITHM: checksum(checkpoint)}
+    rundir.check_held(cfg.log_dir)  # never written into a directory that another run may hold by now
     atomic_write(path, lambda f: torch.save(checkpoint, f))
     remove_old_checkpoints(cfg, step)
     return path
@@ -439,6 +440,7 @@ def begin_sharded_checkpoint(log_dir, step):
     """On rank 0: the empty directory model_{step:05d}.partial/ that every rank writes its shards into.
     One left by a write that was cut off (marked OWNER) is deleted first."""
     partial = os.path.join(log_dir, f"model_{step:05d}.partial")
+    rundir.check_held(log_dir)
     if os.path.exists(partial):
         if not os.path.isfile(os.path.join(partial, OWNER)):
             raise UserError(f"{partial} is in the way and was not written by train_gpt2.py: move it elsewhere")
@@ -540,6 +542,7 @@ def finish_sharded_checkpoint(directory, step, config, precision, cfg, val_loss,
     atomic_write(os.path.join(directory, TRAIN_STATE), lambda f: torch.save(state, f))
     atomic_write(os.path.join(directory, COMPLETE), lambda f: f.write(b"complete\n"))
     path = os.path.join(cfg.log_dir, f"model_{step:05d}")
+    rundir.check_held(cfg.log_dir)
     with disk_errors(path, "rename the written checkpoint into place"):
         os.rename(directory, path)
     remove_old_checkpoints(cfg, step)

@@ -4,7 +4,9 @@ decision that steers the run is taken on rank 0 (or agreed by all ranks) and sha
 import dataclasses
 import gc
 import os
+import socket
 import sys
+import threading
 import time
 import uuid
 from datetime import timedelta
@@ -30,9 +32,15 @@ class DistContext:
     """Rank, world size and device of this process, and the collectives the loop needs.
     A single process (no torchrun) is world_size 1 and every collective is a no-op."""
 
-    def __init__(self, rank=0, local_rank=0, world_size=1, device=torch.device("cpu")):
+    def __init__(self, rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), watchdog=None):
         self.rank, self.local_rank, self.world_size, self.device = rank, local_rank, world_size, device
         self.master_process = rank == 0
+        self.watchdog = watchdog
+
+    def progress(self, step=None):
+        """This rank moved on (a step done, an eval batch): the watchdog's measure; no I/O."""
+        if self.watchdog is not None:
+            self.watchdog.progress(step)
 
     @property
     def ddp(self):
@@ -132,9 +140,11 @@ def map_leaves(value, fn):
     return fn(value)
 
 
-def setup_distributed(requested_device, group_of_one=False):
+def setup_distributed(requested_device, group_of_one=False, collective_timeout=600.0):
     """DistContext from torchrun's environment (NCCL on CUDA, gloo otherwise), or a single process:
-    with group_of_one in a process group of its own (FSDP shards over a process group, even of one)."""
+    with group_of_one in a process group of its own (FSDP shards over a process group, even of one).
+    Under torchrun a Watchdog ends every live rank when the run makes no progress for
+    collective_timeout seconds; the process group's own timeout, twice that, is only a backstop."""
     device = pick_device(requested_device)
     if "RANK" not in os.environ:
         if group_of_one:
@@ -147,13 +157,20 @@ def setup_distributed(requested_device, group_of_one=False):
         device = torch.device("cuda", local_rank)  # one GPU per process
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    torch.distributed.init_process_group(backend, store=attempt_store(), rank=rank, world_size=world_size)
-    return DistContext(rank, local_rank, world_size, device)
+    torch.distributed.init_process_group(backend, store=attempt_store(), rank=rank, world_size=world_size,
+                                         timeout=timedelta(seconds=2 * collective_timeout))
+    dist_ctx = DistContext(rank, local_rank, world_size, device)
+    global _watchdog
+    _watchdog = dist_ctx.watchdog = Watchdog.start(dist_ctx, collective_timeout)
+    return dist_ctx
 
 
 def close_process_group():
     """End the process group, if there is one; True when there was. The wrapped models' reference
-    cycles (DDP's and FSDP's hooks) are collected first, while the group they use still exists."""
+    cycles (DDP's and FSDP's hooks) are collected first, while the group they use still exists. The
+    watchdog stops first: ranks that end at different moments are no stall."""
+    if _watchdog is not None:
+        _watchdog.stop()
     if not torch.distributed.is_initialized():
         return False
     gc.collect()
@@ -227,6 +244,92 @@ def open_attempt(store, world_size, poll_s=0.05):
                     answered[rank] = token
         time.sleep(poll_s)
     return attempt
+
+
+STALL_EXIT_CODE = 3
+_watchdog = None  # this process's Watchdog, stopped by close_process_group
+
+
+class Watchdog:
+    """Notices a run that makes no progress: a rank stopped (SIGSTOP, a dead node) or hung. The main
+    thread counts its progress in memory (DistContext.progress: each step and eval batch); a thread
+    publishes it with a tick of its own through the rendezvous store every poll, and reads every
+    rank's. When this rank made no progress for timeout_s, it prints one line naming the rank at
+    fault: one whose tick stood still too (its whole process is stopped or gone), else the one whose
+    step is behind; then it ends this process with STALL_EXIT_CODE, so that torchrun's restart takes
+    over. Every live rank does the same. The clock starts at the first step: setting up is not timed."""
+
+    def __init__(self, store, rank, world_size, timeout_s):
+        self.store, self.rank, self.world_size, self.timeout_s = store, rank, world_size, timeout_s
+        self.poll_s = min(5.0, timeout_s / 4)
+        self.step, self.count = None, 0
+        self.seen = {}  # rank -> (its last published (step, count, tick, host), local time that changed)
+        self.stopped = threading.Event()
+
+    @classmethod
+    def start(cls, dist_ctx, timeout_s):
+        """Its own store connection (its waits never hold up the process group's), keys private to
+        this run: rank 0 draws their prefix."""
+        prefix = dist_ctx.broadcast(uuid.uuid4().hex)
+        store = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                                           timeout=timedelta(seconds=max(1.0, min(30.0, timeout_s / 2))))
+        watchdog = cls(torch.distributed.PrefixStore(f"train_gpt2/watchdog/{prefix}", store), dist_ctx.rank,
+                       dist_ctx.world_size, timeout_s)
+        threading.Thread(target=watchdog._watch, name="watchdog", daemon=True).start()
+        return watchdog
+
+    def progress(self, step=None):
+        self.count += 1
+        if step is not None:
+            self.step = step
+
+    def stop(self):
+        self.stopped.set()
+
+    def _watch(self):
+        host, tick, mine, since = socket.gethostname(), 0, None, None
+        while not self.stopped.wait(self.poll_s):
+            tick, now = tick + 1, time.monotonic()
+            if self.count and (self.step, self.count) != mine:
+                mine, since = (self.step, self.count), now
+            try:
+                self.store.set(str(self.rank), f"{self.step} {self.count} {tick} {host}")
+                self._read(now)
+                reachable = True
+            except Exception:  # the store's host is stopped or gone: decided below, if this rank is stuck
+                reachable = False
+            if since is not None and now - since >= self.timeout_s and not self.stopped.is_set():
+                print(f"error: rank {self.rank}: no progress for {now - since:.0f} s (--collective-timeout "
+                      f"{self.timeout_s:g}): {self._culprit(now, reachable)}; ending this rank so that torchrun "
+                      "can restart the run", file=sys.stderr, flush=True)
+                os._exit(STALL_EXIT_CODE)
+
+    def _read(self, now):
+        for r in range(self.world_size):
+            if r != self.rank and self.store.check([str(r)]):
+                value = self.store.get(str(r)).decode().split()
+                if self.seen.get(r, (None,))[0] != value:
+                    self.seen[r] = (value, now)
+
+    def _culprit(self, now, reachable):
+        """Which rank stalled, in words."""
+        if not reachable:
+            return "the rendezvous store does not answer (its host, or rank 0 without torchrun, is stopped or gone)"
+        others = [r for r in range(self.world_size) if r != self.rank]
+        silent = [r for r in others if r not in self.seen or now - self.seen[r][1] >= 3 * self.poll_s]
+        if silent:
+            return "; ".join(f"rank {r} (host {self.seen[r][0][3] if r in self.seen else 'unknown'}) stopped "
+                             f"responding {where(self.seen[r][0][0] if r in self.seen else 'None')}" for r in silent)
+        steps = {r: int(self.seen[r][0][0]) for r in others if self.seen[r][0][0] != "None"}
+        behind = [r for r in steps if self.step is not None and steps[r] < self.step]
+        if behind:
+            return "; ".join(f"rank {r} (host {self.seen[r][0][3]}) is stuck at step {steps[r]}" for r in behind)
+        return f"every rank waits at step {self.step} (a collective, or a hung device on some rank)"
+
+
+def where(step):
+    """A rank's last published step, in words (published a poll apart: it may be a step behind)."""
+    return "before its first step" if step == "None" else f"after step {step}"
 
 
 class StopRequest:

@@ -241,8 +241,9 @@ def _resolve_autocast(device, autocast_dtype):
 
 
 @torch.no_grad()
-def _row_losses(model, batches, device, autocast_dtype, progress):
-    """(n, 4) summed ending losses (fp32, on device) for prepared batches."""
+def _row_losses(model, batches, device, autocast_dtype, progress, should_stop=None):
+    """(n, 4) summed ending losses (fp32, on device) for prepared batches; None when should_stop(),
+    asked before each batch, said so."""
     hidden_fn, head_fn, context_length = _model_parts(model)
     if context_length is not None and batches.max_len > context_length:
         raise UserError(f"{batches.longest_source or 'HellaSwag'}: a HellaSwag row is {batches.max_len} tokens long, "
@@ -258,6 +259,8 @@ def _row_losses(model, batches, device, autocast_dtype, progress):
         bar = tqdm(total=batches.n_rows, unit="row", desc="hellaswag", file=sys.stderr)
     try:
         for tokens, positions, targets, row_ids in batches.batches:
+            if should_stop is not None and should_stop():
+                return None
             with _resolve_autocast(device, autocast_dtype):
                 if hidden_fn is not None:
                     h = hidden_fn(tokens)
@@ -281,7 +284,7 @@ def _row_losses(model, batches, device, autocast_dtype, progress):
 
 
 def evaluate(model, examples, device, rank=0, world_size=1, batch_size=DEFAULT_BATCH_SIZE,
-             autocast_dtype=None, max_tokens=None, progress=False, style=None):
+             autocast_dtype=None, max_tokens=None, progress=False, style=None, should_stop=None):
     """This rank's LOCAL counts over its share examples[rank::world_size], as an int64 tensor
     [n, n_correct, n_correct_norm] on `device`: all_reduce it (SUM) across ranks once.
 
@@ -292,13 +295,16 @@ def evaluate(model, examples, device, rank=0, world_size=1, batch_size=DEFAULT_B
     4*batch_size rows and max_tokens = rows*T, default batch_size*4*128). autocast_dtype: None
     means bf16 on CUDA and fp32 elsewhere; torch.float32 forces full precision. style: the scoring
     style for dicts (None: completion); tokenized examples carry their own, and a different one
-    given here is an error. Nothing syncs with the host."""
+    given here is an error. should_stop: asked before each batch; when it says so, the result is None.
+    Nothing syncs with the host."""
     device = torch.device(device)
     counts = torch.zeros(3, dtype=torch.long, device=device)
     batches = _local_batches(examples, device, rank, world_size, batch_size, max_tokens, style)
     if batches.n == 0:
         return counts
-    sums = _row_losses(model, batches, device, autocast_dtype, progress)
+    sums = _row_losses(model, batches, device, autocast_dtype, progress, should_stop)
+    if sums is None:
+        return None
     normalized = sums / batches.lengths  # per token (completion) or per character (harness)
     counts[0] = batches.n
     counts[1] = (sums.argmin(dim=1) == batches.labels).sum()

@@ -1,19 +1,15 @@
 """One writer per directory: train_gpt2.py's --log-dir and fineweb.py's --out are claimed with an
 exclusive OS lock before anything in them is read, moved or written, and what a killed writer left
-behind (its temporary files) is removed only while the lock is held. Before a run starts, what other
-runs left in its log dir is set aside into previous_N/ (nothing is deleted)."""
+behind (its temporary files) is removed only while the lock is held."""
 
 import contextlib
 import fcntl
 import os
-import shutil
 import socket
+import time
 
-from gpt2lib import tracking
-from gpt2lib.checkpoints import checkpoint_step, continues_in, list_checkpoints
-from gpt2lib.common import UserError, atomic_write, disk_errors, one_line, temp_pattern
+from gpt2lib.common import UserError, disk_errors, one_line, temp_pattern
 from gpt2lib.distributed import FollowerStop
-from gpt2lib.runlog import LOG_FILES, RunLog
 
 LOCK_NAME = ".lock"
 
@@ -27,20 +23,50 @@ def make_directory(directory, flag):
 
 
 class DirectoryLock:
-    """An exclusive flock on directory/.lock. The kernel drops it when the holder exits, however it
-    dies, so a killed run never blocks the next one. The file names the holder (host and PID) for
-    the message a second writer gets."""
+    """An exclusive flock on the directory itself and on directory/.lock. The kernel drops both when
+    the holder exits, however it dies, so a killed run never blocks the next one. The directory's
+    own lock holds when .lock is deleted or replaced; .lock's carries it where directories cannot be
+    locked (NFS) and keeps out runs of earlier versions, which lock only the file. A refused run names
+    the holder (host and PID): from the kernel's lock table where it lists the directory's lock, else
+    from the file, which the holder writes once it holds both locks."""
 
     def __init__(self, directory, flag):
         self.directory, self.flag = directory, flag
-        self.fd = None
+        self.fd = self.dir_fd = None
+        self.dir_locked = False  # False where the filesystem cannot lock a directory
         self.created = False  # the directory did not exist: release() removes it if nothing else came
 
     def acquire(self):
-        """Take the lock or raise a one-line UserError naming its holder; the directory is created
+        """Take the locks or raise a one-line UserError naming their holder; the directory is created
         first when missing, and nothing else in it is touched."""
         self.created = not os.path.isdir(self.directory)
         make_directory(self.directory, self.flag)
+        try:
+            self.dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
+            self.dir_locked = self._flock(self.dir_fd, directory=True)
+            self.fd = self._lock_file()
+        except BaseException:
+            self.release()
+            raise
+        _HELD[os.path.abspath(self.directory)] = self
+        return self
+
+    def _flock(self, fd, directory=False):
+        """True once fd is locked; False where the filesystem cannot lock it (the directory's only)."""
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            host, pid = self._holder(from_table=directory)
+            raise UserError(f"{self.flag} {self.directory} is in use by another run (host {host}, pid {pid}): "
+                            f"wait for it to end, or choose another {self.flag}") from None
+        except OSError as e:
+            if directory:
+                return False
+            raise UserError(f"{self.flag} {self.directory}: cannot lock it ({one_line(e)})") from None
+
+    def _lock_file(self):
+        """Create (or open) .lock, lock it and write this process's host and PID into it."""
         path = os.path.join(self.directory, LOCK_NAME)
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
@@ -48,38 +74,109 @@ class DirectoryLock:
             raise UserError(f"{self.flag} {self.directory}: cannot create its lock file {LOCK_NAME} "
                             f"({one_line(e)}): check free space and permissions") from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            held = isinstance(e, BlockingIOError)
-            holder = os.pread(fd, 256, 0).decode(errors="replace").split() if held else []
-            os.close(fd)
-            if not held:
-                raise UserError(f"{self.flag} {self.directory}: cannot lock it ({one_line(e)})") from None
-            host, pid = (holder + ["unknown", "unknown"])[:2]
-            raise UserError(f"{self.flag} {self.directory} is in use by another run (host {host}, pid {pid}): "
-                            f"wait for it to end, or choose another {self.flag}") from None
-        self.fd = fd
-        try:
+            self._flock(fd)
             text = f"{socket.gethostname()} {os.getpid()}\n".encode()
+            os.ftruncate(fd, 0)  # a refused run reads a whole line or nothing, and waits for a whole one
             os.pwrite(fd, text, 0)
-            os.ftruncate(fd, len(text))
         except OSError as e:
-            self.release()
+            os.close(fd)
             raise UserError(f"{self.flag} {self.directory}: cannot write its lock file ({one_line(e)}): "
                             "check free space and permissions") from None
-        return self
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _holder(self, from_table, wait_s=2.0):
+        """(host, pid) of the run that holds the lock: the kernel lists a directory's flock with the
+        holder's PID (on this host: a local filesystem's lock has no other); else .lock's line, which
+        the holder writes just after taking the lock, so a refused run waits a moment for it."""
+        pid = flock_holder(self.directory) if from_table else None
+        if pid is not None:
+            return socket.gethostname(), pid
+        deadline = time.monotonic() + wait_s
+        while True:
+            with contextlib.suppress(OSError), open(os.path.join(self.directory, LOCK_NAME), "rb") as f:
+                text = f.read(256).decode(errors="replace")
+                if text.endswith("\n") and len(text.split()) == 2:
+                    return tuple(text.split())
+            if time.monotonic() > deadline:
+                return "unknown", "unknown"
+            time.sleep(0.02)
+
+    def check(self):
+        """Before a checkpoint or a set-aside: the directory at its path must still be the one locked
+        (moved or deleted: this run stops, so that it never writes into another run's directory).
+        A .lock deleted or replaced is written again while the directory's own lock holds; where there
+        is none it was the only lock, and this run stops: another run may have come in."""
+        try:
+            here = os.stat(self.directory)
+        except OSError:
+            here = None
+        if here is None or not same_file(here, os.fstat(self.dir_fd)):
+            raise UserError(f"{self.flag} {self.directory} was moved or deleted while this run was using it: "
+                            f"stopped without writing more into it; resume from the directory that holds its checkpoints")
+        try:
+            intact = same_file(os.stat(os.path.join(self.directory, LOCK_NAME)), os.fstat(self.fd))
+        except OSError:
+            intact = False
+        if intact:
+            return
+        if not self.dir_locked:
+            raise UserError(f"{self.flag} {self.directory}: its lock file {LOCK_NAME} was deleted or replaced while "
+                            f"this run held it, so another run may have started in it: stopped without writing more")
+        os.close(self.fd)
+        self.fd = None
+        self.fd = self._lock_file()
 
     def release(self):
-        """Drop the lock. A directory that acquire() created and that holds nothing but the lock file
-        (the run stopped before writing anything) is removed: a refused run leaves no trace."""
-        if self.fd is None:
-            return
-        if self.created and os.listdir(self.directory) == [LOCK_NAME]:
+        """Drop the locks. A directory that acquire() created and that holds nothing but the lock file
+        (the run stopped before writing anything) is removed: a refused run leaves no trace. A directory
+        moved or deleted meanwhile is left as it is."""
+        _HELD.pop(os.path.abspath(self.directory), None)
+        if self.fd is not None:
             with contextlib.suppress(OSError):
-                os.remove(os.path.join(self.directory, LOCK_NAME))
-                os.rmdir(self.directory)
-        os.close(self.fd)  # closing the descriptor drops the flock
-        self.fd = None
+                os.ftruncate(self.fd, 0)  # the name of a run that ended is nobody's
+                if self.created and os.listdir(self.directory) == [LOCK_NAME] and \
+                        same_file(os.stat(self.directory), os.fstat(self.dir_fd)):
+                    os.remove(os.path.join(self.directory, LOCK_NAME))
+                    os.rmdir(self.directory)
+            os.close(self.fd)  # closing the descriptors drops the flocks
+        if self.dir_fd is not None:
+            os.close(self.dir_fd)
+        self.fd = self.dir_fd = None
+
+
+_HELD = {}  # absolute directory path -> its DirectoryLock, while this process holds it
+
+
+def check_held(directory):
+    """DirectoryLock.check for directory, when this process holds its lock (rank 0 of a run)."""
+    lock = _HELD.get(os.path.abspath(directory))
+    if lock is not None:
+        lock.check()
+
+
+def same_file(a, b):
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def flock_holder(directory):
+    """The PID holding an exclusive flock on directory, from Linux's /proc/locks; None where that
+    cannot be read or lists none."""
+    try:
+        st = os.stat(directory)
+        with open("/proc/locks") as f:
+            table = f.read()
+    except OSError:
+        return None
+    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    for line in table.splitlines():
+        fields = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 9136 fe:00:2146501 0 EOF"; a waiter's line starts "1: ->"
+        if fields[1:4] == ["FLOCK", "ADVISORY", "WRITE"] and fields[5] == inode:
+            return fields[4]
+    return None
 
 
 def remove_leftovers(directory, name_pattern):
@@ -121,82 +218,6 @@ def held(directory, flag, name_pattern, decide=lambda fn: fn()):
 def holds_files(directory):
     """Whether directory holds anything but a lock file."""
     return os.path.isdir(directory) and bool(set(os.listdir(directory)) - {LOCK_NAME})
-
-
-def files_of_other_runs(log_dir, resume_path, resume_step):
-    """(files to move, files to copy) out of log_dir before this run starts. On a fresh start, or when
-    resuming from a checkpoint kept elsewhere, everything in log_dir belongs to another run. Resuming
-    from log_dir, checkpoints newer than the resume point (another branch of the run, or damaged ones
-    that were skipped) are another run's; the logs stay, and that run gets a copy of them."""
-    if not os.path.isdir(log_dir):
-        return [], []
-    checkpoints = list_checkpoints(log_dir)
-    logs = [os.path.join(log_dir, name) for name in LOG_FILES
-            if os.path.isfile(os.path.join(log_dir, name)) and os.path.getsize(os.path.join(log_dir, name))]
-    if not continues_in(log_dir, resume_path):  # W&B and TensorBoard files go too: this run starts its own
-        trackers = [os.path.join(log_dir, name) for name in tracking.PATHS if os.path.exists(os.path.join(log_dir, name))]
-        return checkpoints + logs + trackers, []
-    newer = [path for path in checkpoints if checkpoint_step(path) > resume_step]
-    return (newer, logs) if newer else ([], [])
-
-
-def set_aside(log_dir, move, copy):
-    """Move (or copy) files into a new log_dir/previous_N/: nothing of an earlier run is deleted or
-    overwritten. Returns that directory. A failure (a full disk stops a copy) puts back what was
-    moved, removes the copies and the new directory, and is one line."""
-    n = 1
-    while os.path.exists(os.path.join(log_dir, f"previous_{n}")):
-        n += 1
-    aside = os.path.join(log_dir, f"previous_{n}")
-    copied, moved = [], []
-    try:
-        os.makedirs(aside)  # new: so everything in it is this call's to remove
-        for path in copy:
-            copied.append(os.path.join(aside, os.path.basename(path)))
-            shutil.copy2(path, copied[-1])
-        for path in move:
-            os.replace(path, os.path.join(aside, os.path.basename(path)))
-            moved.append(path)
-    except OSError as e:
-        undone = undo_set_aside(aside, copied, moved)
-        where = "nothing was moved" if undone else f"what was moved is in {aside}, the rest in {log_dir}"
-        raise UserError(f"{log_dir}: cannot set earlier runs' files aside into {aside} ({one_line(e)}); "
-                        f"{where}: check free space and permissions") from None
-    return aside
-
-
-def undo_set_aside(aside, copied, moved):
-    """Put moved files back and remove the copies and aside itself; True when that all worked."""
-    try:
-        for path in moved:
-            os.replace(os.path.join(aside, os.path.basename(path)), path)
-        for path in copied:
-            if os.path.exists(path):
-                os.remove(path)
-        if os.path.isdir(aside):
-            os.rmdir(aside)
-        return True
-    except OSError:
-        return False
-
-
-def prepare_run_dir(log_dir, resume_path, resume_step, logs=None):
-    """On rank 0, once every input has been read (so a bad one moves nothing): set aside what other
-    runs left in log_dir, take over the run's logs and tracker files from the node that held the
-    checkpoint (logs: {name: bytes}, when rank 0 moved to this node), then trim the logs to the resume point
-    (resume_step None: a fresh start)."""
-    move, copy = files_of_other_runs(log_dir, resume_path, resume_step)
-    if move:
-        aside = set_aside(log_dir, move, copy)
-        print(f"{log_dir} held files this run does not continue: moved them to {aside} "
-              f"({', '.join(sorted(os.listdir(aside)))})")
-    with disk_errors(log_dir, "create this log directory"):
-        os.makedirs(log_dir, exist_ok=True)
-    for name, data in (logs or {}).items():
-        with disk_errors(log_dir, "create a directory in it"):
-            os.makedirs(os.path.dirname(os.path.join(log_dir, name)), exist_ok=True)  # tensorboard/
-        atomic_write(os.path.join(log_dir, name), lambda f: f.write(data))
-    RunLog.prepare(log_dir, resume_step)
 
 
 def write_probe(log_dir):

@@ -4,7 +4,8 @@ sent on to the trackers; trimmed to the resume point when a run resumes."""
 import json
 import os
 
-from gpt2lib.common import atomic_write, one_line
+from gpt2lib import rundir
+from gpt2lib.common import UserError, atomic_write, one_line
 
 
 LOG_FILES = ("log.txt", "metrics.jsonl")
@@ -79,10 +80,13 @@ class RunLog:
         if self.failure:
             return
         try:
+            rundir.check_held(os.path.dirname(path))  # the directory is still this run's (a stat or two)
             with open(path, "a") as f:
                 f.write(line)
         except OSError as e:
             self.failure = f"{path}: cannot append ({one_line(e)}): check free space and permissions"
+        except UserError as e:
+            self.failure = str(e)
 
     def __enter__(self):
         return self

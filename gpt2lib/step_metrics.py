@@ -45,6 +45,7 @@ def log_step(run, step, result, seconds):
         line += f" | mem {metrics['peak_mem_gib']:.1f}GiB"
     if run.dist_ctx.master_process:
         print(line)
+    run.dist_ctx.progress(step)  # what the watchdog reads (--collective-timeout)
     run.log.write(step, "train", result.loss, **metrics)
     return metrics
 

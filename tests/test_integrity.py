@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import train_gpt2
-from gpt2lib import checkpoints, common, rundir, runlog
+from gpt2lib import checkpoints, common, previous_runs, rundir, runlog
 from test_long_runs import TRAIN, digest, same_weights, torchrun
 from test_train import REPO, final_weights, logged, make_data, run_cli, tiny_config
 from train_gpt2 import GPT, DistContext, UserError, train
@@ -359,13 +359,13 @@ def test_a_set_aside_that_fails_puts_everything_back_and_is_one_line(tmp_path, m
                               eval_every=0)
         train(earlier, DistContext())
         before = listing(disk / "log")
-        set_aside = rundir.set_aside
+        set_aside = previous_runs.set_aside
 
         def fill_then_set_aside(*args):
             fill(disk)
             return set_aside(*args)
 
-        monkeypatch.setattr(rundir, "set_aside", fill_then_set_aside)
+        monkeypatch.setattr(previous_runs, "set_aside", fill_then_set_aside)
         resume = str(disk / "log" / "model_00002.pt") if case.startswith("copy") else "none"
         with pytest.raises(UserError) as e:
             train(replace(earlier, max_steps=6, resume=resume), DistContext())

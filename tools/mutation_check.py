@@ -117,7 +117,7 @@ MUTATIONS = [
              [("    path = ctx.decide(lambda: write_checkpoint(",
                "    path = (lambda fn: fn() if ctx.master_process else None)(lambda: write_checkpoint(")],
              [T + "test_long_runs.py::test_a_checkpoint_rank_0_cannot_write_stops_every_rank"]),
-    Mutation("failed_set_aside_leaves_its_copies", "gpt2lib/rundir.py",
+    Mutation("failed_set_aside_leaves_its_copies", "gpt2lib/previous_runs.py",
              [("        undone = undo_set_aside(aside, copied, moved)\n", "        undone = True\n")],
              [T + "test_integrity.py::test_a_set_aside_that_fails_puts_everything_back_and_is_one_line"]),
     Mutation("attempt_question_reuses_an_earlier_answer", "gpt2lib/distributed.py",
@@ -235,6 +235,20 @@ MUTATIONS = [
     Mutation("async_counts", "gpt2lib/checkpoints.py",
              [("            counts, file_digests))", "            dict(run.counts), file_digests))")],
              [T + "test_sharded_integrity.py::test_async_checkpoint_holds_its_steps_state_field_by_field"]),
+    # ---- liveness: the lock, the watchdog, a quick stop
+    Mutation("lock_identity", "gpt2lib/rundir.py",
+             [("            self.dir_locked = self._flock(self.dir_fd, directory=True)\n",
+               "            self.dir_locked = False\n"),
+              ("    lock = _HELD.get(os.path.abspath(directory))\n", "    lock = None\n")],
+             [T + "test_liveness.py::test_a_lock_file_deleted_or_replaced_under_a_live_run_lets_no_second_run_in",
+              T + "test_liveness.py::test_a_log_dir_moved_or_deleted_under_a_live_run_stops_it_with_one_line"]),
+    Mutation("eval_stop", "gpt2lib/evals.py",
+             [("    if not dist_ctx.ddp:\n        return stop.requested\n", "    if not dist_ctx.ddp:\n        return False\n")],
+             [T + "test_liveness.py::test_a_signal_during_the_val_eval_ends_it_at_the_next_batch_and_the_resume_redoes_it"]),
+    Mutation("watchdog", "gpt2lib/distributed.py",
+             [("            if since is not None and now - since >= self.timeout_s and not self.stopped.is_set():\n",
+               "            if False:\n")],
+             [T + "test_liveness.py::test_a_stopped_rank_is_named_by_the_other_within_the_collective_timeout"]),
 ]
 
 
