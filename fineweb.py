@@ -43,8 +43,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 MANIFEST_FORMAT = 1
 BATCH_CHARS = 1 << 20  # text sent to a worker per task: ~250k tokens, ~0.1 s of work, so IPC is noise
 # local file types -> (datasets builder, its options); .txt is one document per file, as plain text
-BUILDERS = {".parquet": ("parquet", {}), ".jsonl": ("json", {}), ".json": ("json", {}),
-            ".txt": ("text", {"sample_by": "document"})}
+BUILDERS = {
+    ".parquet": ("parquet", {}),
+    ".jsonl": ("json", {}),
+    ".json": ("json", {}),
+    ".txt": ("text", {"sample_by": "document"}),
+}
 
 # -----------------------------------------------------------------------------
 # reading documents, through HuggingFace `datasets` for both the hub and local files
@@ -54,6 +58,7 @@ BUILDERS = {".parquet": ("parquet", {}), ".jsonl": ("json", {}), ".json": ("json
 def quiet_datasets():
     """datasets logs its own copy of a read error (and hub chatter) to stderr; we report errors ourselves."""
     import datasets
+
     level = datasets.logging.get_verbosity()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     try:
@@ -65,8 +70,10 @@ def quiet_datasets():
 def builder_for(path):
     ext = os.path.splitext(path)[1].lower()
     if ext not in BUILDERS:
-        raise UserError(f"{path}: unsupported file type {ext or '(no extension)'!r}: use .parquet or .jsonl/.json "
-                        f"(one document per row) or .txt (one document per file)")
+        raise UserError(
+            f"{path}: unsupported file type {ext or '(no extension)'!r}: use .parquet or .jsonl/.json "
+            f"(one document per row) or .txt (one document per file)"
+        )
     return BUILDERS[ext]
 
 
@@ -75,7 +82,9 @@ def check_inputs(paths):
     for path in paths:
         builder_for(path)
         if os.path.isdir(path):
-            raise UserError(f"{path}: is a directory: pass the files in it, e.g. {os.path.join(path, '*.parquet')}")
+            raise UserError(
+                f"{path}: is a directory: pass the files in it, e.g. {os.path.join(path, '*.parquet')}"
+            )
         if not os.path.isfile(path):
             raise UserError(f"{path}: input file not found")
         try:
@@ -85,7 +94,9 @@ def check_inputs(paths):
         except OSError as e:
             raise UserError(f"{path}: cannot read input file ({one_line(e)})") from None
         if first is not None and not first[1].startswith(b"{"):
-            raise UserError(f"{path}: line {first[0]} is not a JSON object (one {{\"text\": ...}} per line): fix or remove it")
+            raise UserError(
+                f'{path}: line {first[0]} is not a JSON object (one {{"text": ...}} per line): fix or remove it'
+            )
 
 
 def first_jsonl_row(f):
@@ -104,6 +115,7 @@ def file_is_empty(path, builder):
         return builder != "text"  # an empty .txt is an (empty) document
     if builder == "parquet":
         import pyarrow.parquet as pq
+
         try:
             return pq.ParquetFile(path).metadata.num_rows == 0
         except Exception:
@@ -131,8 +143,9 @@ def iter_rows(ds, text_column, where, remote=False):
     names = ds.column_names  # known up front for parquet; None for json until rows are read
     if names is not None:
         if text_column not in names:
-            raise UserError(f"{where}: no column {text_column!r}; columns are {', '.join(names)}: "
-                            f"pass --text-column")
+            raise UserError(
+                f"{where}: no column {text_column!r}; columns are {', '.join(names)}: pass --text-column"
+            )
         ds = ds.select_columns([text_column])  # don't convert FineWeb's other ten columns to Python
     it = ds.iter(batch_size=256)
     row = 0
@@ -143,19 +156,25 @@ def iter_rows(ds, text_column, where, remote=False):
             return
         except Exception as e:  # datasets/pyarrow raise lazily, while iterating, with their own types
             if remote:  # most likely the connection: what is written so far stays, a rerun continues
-                raise UserError(f"{where}: reading failed after {row:,} documents ({one_line(e)}): rerun the "
-                                f"same command to continue after the last complete shard") from None
+                raise UserError(
+                    f"{where}: reading failed after {row:,} documents ({one_line(e)}): rerun the "
+                    f"same command to continue after the last complete shard"
+                ) from None
             line = bad_json_line(where) if where.endswith(".jsonl") else None
             at = f"line {line}" if line else f"after row {row}" if row else "near the start"
             raise UserError(f"{where}: malformed data at {at} ({one_line(e)}): fix or remove it") from None
         if text_column not in batch:
-            raise UserError(f"{where}: no column {text_column!r}; columns are {', '.join(batch) or '(none)'}: "
-                            f"pass --text-column")
+            raise UserError(
+                f"{where}: no column {text_column!r}; columns are {', '.join(batch) or '(none)'}: "
+                f"pass --text-column"
+            )
         for text in batch[text_column]:
             row += 1
             if not isinstance(text, str):
                 what = "null" if text is None else f"{type(text).__name__}, not a string"
-                raise UserError(f"{where}: row {row}: column {text_column!r} is {what}: fix or remove the row")
+                raise UserError(
+                    f"{where}: row {row}: column {text_column!r} is {what}: fix or remove the row"
+                )
             yield text
 
 
@@ -177,8 +196,10 @@ def iter_documents(dataset="HuggingFaceFW/fineweb-edu", name="sample-10BT", file
             try:
                 ds = datasets.load_dataset(dataset, name=name, split="train", streaming=True)
             except Exception as e:
-                raise UserError(f"cannot open {where} on the HuggingFace hub ({one_line(e)}): check the "
-                                f"--dataset/--name and your connection, or pass local files with --input") from None
+                raise UserError(
+                    f"cannot open {where} on the HuggingFace hub ({one_line(e)}): check the "
+                    f"--dataset/--name and your connection, or pass local files with --input"
+                ) from None
             yield from iter_rows(one_row_group_at_a_time(ds), text_column, where, remote=True)
             return
         # parquet/json: one load_dataset per file, so each file's own columns are checked and errors name it;
@@ -195,11 +216,18 @@ def iter_documents(dataset="HuggingFaceFW/fineweb-edu", name="sample-10BT", file
             if not paths:
                 continue
             try:
-                ds = datasets.load_dataset(builder, data_files=[os.path.abspath(p) for p in paths],
-                                           split="train", streaming=True, **options)
+                ds = datasets.load_dataset(
+                    builder,
+                    data_files=[os.path.abspath(p) for p in paths],
+                    split="train",
+                    streaming=True,
+                    **options,
+                )
             except Exception as e:
-                raise UserError(f"{paths[0] if len(paths) == 1 else ', '.join(paths)}: cannot open as {builder} "
-                                f"({one_line(e)}): fix or remove the file") from None
+                raise UserError(
+                    f"{paths[0] if len(paths) == 1 else ', '.join(paths)}: cannot open as {builder} "
+                    f"({one_line(e)}): fix or remove the file"
+                ) from None
             column = "text" if builder == "text" else text_column
             if builder == "parquet":
                 ds = one_row_group_at_a_time(ds)
@@ -263,6 +291,7 @@ def tokenize_stream(batches, workers):
             yield first, len(docs), tokenize_batch(docs)
         return
     import multiprocessing as mp
+
     get_encoding()  # build it once here (cached); forked workers inherit it
     # the pool forks its workers before the first batch is read, i.e. before datasets/pyarrow start threads
     with mp.Pool(workers, initializer=ignore_sigint) as pool:
@@ -335,7 +364,7 @@ def write_shards(token_arrays, out_dir, prefix, shard_size, manifest, manifest_p
             offset, drop = skip, drop - skip
         while offset < len(tokens):
             take = min(shard_size - fill, len(tokens) - offset)
-            buf[fill:fill + take] = tokens[offset:offset + take]
+            buf[fill : fill + take] = tokens[offset : offset + take]
             fill += take
             offset += take
             if fill == shard_size:
@@ -356,8 +385,10 @@ def source_of(args):
     """What the shards are made of; a rerun must match it exactly to continue the same output."""
     if args.input:
         # size and mtime stand in for the content: a changed file means the old shards no longer match
-        files = [{"path": os.path.abspath(p), "bytes": os.path.getsize(p), "mtime_ns": os.stat(p).st_mtime_ns}
-                 for p in args.input]
+        files = [
+            {"path": os.path.abspath(p), "bytes": os.path.getsize(p), "mtime_ns": os.stat(p).st_mtime_ns}
+            for p in args.input
+        ]
         return {"files": files, "text_column": args.text_column}
     return {"dataset": args.dataset, "name": args.name, "text_column": args.text_column}
 
@@ -370,8 +401,10 @@ def prepare_output(out_dir, prefix, settings):
     fresh = dict(settings, shards=[], complete=False)
     if not os.path.exists(manifest_path):
         if existing:
-            raise UserError(f"{out_dir} already holds {len(existing)} {prefix}_* shards not made by this script "
-                            f"(no {os.path.basename(manifest_path)}): delete them or choose another --out/--prefix")
+            raise UserError(
+                f"{out_dir} already holds {len(existing)} {prefix}_* shards not made by this script "
+                f"(no {os.path.basename(manifest_path)}): delete them or choose another --out/--prefix"
+            )
         return fresh, False
     try:
         with open(manifest_path) as f:
@@ -379,15 +412,21 @@ def prepare_output(out_dir, prefix, settings):
         same = {k: manifest.get(k) for k in settings} == settings
         shards = manifest["shards"]
     except (OSError, ValueError, KeyError, TypeError):
-        raise UserError(f"{manifest_path}: unreadable: delete it and the {prefix}_* shards next to it") from None
+        raise UserError(
+            f"{manifest_path}: unreadable: delete it and the {prefix}_* shards next to it"
+        ) from None
     if not same:
         if not shards and not existing:  # an earlier run that wrote nothing: nothing to protect
             return fresh, False
         changed = [k for k in settings if manifest.get(k) != settings[k]]
-        raise UserError(f"{out_dir} holds {prefix}_* shards made with a different {'/'.join(changed)} "
-                        f"(see {os.path.basename(manifest_path)}): delete them or choose another --out/--prefix")
+        raise UserError(
+            f"{out_dir} holds {prefix}_* shards made with a different {'/'.join(changed)} "
+            f"(see {os.path.basename(manifest_path)}): delete them or choose another --out/--prefix"
+        )
     good = 0  # keep the shards that check out, up to the first that doesn't; the rest are rewritten
-    while good < len(shards) and shard_ok(os.path.join(out_dir, shards[good]["file"]), shards[good]["tokens"]):
+    while good < len(shards) and shard_ok(
+        os.path.join(out_dir, shards[good]["file"]), shards[good]["tokens"]
+    ):
         good += 1
     done = manifest.get("complete") is True and good == len(shards)
     if not done:
@@ -403,11 +442,19 @@ def run(args):
     # and a missing tokenizer fails here, before the output directory is touched
     get_encoding()
     import datasets  # noqa: F401
-    settings = {"format": MANIFEST_FORMAT, "tokenizer": "gpt2", "prefix": args.prefix,
-                "shard_size": args.shard_size, "source": source_of(args)}
+
+    settings = {
+        "format": MANIFEST_FORMAT,
+        "tokenizer": "gpt2",
+        "prefix": args.prefix,
+        "shard_size": args.shard_size,
+        "source": source_of(args),
+    }
     # one writer per --out: a second run stops here; an interrupted write's temporary files (of the
     # shard and manifest names this script writes, nothing else) go
-    with rundir.held(args.out, "--out", re.escape(args.prefix) + r"_(?:(?:val|train)_\d{6,}\.npy|manifest\.json)"):
+    with rundir.held(
+        args.out, "--out", re.escape(args.prefix) + r"_(?:(?:val|train)_\d{6,}\.npy|manifest\.json)"
+    ):
         return tokenize_into(args, settings)
 
 
@@ -416,15 +463,22 @@ def tokenize_into(args, settings):
     manifest, done = prepare_output(args.out, args.prefix, settings)
     manifest_path = os.path.join(args.out, f"{args.prefix}_manifest.json")
     if done:
-        return {"skipped": True, "shards": len(manifest["shards"]), "tokens": manifest["tokens"],
-                "documents": manifest["documents"], "seconds": 0.0}
+        return {
+            "skipped": True,
+            "shards": len(manifest["shards"]),
+            "tokens": manifest["tokens"],
+            "documents": manifest["documents"],
+            "seconds": 0.0,
+        }
     if not manifest["shards"]:
         save_manifest(manifest_path, manifest)  # claims the output dir before the first shard lands
     start = manifest["shards"][-1]["next"] if manifest["shards"] else {"docs": 0, "tokens": 0}
     resumed = len(manifest["shards"])
 
     # documents already in the kept shards are read again but not tokenized
-    docs = itertools.islice(iter_documents(args.dataset, args.name, args.input, args.text_column), start["docs"], None)
+    docs = itertools.islice(
+        iter_documents(args.dataset, args.name, args.input, args.text_column), start["docs"], None
+    )
 
     def numbered(batches):  # (index of the batch's first document in the whole stream, batch)
         first = start["docs"]
@@ -433,11 +487,16 @@ def tokenize_into(args, settings):
             first += len(batch)
 
     from tqdm import tqdm
+
     t0 = time.time()
     # the bar is off when stderr is not a terminal (logs, tests): it would bury a one-line error
     with tqdm(unit="tok", unit_scale=True, desc=f"{args.prefix} shards", disable=None, smoothing=0.1) as bar:
-        with closing(tokenize_stream(numbered(batched(docs)), args.workers)) as stream:  # closing stops the pool
-            n_docs = write_shards(stream, args.out, args.prefix, args.shard_size, manifest, manifest_path, bar)
+        with closing(
+            tokenize_stream(numbered(batched(docs)), args.workers)
+        ) as stream:  # closing stops the pool
+            n_docs = write_shards(
+                stream, args.out, args.prefix, args.shard_size, manifest, manifest_path, bar
+            )
     seconds = time.time() - t0
     shards = manifest["shards"]
     n_tokens = sum(s["tokens"] for s in shards)
@@ -446,16 +505,24 @@ def tokenize_into(args, settings):
             os.remove(os.path.join(args.out, s["file"]))
         os.remove(manifest_path)
         where = ", ".join(args.input) if args.input else f"{args.dataset} ({args.name})"
-        raise UserError(f"{where}: no text to tokenize ({n_docs} documents, all empty): check the input "
-                        f"and --text-column")
+        raise UserError(
+            f"{where}: no text to tokenize ({n_docs} documents, all empty): check the input and --text-column"
+        )
     # shards past the end can only be left from an earlier run of this same output that ended differently
     for name in set(existing_shards(args.out, args.prefix)) - {s["file"] for s in shards}:
         os.remove(os.path.join(args.out, name))
     manifest.update(complete=True, tokens=n_tokens, documents=n_docs)
     save_manifest(manifest_path, manifest)
     new_tokens = sum(s["tokens"] for s in shards[resumed:])
-    return {"skipped": False, "shards": len(shards), "resumed_after": resumed, "tokens": n_tokens,
-            "new_tokens": new_tokens, "documents": n_docs, "seconds": seconds}
+    return {
+        "skipped": False,
+        "shards": len(shards),
+        "resumed_after": resumed,
+        "tokens": n_tokens,
+        "new_tokens": new_tokens,
+        "documents": n_docs,
+        "seconds": seconds,
+    }
 
 
 def write_demo_corpus(path):
@@ -463,6 +530,7 @@ def write_demo_corpus(path):
     tokens) as a jsonl file: the offline corpus for the demo. Rewritten only if its content changed, so
     a rerun of --demo sees the same input and finds its shards complete."""
     from pydoc_data.topics import topics
+
     data = "".join(json.dumps({"topic": k, "text": v}) + "\n" for k, v in topics.items()).encode()
     if os.path.exists(path):
         with open(path, "rb") as f:
@@ -476,6 +544,7 @@ def write_synthetic_corpus(path, megabytes, seed=0):
     2-5 KB (web-page sized), about `megabytes` MB of text, as .parquet (row groups of 1000) or .jsonl.
     Written in chunks, so making a large one costs no memory."""
     from pydoc_data.topics import topics
+
     paragraphs = [p for text in topics.values() for p in text.split("\n\n") if p.strip()]
     rng = random.Random(seed)
 
@@ -493,6 +562,7 @@ def write_synthetic_corpus(path, megabytes, seed=0):
     if path.endswith(".parquet"):
         import pyarrow as pa
         import pyarrow.parquet as pq
+
         with pq.ParquetWriter(path, pa.schema([("text", pa.string())])) as writer:
             chunk = []
             for doc in documents():
@@ -512,8 +582,9 @@ def usage():
     """Peak resident memory (MB) of this process and of its largest finished child, and CPU seconds
     used by this process and its finished children together."""
     import resource  # POSIX only, and only needed here
+
     me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    mb = 1 / 1024 if sys.platform != "darwin" else 1 / 1024 ** 2  # ru_maxrss: KiB on Linux, bytes on macOS
+    mb = 1 / 1024 if sys.platform != "darwin" else 1 / 1024**2  # ru_maxrss: KiB on Linux, bytes on macOS
     cpu = me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
     return me.ru_maxrss * mb, kids.ru_maxrss * mb, cpu
 
@@ -529,6 +600,7 @@ def benchmark(args):
         args.out = os.path.join(tmp, "shards")
         get_encoding()  # the set-up run() does before its clock starts, kept out of the CPU count too
         import datasets  # noqa: F401
+
         cpu0 = usage()[2]
         summary = run(args)
         own, child, cpu = usage()  # before the digest below reads the shards back
@@ -536,45 +608,74 @@ def benchmark(args):
         for name in sorted(existing_shards(args.out, args.prefix), key=lambda n: n[-10:]):
             tokens = np.load(os.path.join(args.out, name), mmap_mode="r")
             for i in range(0, len(tokens), 1 << 24):
-                digest.update(tokens[i:i + (1 << 24)].tobytes())
+                digest.update(tokens[i : i + (1 << 24)].tobytes())
     tokens, seconds = summary["tokens"], summary["seconds"]
     # CPU seconds separate the cost from a busy machine's noise; wall time is what a user waits for
-    print(f"benchmark: {tokens:,} tokens ({summary['documents']:,} documents, {summary['shards']} shards) "
-          f"in {seconds:.2f} s = {tokens / seconds / 1e6:.2f}M tokens/s with {args.workers} worker(s), "
-          f"{cpu - cpu0:.1f} CPU s")
-    print(f"peak RSS: main process {own:.0f} MB, largest worker {child:.0f} MB (a forked worker's RSS "
-          f"counts the pages it shares with the main process)" if args.workers > 1 else
-          f"peak RSS: {own:.0f} MB (one process)")
+    print(
+        f"benchmark: {tokens:,} tokens ({summary['documents']:,} documents, {summary['shards']} shards) "
+        f"in {seconds:.2f} s = {tokens / seconds / 1e6:.2f}M tokens/s with {args.workers} worker(s), "
+        f"{cpu - cpu0:.1f} CPU s"
+    )
+    print(
+        f"peak RSS: main process {own:.0f} MB, largest worker {child:.0f} MB (a forked worker's RSS "
+        f"counts the pages it shares with the main process)"
+        if args.workers > 1
+        else f"peak RSS: {own:.0f} MB (one process)"
+    )
     print(f"sha256 of the tokens: {digest.hexdigest()}")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Tokenize FineWeb(-Edu) or local text into GPT-2 uint16 token shards "
-                                            "{out}/{prefix}_{val|train}_{idx:06d}.npy (shard 0 is val).")
+    p = argparse.ArgumentParser(
+        description="Tokenize FineWeb(-Edu) or local text into GPT-2 uint16 token shards "
+        "{out}/{prefix}_{val|train}_{idx:06d}.npy (shard 0 is val)."
+    )
     p.add_argument("--dataset", default="HuggingFaceFW/fineweb-edu", help="HuggingFace hub dataset, streamed")
     p.add_argument("--name", default="sample-10BT", help="its config, e.g. sample-10BT, sample-100BT")
-    p.add_argument("--input", nargs="+", metavar="FILE", help="local files instead of the hub, in this order: "
-                   ".parquet / .jsonl / .json (one document per row) or .txt (one document per file)")
+    p.add_argument(
+        "--input",
+        nargs="+",
+        metavar="FILE",
+        help="local files instead of the hub, in this order: "
+        ".parquet / .jsonl / .json (one document per row) or .txt (one document per file)",
+    )
     p.add_argument("--text-column", default="text", help="column holding the text (parquet/json)")
-    p.add_argument("--out", help="output directory (default: edu_fineweb10B, or data/pydoc with --demo, "
-                   "next to this script)")
+    p.add_argument(
+        "--out",
+        help="output directory (default: edu_fineweb10B, or data/pydoc with --demo, next to this script)",
+    )
     p.add_argument("--prefix", help="shard name prefix (default: edufineweb, or pydoc with --demo)")
     p.add_argument("--shard-size", type=int, help="tokens per shard (default: 10**8, or 2**14 with --demo)")
-    p.add_argument("--workers", type=int, default=available_cpus(), help="tokenizer processes (default: all "
-                   "cores, %(default)s here); 1 tokenizes in this process")
-    p.add_argument("--demo", action="store_true", help="shard Python's pydoc_data.topics (offline, ~140k tokens) "
-                   "into data/pydoc for a quick training demo")
-    p.add_argument("--benchmark", action="store_true", help="tokenize into a temporary directory, deleted after, "
-                   "and print tokens/s and peak memory")
-    p.add_argument("--synthetic-mb", type=float, help="with --benchmark: generate a corpus of this many MB "
-                   "of text from pydoc_data.topics instead of --input")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=available_cpus(),
+        help="tokenizer processes (default: all cores, %(default)s here); 1 tokenizes in this process",
+    )
+    p.add_argument(
+        "--demo",
+        action="store_true",
+        help="shard Python's pydoc_data.topics (offline, ~140k tokens) "
+        "into data/pydoc for a quick training demo",
+    )
+    p.add_argument(
+        "--benchmark",
+        action="store_true",
+        help="tokenize into a temporary directory, deleted after, and print tokens/s and peak memory",
+    )
+    p.add_argument(
+        "--synthetic-mb",
+        type=float,
+        help="with --benchmark: generate a corpus of this many MB "
+        "of text from pydoc_data.topics instead of --input",
+    )
     args = p.parse_args(argv)
     if args.demo:
         if args.input:
             p.error("--demo makes its own input: don't combine it with --input")
-        defaults = (os.path.join(HERE, "data", "pydoc"), "pydoc", 2 ** 14)
+        defaults = (os.path.join(HERE, "data", "pydoc"), "pydoc", 2**14)
     else:
-        defaults = (os.path.join(HERE, "edu_fineweb10B"), "edufineweb", 10 ** 8)
+        defaults = (os.path.join(HERE, "edu_fineweb10B"), "edufineweb", 10**8)
     args.out = args.out or defaults[0]
     args.prefix = args.prefix or defaults[1]
     args.shard_size = args.shard_size or defaults[2]
@@ -610,16 +711,22 @@ def main(argv=None):
         print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, whatever the message holds
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted: rerun the same command to continue after the last complete shard", file=sys.stderr)
+        print(
+            "interrupted: rerun the same command to continue after the last complete shard", file=sys.stderr
+        )
         sys.exit(130)
     if summary["skipped"]:
-        print(f"{args.out}: already complete ({summary['shards']} shards, {summary['tokens']:,} tokens): "
-              f"nothing to do")
+        print(
+            f"{args.out}: already complete ({summary['shards']} shards, {summary['tokens']:,} tokens): "
+            f"nothing to do"
+        )
     else:
         again = f", continuing after {summary['resumed_after']} existing" if summary["resumed_after"] else ""
         rate = summary["new_tokens"] / max(summary["seconds"], 1e-9) / 1e6
-        print(f"{args.out}: {summary['shards']} shards{again}, {summary['tokens']:,} tokens from "
-              f"{summary['documents']:,} documents ({rate:.2f}M tokens/s)")
+        print(
+            f"{args.out}: {summary['shards']} shards{again}, {summary['tokens']:,} tokens from "
+            f"{summary['documents']:,} documents ({rate:.2f}M tokens/s)"
+        )
 
 
 if __name__ == "__main__":

@@ -20,11 +20,23 @@ import sys
 import time
 
 from gpt2lib import hf
-from gpt2lib.common import (DTYPE_ALIASES, DTYPES, TORCH_DTYPES, UserError, atomic_write, canonical_dtype, one_line,
-                            pick_device)
+from gpt2lib.common import (
+    DTYPE_ALIASES,
+    DTYPES,
+    TORCH_DTYPES,
+    UserError,
+    atomic_write,
+    canonical_dtype,
+    one_line,
+    pick_device,
+)
 from gpt2lib.hellaswag_data import SPLITS, STYLES, VAL_ROWS, download, load_examples  # noqa: F401  (public API)
-from gpt2lib.hellaswag_scoring import (DEFAULT_BATCH_SIZE, TokenizedExamples, evaluate,  # noqa: F401  (public API)
-                                       evaluate_model, tokenize_examples)
+from gpt2lib.hellaswag_scoring import (
+    DEFAULT_BATCH_SIZE,
+    evaluate,  # noqa: F401  (public API)
+    evaluate_model,
+    tokenize_examples,
+)
 
 
 def load_model(model_name=None, checkpoint=None):
@@ -65,29 +77,48 @@ def autocast_dtype(name):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="HellaSwag accuracy, scored as build-nanogpt (completion style) "
-                                                 "or as lm-evaluation-harness 0.4 (harness style).")
+    parser = argparse.ArgumentParser(
+        description="HellaSwag accuracy, scored as build-nanogpt (completion style) "
+        "or as lm-evaluation-harness 0.4 (harness style)."
+    )
     parser.add_argument("-m", "--model", help="HuggingFace hub name (gpt2 ... gpt2-xl) or local HF directory")
-    parser.add_argument("-c", "--checkpoint", help="a train_gpt2.py checkpoint, e.g. log/model_19072.pt, or a sharded one (--fsdp), e.g. log/model_19072")
-    parser.add_argument("-d", "--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps")
+    parser.add_argument(
+        "-c",
+        "--checkpoint",
+        help="a train_gpt2.py checkpoint, e.g. log/model_19072.pt, or a sharded one (--fsdp), e.g. log/model_19072",
+    )
+    parser.add_argument(
+        "-d", "--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps"
+    )
     parser.add_argument("--data", help="a local HellaSwag jsonl file (default: download the official split)")
     parser.add_argument("--split", default="val", choices=SPLITS)
     parser.add_argument("--limit", type=int, help="only the first N examples")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="examples per forward")
-    parser.add_argument("--dtype", default="auto", type=canonical_dtype, choices=DTYPES,
-                        help=f"autocast dtype; auto: bf16 on CUDA, fp32 elsewhere "
-                             f"({', '.join(DTYPE_ALIASES)} are accepted too)")
-    parser.add_argument("--style", default="completion", choices=STYLES,
-                        help="completion: build-nanogpt's scoring (the training loop's); "
-                             "harness: lm-evaluation-harness 0.4's zero-shot hellaswag task")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        type=canonical_dtype,
+        choices=DTYPES,
+        help=f"autocast dtype; auto: bf16 on CUDA, fp32 elsewhere "
+        f"({', '.join(DTYPE_ALIASES)} are accepted too)",
+    )
+    parser.add_argument(
+        "--style",
+        default="completion",
+        choices=STYLES,
+        help="completion: build-nanogpt's scoring (the training loop's); "
+        "harness: lm-evaluation-harness 0.4's zero-shot hellaswag task",
+    )
     parser.add_argument("--json", help='write {"n", "acc", "acc_norm", "style", "seconds"} to this file')
     return parser.parse_args(argv)
 
 
 def run(args):
     if (args.model is None) == (args.checkpoint is None):
-        raise UserError("pass exactly one of -m/--model (HuggingFace name or directory) and "
-                        "-c/--checkpoint (train_gpt2.py checkpoint)")
+        raise UserError(
+            "pass exactly one of -m/--model (HuggingFace name or directory) and "
+            "-c/--checkpoint (train_gpt2.py checkpoint)"
+        )
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
     device = pick_device(args.device)
@@ -97,12 +128,20 @@ def run(args):
     model.eval()
     t0 = time.time()
     tokenized = tokenize_examples(examples, style=args.style)
-    result = evaluate_model(model, tokenized, device, batch_size=args.batch_size,
-                            autocast_dtype=autocast_dtype(args.dtype), progress=True)
+    result = evaluate_model(
+        model,
+        tokenized,
+        device,
+        batch_size=args.batch_size,
+        autocast_dtype=autocast_dtype(args.dtype),
+        progress=True,
+    )
     result["style"] = args.style
     result["seconds"] = round(time.time() - t0, 3)
-    print(f"hellaswag {args.split}, {args.style} style: n={result['n']} acc={result['acc']:.4f} "
-          f"acc_norm={result['acc_norm']:.4f} ({result['seconds']:.1f} s on {device})")
+    print(
+        f"hellaswag {args.split}, {args.style} style: n={result['n']} acc={result['acc']:.4f} "
+        f"acc_norm={result['acc_norm']:.4f} ({result['seconds']:.1f} s on {device})"
+    )
     if args.json:
         write_json_atomic(args.json, result)
     return result

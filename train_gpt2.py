@@ -36,16 +36,44 @@ from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
-from gpt2lib import checkpoints, distributed, hf, optimizers, parallel, previous_runs, resume, rundir, tracking
+from gpt2lib import (
+    checkpoints,
+    distributed,
+    hf,
+    optimizers,
+    parallel,
+    previous_runs,
+    resume,
+    rundir,
+    tracking,
+)
 from gpt2lib.checkpoints import finish_save, save
-from gpt2lib.common import (DTYPES, GPT2_EOT, GPT2_VOCAB_SIZE, Precision, UserError, canonical_dtype, check_model_shape,
-                            get_encoding, pick_device, raise_failure, resolve_dtype)
+from gpt2lib.common import (
+    DTYPES,
+    GPT2_EOT,
+    GPT2_VOCAB_SIZE,
+    Precision,
+    UserError,
+    canonical_dtype,
+    check_model_shape,
+    get_encoding,
+    pick_device,
+    raise_failure,
+    resolve_dtype,
+)
 from gpt2lib.distributed import DistContext, FollowerStop, StopRequest, setup_distributed
 from gpt2lib.evals import load_hellaswag, run_evals
 from gpt2lib.flops import gpu_peak_flops
 from gpt2lib.losses import LOSS_IMPLS, chunked_cross_entropy
 from gpt2lib.parallel import wrap_model
-from gpt2lib.resume import check_model_flag, check_resumable, cooldown_start, restore, schedule_config, shape_text
+from gpt2lib.resume import (
+    check_model_flag,
+    check_resumable,
+    cooldown_start,
+    restore,
+    schedule_config,
+    shape_text,
+)
 from gpt2lib.run_state import Run, Start
 from gpt2lib.runlog import RunLog
 from gpt2lib.sampling import generate, sample_and_print
@@ -53,11 +81,23 @@ from gpt2lib.shards import ShardFile, find_shards
 from gpt2lib.step_metrics import StepTimer, log_step, report_benchmark
 
 # what users' code imports from this script; generate, get_encoding, GPT2_EOT and DistContext live in gpt2lib
-__all__ = ["GPT", "GPTConfig", "DataLoaderLite", "TrainConfig", "DistContext", "config_for", "generate",
-           "get_encoding", "GPT2_EOT", "train", "main"]
+__all__ = [
+    "GPT",
+    "GPTConfig",
+    "DataLoaderLite",
+    "TrainConfig",
+    "DistContext",
+    "config_for",
+    "generate",
+    "get_encoding",
+    "GPT2_EOT",
+    "train",
+    "main",
+]
 
 # -----------------------------------------------------------------------------
 # config
+
 
 @dataclass
 class GPTConfig:
@@ -125,7 +165,6 @@ def sdpa_priority(name):
 
 
 class CausalSelfAttention(nn.Module):
-
     def __init__(self, config):
         super().__init__()
         assert config.n_embd % config.n_head == 0
@@ -133,7 +172,9 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads at once
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.c_proj.is_residual_projection = True
-        self.sdpa_kernels = None  # a plain attribute, not a buffer: state_dict keys stay HF's; see GPT.set_sdpa_backend
+        self.sdpa_kernels = (
+            None  # a plain attribute, not a buffer: state_dict keys stay HF's; see GPT.set_sdpa_backend
+        )
 
     def forward(self, x, cache=None):
         """cache: None (training, evals: x is whole sequences), or when sampling one layer's KV cache
@@ -143,8 +184,11 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        kernels = (sdpa_kernel(self.sdpa_kernels, set_priority=True) if self.sdpa_kernels is not None
-                   else contextlib.nullcontext())
+        kernels = (
+            sdpa_kernel(self.sdpa_kernels, set_priority=True)
+            if self.sdpa_kernels is not None
+            else contextlib.nullcontext()
+        )
         with kernels:
             if cache is None:
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
@@ -155,7 +199,6 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-
     def __init__(self, config):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
@@ -167,7 +210,6 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-
     def __init__(self, config):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd)
@@ -189,16 +231,17 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-
     def __init__(self, config):
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd),
-        ))
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=nn.LayerNorm(config.n_embd),
+            )
+        )
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # weight tying, as in GPT-2
         self.apply(self._init_weights)
@@ -236,7 +279,7 @@ class GPT(nn.Module):
         x = self.transformer.wte(idx) + self.transformer.wpe(cache.positions(idx.size(1)))  # (B, T, C)
         for block, layer_cache in zip(self.transformer.h, cache.layers):
             x = block(x, layer_cache)
-        return self.lm_head(self.transformer.ln_f(x[:, -1]))[:, :self.config.vocab_size]  # (B, V)
+        return self.lm_head(self.transformer.ln_f(x[:, -1]))[:, : self.config.vocab_size]  # (B, V)
 
     def set_sdpa_backend(self, name):
         """Prefer one attention kernel (an SDPA_BACKENDS name, e.g. "cudnn") in every layer; "default"
@@ -263,9 +306,10 @@ class GPT(nn.Module):
             if targets is None:
                 raise ValueError("loss_impl computes a loss: pass targets")
             if loss_impl != "full":
-                return None, chunked_cross_entropy(x, self.lm_head.weight, targets, self.config.vocab_size,
-                                                   loss_impl=loss_impl)
-        logits = self.lm_head(x)[..., :self.config.vocab_size]  # (B, T, V)
+                return None, chunked_cross_entropy(
+                    x, self.lm_head.weight, targets, self.config.vocab_size, loss_impl=loss_impl
+                )
+        logits = self.lm_head(x)[..., : self.config.vocab_size]  # (B, T, V)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1))
@@ -307,6 +351,7 @@ class GPT(nn.Module):
 # -----------------------------------------------------------------------------
 # data: batches from the token shards that fineweb.py writes (gpt2lib/shards.py reads the files)
 
+
 class DataLoaderLite:
     """Batches of (B, T) token windows from the shards of one split, each window read from the files
     (gpt2lib.shards.ShardFile), which are checked to be the ones opened: a shard that changes under
@@ -327,8 +372,19 @@ class DataLoaderLite:
     on any world size with the same blocks, stay as above; the tail skipped is shorter than a block.
     """
 
-    def __init__(self, B, T, process_rank, num_processes, split, data_root, shuffle_seed=None,
-                 vocab_size=GPT2_VOCAB_SIZE, device="cpu", block_tokens=None):
+    def __init__(
+        self,
+        B,
+        T,
+        process_rank,
+        num_processes,
+        split,
+        data_root,
+        shuffle_seed=None,
+        vocab_size=GPT2_VOCAB_SIZE,
+        device="cpu",
+        block_tokens=None,
+    ):
         self.B, self.T = B, T
         self.process_rank, self.num_processes = process_rank, num_processes
         self.split, self.shuffle_seed, self.vocab_size = split, shuffle_seed, vocab_size
@@ -339,9 +395,11 @@ class DataLoaderLite:
         self.shard_lengths = [len(file) for file in self.files]
         needed = max(B * T * num_processes, block_tokens or 0) + 1
         if sum(self.shard_lengths) < needed:
-            raise UserError(f"split '{split}' in {data_root} has {sum(self.shard_lengths)} tokens, fewer than one "
-                            f"step needs ({needed} = B*T*processes, or the shuffled block, + 1): use smaller "
-                            "-B/-T/--total-batch-size or more data")
+            raise UserError(
+                f"split '{split}' in {data_root} has {sum(self.shard_lengths)} tokens, fewer than one "
+                f"step needs ({needed} = B*T*processes, or the shuffled block, + 1): use smaller "
+                "-B/-T/--total-batch-size or more data"
+            )
         self._checked = set()  # shards whose token ids were checked
         self.reset()
 
@@ -359,7 +417,9 @@ class DataLoaderLite:
         self.starts = np.cumsum([0] + [self.shard_lengths[i] for i in order])  # stream offset of each shard
         self.epoch_tokens = int(self.starts[-1]) - 1  # every input needs the next token as its target
         if self.shuffle_seed is not None and self.block_tokens:
-            self.blocks = rng.permutation(self.epoch_tokens // self.block_tokens)  # block k of the epoch is blocks[k]
+            self.blocks = rng.permutation(
+                self.epoch_tokens // self.block_tokens
+            )  # block k of the epoch is blocks[k]
             self.epoch_tokens = len(self.blocks) * self.block_tokens
 
     def _check_vocab(self, shard_index):
@@ -367,8 +427,10 @@ class DataLoaderLite:
         if shard_index not in self._checked:
             top = self.files[shard_index].max_token()
             if top >= self.vocab_size:
-                raise UserError(f"shard {self.shards[shard_index]} holds token id {top}, "
-                                f">= vocab size {self.vocab_size}: the file is not GPT-2 tokens")
+                raise UserError(
+                    f"shard {self.shards[shard_index]} holds token id {top}, "
+                    f">= vocab size {self.vocab_size}: the file is not GPT-2 tokens"
+                )
             self._checked.add(shard_index)
 
     def _read(self, start, length):
@@ -381,7 +443,7 @@ class DataLoaderLite:
             self._check_vocab(shard_index)
             offset = start + filled - int(self.starts[k])
             count = min(length - filled, self.shard_lengths[shard_index] - offset)
-            out[filled:filled + count] = self.files[shard_index].read(offset, count)
+            out[filled : filled + count] = self.files[shard_index].read(offset, count)
             filled += count
             k += 1
         return out
@@ -401,7 +463,9 @@ class DataLoaderLite:
             self.position = 0
             self._set_order()
         # a window never crosses a block's end: blocks are a whole number of steps
-        buf = torch.from_numpy(self._read(self._stream_offset(self.position + self.process_rank * B * T), B * T + 1))
+        buf = torch.from_numpy(
+            self._read(self._stream_offset(self.position + self.process_rank * B * T), B * T + 1)
+        )
         self.position += step_tokens
         x, y = buf[:-1].view(B, T), buf[1:].view(B, T)  # targets are the inputs shifted by one
         if self.device.type == "cuda":  # pinned memory lets the copy overlap with the GPU's work
@@ -412,33 +476,52 @@ class DataLoaderLite:
         return x, y
 
     def state_dict(self):
-        return {"split": self.split, "epoch": self.epoch, "position": self.position,
-                "shuffle_seed": self.shuffle_seed, "block_tokens": self.block_tokens,
-                "shards": [os.path.basename(p) for p in self.shards],
-                "shard_lengths": list(self.shard_lengths), "shard_digests": [file.digest() for file in self.files]}
+        return {
+            "split": self.split,
+            "epoch": self.epoch,
+            "position": self.position,
+            "shuffle_seed": self.shuffle_seed,
+            "block_tokens": self.block_tokens,
+            "shards": [os.path.basename(p) for p in self.shards],
+            "shard_lengths": list(self.shard_lengths),
+            "shard_digests": [file.digest() for file in self.files],
+        }
 
     def load_state_dict(self, state):
-        if state["shards"] != [os.path.basename(p) for p in self.shards] or state["shard_lengths"] != self.shard_lengths:
-            raise UserError(f"the '{self.split}' shards differ from those the checkpoint was trained on: "
-                            "resume with the same --data-dir, or start a new run with --resume none")
+        if (
+            state["shards"] != [os.path.basename(p) for p in self.shards]
+            or state["shard_lengths"] != self.shard_lengths
+        ):
+            raise UserError(
+                f"the '{self.split}' shards differ from those the checkpoint was trained on: "
+                "resume with the same --data-dir, or start a new run with --resume none"
+            )
         # the token counts match, so the position still means something; checkpoints from before digests have none
-        changed = [name for name, digest, file in zip(state["shards"], state.get("shard_digests") or [], self.files)
-                   if digest != file.digest()]
+        changed = [
+            name
+            for name, digest, file in zip(state["shards"], state.get("shard_digests") or [], self.files)
+            if digest != file.digest()
+        ]
         if changed and self.process_rank == 0:
-            print(f"warning: {len(changed)} '{self.split}' shard(s) changed since the checkpoint ({changed[0]}"
-                  f"{', ...' if len(changed) > 1 else ''}): same names and token counts, other tokens; resuming on them")
+            print(
+                f"warning: {len(changed)} '{self.split}' shard(s) changed since the checkpoint ({changed[0]}"
+                f"{', ...' if len(changed) > 1 else ''}): same names and token counts, other tokens; resuming on them"
+            )
         # the order the run was trained in goes on (checkpoints from before block shuffling have none)
         self.shuffle_seed, self.block_tokens = state["shuffle_seed"], state.get("block_tokens")
         if self.block_tokens and self.block_tokens % (self.B * self.T * self.num_processes):
-            raise UserError(f"the checkpoint shuffles blocks of {self.block_tokens} tokens, which B*T*processes = "
-                            f"{self.B * self.T * self.num_processes} does not divide: resume with its --total-batch-size "
-                            "and a -B/-T that divides it")
+            raise UserError(
+                f"the checkpoint shuffles blocks of {self.block_tokens} tokens, which B*T*processes = "
+                f"{self.B * self.T * self.num_processes} does not divide: resume with its --total-batch-size "
+                "and a -B/-T that divides it"
+            )
         self.epoch, self.position = state["epoch"], state["position"]
         self._set_order()
 
 
 # -----------------------------------------------------------------------------
 # training config: one dataclass, one flag per field (its --help written beside it), one validation pass
+
 
 def flag(default, help):
     """A TrainConfig field: its default, and the --help text build_parser gives its flag."""
@@ -449,95 +532,145 @@ def flag(default, help):
 class TrainConfig:
     """Every setting of a run; each field is a flag (--batch-size for batch_size) whose --help is its text."""
 
-    model: str = flag("", 'gpt2, gpt2-medium, gpt2-large, gpt2-xl or dN (default: gpt2, or the shape of --init-from)')
-    init_from: str = flag("", 
-        'fine-tune: start from the weights and shape of an OpenAI GPT-2 (gpt2 ... gpt2-xl), an HF directory '
-        'or a training checkpoint (.pt), with a fresh optimizer at step 0')
-    eval_only: bool = flag(False,
-        'evaluate the initial (--init-from, seeded or resumed) model, log it at its step into a new or empty '
-        '--log-dir (any other is left as it is: results printed only), and exit')
-    export_hf: str = flag("", 
-        'write the --init-from model, else the checkpoint --resume picks, as an HF directory, and exit')
-    generate: str = flag("", 
-        'print --num-samples continuations of this prompt by the --init-from model, else the checkpoint '
-        '--resume picks, and exit')
-    data_dir: str = flag("edu_fineweb10B", 
-        'directory of *_train_NNNNNN / *_val_NNNNNN token shards (.npy, or llm.c .bin)')
-    batch_size: int = flag(64, 'micro-batch: sequences per forward pass per process')
+    model: str = flag(
+        "", "gpt2, gpt2-medium, gpt2-large, gpt2-xl or dN (default: gpt2, or the shape of --init-from)"
+    )
+    init_from: str = flag(
+        "",
+        "fine-tune: start from the weights and shape of an OpenAI GPT-2 (gpt2 ... gpt2-xl), an HF directory "
+        "or a training checkpoint (.pt), with a fresh optimizer at step 0",
+    )
+    eval_only: bool = flag(
+        False,
+        "evaluate the initial (--init-from, seeded or resumed) model, log it at its step into a new or empty "
+        "--log-dir (any other is left as it is: results printed only), and exit",
+    )
+    export_hf: str = flag(
+        "", "write the --init-from model, else the checkpoint --resume picks, as an HF directory, and exit"
+    )
+    generate: str = flag(
+        "",
+        "print --num-samples continuations of this prompt by the --init-from model, else the checkpoint "
+        "--resume picks, and exit",
+    )
+    data_dir: str = flag(
+        "edu_fineweb10B", "directory of *_train_NNNNNN / *_val_NNNNNN token shards (.npy, or llm.c .bin)"
+    )
+    batch_size: int = flag(64, "micro-batch: sequences per forward pass per process")
     seq_len: int = flag(1024, "sequence length T (at most the model's block size)")
     # 2**19, about 0.5M tokens a step, as GPT-3 124M; 19073 steps are 10B tokens, one epoch of
     # FineWeb-Edu sample-10BT; 715 warmup steps are GPT-3's 375M tokens
-    total_batch_size: int = flag(524288, 
-        'tokens per optimizer step; divisible by B*T*processes (the rest is gradient accumulation)')
-    max_steps: int = flag(19073, 'optimizer steps of the whole run; the schedule ends here')
-    warmup_steps: int = flag(715, 'steps of linear lr warmup')
-    lr: float = flag(6e-4, 'peak learning rate')
-    min_lr_ratio: float = flag(0.1, 'the schedule decays to lr times this')
-    lr_schedule: str = flag("cosine", 
-        'cosine: decay from the end of warmup to --max-steps; wsd: warmup, hold --lr, cool down over '
-        '--cooldown-steps (a stable-phase checkpoint can be resumed with another --max-steps)')
-    cooldown_steps: int = flag(0, 'wsd: the last steps, over which the lr decays; 0: 20% of --max-steps')
+    total_batch_size: int = flag(
+        524288, "tokens per optimizer step; divisible by B*T*processes (the rest is gradient accumulation)"
+    )
+    max_steps: int = flag(19073, "optimizer steps of the whole run; the schedule ends here")
+    warmup_steps: int = flag(715, "steps of linear lr warmup")
+    lr: float = flag(6e-4, "peak learning rate")
+    min_lr_ratio: float = flag(0.1, "the schedule decays to lr times this")
+    lr_schedule: str = flag(
+        "cosine",
+        "cosine: decay from the end of warmup to --max-steps; wsd: warmup, hold --lr, cool down over "
+        "--cooldown-steps (a stable-phase checkpoint can be resumed with another --max-steps)",
+    )
+    cooldown_steps: int = flag(0, "wsd: the last steps, over which the lr decays; 0: 20% of --max-steps")
     cooldown_shape: str = flag("linear", "wsd: the cooldown's decay")
-    weight_decay: float = flag(0.1, 'AdamW weight decay on matrices and embeddings')
-    optimizer: str = flag("adamw",
+    weight_decay: float = flag(0.1, "AdamW weight decay on matrices and embeddings")
+    optimizer: str = flag(
+        "adamw",
         "adamw: AdamW for every parameter; muon: Muon (torch.optim.Muon) for the blocks' weight matrices, AdamW "
-        'at --lr for the embeddings, LayerNorms and biases (see docs/optimizers.md)')
+        "at --lr for the embeddings, LayerNorms and biases (see docs/optimizers.md)",
+    )
     muon_lr: float = flag(0.02, "with --optimizer muon: Muon's peak lr, scaled by the same schedule as --lr")
     muon_momentum: float = flag(0.95, "with --optimizer muon: Muon's (Nesterov) momentum")
-    muon_weight_decay: float = flag(0.0,
-        "with --optimizer muon: Muon's decoupled weight decay (each step scales the matrices by 1 - lr * this)")
-    grad_clip: float = flag(1.0, 'clip the gradient norm to this; 0: no clipping')
-    eval_every: int = flag(250, 'val loss (and HellaSwag) every N steps and at the end; 0: never')
-    val_steps: int = flag(20, 'val batches per evaluation')
-    hellaswag: bool = flag(True, 
-        'HellaSwag acc_norm at every eval (skipped with a warning when its data cannot be had)')
-    hellaswag_data: str = flag("", 'a local hellaswag_val.jsonl; empty: download it')
-    sample_every: int = flag(250, 'print (and log) text samples every N steps; 0: never')
+    muon_weight_decay: float = flag(
+        0.0,
+        "with --optimizer muon: Muon's decoupled weight decay (each step scales the matrices by 1 - lr * this)",
+    )
+    grad_clip: float = flag(1.0, "clip the gradient norm to this; 0: no clipping")
+    eval_every: int = flag(250, "val loss (and HellaSwag) every N steps and at the end; 0: never")
+    val_steps: int = flag(20, "val batches per evaluation")
+    hellaswag: bool = flag(
+        True, "HellaSwag acc_norm at every eval (skipped with a warning when its data cannot be had)"
+    )
+    hellaswag_data: str = flag("", "a local hellaswag_val.jsonl; empty: download it")
+    sample_every: int = flag(250, "print (and log) text samples every N steps; 0: never")
     sample_prompt: str = flag("Hello, I'm a language model,", "the samples' prompt")
-    num_samples: int = flag(4, 'samples per prompt, for --generate and the training samples')
-    max_new_tokens: int = flag(32, 'tokens each sample adds to its prompt')
-    top_k: int = flag(50, 'sample among the k likeliest tokens; 0: the whole vocabulary; 1: greedy')
-    temperature: float = flag(1.0, 'divides the logits before sampling: lower is more conservative')
-    checkpoint_every: int = flag(1000, 
-        'write a checkpoint every N steps and at the end; 0: only when stopped by a signal')
-    keep_last: int = flag(3, 'checkpoints of this run kept in --log-dir; 0: all')
-    log_dir: str = flag("log", 'log.txt, metrics.jsonl, checkpoints and tracking files of the run')
-    resume: str = flag("auto", 'auto (the newest good checkpoint in --log-dir), none, or a checkpoint path')
-    device: str = flag("auto", 'auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps')
-    dtype: str = flag("auto", 'auto: bf16 on CUDA (fp16 with loss scaling where bf16 is missing), fp32 elsewhere')
-    compile: bool | None = flag(None, 'torch.compile the model (default: on with CUDA)')
-    loss_impl: str = flag("chunked", 'full computes the (B, T, vocab) logits; chunked and fused never hold them')
-    sdpa_backend: str = flag("default", 
-        'attention kernel to prefer; default (the default) leaves the choice to PyTorch')
-    shuffle: bool = flag(False, 
-        "seeded shuffle, every epoch, of the train shards' order and of the blocks of one optimizer step")
-    seed: int = flag(1337, 'seed of the init, the shuffle and the samples')
-    vocab_multiple: int = flag(64, 'pad the embedding rows to a multiple of this (64: 50257 -> 50304)')
-    benchmark: int = flag(0, 
-        'time N steps on random tokens (no data, evals or checkpoints), print the median, and exit')
-    wandb: str = flag("", 
-        'log every metric to this Weights & Biases project (WANDB_MODE=offline or disabled is respected); '
-        'rank 0 only')
+    num_samples: int = flag(4, "samples per prompt, for --generate and the training samples")
+    max_new_tokens: int = flag(32, "tokens each sample adds to its prompt")
+    top_k: int = flag(50, "sample among the k likeliest tokens; 0: the whole vocabulary; 1: greedy")
+    temperature: float = flag(1.0, "divides the logits before sampling: lower is more conservative")
+    checkpoint_every: int = flag(
+        1000, "write a checkpoint every N steps and at the end; 0: only when stopped by a signal"
+    )
+    keep_last: int = flag(3, "checkpoints of this run kept in --log-dir; 0: all")
+    log_dir: str = flag("log", "log.txt, metrics.jsonl, checkpoints and tracking files of the run")
+    resume: str = flag("auto", "auto (the newest good checkpoint in --log-dir), none, or a checkpoint path")
+    device: str = flag("auto", "auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps")
+    dtype: str = flag(
+        "auto", "auto: bf16 on CUDA (fp16 with loss scaling where bf16 is missing), fp32 elsewhere"
+    )
+    compile: bool | None = flag(None, "torch.compile the model (default: on with CUDA)")
+    loss_impl: str = flag(
+        "chunked", "full computes the (B, T, vocab) logits; chunked and fused never hold them"
+    )
+    sdpa_backend: str = flag(
+        "default", "attention kernel to prefer; default (the default) leaves the choice to PyTorch"
+    )
+    shuffle: bool = flag(
+        False,
+        "seeded shuffle, every epoch, of the train shards' order and of the blocks of one optimizer step",
+    )
+    seed: int = flag(1337, "seed of the init, the shuffle and the samples")
+    vocab_multiple: int = flag(64, "pad the embedding rows to a multiple of this (64: 50257 -> 50304)")
+    benchmark: int = flag(
+        0, "time N steps on random tokens (no data, evals or checkpoints), print the median, and exit"
+    )
+    wandb: str = flag(
+        "",
+        "log every metric to this Weights & Biases project (WANDB_MODE=offline or disabled is respected); "
+        "rank 0 only",
+    )
     wandb_name: str = flag("", "the W&B run's name (default: the log dir's name)")
-    tensorboard: bool = flag(False, 'write TensorBoard event files under {log_dir}/tensorboard/')
-    fsdp: bool = flag(False, 
-        'shard weights, gradients and AdamW state across the ranks (FSDP2) and write sharded checkpoint '
-        'directories; for gpt2-medium and up (default: DDP, a full copy on every rank)')
-    recompute: bool = flag(False, 
-        "recompute each Block's activations in backward instead of keeping them (less memory)")
-    async_checkpoint: bool = flag(False, 
-        'with --fsdp: copy the state to CPU memory and write the checkpoint while the next steps run (a stop '
-        'or the end of the run waits for it)')
-    collective_timeout: float = flag(600.0,
-        'under torchrun: seconds without progress (a step, an eval batch) after which every live rank names the '
-        'stalled rank and exits, for torchrun to restart; longer than a checkpoint write or an eval')
+    tensorboard: bool = flag(False, "write TensorBoard event files under {log_dir}/tensorboard/")
+    fsdp: bool = flag(
+        False,
+        "shard weights, gradients and AdamW state across the ranks (FSDP2) and write sharded checkpoint "
+        "directories; for gpt2-medium and up (default: DDP, a full copy on every rank)",
+    )
+    recompute: bool = flag(
+        False, "recompute each Block's activations in backward instead of keeping them (less memory)"
+    )
+    async_checkpoint: bool = flag(
+        False,
+        "with --fsdp: copy the state to CPU memory and write the checkpoint while the next steps run (a stop "
+        "or the end of the run waits for it)",
+    )
+    collective_timeout: float = flag(
+        600.0,
+        "under torchrun: seconds without progress (a step, an eval batch) after which every live rank names the "
+        "stalled rank and exits, for torchrun to restart; longer than a checkpoint write or an eval",
+    )
 
 
 # A few minutes on a CPU: a d4 model on the Python docs that `python fineweb.py --demo` prepares.
 # B=4: the 1,024-token step is 2 micro-batches in one process, or 1 on each of 2 ranks under torchrun.
-DEMO = dict(model="d4", data_dir="data/pydoc", batch_size=4, seq_len=128, total_batch_size=1024,
-            max_steps=200, warmup_steps=10, lr=3e-3, eval_every=50, val_steps=8, hellaswag=False,
-            sample_every=100, sample_prompt="The", checkpoint_every=100, log_dir="log_demo")
+DEMO = dict(
+    model="d4",
+    data_dir="data/pydoc",
+    batch_size=4,
+    seq_len=128,
+    total_batch_size=1024,
+    max_steps=200,
+    warmup_steps=10,
+    lr=3e-3,
+    eval_every=50,
+    val_steps=8,
+    hellaswag=False,
+    sample_every=100,
+    sample_prompt="The",
+    checkpoint_every=100,
+    log_dir="log_demo",
+)
 
 DEFAULT_MODEL = "gpt2"
 # An AdamW step moves each weight by about lr (GPT-2's peak is 6e-4): above 10 is a typo (1e3 for 1e-3),
@@ -554,8 +687,10 @@ def validate(cfg, world_size, rank=0):
     # nan passes every comparison below (nan <= 0 is False) and inf most of them: refuse both first,
     # and leave such a flag out of its range check so that it gets one message, not two
     not_finite = {f.name for f in fields(cfg) if f.type is float and not math.isfinite(getattr(cfg, f.name))}
-    problems += [f"--{name.replace('_', '-')} must be a finite number, got {getattr(cfg, name)}"
-                 for name in sorted(not_finite)]
+    problems += [
+        f"--{name.replace('_', '-')} must be a finite number, got {getattr(cfg, name)}"
+        for name in sorted(not_finite)
+    ]
     model_config = None
     if cfg.model or not cfg.init_from:  # with --init-from alone the shape is only known once it is read
         try:
@@ -567,35 +702,55 @@ def validate(cfg, world_size, rank=0):
     for name in ("batch_size", "seq_len", "total_batch_size", "max_steps", "val_steps", "collective_timeout"):
         if getattr(cfg, name) <= 0:
             problems.append(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    for name in ("benchmark", "warmup_steps", "eval_every", "sample_every", "checkpoint_every", "keep_last", "weight_decay", "grad_clip"):
+    for name in (
+        "benchmark",
+        "warmup_steps",
+        "eval_every",
+        "sample_every",
+        "checkpoint_every",
+        "keep_last",
+        "weight_decay",
+        "grad_clip",
+    ):
         if name not in not_finite and getattr(cfg, name) < 0:
             problems.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
     if "lr" not in not_finite and not 0 < cfg.lr <= MAX_LR:
         problems.append(f"--lr must be positive and at most {MAX_LR:g}, got {cfg.lr}")
     elif not {"lr", "weight_decay"} & not_finite and cfg.lr * cfg.weight_decay >= 1:
         # AdamW multiplies each decayed weight by 1 - lr * weight_decay every step
-        problems.append(f"--weight-decay {cfg.weight_decay} times --lr {cfg.lr} must be below 1: each step would "
-                        "zero or flip the sign of every decayed weight")
+        problems.append(
+            f"--weight-decay {cfg.weight_decay} times --lr {cfg.lr} must be below 1: each step would "
+            "zero or flip the sign of every decayed weight"
+        )
     if cfg.optimizer not in OPTIMIZERS:
         problems.append(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {cfg.optimizer}")
-    if not {"muon_lr", "muon_momentum", "muon_weight_decay"} & not_finite and \
-            (cfg.muon_lr <= 0 or not 0 <= cfg.muon_momentum < 1 or cfg.muon_weight_decay < 0):
-        problems.append(f"Muon needs --muon-lr > 0, 0 <= --muon-momentum < 1 and --muon-weight-decay >= 0, got "
-                        f"{cfg.muon_lr}, {cfg.muon_momentum} and {cfg.muon_weight_decay}")
+    if not {"muon_lr", "muon_momentum", "muon_weight_decay"} & not_finite and (
+        cfg.muon_lr <= 0 or not 0 <= cfg.muon_momentum < 1 or cfg.muon_weight_decay < 0
+    ):
+        problems.append(
+            f"Muon needs --muon-lr > 0, 0 <= --muon-momentum < 1 and --muon-weight-decay >= 0, got "
+            f"{cfg.muon_lr}, {cfg.muon_momentum} and {cfg.muon_weight_decay}"
+        )
     if "min_lr_ratio" not in not_finite and not 0 <= cfg.min_lr_ratio <= 1:
         problems.append(f"--min-lr-ratio must be in [0, 1], got {cfg.min_lr_ratio}")
     if cfg.lr_schedule not in LR_SCHEDULES:
         problems.append(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {cfg.lr_schedule}")
     if cfg.cooldown_shape not in COOLDOWN_SHAPES:
-        problems.append(f"--cooldown-shape must be one of {', '.join(COOLDOWN_SHAPES)}, got {cfg.cooldown_shape}")
+        problems.append(
+            f"--cooldown-shape must be one of {', '.join(COOLDOWN_SHAPES)}, got {cfg.cooldown_shape}"
+        )
     if not 0 <= cfg.cooldown_steps <= cfg.max_steps:
-        problems.append(f"--cooldown-steps must be in [0, --max-steps {cfg.max_steps}], got {cfg.cooldown_steps}")
+        problems.append(
+            f"--cooldown-steps must be in [0, --max-steps {cfg.max_steps}], got {cfg.cooldown_steps}"
+        )
     if model_config and cfg.seq_len > model_config.block_size:
         problems.append(f"--seq-len {cfg.seq_len} exceeds the model's block size {model_config.block_size}")
     micro = cfg.batch_size * cfg.seq_len * world_size
     if micro > 0 and cfg.total_batch_size % micro:
-        problems.append(f"--total-batch-size {cfg.total_batch_size} is not divisible by B*T*processes = "
-                        f"{cfg.batch_size}*{cfg.seq_len}*{world_size} = {micro}")
+        problems.append(
+            f"--total-batch-size {cfg.total_batch_size} is not divisible by B*T*processes = "
+            f"{cfg.batch_size}*{cfg.seq_len}*{world_size} = {micro}"
+        )
     if cfg.dtype not in DTYPES:
         problems.append(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype}")
     try:
@@ -613,8 +768,16 @@ def validate(cfg, world_size, rank=0):
             problems.append(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     if cfg.top_k < 0:
         problems.append(f"--top-k must be >= 0 (0: the whole vocabulary, 1: greedy), got {cfg.top_k}")
-    modes = [flag for flag, on in (("--benchmark", cfg.benchmark), ("--eval-only", cfg.eval_only),
-                                   ("--export-hf", cfg.export_hf), ("--generate", cfg.generate)) if on]
+    modes = [
+        flag
+        for flag, on in (
+            ("--benchmark", cfg.benchmark),
+            ("--eval-only", cfg.eval_only),
+            ("--export-hf", cfg.export_hf),
+            ("--generate", cfg.generate),
+        )
+        if on
+    ]
     if len(modes) > 1:
         problems.append(f"{' and '.join(modes)} exclude each other: choose one")
     for flag, on in (("--export-hf", cfg.export_hf), ("--generate", cfg.generate)):
@@ -623,8 +786,10 @@ def validate(cfg, world_size, rank=0):
     if rank == 0:
         problems += tracking.missing_packages(cfg.wandb, cfg.tensorboard)
     if cfg.fsdp and cfg.optimizer == "muon":
-        problems.append("--optimizer muon trains with DDP, not --fsdp: torch.optim.Muon orthogonalizes whole "
-                        "matrices and is not FSDP-aware (every rank would gather and orthogonalize each one)")
+        problems.append(
+            "--optimizer muon trains with DDP, not --fsdp: torch.optim.Muon orthogonalizes whole "
+            "matrices and is not FSDP-aware (every rank would gather and orthogonalize each one)"
+        )
     if cfg.async_checkpoint and not cfg.fsdp:
         problems.append("--async-checkpoint writes sharded checkpoints: it needs --fsdp")
     return problems
@@ -663,8 +828,15 @@ def configure_optimizer(model, weight_decay, lr, device_type, muon=None):
     with muon (a dict of Muon's lr, momentum and weight_decay: see muon_settings), Muon for the blocks'
     matrices and that AdamW for the rest (gpt2lib/optimizers.py)."""
     if muon is not None:
-        return optimizers.muon_adamw(model, weight_decay, lr, device_type == "cuda", muon["lr"],
-                                     muon.get("momentum", 0.95), muon.get("weight_decay", 0.0))
+        return optimizers.muon_adamw(
+            model,
+            weight_decay,
+            lr,
+            device_type == "cuda",
+            muon["lr"],
+            muon.get("momentum", 0.95),
+            muon.get("weight_decay", 0.0),
+        )
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
@@ -733,8 +905,9 @@ def train_step(run, step, stop=None):
         loss_sum += loss.detach().float()
         precision.scaler.scale(loss).backward()  # the scale is 1 unless fp16
     norm = clip_gradients(model, optimizer, precision, cfg.grad_clip)
-    result = share_step_outcome(loss_sum, norm, lr, stop is not None and stop.requested, failure is not None,
-                                run.dist_ctx)
+    result = share_step_outcome(
+        loss_sum, norm, lr, stop is not None and stop.requested, failure is not None, run.dist_ctx
+    )
     if result.failed:
         run.dist_ctx.on_every_rank(lambda: raise_failure(failure))
     check_finite(result, precision)
@@ -757,21 +930,27 @@ def share_step_outcome(loss, norm, lr, stop_requested, failed, dist_ctx):
     same on every rank: the gradients it measures were all-reduced (or, with --fsdp, measured over all shards)."""
     flags = torch.tensor([float(stop_requested), float(failed)], device=loss.device)
     summed = dist_ctx.sum(torch.cat([loss[None], flags]))
-    mean_loss, norm, stops, failures = torch.cat([summed[:1] / dist_ctx.world_size, norm.float()[None],
-                                                  summed[1:]]).tolist()
+    mean_loss, norm, stops, failures = torch.cat(
+        [summed[:1] / dist_ctx.world_size, norm.float()[None], summed[1:]]
+    ).tolist()
     return StepResult(mean_loss, norm, lr, stops > 0, failures > 0)
 
 
 def check_finite(result, precision):
     """Stop before stepping on a non-finite loss or gradient norm. With fp16 an overflowing
     gradient is routine: the scaler skips that step and lowers its scale, so only the loss counts."""
-    if not math.isfinite(result.loss) or (not math.isfinite(result.norm) and not precision.scaler.is_enabled()):
-        raise NonFiniteLoss(f"non-finite loss {result.loss} or gradient norm {result.norm}: "
-                            "stopped before the optimizer step; resume from the last checkpoint with a lower --lr")
+    if not math.isfinite(result.loss) or (
+        not math.isfinite(result.norm) and not precision.scaler.is_enabled()
+    ):
+        raise NonFiniteLoss(
+            f"non-finite loss {result.loss} or gradient norm {result.norm}: "
+            "stopped before the optimizer step; resume from the last checkpoint with a lower --lr"
+        )
 
 
 # -----------------------------------------------------------------------------
 # the training loop
+
 
 def train(cfg, dist_ctx, stop=None):
     """Train as configured; returns {"losses": [...], "metrics": [...], "val_loss": float}, the train loss
@@ -795,7 +974,9 @@ def train(cfg, dist_ctx, stop=None):
             for step in range(run.start_step, cfg.max_steps + 1):
                 last_step = step == cfg.max_steps
                 if not stopping and run.val_loader is not None and due(cfg.eval_every, step, last_step):
-                    stopping = not run_evals(run, step, stop)  # a stop ends them at the next batch: redone on resume
+                    stopping = not run_evals(
+                        run, step, stop
+                    )  # a stop ends them at the next batch: redone on resume
                 if stopping:
                     save(step, run)
                     if dist_ctx.master_process:
@@ -807,7 +988,9 @@ def train(cfg, dist_ctx, stop=None):
                     save(step, run)
                 if last_step:
                     break
-                with StepTimer(dist_ctx.device) as timer:  # the step alone: evals and checkpoints are not timed
+                with StepTimer(
+                    dist_ctx.device
+                ) as timer:  # the step alone: evals and checkpoints are not timed
                     # stop is this process's signal; result.stop, all ranks' verdict, is what everyone acts on
                     result = train_step(run, step, stop)
                 step_metrics.append(log_step(run, step, result, timer.seconds))
@@ -838,6 +1021,7 @@ def print_samples(run, step):
 
 # -----------------------------------------------------------------------------
 # setting up a run: data, the start rank 0 chooses, model, optimizer, logs
+
 
 def setup_model(start, cfg, dist_ctx, precision):
     """The model in training mode on this rank's device, the same initial weights on every rank:
@@ -870,62 +1054,115 @@ def setup_run(cfg, dist_ctx, writes_log=True):
     if cfg.fsdp and not cfg.eval_only:
         rundir.check_shared_log_dir(cfg.log_dir, dist_ctx)
     raw_model = setup_model(start, cfg, dist_ctx, precision)
-    optimizer = None if cfg.eval_only else configure_optimizer(raw_model, cfg.weight_decay, cfg.lr, device.type,
-                                                                 muon=muon_settings(cfg))
+    optimizer = (
+        None
+        if cfg.eval_only
+        else configure_optimizer(raw_model, cfg.weight_decay, cfg.lr, device.type, muon=muon_settings(cfg))
+    )
     checkpoint = start.checkpoint
     resumed = checkpoint is not None
     cfg = schedule_config(cfg, checkpoint)  # the holder checked it in check_resumable
-    start_step = restore(checkpoint, raw_model, optimizer, precision, train_loader, dist_ctx) if resumed else 0
+    start_step = (
+        restore(checkpoint, raw_model, optimizer, precision, train_loader, dist_ctx) if resumed else 0
+    )
     val_loss = checkpoint.get("val_loss") if resumed else None
     run_id = start.run_id
     counts = dict(checkpoint.get("counts") or {}) if resumed else {}
     del checkpoint, start  # full copies of the weights (and optimizer state)
     hella_examples = None
     if cfg.hellaswag and (cfg.eval_every or cfg.eval_only):
-        hella_examples = dist_ctx.decide(lambda: load_hellaswag(cfg.hellaswag_data or None, raw_model.config.block_size))
+        hella_examples = dist_ctx.decide(
+            lambda: load_hellaswag(cfg.hellaswag_data or None, raw_model.config.block_size)
+        )
 
     # evals alone need neither compilation nor DDP's gradient hooks
     model, use_compile = (raw_model, False) if cfg.eval_only else wrap_model(raw_model, cfg, dist_ctx)
     grad_accum_steps = cfg.total_batch_size // (cfg.batch_size * cfg.seq_len * dist_ctx.world_size)
     if master:
-        how = (f"resuming at step {start_step}" if resumed else "weights from --init-from" if cfg.init_from
-               else "fresh start")
-        print(f"model {model_name(cfg)}: {raw_model.num_parameters():,} parameters | {dist_ctx.world_size} process(es) "
-              f"on {device.type} | {precision.name} | compile {use_compile} | grad accum {grad_accum_steps} | {how}"
-              f"{' | fsdp' if cfg.fsdp else ''}{' | recompute' if cfg.recompute else ''}"
-              f"{' | eval only' if cfg.eval_only else ''}")
+        how = (
+            f"resuming at step {start_step}"
+            if resumed
+            else "weights from --init-from"
+            if cfg.init_from
+            else "fresh start"
+        )
+        print(
+            f"model {model_name(cfg)}: {raw_model.num_parameters():,} parameters | {dist_ctx.world_size} process(es) "
+            f"on {device.type} | {precision.name} | compile {use_compile} | grad accum {grad_accum_steps} | {how}"
+            f"{' | fsdp' if cfg.fsdp else ''}{' | recompute' if cfg.recompute else ''}"
+            f"{' | eval only' if cfg.eval_only else ''}"
+        )
         print_schedule(cfg)
-    trackers = tracking.Tracking.open(cfg.log_dir, start_step, cfg.wandb, cfg.wandb_name, cfg.tensorboard,
-                                      asdict(cfg)) if master and writes_log else None
+    trackers = (
+        tracking.Tracking.open(
+            cfg.log_dir, start_step, cfg.wandb, cfg.wandb_name, cfg.tensorboard, asdict(cfg)
+        )
+        if master and writes_log
+        else None
+    )
     # background writes collect on a gloo group of their own, never interleaved with training's collectives
     save_group = torch.distributed.new_group(backend="gloo") if cfg.async_checkpoint else None
-    return Run(cfg, dist_ctx, raw_model, model, optimizer, precision, train_loader, val_loader, hella_examples,
-               RunLog(cfg.log_dir, master and writes_log, trackers), grad_accum_steps, gpu_peak_flops(device, master),
-               start_step, val_loss, run_id, counts, save_group)
+    return Run(
+        cfg,
+        dist_ctx,
+        raw_model,
+        model,
+        optimizer,
+        precision,
+        train_loader,
+        val_loader,
+        hella_examples,
+        RunLog(cfg.log_dir, master and writes_log, trackers),
+        grad_accum_steps,
+        gpu_peak_flops(device, master),
+        start_step,
+        val_loss,
+        run_id,
+        counts,
+        save_group,
+    )
 
 
 def make_loaders(cfg, dist_ctx):
     """This rank's train and val loaders. Every rank reads its own --data-dir (nodes need not share
     a filesystem), so all ranks check that they see the same shards as rank 0."""
-    loader_args = dict(B=cfg.batch_size, T=cfg.seq_len, process_rank=dist_ctx.rank,
-                       num_processes=dist_ctx.world_size, data_root=cfg.data_dir, device=dist_ctx.device)
+    loader_args = dict(
+        B=cfg.batch_size,
+        T=cfg.seq_len,
+        process_rank=dist_ctx.rank,
+        num_processes=dist_ctx.world_size,
+        data_root=cfg.data_dir,
+        device=dist_ctx.device,
+    )
 
     def open_loaders():
-        train_loader = None if cfg.eval_only else \
-            DataLoaderLite(split="train", shuffle_seed=cfg.seed if cfg.shuffle else None,
-                           block_tokens=cfg.total_batch_size if cfg.shuffle else None, **loader_args)
+        train_loader = (
+            None
+            if cfg.eval_only
+            else DataLoaderLite(
+                split="train",
+                shuffle_seed=cfg.seed if cfg.shuffle else None,
+                block_tokens=cfg.total_batch_size if cfg.shuffle else None,
+                **loader_args,
+            )
+        )
         val_loader = DataLoaderLite(split="val", **loader_args) if cfg.eval_every or cfg.eval_only else None
         return train_loader, val_loader
 
     train_loader, val_loader = dist_ctx.on_every_rank(open_loaders)
-    seen = [([os.path.basename(p) for p in loader.shards], loader.shard_lengths)
-            for loader in (train_loader, val_loader) if loader is not None]
+    seen = [
+        ([os.path.basename(p) for p in loader.shards], loader.shard_lengths)
+        for loader in (train_loader, val_loader)
+        if loader is not None
+    ]
     rank0_seen = dist_ctx.gather_objects(seen)[0]
 
     def check_same_shards():
         if seen != rank0_seen:
-            raise UserError(f"the shards in {cfg.data_dir} differ from rank 0's (names or lengths): "
-                            "give every node the same data")
+            raise UserError(
+                f"the shards in {cfg.data_dir} differ from rank 0's (names or lengths): "
+                "give every node the same data"
+            )
 
     dist_ctx.on_every_rank(check_same_shards)
     return train_loader, val_loader
@@ -934,12 +1171,15 @@ def make_loaders(cfg, dist_ctx):
 def print_schedule(cfg):
     """One line at start for a wsd run: where its stable phase ends and how it cools down."""
     if cfg.lr_schedule == "wsd" and not cfg.eval_only:
-        print(f"lr schedule wsd: warmup {cfg.warmup_steps} steps, lr {cfg.lr:g} until step "
-              f"{cfg.max_steps - cfg.cooldown_steps}, {cfg.cooldown_shape} cooldown to {cfg.lr * cfg.min_lr_ratio:g} "
-              f"at step {cfg.max_steps}")
+        print(
+            f"lr schedule wsd: warmup {cfg.warmup_steps} steps, lr {cfg.lr:g} until step "
+            f"{cfg.max_steps - cfg.cooldown_steps}, {cfg.cooldown_shape} cooldown to {cfg.lr * cfg.min_lr_ratio:g} "
+            f"at step {cfg.max_steps}"
+        )
 
 
 # ---- how a run starts: a seeded init, --init-from's weights, or a checkpoint of this run to resume
+
 
 @contextlib.contextmanager
 def claim_log_dir(cfg, dist_ctx):
@@ -949,8 +1189,10 @@ def claim_log_dir(cfg, dist_ctx):
     takes no lock, sets nothing aside, trims no log and writes no line: its results are only printed."""
     if cfg.eval_only and dist_ctx.decide(lambda: rundir.holds_files(cfg.log_dir)):
         if dist_ctx.master_process:
-            print(f"note: --eval-only writes nothing into --log-dir {cfg.log_dir}, which holds files already: its "
-                  "results are only printed (a new or empty --log-dir logs them)")
+            print(
+                f"note: --eval-only writes nothing into --log-dir {cfg.log_dir}, which holds files already: its "
+                "results are only printed (a new or empty --log-dir logs them)"
+            )
         yield False
         return
     with rundir.held(cfg.log_dir, "--log-dir", checkpoints.RUN_FILE_NAMES, dist_ctx.decide):
@@ -967,8 +1209,10 @@ def agree_on_start(cfg, dist_ctx, writes_log=True):
     resume_step = start.checkpoint["step"] if start.checkpoint else None
     if holder is not None and holder.rank != 0 and dist_ctx.master_process:
         logs = f"; its logs continue in this node's {cfg.log_dir}" if start.logs is not None else ""
-        print(f"resuming from another node: {holder.host} (rank {holder.rank}) holds the newest checkpoint, "
-              f"{holder.path} at step {resume_step}{logs}")
+        print(
+            f"resuming from another node: {holder.host} (rank {holder.rank}) holds the newest checkpoint, "
+            f"{holder.path} at step {resume_step}{logs}"
+        )
     here = holder.path if holder is not None and holder.rank == 0 else None
     if writes_log:
         dist_ctx.decide(lambda: previous_runs.prepare_run_dir(cfg.log_dir, here, resume_step, start.logs))
@@ -978,6 +1222,7 @@ def agree_on_start(cfg, dist_ctx, writes_log=True):
 def local_checkpoint(cfg, dist_ctx):
     """This process's report for resume.find_holder: the newest good checkpoint in its node's log dir
     (with --resume PATH: that file, when this node has it), or None. Each node's first process looks."""
+
     def look():
         if not resume.looks_here(cfg.resume, dist_ctx):
             return None
@@ -999,8 +1244,14 @@ def checkpoint_layout(config, optimizer="adamw"):
     with torch.device("meta"):
         model = GPT(GPTConfig(**config))
     built = configure_optimizer(model, 0.0, 1.0, "meta", muon=dict(lr=1.0) if optimizer == "muon" else None)
-    return ({key: tuple(t.shape) for key, t in model.state_dict().items()},
-            [(tuple(p.shape), optimizers.state_names(group)) for group in built.param_groups for p in group["params"]])
+    return (
+        {key: tuple(t.shape) for key, t in model.state_dict().items()},
+        [
+            (tuple(p.shape), optimizers.state_names(group))
+            for group in built.param_groups
+            for p in group["params"]
+        ],
+    )
 
 
 def read_verified(path, resume=False, weights=True):
@@ -1037,8 +1288,10 @@ def find_checkpoint(resume, log_dir, training=True):
                 continue
         pruned += 1  # while it was read
         if pruned > checkpoints.MAX_PRUNED_WHILE_READ:
-            raise UserError(f"the checkpoints in {log_dir} were pruned faster than they could be read "
-                            f"({pruned} times): pass --resume PATH, or wait for the run to end")
+            raise UserError(
+                f"the checkpoints in {log_dir} were pruned faster than they could be read "
+                f"({pruned} times): pass --resume PATH, or wait for the run to end"
+            )
         listed = [p for p in checkpoints.list_checkpoints(log_dir) if os.path.basename(p) not in damaged]
     if damaged:
         raise checkpoints.all_damaged(log_dir, damaged)
@@ -1069,11 +1322,15 @@ def load_init_source(source, vocab_multiple):
         # through HF's layout, which has no padding rows: padded again as configured
         model.load_state_dict(hf.state_dict_from_hf(hf.hf_state_dict(trained), model.state_dict(), source))
     else:
-        raise UserError(f"--init-from {source}: not one of {', '.join(OPENAI_SIZES)}, an existing HF model "
-                        "directory or a training checkpoint (.pt)")
+        raise UserError(
+            f"--init-from {source}: not one of {', '.join(OPENAI_SIZES)}, an existing HF model "
+            "directory or a training checkpoint (.pt)"
+        )
     if model.config.vocab_size != GPT2_VOCAB_SIZE:
-        raise UserError(f"--init-from {source}: its vocabulary has {model.config.vocab_size} tokens, not GPT-2's "
-                        f"{GPT2_VOCAB_SIZE}: the shards, HellaSwag and samples use the GPT-2 tokenizer")
+        raise UserError(
+            f"--init-from {source}: its vocabulary has {model.config.vocab_size} tokens, not GPT-2's "
+            f"{GPT2_VOCAB_SIZE}: the shards, HellaSwag and samples use the GPT-2 tokenizer"
+        )
     return model
 
 
@@ -1085,7 +1342,9 @@ def choose_start(cfg, holder):
         config, weights, source = model_config(None, **checkpoint["config"]), None, path
         check_resumable(path, checkpoint, config, cfg, wanted_model(cfg))
         if cfg.init_from:
-            print(f"resuming {path}, a run started from --init-from {cfg.init_from}, which is not loaded again")
+            print(
+                f"resuming {path}, a run started from --init-from {cfg.init_from}, which is not loaded again"
+            )
     elif cfg.init_from:
         checkpoint, model = None, load_init_source(cfg.init_from, cfg.vocab_multiple)
         config, weights, source = asdict(model.config), model.state_dict(), f"--init-from {cfg.init_from}"
@@ -1115,9 +1374,20 @@ def benchmark(cfg, dist_ctx, stop=None):
     with tempfile.TemporaryDirectory() as tmp:
         tokens = np.random.default_rng(cfg.seed).integers(0, GPT2_VOCAB_SIZE, 2 * cfg.total_batch_size + 1)
         np.save(os.path.join(tmp, "random_train_000001.npy"), tokens.astype(np.uint16))
-        run = replace(cfg, data_dir=tmp, log_dir=os.path.join(tmp, "log"), max_steps=steps, benchmark=0,
-                      eval_every=0, sample_every=0, checkpoint_every=0, hellaswag=False, resume="none",
-                      wandb="", tensorboard=False)
+        run = replace(
+            cfg,
+            data_dir=tmp,
+            log_dir=os.path.join(tmp, "log"),
+            max_steps=steps,
+            benchmark=0,
+            eval_every=0,
+            sample_every=0,
+            checkpoint_every=0,
+            hellaswag=False,
+            resume="none",
+            wandb="",
+            tensorboard=False,
+        )
         timed = train(run, dist_ctx, stop)["metrics"][BENCHMARK_WARMUP_STEPS:]
     return report_benchmark(timed, model_name(cfg), cfg, dist_ctx)
 
@@ -1128,8 +1398,10 @@ def export_hf(cfg):
     hf.check_replaceable(os.path.abspath(cfg.export_hf))  # before a load that may take minutes
     source, model = load_cli_model(cfg, "--export-hf: no model to export")
     model.save_pretrained(cfg.export_hf)
-    print(f"wrote {cfg.export_hf} from {source}: {model.num_parameters():,} parameters, "
-          f"{shape_text(asdict(model.config))}")
+    print(
+        f"wrote {cfg.export_hf} from {source}: {model.num_parameters():,} parameters, "
+        f"{shape_text(asdict(model.config))}"
+    )
 
 
 def load_cli_model(cfg, what):
@@ -1153,8 +1425,10 @@ def print_generated(cfg):
     source, model = load_cli_model(cfg, "--generate: no model to sample from")
     model.set_sdpa_backend(cfg.sdpa_backend)
     model.to(device).eval()
-    print(f"generating from {source} on {device.type} in {precision.name}: {cfg.num_samples} sample(s) of "
-          f"{cfg.max_new_tokens} tokens, top-k {cfg.top_k}, temperature {cfg.temperature}, seed {cfg.seed}")
+    print(
+        f"generating from {source} on {device.type} in {precision.name}: {cfg.num_samples} sample(s) of "
+        f"{cfg.max_new_tokens} tokens, top-k {cfg.top_k}, temperature {cfg.temperature}, seed {cfg.seed}"
+    )
     with precision.autocast():
         sample_and_print(model, cfg.generate, cfg, cfg.seed)
 
@@ -1163,18 +1437,28 @@ def print_generated(cfg):
 # command line
 
 # the values an enumerated flag takes, shown as its metavar in --help
-FLAG_CHOICES = {"dtype": DTYPES, "loss_impl": LOSS_IMPLS, "sdpa_backend": tuple(SDPA_BACKENDS),
-                "lr_schedule": LR_SCHEDULES, "cooldown_shape": COOLDOWN_SHAPES, "resume": ("auto", "none", "PATH"),
-                "optimizer": OPTIMIZERS}
+FLAG_CHOICES = {
+    "dtype": DTYPES,
+    "loss_impl": LOSS_IMPLS,
+    "sdpa_backend": tuple(SDPA_BACKENDS),
+    "lr_schedule": LR_SCHEDULES,
+    "cooldown_shape": COOLDOWN_SHAPES,
+    "resume": ("auto", "none", "PATH"),
+    "optimizer": OPTIMIZERS,
+}
 
 
 def build_parser():
     parser = argparse.ArgumentParser(
         description="Pretrain or fine-tune GPT-2. Defaults reproduce GPT-2 124M on FineWeb-Edu 10B "
-                    "(build-nanogpt's run).",
-        argument_default=argparse.SUPPRESS)  # unset flags keep the config's (or --demo's) value
-    parser.add_argument("--demo", action="store_true",
-                        help="small d4 model on the Python docs prepared by `python fineweb.py --demo`; minutes on a CPU")
+        "(build-nanogpt's run).",
+        argument_default=argparse.SUPPRESS,
+    )  # unset flags keep the config's (or --demo's) value
+    parser.add_argument(
+        "--demo",
+        action="store_true",
+        help="small d4 model on the Python docs prepared by `python fineweb.py --demo`; minutes on a CPU",
+    )
     short = {"batch_size": "-B", "seq_len": "-T"}
     defaults = TrainConfig()
     for f in fields(TrainConfig):
@@ -1214,7 +1498,9 @@ def main(argv=None):
             return
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # SIGHUP: an SSH session that dropped
             signal.signal(signum, stop)
-        dist_ctx = setup_distributed(cfg.device, group_of_one=cfg.fsdp, collective_timeout=cfg.collective_timeout)
+        dist_ctx = setup_distributed(
+            cfg.device, group_of_one=cfg.fsdp, collective_timeout=cfg.collective_timeout
+        )
         (benchmark if cfg.benchmark else train)(cfg, dist_ctx, stop)
     # no exit in here: the process exits below, once close_process_group has run
     except FollowerStop:

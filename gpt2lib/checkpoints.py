@@ -42,13 +42,16 @@ OWNER = ".train_gpt2"  # in every directory this project writes, partial or comp
 RUN_FILE_NAMES = r"model_\d+\.pt|log\.txt|metrics\.jsonl|" + re.escape(tracking.WANDB_ID_FILE)
 CHECKSUM_KEY, CHECKSUM_ALGORITHM = "checksum", "xxh3_128"
 FILE_DIGESTS_KEY = "file_digests"
-SHARD_SHAPES = "shard_shapes"  # in a sharded checkpoint read without its weights: {key: shape} .metadata gives
+SHARD_SHAPES = (
+    "shard_shapes"  # in a sharded checkpoint read without its weights: {key: shape} .metadata gives
+)
 LOADER_KEYS = ("split", "epoch", "position", "shuffle_seed", "shards", "shard_lengths")
 MAX_PRUNED_WHILE_READ = 100  # checkpoints a read-only mode may see pruned by a live run before it gives up
 
 
 # -----------------------------------------------------------------------------
 # checkpoints
+
 
 def checksum(obj):
     """xxHash3-128 of a checkpoint's contents: every tensor's dtype, shape and bytes, every other
@@ -101,17 +104,23 @@ def verify_checksum(path, checkpoint):
     """Pop the checksum written with a checkpoint and compare it with its contents."""
     stored = checkpoint.pop(CHECKSUM_KEY, None)
     if stored is None:
-        print(f"note: checkpoint {path} has no checksum (written before checkpoints had one): its contents "
-              "are checked for structure only")
+        print(
+            f"note: checkpoint {path} has no checksum (written before checkpoints had one): its contents "
+            "are checked for structure only"
+        )
     elif not isinstance(stored, dict) or stored.get(CHECKSUM_ALGORITHM) != checksum(checkpoint):
-        raise UserError(f"checkpoint {path} is damaged: its contents do not match the checksum written with it")
+        raise UserError(
+            f"checkpoint {path} is damaged: its contents do not match the checksum written with it"
+        )
 
 
 def load_file(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, pickle error, ...: torch raises many types
-        raise UserError(f"checkpoint {path} is damaged or not a train_gpt2.py checkpoint ({one_line(e)})") from None
+        raise UserError(
+            f"checkpoint {path} is damaged or not a train_gpt2.py checkpoint ({one_line(e)})"
+        ) from None
 
 
 def check_config(path, checkpoint):
@@ -121,8 +130,9 @@ def check_config(path, checkpoint):
     if not isinstance(checkpoint["model"], dict):
         raise UserError(f"checkpoint {path}: 'model' is not a state_dict")
     # a compiled or DDP-wrapped model's state_dict (other projects save those) has prefixed keys
-    checkpoint["model"] = {re.sub(r"^(_orig_mod\.|module\.)+", "", str(key)): value
-                           for key, value in checkpoint["model"].items()}
+    checkpoint["model"] = {
+        re.sub(r"^(_orig_mod\.|module\.)+", "", str(key)): value for key, value in checkpoint["model"].items()
+    }
     return checkpoint
 
 
@@ -144,13 +154,19 @@ def check_weights(state, expected, path):
     missing = [key for key in expected if key not in state]
     unexpected = [key for key in state if key not in expected]
     if missing or unexpected:
-        raise UserError(f"checkpoint {path}: the weights do not fit its config (missing {missing[:3]}, "
-                        f"unexpected {unexpected[:3]}): the file is damaged or not of this model")
+        raise UserError(
+            f"checkpoint {path}: the weights do not fit its config (missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}): the file is damaged or not of this model"
+        )
     for key, shape in expected.items():
         if not isinstance(state[key], torch.Tensor) or tuple(state[key].shape) != shape:
-            got = list(state[key].shape) if isinstance(state[key], torch.Tensor) else type(state[key]).__name__
-            raise UserError(f"checkpoint {path}: the weights do not fit its config ({key} is {got}, expected "
-                            f"{list(shape)}): the file is damaged or not of this model")
+            got = (
+                list(state[key].shape) if isinstance(state[key], torch.Tensor) else type(state[key]).__name__
+            )
+            raise UserError(
+                f"checkpoint {path}: the weights do not fit its config ({key} is {got}, expected "
+                f"{list(shape)}): the file is damaged or not of this model"
+            )
 
 
 def trained_with(checkpoint):
@@ -162,6 +178,7 @@ def check_resume_state(checkpoint, parameter_layout, path):
     """The step, the optimizer's state for each parameter (parameter_layout: its shape and state names
     in the optimizer's order: AdamW's moments or Muon's momentum buffer, shaped like it), and every
     rank's loader position and RNG state: what a resume restores."""
+
     def damaged(what):
         return UserError(f"checkpoint {path} cannot be resumed: {what}")
 
@@ -171,19 +188,30 @@ def check_resume_state(checkpoint, parameter_layout, path):
     if type(checkpoint["step"]) is not int or checkpoint["step"] < 0:
         raise damaged(f"step is {checkpoint['step']!r:.40}")
     optimizer = checkpoint["optimizer"]
-    if not isinstance(optimizer, dict) or not isinstance(optimizer.get("state"), dict) \
-            or not isinstance(optimizer.get("param_groups"), list):
+    if (
+        not isinstance(optimizer, dict)
+        or not isinstance(optimizer.get("state"), dict)
+        or not isinstance(optimizer.get("param_groups"), list)
+    ):
         raise damaged("its optimizer state is not an optimizer's")
-    ids = [i for group in optimizer["param_groups"] if isinstance(group, dict) for i in group.get("params", [])]
+    ids = [
+        i for group in optimizer["param_groups"] if isinstance(group, dict) for i in group.get("params", [])
+    ]
     if len(ids) != len(parameter_layout):
         raise damaged(f"its optimizer holds {len(ids)} parameters, the model has {len(parameter_layout)}")
     for i, (shape, names) in zip(ids, parameter_layout):
         moments = optimizer["state"].get(i, {})  # a parameter never stepped (fp16 skips) has none
         for name in names:
-            if moments and (not isinstance(moments.get(name), torch.Tensor) or tuple(moments[name].shape) != shape):
-                raise damaged(f"optimizer state {name} of parameter {i} is missing or not shaped {list(shape)}")
-    for key, check in (("loader", lambda s: isinstance(s, dict) and set(LOADER_KEYS) <= s.keys()),
-                       ("rng", lambda s: isinstance(s, dict) and isinstance(s.get("cpu"), torch.Tensor))):
+            if moments and (
+                not isinstance(moments.get(name), torch.Tensor) or tuple(moments[name].shape) != shape
+            ):
+                raise damaged(
+                    f"optimizer state {name} of parameter {i} is missing or not shaped {list(shape)}"
+                )
+    for key, check in (
+        ("loader", lambda s: isinstance(s, dict) and set(LOADER_KEYS) <= s.keys()),
+        ("rng", lambda s: isinstance(s, dict) and isinstance(s.get("cpu"), torch.Tensor)),
+    ):
         states = checkpoint[key]
         if not isinstance(states, list) or not states or not all(check(state) for state in states):
             raise damaged(f"its {key} state is incomplete")
@@ -202,7 +230,9 @@ def digest_file(path):
 
 def is_sharded_checkpoint(path):
     """Whether path is a sharded checkpoint directory (complete or not), not an HF model directory."""
-    return os.path.isdir(path) and any(os.path.isfile(os.path.join(path, name)) for name in (OWNER, TRAIN_STATE))
+    return os.path.isdir(path) and any(
+        os.path.isfile(os.path.join(path, name)) for name in (OWNER, TRAIN_STATE)
+    )
 
 
 def read_sharded_checkpoint(path, weights):
@@ -210,9 +240,13 @@ def read_sharded_checkpoint(path, weights):
     digest recorded in it, then .metadata's structure, all before a tensor is read: so --resume auto,
     which reads no tensor when it chooses, skips a checkpoint with damaged shards. Read without its
     weights, the checkpoint keeps the shapes .metadata gives (SHARD_SHAPES) for check_layout."""
-    if not os.path.isfile(os.path.join(path, COMPLETE)) or not os.path.isfile(os.path.join(path, ".metadata")):
-        raise UserError(f"checkpoint {path} is incomplete (its write was cut off) or not a sharded "
-                        f"train_gpt2.py checkpoint (no {COMPLETE} or .metadata)")
+    if not os.path.isfile(os.path.join(path, COMPLETE)) or not os.path.isfile(
+        os.path.join(path, ".metadata")
+    ):
+        raise UserError(
+            f"checkpoint {path} is incomplete (its write was cut off) or not a sharded "
+            f"train_gpt2.py checkpoint (no {COMPLETE} or .metadata)"
+        )
     checkpoint = load_file(os.path.join(path, TRAIN_STATE))
     if not isinstance(checkpoint, dict) or "config" not in checkpoint:
         raise UserError(f"checkpoint {path} is not a train_gpt2.py checkpoint (no config in {TRAIN_STATE})")
@@ -233,16 +267,22 @@ def check_shard_files(path, digests):
     (digests None: a checkpoint written before they were, said in a note), then .metadata readable,
     naming only files that are there and as long as it says. Returns {key: shape} of its tensors."""
     if digests is None:
-        print(f"note: checkpoint {path} has no digests of its shard files (written before they had them): "
-              "they are checked for structure only")
+        print(
+            f"note: checkpoint {path} has no digests of its shard files (written before they had them): "
+            "they are checked for structure only"
+        )
     else:
         verify_file_digests(path, digests)
     files, shapes = read_shard_metadata(path)
     for name, end in files:
         if os.path.basename(name) != name or (digests is not None and name not in digests):
-            raise UserError(f"checkpoint {path} is damaged: its .metadata names {name!r:.80}, a file not written with it")
+            raise UserError(
+                f"checkpoint {path} is damaged: its .metadata names {name!r:.80}, a file not written with it"
+            )
         if not os.path.isfile(os.path.join(path, name)) or os.path.getsize(os.path.join(path, name)) < end:
-            raise UserError(f"checkpoint {path} is damaged: {name} is missing or shorter than its .metadata says")
+            raise UserError(
+                f"checkpoint {path} is damaged: {name} is missing or shorter than its .metadata says"
+            )
     return shapes
 
 
@@ -255,8 +295,10 @@ def verify_file_digests(path, digests):
         if not os.path.isfile(file):
             raise UserError(f"checkpoint {path} is damaged: {name} is missing")
         if os.path.getsize(file) != recorded.get("size"):
-            raise UserError(f"checkpoint {path} is damaged: {name} is {os.path.getsize(file)} bytes, "
-                            f"{recorded.get('size')} were written")
+            raise UserError(
+                f"checkpoint {path} is damaged: {name} is {os.path.getsize(file)} bytes, "
+                f"{recorded.get('size')} were written"
+            )
         try:
             digest = digest_file(file)
         except OSError as e:
@@ -292,10 +334,16 @@ def read_shard_metadata(path):
     try:
         metadata = dcp.FileSystemReader(path).read_metadata()
     except dcp_errors() as e:
-        raise UserError(f"checkpoint {path} is damaged: its .metadata is unreadable ({dcp_error(e)})") from None
+        raise UserError(
+            f"checkpoint {path} is damaged: its .metadata is unreadable ({dcp_error(e)})"
+        ) from None
     try:  # an older checkpoint's .metadata has no digest: it may hold anything
         files = [(info.relative_path, info.offset + info.length) for info in metadata.storage_data.values()]
-        shapes = {key: tuple(meta.size) for key, meta in metadata.state_dict_metadata.items() if hasattr(meta, "size")}
+        shapes = {
+            key: tuple(meta.size)
+            for key, meta in metadata.state_dict_metadata.items()
+            if hasattr(meta, "size")
+        }
     except (AttributeError, TypeError):
         files = None
     if files is None or not all(isinstance(name, str) and isinstance(end, int) for name, end in files):
@@ -306,20 +354,34 @@ def read_shard_metadata(path):
 def check_shard_shapes(path, shapes, weights, parameter_layout=None):
     """The weights .metadata lists ({key: shape}) fit the model's; with parameter_layout (a resume:
     see check_resume_state), each optimizer state tensor is shaped like its weight."""
-    check_weights({key.removeprefix("model."): torch.empty(shape, device="meta")
-                   for key, shape in shapes.items() if key.startswith("model.")}, weights, path)
+    check_weights(
+        {
+            key.removeprefix("model."): torch.empty(shape, device="meta")
+            for key, shape in shapes.items()
+            if key.startswith("model.")
+        },
+        weights,
+        path,
+    )
     if parameter_layout is None:
         return
     names = tuple({f".{name}" for _, state_names in parameter_layout for name in state_names})
-    moments = {key: shape for key, shape in shapes.items() if key.startswith("optimizer.state.")
-               and key.endswith(names)}
+    moments = {
+        key: shape
+        for key, shape in shapes.items()
+        if key.startswith("optimizer.state.") and key.endswith(names)
+    }
     for key, shape in moments.items():
         if weights.get(key.removeprefix("optimizer.state.").rsplit(".", 1)[0]) != shape:
-            raise UserError(f"checkpoint {path} cannot be resumed: optimizer state {key} does not fit the model")
+            raise UserError(
+                f"checkpoint {path} cannot be resumed: optimizer state {key} does not fit the model"
+            )
     stepped = {key.removeprefix("optimizer.state.").rsplit(".", 1)[0] for key in moments}
     if len(stepped) != len(parameter_layout):  # every parameter has its state after the first step
-        raise UserError(f"checkpoint {path} cannot be resumed: its optimizer holds state for {len(stepped)} "
-                        f"parameters, the model has {len(parameter_layout)}")
+        raise UserError(
+            f"checkpoint {path} cannot be resumed: its optimizer holds state for {len(stepped)} "
+            f"parameters, the model has {len(parameter_layout)}"
+        )
 
 
 def gather_sharded_model(path):
@@ -328,8 +390,11 @@ def gather_sharded_model(path):
 
     try:
         metadata = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
-        model = {key.removeprefix("model."): torch.empty(meta.size, dtype=meta.properties.dtype)
-                 for key, meta in metadata.items() if key.startswith("model.")}
+        model = {
+            key.removeprefix("model."): torch.empty(meta.size, dtype=meta.properties.dtype)
+            for key, meta in metadata.items()
+            if key.startswith("model.")
+        }
         with warnings.catch_warnings():  # DCP warns that it loads in a single process: that is the point
             warnings.simplefilter("ignore")
             dcp.load({"model": model}, checkpoint_id=path, no_dist=True)
@@ -344,8 +409,12 @@ def load_sharded(path, model, optimizer):
     The checkpoint was verified when it was chosen; a read that fails now is a UserError on every rank
     (DCP gathers every rank's failure)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict,
-                                                         set_model_state_dict, set_state_dict)
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_state_dict,
+        set_model_state_dict,
+        set_state_dict,
+    )
 
     if optimizer is None:
         state = {"model": get_model_state_dict(model)}
@@ -359,17 +428,24 @@ def load_sharded(path, model, optimizer):
     if optimizer is None:
         set_model_state_dict(model, state["model"])
     else:
-        set_state_dict(model, optimizers.parts(optimizer), model_state_dict=state["model"],
-                       optim_state_dict=state["optimizer"])
+        set_state_dict(
+            model,
+            optimizers.parts(optimizer),
+            model_state_dict=state["model"],
+            optim_state_dict=state["optimizer"],
+        )
 
 
 def list_checkpoints(log_dir):
     """Checkpoint paths in log_dir (.pt files and sharded directories), newest (highest step) first."""
     if not os.path.isdir(log_dir):
         return []
-    found = [(checkpoint_step(name), name) for name in os.listdir(log_dir)
-             if CHECKPOINT_PATTERN.match(name) or
-             (SHARDED_PATTERN.match(name) and os.path.isdir(os.path.join(log_dir, name)))]
+    found = [
+        (checkpoint_step(name), name)
+        for name in os.listdir(log_dir)
+        if CHECKPOINT_PATTERN.match(name)
+        or (SHARDED_PATTERN.match(name) and os.path.isdir(os.path.join(log_dir, name)))
+    ]
     return [os.path.join(log_dir, name) for _, name in sorted(found, reverse=True)]
 
 
@@ -380,15 +456,20 @@ def checkpoint_step(path):
 
 def all_damaged(log_dir, damaged):
     """The error when every checkpoint in log_dir (their names: damaged) failed to read."""
-    return UserError(f"every checkpoint in {log_dir} is damaged ({', '.join(damaged)}): restore a good one, "
-                     "or pass --resume none to start over (the damaged ones are then set aside)")
+    return UserError(
+        f"every checkpoint in {log_dir} is damaged ({', '.join(damaged)}): restore a good one, "
+        "or pass --resume none to start over (the damaged ones are then set aside)"
+    )
 
 
 def continues_in(log_dir, resume_path):
     """Whether resuming resume_path (None: a fresh start) continues the run whose logs are in log_dir:
     the checkpoint lies in that directory."""
-    return resume_path is not None and os.path.isdir(log_dir) and \
-        os.path.samefile(os.path.dirname(os.path.abspath(resume_path)), log_dir)
+    return (
+        resume_path is not None
+        and os.path.isdir(log_dir)
+        and os.path.samefile(os.path.dirname(os.path.abspath(resume_path)), log_dir)
+    )
 
 
 def train_state(step, config, precision, cfg, val_loss, loader_states, rng_states, run_id, counts):
@@ -406,14 +487,19 @@ def train_state(step, config, precision, cfg, val_loss, loader_states, rng_state
     }
 
 
-def write_checkpoint(step, raw_model, optimizer, precision, cfg, val_loss, loader_states, rng_states, run_id,
-                     counts=None):
+def write_checkpoint(
+    step, raw_model, optimizer, precision, cfg, val_loss, loader_states, rng_states, run_id, counts=None
+):
     """Write log_dir/model_{step}.pt atomically, with its checksum; then, with --keep-last, delete this
     run's oldest checkpoints (log_dir holds only this run's: others were set aside at start)."""
     path = os.path.join(cfg.log_dir, f"model_{step:05d}.pt")
-    checkpoint = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                  **train_state(step, raw_model.config, precision, cfg, val_loss, loader_states, rng_states, run_id,
-                                counts)}
+    checkpoint = {
+        "model": raw_model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        **train_state(
+            step, raw_model.config, precision, cfg, val_loss, loader_states, rng_states, run_id, counts
+        ),
+    }
     checkpoint[CHECKSUM_KEY] = {CHECKSUM_ALGORITHM: checksum(checkpoint)}
     rundir.check_held(cfg.log_dir)  # never written into a directory that another run may hold by now
     atomic_write(path, lambda f: torch.save(checkpoint, f))
@@ -425,7 +511,7 @@ def remove_old_checkpoints(cfg, step):
     """With --keep-last, this run's checkpoints beyond the newest keep_last."""
     if not cfg.keep_last:
         return
-    for old in list_checkpoints(cfg.log_dir)[cfg.keep_last:]:
+    for old in list_checkpoints(cfg.log_dir)[cfg.keep_last :]:
         if checkpoint_step(old) < step:
             try:
                 if os.path.isfile(old):
@@ -433,7 +519,9 @@ def remove_old_checkpoints(cfg, step):
                 elif os.path.isfile(os.path.join(old, OWNER)):
                     shutil.rmtree(old)
             except OSError as e:
-                raise UserError(f"{old}: cannot delete it for --keep-last ({one_line(e)}): check permissions") from None
+                raise UserError(
+                    f"{old}: cannot delete it for --keep-last ({one_line(e)}): check permissions"
+                ) from None
 
 
 def begin_sharded_checkpoint(log_dir, step):
@@ -443,7 +531,9 @@ def begin_sharded_checkpoint(log_dir, step):
     rundir.check_held(log_dir)
     if os.path.exists(partial):
         if not os.path.isfile(os.path.join(partial, OWNER)):
-            raise UserError(f"{partial} is in the way and was not written by train_gpt2.py: move it elsewhere")
+            raise UserError(
+                f"{partial} is in the way and was not written by train_gpt2.py: move it elsewhere"
+            )
     with disk_errors(partial, "create the checkpoint directory"):
         if os.path.exists(partial):
             shutil.rmtree(partial)
@@ -477,7 +567,9 @@ def shard_write_error(directory, error):
     if "No space left" not in reason and free_bytes(directory) == 0:
         # DCP passes on torch.save's RuntimeError ("unexpected pos ...") without the OSError behind it
         reason = "No space left on device: its filesystem is full"
-    return UserError(f"{directory}: cannot write the checkpoint shards ({reason}): check free space and permissions")
+    return UserError(
+        f"{directory}: cannot write the checkpoint shards ({reason}): check free space and permissions"
+    )
 
 
 def free_bytes(directory):
@@ -504,19 +596,28 @@ def digest_own_files(directory):
     """The size and digest of each file this rank wrote into a sharded checkpoint: DCP's writer names
     them __{rank}_{n}.distcp, and the coordinator (rank 0) writes .metadata."""
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    names = [name for name in os.listdir(directory) if name.startswith(f"__{rank}_") and name.endswith(".distcp")]
+    names = [
+        name for name in os.listdir(directory) if name.startswith(f"__{rank}_") and name.endswith(".distcp")
+    ]
     if rank == 0:
         names.append(".metadata")
     with disk_errors(directory, "read back the checkpoint shards just written"):
-        return {name: {"size": os.path.getsize(os.path.join(directory, name)),
-                       CHECKSUM_ALGORITHM: digest_file(os.path.join(directory, name))} for name in sorted(names)}
+        return {
+            name: {
+                "size": os.path.getsize(os.path.join(directory, name)),
+                CHECKSUM_ALGORITHM: digest_file(os.path.join(directory, name)),
+            }
+            for name in sorted(names)
+        }
 
 
 def discard_partial(partial):
     """Remove a sharded checkpoint whose write failed (the OWNER marker proves it ours): a full disk
     is freed of it. Once its failure is known on every rank, no rank still writes into it."""
     if os.path.isfile(os.path.join(partial, OWNER)):
-        shutil.rmtree(partial, ignore_errors=True)  # what stays is removed by the next begin_sharded_checkpoint
+        shutil.rmtree(
+            partial, ignore_errors=True
+        )  # what stays is removed by the next begin_sharded_checkpoint
 
 
 @contextlib.contextmanager
@@ -531,8 +632,9 @@ def discarded_on_failure(dist_ctx, partial):
         raise
 
 
-def finish_sharded_checkpoint(directory, step, config, precision, cfg, val_loss, loader_states, rng_states, run_id,
-                              counts, file_digests):
+def finish_sharded_checkpoint(
+    directory, step, config, precision, cfg, val_loss, loader_states, rng_states, run_id, counts, file_digests
+):
     """On rank 0, once every rank has written and digested its shards: train_state.pt (with the files'
     digests, and its checksum over all of it), then COMPLETE, then the rename to model_{step:05d}/ that
     makes the checkpoint visible. Returns its path."""
@@ -550,7 +652,10 @@ def finish_sharded_checkpoint(directory, step, config, precision, cfg, val_loss,
 
 
 def rng_state(device):
-    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+    return {
+        "cpu": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+    }
 
 
 def set_rng_state(state, device):
@@ -570,17 +675,47 @@ def save(step, run):
         finish_save(run)  # one in flight (--async-checkpoint) completes first
         partial = ctx.decide(lambda: begin_sharded_checkpoint(cfg.log_dir, step))
         with discarded_on_failure(ctx, partial):
-            written = ctx.on_every_rank(lambda: write_shards(partial, run.raw_model, run.optimizer, run.save_group))
-        val_loss, counts = run.val_loss, dict(run.counts)  # this step's: a background write completes steps later
-        run.pending_save = (partial, written, lambda file_digests: finish_sharded_checkpoint(
-            partial, step, run.raw_model.config, run.precision, cfg, val_loss, loader_states, rng_states, run.run_id,
-            counts, file_digests))
+            written = ctx.on_every_rank(
+                lambda: write_shards(partial, run.raw_model, run.optimizer, run.save_group)
+            )
+        val_loss, counts = (
+            run.val_loss,
+            dict(run.counts),
+        )  # this step's: a background write completes steps later
+        run.pending_save = (
+            partial,
+            written,
+            lambda file_digests: finish_sharded_checkpoint(
+                partial,
+                step,
+                run.raw_model.config,
+                run.precision,
+                cfg,
+                val_loss,
+                loader_states,
+                rng_states,
+                run.run_id,
+                counts,
+                file_digests,
+            ),
+        )
         if not cfg.async_checkpoint:
             finish_save(run)
         return
-    path = ctx.decide(lambda: write_checkpoint(
-        step, run.raw_model, run.optimizer, run.precision, cfg, run.val_loss, loader_states, rng_states,
-        run.run_id, run.counts))
+    path = ctx.decide(
+        lambda: write_checkpoint(
+            step,
+            run.raw_model,
+            run.optimizer,
+            run.precision,
+            cfg,
+            run.val_loss,
+            loader_states,
+            rng_states,
+            run.run_id,
+            run.counts,
+        )
+    )
     if ctx.master_process:
         print(f"step {step:5d} | saved {path}")
 
@@ -594,7 +729,9 @@ def finish_save(run):
     ctx = run.dist_ctx
     with discarded_on_failure(ctx, partial):
         mine = ctx.on_every_rank(lambda: wait_for_shards(written, partial))
-        file_digests = {name: digest for digests in ctx.gather_objects(mine) for name, digest in digests.items()}
+        file_digests = {
+            name: digest for digests in ctx.gather_objects(mine) for name, digest in digests.items()
+        }
         path = ctx.decide(lambda: complete(file_digests))
     if ctx.master_process:
         print(f"step {checkpoint_step(path):5d} | saved {path}")

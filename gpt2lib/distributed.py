@@ -131,8 +131,9 @@ class DistContext:
 def map_leaves(value, fn):
     """value with fn applied to every leaf inside its dataclasses, dicts, lists and tuples."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.replace(value, **{f.name: map_leaves(getattr(value, f.name), fn)
-                                             for f in dataclasses.fields(value)})
+        return dataclasses.replace(
+            value, **{f.name: map_leaves(getattr(value, f.name), fn) for f in dataclasses.fields(value)}
+        )
     if isinstance(value, dict):
         return {k: map_leaves(v, fn) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -148,8 +149,12 @@ def setup_distributed(requested_device, group_of_one=False, collective_timeout=6
     device = pick_device(requested_device)
     if "RANK" not in os.environ:
         if group_of_one:
-            torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                                 store=torch.distributed.HashStore(), rank=0, world_size=1)
+            torch.distributed.init_process_group(
+                "nccl" if device.type == "cuda" else "gloo",
+                store=torch.distributed.HashStore(),
+                rank=0,
+                world_size=1,
+            )
         return DistContext(device=device)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     world_size = int(os.environ["WORLD_SIZE"])
@@ -157,8 +162,13 @@ def setup_distributed(requested_device, group_of_one=False, collective_timeout=6
         device = torch.device("cuda", local_rank)  # one GPU per process
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    torch.distributed.init_process_group(backend, store=attempt_store(), rank=rank, world_size=world_size,
-                                         timeout=timedelta(seconds=2 * collective_timeout))
+    torch.distributed.init_process_group(
+        backend,
+        store=attempt_store(),
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=2 * collective_timeout),
+    )
     dist_ctx = DistContext(rank, local_rank, world_size, device)
     global _watchdog
     _watchdog = dist_ctx.watchdog = Watchdog.start(dist_ctx, collective_timeout)
@@ -203,8 +213,9 @@ def attempt_store():
     starts at 0 while the survivors are at 1, and a restart for a joining node leaves it unchanged.)"""
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return None  # init_process_group's own env:// rendezvous
-    store = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
-                                       is_master=False, timeout=JOIN_TIMEOUT)
+    store = torch.distributed.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=JOIN_TIMEOUT
+    )
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     attempt = open_attempt(store, world_size) if rank == 0 else join_attempt(store, rank)
     return torch.distributed.PrefixStore(f"{ATTEMPT_KEYS}/{attempt}", store)
@@ -219,7 +230,9 @@ def join_attempt(store, rank):
     try:
         store.wait([answer], JOIN_TIMEOUT)
     except torch.distributed.DistStoreError:
-        raise UserError(f"rank {rank}: rank 0 did not start within {JOIN_TIMEOUT} (see rank 0's node)") from None
+        raise UserError(
+            f"rank {rank}: rank 0 did not start within {JOIN_TIMEOUT} (see rank 0's node)"
+        ) from None
     attempt = store.get(answer).decode()
     store.add(f"{ATTEMPT_KEYS}/{attempt}/joined", 1)
     return attempt
@@ -234,7 +247,9 @@ def open_attempt(store, world_size, poll_s=0.05):
     while store.add(joined, 0) < world_size - 1:
         if time.monotonic() > deadline:
             missing = world_size - 1 - store.add(joined, 0)
-            raise UserError(f"{missing} of {world_size} ranks did not start within {JOIN_TIMEOUT} (see their nodes' logs)")
+            raise UserError(
+                f"{missing} of {world_size} ranks did not start within {JOIN_TIMEOUT} (see their nodes' logs)"
+            )
         for rank in range(1, world_size):
             question = f"{ATTEMPT_KEYS}/hello/{rank}"
             if store.check([question]):
@@ -271,10 +286,18 @@ class Watchdog:
         """Its own store connection (its waits never hold up the process group's), keys private to
         this run: rank 0 draws their prefix."""
         prefix = dist_ctx.broadcast(uuid.uuid4().hex)
-        store = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                                           timeout=timedelta(seconds=max(1.0, min(30.0, timeout_s / 2))))
-        watchdog = cls(torch.distributed.PrefixStore(f"train_gpt2/watchdog/{prefix}", store), dist_ctx.rank,
-                       dist_ctx.world_size, timeout_s)
+        store = torch.distributed.TCPStore(
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            is_master=False,
+            timeout=timedelta(seconds=max(1.0, min(30.0, timeout_s / 2))),
+        )
+        watchdog = cls(
+            torch.distributed.PrefixStore(f"train_gpt2/watchdog/{prefix}", store),
+            dist_ctx.rank,
+            dist_ctx.world_size,
+            timeout_s,
+        )
         threading.Thread(target=watchdog._watch, name="watchdog", daemon=True).start()
         return watchdog
 
@@ -299,9 +322,13 @@ class Watchdog:
             except Exception:  # the store's host is stopped or gone: decided below, if this rank is stuck
                 reachable = False
             if since is not None and now - since >= self.timeout_s and not self.stopped.is_set():
-                print(f"error: rank {self.rank}: no progress for {now - since:.0f} s (--collective-timeout "
-                      f"{self.timeout_s:g}): {self._culprit(now, reachable)}; ending this rank so that torchrun "
-                      "can restart the run", file=sys.stderr, flush=True)
+                print(
+                    f"error: rank {self.rank}: no progress for {now - since:.0f} s (--collective-timeout "
+                    f"{self.timeout_s:g}): {self._culprit(now, reachable)}; ending this rank so that torchrun "
+                    "can restart the run",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 os._exit(STALL_EXIT_CODE)
 
     def _read(self, now):
@@ -318,12 +345,17 @@ class Watchdog:
         others = [r for r in range(self.world_size) if r != self.rank]
         silent = [r for r in others if r not in self.seen or now - self.seen[r][1] >= 3 * self.poll_s]
         if silent:
-            return "; ".join(f"rank {r} (host {self.seen[r][0][3] if r in self.seen else 'unknown'}) stopped "
-                             f"responding {where(self.seen[r][0][0] if r in self.seen else 'None')}" for r in silent)
+            return "; ".join(
+                f"rank {r} (host {self.seen[r][0][3] if r in self.seen else 'unknown'}) stopped "
+                f"responding {where(self.seen[r][0][0] if r in self.seen else 'None')}"
+                for r in silent
+            )
         steps = {r: int(self.seen[r][0][0]) for r in others if self.seen[r][0][0] != "None"}
         behind = [r for r in steps if self.step is not None and steps[r] < self.step]
         if behind:
-            return "; ".join(f"rank {r} (host {self.seen[r][0][3]}) is stuck at step {steps[r]}" for r in behind)
+            return "; ".join(
+                f"rank {r} (host {self.seen[r][0][3]}) is stuck at step {steps[r]}" for r in behind
+            )
         return f"every rank waits at step {self.step} (a collective, or a hung device on some rank)"
 
 

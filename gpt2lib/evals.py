@@ -5,9 +5,9 @@ import torch
 
 from gpt2lib import parallel
 from gpt2lib.common import UserError, raise_failure
-from gpt2lib.hellaswag_scoring import evaluate as hellaswag_counts
 from gpt2lib.hellaswag_data import load_examples
 from gpt2lib.hellaswag_scoring import check_fits, tokenize_examples
+from gpt2lib.hellaswag_scoring import evaluate as hellaswag_counts
 
 
 def stop_agreed(stop, dist_ctx):
@@ -39,8 +39,9 @@ def evaluate_val_loss(model, val_loader, val_steps, precision, dist_ctx, loss_im
             _, loss = model(x, y, loss_impl=loss_impl)
         loss_sum += loss.float()
     model.train()
-    mean_loss, failed = dist_ctx.mean(torch.stack([loss_sum / val_steps, torch.tensor(float(failure is not None),
-                                                                                       device=dist_ctx.device)]))
+    mean_loss, failed = dist_ctx.mean(
+        torch.stack([loss_sum / val_steps, torch.tensor(float(failure is not None), device=dist_ctx.device)])
+    )
     if failed > 0:
         dist_ctx.on_every_rank(lambda: raise_failure(failure))
     return mean_loss
@@ -58,13 +59,25 @@ def evaluate_hellaswag(raw_model, examples, precision, dist_ctx, stop=None):
         return stop is not None and stop.requested
 
     with parallel.full_weights(raw_model):  # with --fsdp: the ranks' shares differ in size
-        counts = hellaswag_counts(raw_model, examples, dist_ctx.device, rank=dist_ctx.rank,
-                                  world_size=dist_ctx.world_size, autocast_dtype=precision.dtype,
-                                  should_stop=between_batches)
+        counts = hellaswag_counts(
+            raw_model,
+            examples,
+            dist_ctx.device,
+            rank=dist_ctx.rank,
+            world_size=dist_ctx.world_size,
+            autocast_dtype=precision.dtype,
+            should_stop=between_batches,
+        )
     stopped = counts is None
     counts = torch.zeros(3, device=dist_ctx.device) if stopped else counts
-    n, correct, correct_norm, stops = dist_ctx.sum(torch.cat([counts.to(torch.float64), torch.tensor(
-        [float(stopped)], dtype=torch.float64, device=dist_ctx.device)])).tolist()
+    n, correct, correct_norm, stops = dist_ctx.sum(
+        torch.cat(
+            [
+                counts.to(torch.float64),
+                torch.tensor([float(stopped)], dtype=torch.float64, device=dist_ctx.device),
+            ]
+        )
+    ).tolist()
     return None if stops else {"n": int(n), "acc": correct / n, "acc_norm": correct_norm / n}
 
 
@@ -72,8 +85,9 @@ def run_evals(run, step, stop=None):
     """Val loss (through the training module: same shapes, no recompile) and HellaSwag. False when a
     stop ended them at a batch boundary: what was left unfinished is neither logged nor kept."""
     master = run.dist_ctx.master_process
-    val_loss = evaluate_val_loss(run.model, run.val_loader, run.cfg.val_steps, run.precision, run.dist_ctx,
-                                 run.cfg.loss_impl, stop)
+    val_loss = evaluate_val_loss(
+        run.model, run.val_loader, run.cfg.val_steps, run.precision, run.dist_ctx, run.cfg.loss_impl, stop
+    )
     if val_loss is None:
         return False
     run.val_loss = val_loss.item()
@@ -88,8 +102,6 @@ def run_evals(run, step, stop=None):
             print(f"step {step:5d} | HellaSwag acc_norm {hella['acc_norm']:.4f} ({hella['n']} examples)")
         run.log.write(step, "hella", hella["acc_norm"], acc=hella["acc"], n=hella["n"])
     return True
-
-
 
 
 def load_hellaswag(data_path, context_length):

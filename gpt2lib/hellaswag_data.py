@@ -25,8 +25,10 @@ def default_cache_dir():
 
 def _check_split(split):
     if split not in SPLITS:
-        raise UserError(f"unknown HellaSwag split {split!r}: use one of {', '.join(SPLITS)} "
-                        "(the test split has no labels)")
+        raise UserError(
+            f"unknown HellaSwag split {split!r}: use one of {', '.join(SPLITS)} "
+            "(the test split has no labels)"
+        )
 
 
 class _Retry(Exception):
@@ -47,9 +49,13 @@ def _fetch_once(url, final_path, timeout, expected_rows):
         if response.status_code != 200:
             raise _GiveUp(f"HTTP {response.status_code}")
         # Content-Length counts the bytes on the wire: compare only when they are not compressed
-        expected_bytes = None if response.headers.get("Content-Encoding") else response.headers.get("Content-Length")
+        expected_bytes = (
+            None if response.headers.get("Content-Encoding") else response.headers.get("Content-Length")
+        )
         directory = os.path.dirname(final_path)
-        fd, tmp_path = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(final_path) + ".", suffix=".part")
+        fd, tmp_path = tempfile.mkstemp(
+            dir=directory, prefix="." + os.path.basename(final_path) + ".", suffix=".part"
+        )
         try:
             written = 0
             with os.fdopen(fd, "wb") as f:
@@ -107,13 +113,17 @@ def download(split="val", cache_dir=None, url_base=None, retries=3, backoff=1.0,
         except _Retry as e:
             reason = str(e)
         except _GiveUp as e:
-            raise UserError(f"could not download {url} ({e}): pass --data FILE with a local copy of {name}") from None
+            raise UserError(
+                f"could not download {url} ({e}): pass --data FILE with a local copy of {name}"
+            ) from None
         except requests.RequestException as e:
             reason = type(e).__name__
         except OSError as e:
             raise UserError(f"cannot write {final_path}: {e.strerror or e}") from None
-    raise UserError(f"could not download {url} after {max(1, retries)} tries ({reason}): "
-                    f"check the network, or pass --data FILE with a local copy of {name}")
+    raise UserError(
+        f"could not download {url} after {max(1, retries)} tries ({reason}): "
+        f"check the network, or pass --data FILE with a local copy of {name}"
+    )
 
 
 def check_style(style):
@@ -150,8 +160,10 @@ def validate_example(row, where, style="completion"):
         for field in HARNESS_FIELDS:
             if not isinstance(row.get(field), str):
                 problem = "missing" if row.get(field) is None else "not a string:"
-                raise UserError(f"{where}: {problem} {field!r}, which --style harness needs "
-                                "(the official HellaSwag jsonl has it; or use --style completion)")
+                raise UserError(
+                    f"{where}: {problem} {field!r}, which --style harness needs "
+                    "(the official HellaSwag jsonl has it; or use --style completion)"
+                )
 
 
 def read_jsonl(path, name=None, style="completion"):
@@ -200,6 +212,8 @@ def load_examples(split="val", data_path=None, limit=None, cache_dir=None, url_b
         path = download(split, cache_dir=cache_dir, url_base=url_base)
         examples = read_jsonl(path, style=style)
         if split == "val" and len(examples) != VAL_ROWS:
-            raise UserError(f"{path} has {len(examples):,} rows, expected {VAL_ROWS:,} for the official val "
-                            "split: delete it to download it again")
+            raise UserError(
+                f"{path} has {len(examples):,} rows, expected {VAL_ROWS:,} for the official val "
+                "split: delete it to download it again"
+            )
     return examples[:limit] if limit is not None else examples

@@ -28,7 +28,14 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from gpt2lib.common import TORCH_DTYPES, UserError, autocast_context, get_encoding, resolve_dtype, unwrap_model
+from gpt2lib.common import (
+    TORCH_DTYPES,
+    UserError,
+    autocast_context,
+    get_encoding,
+    resolve_dtype,
+    unwrap_model,
+)
 from gpt2lib.hellaswag_data import check_style
 
 DEFAULT_BATCH_SIZE = 64  # examples (4 rows each) per forward
@@ -38,6 +45,7 @@ LOGITS_CHUNK = 4096  # positions whose (chunk, vocab) logits exist at once
 
 # -----------------------------------------------------------------------------
 # tokenization
+
 
 class TokenizedExamples:
     """Pre-tokenized examples: ctx[i] a list of ids, endings[i] four lists, labels[i] an int,
@@ -50,7 +58,9 @@ class TokenizedExamples:
     def __init__(self, ctx, endings, labels, norm_lengths=None, style="completion", sources=None):
         self.ctx, self.endings, self.labels, self.style = ctx, endings, labels, style
         self.sources = sources if sources is not None else [None] * len(labels)
-        self.norm_lengths = norm_lengths if norm_lengths is not None else [[len(e) for e in ends] for ends in endings]
+        self.norm_lengths = (
+            norm_lengths if norm_lengths is not None else [[len(e) for e in ends] for ends in endings]
+        )
         self._batches = {}  # (rank, world_size, batch_size, max_tokens, device) -> _Batches
 
     def __len__(self):
@@ -58,8 +68,14 @@ class TokenizedExamples:
 
     def __getitem__(self, index):
         if isinstance(index, slice):
-            return TokenizedExamples(self.ctx[index], self.endings[index], self.labels[index],
-                                     self.norm_lengths[index], self.style, self.sources[index])
+            return TokenizedExamples(
+                self.ctx[index],
+                self.endings[index],
+                self.labels[index],
+                self.norm_lengths[index],
+                self.style,
+                self.sources[index],
+            )
         return self.ctx[index], self.endings[index], self.labels[index]
 
 
@@ -73,9 +89,10 @@ def tokenize_examples(examples, style="completion"):
     enc = get_encoding()
     ctx = enc.encode_ordinary_batch([ex["ctx"] for ex in examples])
     flat = enc.encode_ordinary_batch([" " + ending for ex in examples for ending in ex["endings"]])
-    endings = [flat[4 * i:4 * i + 4] for i in range(len(examples))]
-    return TokenizedExamples(ctx, endings, [int(ex["label"]) for ex in examples],
-                             sources=[ex.get("_where") for ex in examples])
+    endings = [flat[4 * i : 4 * i + 4] for i in range(len(examples))]
+    return TokenizedExamples(
+        ctx, endings, [int(ex["label"]) for ex in examples], sources=[ex.get("_where") for ex in examples]
+    )
 
 
 def check_fits(tokenized, context_length):
@@ -84,8 +101,10 @@ def check_fits(tokenized, context_length):
     for i, (ctx, endings) in enumerate(zip(tokenized.ctx, tokenized.endings)):
         longest = len(ctx) + max(len(ending) for ending in endings)
         if longest > context_length:
-            raise UserError(f"{tokenized.sources[i] or f'HellaSwag example {i}'}: a HellaSwag row is {longest} "
-                            f"tokens long, more than the model's context of {context_length}")
+            raise UserError(
+                f"{tokenized.sources[i] or f'HellaSwag example {i}'}: a HellaSwag row is {longest} "
+                f"tokens long, more than the model's context of {context_length}"
+            )
 
 
 def harness_preprocess(text):
@@ -117,21 +136,29 @@ def _tokenize_harness(examples):
     queries = [harness_query(ex) for ex in examples]
     choices = [harness_choices(ex) for ex in examples]
     contexts = [query.rstrip() for query in queries]
-    wholes = enc.encode_ordinary_batch([query + " " + choice for query, four in zip(queries, choices)
-                                        for choice in four])
+    wholes = enc.encode_ordinary_batch(
+        [query + " " + choice for query, four in zip(queries, choices) for choice in four]
+    )
     ctx, endings = [], []
     for i, context_tokens in enumerate(enc.encode_ordinary_batch(contexts)):
-        endings.append([whole[len(context_tokens):] for whole in wholes[4 * i:4 * i + 4]])
+        endings.append([whole[len(context_tokens) :] for whole in wholes[4 * i : 4 * i + 4]])
         ctx.append(context_tokens or [enc.eot_token])
     # acc_norm divides by len(choice): the cleaned ending without the " " the continuation adds,
     # as the harness's process_results computes completion_len from doc_to_choice
     norm_lengths = [[len(choice) for choice in four] for four in choices]
-    return TokenizedExamples(ctx, endings, [int(ex["label"]) for ex in examples], norm_lengths, style="harness",
-                             sources=[ex.get("_where") for ex in examples])
+    return TokenizedExamples(
+        ctx,
+        endings,
+        [int(ex["label"]) for ex in examples],
+        norm_lengths,
+        style="harness",
+        sources=[ex.get("_where") for ex in examples],
+    )
 
 
 # -----------------------------------------------------------------------------
 # batching: rows sorted by length, padded, with the positions that predict ending tokens
+
 
 class _Batches:
     """Device tensors for scoring n examples: a list of (tokens (R, T), positions (P,) into the
@@ -158,18 +185,22 @@ def _build_batches(tok, device, batch_size, max_tokens):
     while start < len(rows):
         width = rows[start][0]
         count = max(1, min(max_rows, max_tokens // width, len(rows) - start))
-        chunk = rows[start:start + count]
+        chunk = rows[start : start + count]
         tokens = np.zeros((count, width), dtype=np.int64)
         positions, targets, row_ids = [], [], []
         for r, (length, row_id, ctx, end) in enumerate(chunk):
-            tokens[r, :len(ctx)] = ctx
-            tokens[r, len(ctx):length] = end
+            tokens[r, : len(ctx)] = ctx
+            tokens[r, len(ctx) : length] = end
             # ending token t is predicted from position t-1
             positions.append(np.arange(r * width + len(ctx) - 1, r * width + length - 1, dtype=np.int64))
             targets.append(np.asarray(end, dtype=np.int64))
             row_ids.append(np.full(len(end), row_id, dtype=np.int64))
-        batches.append(tuple(torch.from_numpy(a).to(device) for a in
-                             (tokens, np.concatenate(positions), np.concatenate(targets), np.concatenate(row_ids))))
+        batches.append(
+            tuple(
+                torch.from_numpy(a).to(device)
+                for a in (tokens, np.concatenate(positions), np.concatenate(targets), np.concatenate(row_ids))
+            )
+        )
         start += count
     lengths = torch.tensor(tok.norm_lengths, dtype=torch.float32).reshape(n, 4)
     labels = torch.tensor(tok.labels, dtype=torch.long)
@@ -188,7 +219,9 @@ def _local_batches(examples, device, rank, world_size, batch_size, max_tokens, s
             raise ValueError(f"examples were tokenized for style {examples.style!r}, not {style!r}")
         key = (rank, world_size, batch_size, max_tokens, str(device))
         if key not in examples._batches:
-            examples._batches[key] = _build_batches(examples[rank::world_size], device, batch_size, max_tokens)
+            examples._batches[key] = _build_batches(
+                examples[rank::world_size], device, batch_size, max_tokens
+            )
         return examples._batches[key]
     tokenized = tokenize_examples(list(examples)[rank::world_size], style=style or "completion")
     return _build_batches(tokenized, device, batch_size, max_tokens)
@@ -196,6 +229,7 @@ def _local_batches(examples, device, rank, world_size, batch_size, max_tokens, s
 
 # -----------------------------------------------------------------------------
 # scoring
+
 
 def _model_parts(model):
     """(hidden_fn, head_fn, context_length) for a model. With a hidden_fn, only the positions
@@ -210,6 +244,7 @@ def _model_parts(model):
 
         def head(h):
             return F.linear(h, lm_head.weight[:vocab])
+
         return m.hidden_states, head, config.block_size
     transformer = getattr(m, "transformer", None)
     if transformer is not None and isinstance(lm_head, torch.nn.Linear) and hasattr(config, "n_positions"):
@@ -221,6 +256,7 @@ def _model_parts(model):
         def head(h):
             bias = None if lm_head.bias is None else lm_head.bias[:vocab]
             return F.linear(h, lm_head.weight[:vocab], bias)
+
         return hidden, head, config.n_positions
 
     def logits_fn(idx):
@@ -228,6 +264,7 @@ def _model_parts(model):
         if isinstance(out, (tuple, list)):
             out = out[0]
         return getattr(out, "logits", out)
+
     return None, logits_fn, None
 
 
@@ -246,8 +283,10 @@ def _row_losses(model, batches, device, autocast_dtype, progress, should_stop=No
     asked before each batch, said so."""
     hidden_fn, head_fn, context_length = _model_parts(model)
     if context_length is not None and batches.max_len > context_length:
-        raise UserError(f"{batches.longest_source or 'HellaSwag'}: a HellaSwag row is {batches.max_len} tokens long, "
-                        f"more than the model's context of {context_length}")
+        raise UserError(
+            f"{batches.longest_source or 'HellaSwag'}: a HellaSwag row is {batches.max_len} tokens long, "
+            f"more than the model's context of {context_length}"
+        )
     row_loss = torch.zeros(batches.n_rows, dtype=torch.float32, device=device)
     module = unwrap_model(model)
     was_training = getattr(module, "training", False)
@@ -256,6 +295,7 @@ def _row_losses(model, batches, device, autocast_dtype, progress, should_stop=No
     bar = None
     if progress:
         from tqdm import tqdm
+
         bar = tqdm(total=batches.n_rows, unit="row", desc="hellaswag", file=sys.stderr)
     try:
         for tokens, positions, targets, row_ids in batches.batches:
@@ -269,10 +309,10 @@ def _row_losses(model, batches, device, autocast_dtype, progress, should_stop=No
                     logits = head_fn(tokens)
                     selected = logits.reshape(-1, logits.size(-1)).index_select(0, positions)  # (P, V)
                 for s in range(0, positions.numel(), LOGITS_CHUNK):
-                    part = selected[s:s + LOGITS_CHUNK]
+                    part = selected[s : s + LOGITS_CHUNK]
                     logits = head_fn(part) if hidden_fn is not None else part
-                    loss = F.cross_entropy(logits.float(), targets[s:s + LOGITS_CHUNK], reduction="none")
-                    row_loss.index_add_(0, row_ids[s:s + LOGITS_CHUNK], loss)
+                    loss = F.cross_entropy(logits.float(), targets[s : s + LOGITS_CHUNK], reduction="none")
+                    row_loss.index_add_(0, row_ids[s : s + LOGITS_CHUNK], loss)
             if bar is not None:
                 bar.update(tokens.size(0))
     finally:
@@ -283,8 +323,19 @@ def _row_losses(model, batches, device, autocast_dtype, progress, should_stop=No
     return row_loss.view(batches.n, 4)
 
 
-def evaluate(model, examples, device, rank=0, world_size=1, batch_size=DEFAULT_BATCH_SIZE,
-             autocast_dtype=None, max_tokens=None, progress=False, style=None, should_stop=None):
+def evaluate(
+    model,
+    examples,
+    device,
+    rank=0,
+    world_size=1,
+    batch_size=DEFAULT_BATCH_SIZE,
+    autocast_dtype=None,
+    max_tokens=None,
+    progress=False,
+    style=None,
+    should_stop=None,
+):
     """This rank's LOCAL counts over its share examples[rank::world_size], as an int64 tensor
     [n, n_correct, n_correct_norm] on `device`: all_reduce it (SUM) across ranks once.
 
@@ -312,13 +363,29 @@ def evaluate(model, examples, device, rank=0, world_size=1, batch_size=DEFAULT_B
     return counts
 
 
-def evaluate_model(model, examples, device=None, batch_size=DEFAULT_BATCH_SIZE, autocast_dtype=None,
-                   max_tokens=None, progress=False, style=None):
+def evaluate_model(
+    model,
+    examples,
+    device=None,
+    batch_size=DEFAULT_BATCH_SIZE,
+    autocast_dtype=None,
+    max_tokens=None,
+    progress=False,
+    style=None,
+):
     """Single process: {"n", "acc", "acc_norm"} over all examples (one host sync)."""
     if device is None:
         device = next(unwrap_model(model).parameters()).device
-    n, correct, correct_norm = evaluate(model, examples, device, batch_size=batch_size, autocast_dtype=autocast_dtype,
-                                        max_tokens=max_tokens, progress=progress, style=style).tolist()
+    n, correct, correct_norm = evaluate(
+        model,
+        examples,
+        device,
+        batch_size=batch_size,
+        autocast_dtype=autocast_dtype,
+        max_tokens=max_tokens,
+        progress=progress,
+        style=style,
+    ).tolist()
     if n == 0:
         raise UserError("no HellaSwag examples to evaluate")
     return {"n": n, "acc": correct / n, "acc_norm": correct_norm / n}

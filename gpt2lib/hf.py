@@ -15,9 +15,18 @@ import urllib.parse
 
 import torch
 
-from gpt2lib.common import (ENCODER_JSON_SHA256, GPT2_EOT, VOCAB_BPE_SHA256, UserError, check_model_shape,
-                            offline_bpe_files, write_failure, one_line, read_verified, unwrap_model)
-
+from gpt2lib.common import (
+    ENCODER_JSON_SHA256,
+    GPT2_EOT,
+    VOCAB_BPE_SHA256,
+    UserError,
+    check_model_shape,
+    offline_bpe_files,
+    one_line,
+    read_verified,
+    unwrap_model,
+    write_failure,
+)
 
 # HF's GPT-2 uses Conv1D layers, whose weights are stored [in, out]: the transpose of nn.Linear's.
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -29,15 +38,20 @@ def check_hub_reachable(what, timeout=5.0):
     """A one-line UserError at once when the HuggingFace hub cannot be reached (no network, no DNS):
     its client would first retry for half a minute. Offline mode (HF_HUB_OFFLINE) and proxies are
     left to the client."""
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on") or \
-            any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on") or any(
+        os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+    ):
         return
     url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
     try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+        socket.create_connection(
+            (url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout
+        ).close()
     except OSError as e:
-        raise UserError(f"cannot reach the HuggingFace hub at {url.hostname} ({one_line(e)}) to download {what}: "
-                        "check the network, or pass a local directory written by save_pretrained") from None
+        raise UserError(
+            f"cannot reach the HuggingFace hub at {url.hostname} ({one_line(e)}) to download {what}: "
+            "check the network, or pass a local directory written by save_pretrained"
+        ) from None
 
 
 def download_hf_model(name):
@@ -45,15 +59,22 @@ def download_hf_model(name):
     from huggingface_hub import snapshot_download
 
     try:  # a copy in the hub cache needs no network
-        return snapshot_download(f"openai-community/{name}", allow_patterns=["config.json", "model.safetensors"],
-                                 local_files_only=True)
+        return snapshot_download(
+            f"openai-community/{name}",
+            allow_patterns=["config.json", "model.safetensors"],
+            local_files_only=True,
+        )
     except Exception:
         check_hub_reachable(f"'{name}'")
     try:
-        return snapshot_download(f"openai-community/{name}", allow_patterns=["config.json", "model.safetensors"])
+        return snapshot_download(
+            f"openai-community/{name}", allow_patterns=["config.json", "model.safetensors"]
+        )
     except Exception as e:  # the hub client raises many error types; all mean the same to the user
-        raise UserError(f"could not download '{name}' from the HuggingFace hub ({type(e).__name__}): "
-                        "check the network, or pass a local directory written by save_pretrained") from None
+        raise UserError(
+            f"could not download '{name}' from the HuggingFace hub ({type(e).__name__}): "
+            "check the network, or pass a local directory written by save_pretrained"
+        ) from None
 
 
 def read_hf_checkpoint(directory):
@@ -69,14 +90,30 @@ def read_hf_checkpoint(directory):
     if model_type != "gpt2":
         raise UserError(f"{config_path}: model_type is {model_type!r}, expected 'gpt2'")
     if hf_config.get("activation_function", "gelu_new") != "gelu_new":
-        raise UserError(f"{config_path}: activation_function {hf_config['activation_function']!r} is not GPT-2's gelu_new")
-    bad = [k for k in ("n_positions", "vocab_size", "n_layer", "n_head", "n_embd")
-           if not isinstance(hf_config.get(k), int) or hf_config[k] <= 0]
+        raise UserError(
+            f"{config_path}: activation_function {hf_config['activation_function']!r} is not GPT-2's gelu_new"
+        )
+    bad = [
+        k
+        for k in ("n_positions", "vocab_size", "n_layer", "n_head", "n_embd")
+        if not isinstance(hf_config.get(k), int) or hf_config[k] <= 0
+    ]
     if bad or hf_config["n_embd"] % hf_config["n_head"]:
-        raise UserError(f"{config_path}: not a GPT-2 shape: "
-                        + (f"{', '.join(bad)} missing or not a positive integer" if bad else "n_embd is not a multiple of n_head"))
-    shape = dict(block_size=hf_config["n_positions"], vocab_size=hf_config["vocab_size"],
-                 n_layer=hf_config["n_layer"], n_head=hf_config["n_head"], n_embd=hf_config["n_embd"])
+        raise UserError(
+            f"{config_path}: not a GPT-2 shape: "
+            + (
+                f"{', '.join(bad)} missing or not a positive integer"
+                if bad
+                else "n_embd is not a multiple of n_head"
+            )
+        )
+    shape = dict(
+        block_size=hf_config["n_positions"],
+        vocab_size=hf_config["vocab_size"],
+        n_layer=hf_config["n_layer"],
+        n_head=hf_config["n_head"],
+        n_embd=hf_config["n_embd"],
+    )
     check_model_shape(shape, config_path)  # sizes within bounds, before anything is allocated
     return shape, read_hf_tensors(directory)
 
@@ -116,15 +153,19 @@ def state_dict_from_hf(hf_state, our_state, source):
     missing = [k for k in our_state if hf.get(k) is None]
     unexpected = [k for k in hf if k not in our_state]
     if missing or unexpected:
-        raise UserError(f"{source}: not a matching GPT-2 checkpoint: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise UserError(
+            f"{source}: not a matching GPT-2 checkpoint: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
     out = {}
     for key, ours in our_state.items():
         tensor = hf[key].t() if key.endswith(CONV1D_SUFFIXES) else hf[key]
         if key in ("transformer.wte.weight", "lm_head.weight") and tensor.size(0) < ours.size(0):
             tensor = torch.cat([tensor, tensor.new_zeros(ours.size(0) - tensor.size(0), tensor.size(1))])
         if tensor.shape != ours.shape:
-            raise UserError(f"{source}: tensor {key} has shape {list(hf[key].shape)}, "
-                            f"expected {list(ours.shape)} for this config")
+            raise UserError(
+                f"{source}: tensor {key} has shape {list(hf[key].shape)}, "
+                f"expected {list(ours.shape)} for this config"
+            )
         out[key] = tensor.to(ours.dtype)
     return out
 
@@ -147,11 +188,22 @@ def hf_config(config):
     """transformers' GPT2Config for our GPTConfig (the real vocabulary, not the padded one)."""
     from transformers import GPT2Config
 
-    return GPT2Config(vocab_size=config.vocab_size, n_positions=config.block_size, n_embd=config.n_embd,
-                      n_layer=config.n_layer, n_head=config.n_head, activation_function="gelu_new",
-                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=1e-5,
-                      bos_token_id=GPT2_EOT, eos_token_id=GPT2_EOT, tie_word_embeddings=True,
-                      architectures=["GPT2LMHeadModel"])
+    return GPT2Config(
+        vocab_size=config.vocab_size,
+        n_positions=config.block_size,
+        n_embd=config.n_embd,
+        n_layer=config.n_layer,
+        n_head=config.n_head,
+        activation_function="gelu_new",
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        layer_norm_epsilon=1e-5,
+        bos_token_id=GPT2_EOT,
+        eos_token_id=GPT2_EOT,
+        tie_word_embeddings=True,
+        architectures=["GPT2LMHeadModel"],
+    )
 
 
 def hf_gpt2_tokenizer(model_max_length):
@@ -165,7 +217,9 @@ def hf_gpt2_tokenizer(model_max_length):
 
     vocab_bpe, encoder_json = offline_bpe_files()
     vocab = json.loads(read_verified(encoder_json, ENCODER_JSON_SHA256))
-    merge_lines = read_verified(vocab_bpe, VOCAB_BPE_SHA256).decode("utf-8").split("\n")[1:]  # [0] is "#version: 0.2"
+    merge_lines = (
+        read_verified(vocab_bpe, VOCAB_BPE_SHA256).decode("utf-8").split("\n")[1:]
+    )  # [0] is "#version: 0.2"
     bpe = Tokenizer(BPE(vocab=vocab, merges=[tuple(line.split(" ")) for line in merge_lines if line]))
     # GPT-2's split regex (tiktoken's r50k pattern), then BPE over bytes shown as printable characters
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -173,9 +227,16 @@ def hf_gpt2_tokenizer(model_max_length):
     eot = "<|endoftext|>"
     # GPT-2 has no padding token; batches (pipeline's batch_size > 1) pad with <|endoftext|> on the
     # left, where a decoder-only model's generation needs the padding
-    return GPT2TokenizerFast(tokenizer_object=bpe, bos_token=eot, eos_token=eot, unk_token=eot, pad_token=eot,
-                             padding_side="left", model_max_length=model_max_length,
-                             clean_up_tokenization_spaces=False)  # transformers 4 would decode " ." as "." and " 's" as "'s"
+    return GPT2TokenizerFast(
+        tokenizer_object=bpe,
+        bos_token=eot,
+        eos_token=eot,
+        unk_token=eot,
+        pad_token=eot,
+        padding_side="left",
+        model_max_length=model_max_length,
+        clean_up_tokenization_spaces=False,
+    )  # transformers 4 would decode " ." as "." and " 's" as "'s"
 
 
 EXPORT_MARKER = "train_gpt2_export.json"  # written into every export: proof that this project made it
@@ -200,10 +261,20 @@ def file_sha256(path):
 def write_marker(directory, target, files):
     """The marker names the files and records the SHA-256 of each (the marker aside), so that a
     re-export can tell an untouched export from one a user changed in place."""
-    digests = {name: file_sha256(os.path.join(directory, name)) for name in sorted(files) if name != EXPORT_MARKER}
+    digests = {
+        name: file_sha256(os.path.join(directory, name)) for name in sorted(files) if name != EXPORT_MARKER
+    }
     with open(os.path.join(directory, EXPORT_MARKER), "w") as f:
-        json.dump({"written_by": "train_gpt2.py --export-hf / GPT.save_pretrained", "target": target,
-                   "files": sorted(files), "sha256": digests}, f, indent=1)
+        json.dump(
+            {
+                "written_by": "train_gpt2.py --export-hf / GPT.save_pretrained",
+                "target": target,
+                "files": sorted(files),
+                "sha256": digests,
+            },
+            f,
+            indent=1,
+        )
 
 
 def check_replaceable(directory):
@@ -218,32 +289,42 @@ def check_replaceable(directory):
     held = set(os.listdir(directory))
     marker = read_marker(directory)
     if marker is None:
-        raise UserError(f"{directory} is not an earlier export of this project (no {EXPORT_MARKER}) and not empty: "
-                        "export into a new or empty directory; nothing was changed")
+        raise UserError(
+            f"{directory} is not an earlier export of this project (no {EXPORT_MARKER}) and not empty: "
+            "export into a new or empty directory; nothing was changed"
+        )
     others = sorted(held - set(marker["files"]))
     if others:
-        raise UserError(f"{directory} holds files an export did not write ({', '.join(others[:5])}): it would "
-                        "replace them, so export into a new or empty directory; nothing was changed")
+        raise UserError(
+            f"{directory} holds files an export did not write ({', '.join(others[:5])}): it would "
+            "replace them, so export into a new or empty directory; nothing was changed"
+        )
     check_unchanged(directory, sorted(held - {EXPORT_MARKER}), marker.get("sha256"))
 
 
 def check_unchanged(directory, names, digests):
     """Every file of an earlier export still has the digest its marker records."""
     if not isinstance(digests, dict):
-        raise UserError(f"{directory} is an export whose marker records no digests of its files (written by an "
-                        "earlier version): whether they were changed since cannot be told, so it is not replaced; "
-                        "move it away (or delete it) and export again; nothing was changed")
+        raise UserError(
+            f"{directory} is an export whose marker records no digests of its files (written by an "
+            "earlier version): whether they were changed since cannot be told, so it is not replaced; "
+            "move it away (or delete it) and export again; nothing was changed"
+        )
     for name in names:
         path = os.path.join(directory, name)
         try:
             unchanged = os.path.isfile(path) and digests.get(name) == file_sha256(path)
         except OSError as e:
-            raise UserError(f"{path}: cannot read it to check that it is unchanged since the export ({one_line(e)}); "
-                            "nothing was changed") from None
+            raise UserError(
+                f"{path}: cannot read it to check that it is unchanged since the export ({one_line(e)}); "
+                "nothing was changed"
+            ) from None
         if not unchanged:
-            raise UserError(f"{path} was changed since it was exported (its contents differ from the digest the "
-                            "export recorded): export into a new or empty directory, or move this one away; "
-                            "nothing was changed")
+            raise UserError(
+                f"{path} was changed since it was exported (its contents differ from the digest the "
+                "export recorded): export into a new or empty directory, or move this one away; "
+                "nothing was changed"
+            )
 
 
 def make_temp_directory(directory):
@@ -268,8 +349,12 @@ def remove_leftovers(directory):
     parent, name = os.path.split(directory)
     for entry in os.listdir(parent):
         path = os.path.join(parent, entry)
-        if entry.startswith(tuple(prefix + name + "-" for prefix in TEMP_PREFIXES)) and os.path.isdir(path) \
-                and not os.path.islink(path) and (read_marker(path) or {}).get("target") == name:
+        if (
+            entry.startswith(tuple(prefix + name + "-" for prefix in TEMP_PREFIXES))
+            and os.path.isdir(path)
+            and not os.path.islink(path)
+            and (read_marker(path) or {}).get("target") == name
+        ):
             shutil.rmtree(path, ignore_errors=True)
 
 
@@ -280,7 +365,9 @@ def replace_directory(new, directory):
         os.rename(new, directory)
         return
     parent, name = os.path.split(directory)
-    old = os.path.join(parent, f"{TEMP_PREFIXES[1]}{name}-{os.path.basename(new)[len(TEMP_PREFIXES[0] + name) + 1:]}")
+    old = os.path.join(
+        parent, f"{TEMP_PREFIXES[1]}{name}-{os.path.basename(new)[len(TEMP_PREFIXES[0] + name) + 1 :]}"
+    )
     os.rename(directory, old)
     try:
         os.rename(new, directory)
@@ -335,6 +422,8 @@ def write_hf_checkpoint(model, directory):
             shutil.rmtree(tmp, ignore_errors=True)
         failure = export_write_failure(e) if isinstance(e, Exception) else None
         if failure is not None:
-            raise UserError(f"{directory}: cannot write the export ({one_line(failure)}): check free space and "
-                            "permissions") from None
+            raise UserError(
+                f"{directory}: cannot write the export ({one_line(failure)}): check free space and "
+                "permissions"
+            ) from None
         raise

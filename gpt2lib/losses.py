@@ -26,10 +26,12 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         loss_sum = torch.zeros((), dtype=torch.float32, device=x.device)
         for start in range(0, n, chunk_size):
-            x_chunk = x[start:start + chunk_size]
-            chunk_loss_sum, grad_logits = chunk_loss(x_chunk, weight, targets[start:start + chunk_size], vocab_size, n)
+            x_chunk = x[start : start + chunk_size]
+            chunk_loss_sum, grad_logits = chunk_loss(
+                x_chunk, weight, targets[start : start + chunk_size], vocab_size, n
+            )
             loss_sum += chunk_loss_sum
-            grad_x[start:start + chunk_size] = grad_logits @ weight
+            grad_x[start : start + chunk_size] = grad_logits @ weight
             grad_weight += grad_logits.t() @ x_chunk
         ctx.save_for_backward(grad_x, grad_weight.to(weight.dtype))
         return loss_sum / n
@@ -91,7 +93,12 @@ def chunked_cross_entropy(x, weight, targets, vocab_size, chunk_size=8192, loss_
     targets = targets.reshape(-1)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return _ChunkedLinearCrossEntropy.apply(x, weight, targets, vocab_size, chunk_size, loss_impl)
-    loss_sum = sum(F.cross_entropy(masked_logits(x[s:s + chunk_size], weight, vocab_size),
-                                   targets[s:s + chunk_size], reduction="sum")
-                   for s in range(0, x.size(0), chunk_size))
+    loss_sum = sum(
+        F.cross_entropy(
+            masked_logits(x[s : s + chunk_size], weight, vocab_size),
+            targets[s : s + chunk_size],
+            reduction="sum",
+        )
+        for s in range(0, x.size(0), chunk_size)
+    )
     return loss_sum / x.size(0)

@@ -64,8 +64,10 @@ class MuonAdamW:
         for part in self.parts:
             state = part.state_dict()
             merged["state"].update({offset + index: value for index, value in state["state"].items()})
-            merged["param_groups"] += [{**group, "params": [offset + index for index in group["params"]]}
-                                       for group in state["param_groups"]]
+            merged["param_groups"] += [
+                {**group, "params": [offset + index for index in group["params"]]}
+                for group in state["param_groups"]
+            ]
             offset += sum(len(group["params"]) for group in part.param_groups)
         return merged
 
@@ -73,12 +75,18 @@ class MuonAdamW:
         """Each part takes its own groups (AdamW's come first) and the state of their parameters."""
         groups = state["param_groups"]
         for part in self.parts:
-            own, groups = groups[:len(part.param_groups)], groups[len(part.param_groups):]
+            own, groups = groups[: len(part.param_groups)], groups[len(part.param_groups) :]
             indices = {index for group in own for index in group["params"]}
-            part.load_state_dict({"state": {index: value for index, value in state["state"].items() if index in indices},
-                                  "param_groups": own})
+            part.load_state_dict(
+                {
+                    "state": {index: value for index, value in state["state"].items() if index in indices},
+                    "param_groups": own,
+                }
+            )
         if groups:
-            raise ValueError(f"the optimizer state has {len(groups)} param group(s) more than AdamW's and Muon's")
+            raise ValueError(
+                f"the optimizer state has {len(groups)} param group(s) more than AdamW's and Muon's"
+            )
 
 
 def muon_adamw(model, weight_decay, lr, fused, muon_lr, muon_momentum, muon_weight_decay):
@@ -88,9 +96,22 @@ def muon_adamw(model, weight_decay, lr, fused, muon_lr, muon_momentum, muon_weig
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     hidden = [p for name, p in named if is_muon_parameter(name, p)]
     rest = [p for name, p in named if not is_muon_parameter(name, p)]
-    adamw = torch.optim.AdamW([{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
-                               {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}],
-                              lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
-    muon = torch.optim.Muon([{"params": hidden, MUON_GROUP: True}], lr=muon_lr, momentum=muon_momentum,
-                            weight_decay=muon_weight_decay, nesterov=True, adjust_lr_fn="original")
+    adamw = torch.optim.AdamW(
+        [
+            {"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
+        ],
+        lr=lr,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+        fused=fused,
+    )
+    muon = torch.optim.Muon(
+        [{"params": hidden, MUON_GROUP: True}],
+        lr=muon_lr,
+        momentum=muon_momentum,
+        weight_decay=muon_weight_decay,
+        nesterov=True,
+        adjust_lr_fn="original",
+    )
     return MuonAdamW(adamw, muon)

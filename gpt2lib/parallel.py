@@ -79,22 +79,33 @@ def named_optimizer_state(model, optimizer, state):
     order = [names[param] for group in optimizer.param_groups for param in group["params"]]
     saved_order = [index for group in state["param_groups"] for index in group["params"]]
     by_index = dict(zip(saved_order, order))
-    return {"state": {by_index[index]: value for index, value in state["state"].items()},
-            "param_groups": [{**group, "params": [by_index[index] for index in group["params"]]}
-                             for group in state["param_groups"]]}
+    return {
+        "state": {by_index[index]: value for index, value in state["state"].items()},
+        "param_groups": [
+            {**group, "params": [by_index[index] for index in group["params"]]}
+            for group in state["param_groups"]
+        ],
+    }
 
 
 def load_full_state(model, optimizer, model_state, optimizer_state=None):
     """Load full (unsharded) weights and, when given, a full optimizer.state_dict() into a sharded
     model and its optimizer: each rank keeps its shard. Every rank passes the same full state."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                         set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
 
     options = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, model_state, options=options)
     if optimizer is not None and optimizer_state is not None:
-        set_optimizer_state_dict(model, optimizers.parts(optimizer),
-                                 named_optimizer_state(model, optimizer, optimizer_state), options=options)
+        set_optimizer_state_dict(
+            model,
+            optimizers.parts(optimizer),
+            named_optimizer_state(model, optimizer, optimizer_state),
+            options=options,
+        )
 
 
 def local_bytes(tensor):
@@ -108,11 +119,17 @@ def local_bytes(tensor):
 def state_bytes(model, optimizer):
     """{"params", "grads", "optimizer"}: bytes this rank holds for each, the tied weight counted once."""
     params = list(model.parameters())
-    optimizer_tensors = [value for state in optimizer.state.values() for value in state.values()
-                         if isinstance(value, torch.Tensor)]
-    return {"params": sum(local_bytes(p) for p in params),
-            "grads": sum(local_bytes(p.grad) for p in params if p.grad is not None),
-            "optimizer": sum(local_bytes(t) for t in optimizer_tensors)}
+    optimizer_tensors = [
+        value
+        for state in optimizer.state.values()
+        for value in state.values()
+        if isinstance(value, torch.Tensor)
+    ]
+    return {
+        "params": sum(local_bytes(p) for p in params),
+        "grads": sum(local_bytes(p.grad) for p in params if p.grad is not None),
+        "optimizer": sum(local_bytes(t) for t in optimizer_tensors),
+    }
 
 
 def wrap_model(raw_model, cfg, dist_ctx):
@@ -130,7 +147,9 @@ def shard_for_training(model, precision, device):
     """--fsdp: shard the model (see shard_model), computing in bf16 on CUDA when the run's dtype is
     bf16. fp16 is refused: its loss scaler is not sharded."""
     if precision.name == "fp16":
-        raise UserError("--fsdp trains in bf16 or fp32, not fp16 (its loss scaler is not sharded): "
-                        "pass --dtype bf16 or --dtype fp32")
+        raise UserError(
+            "--fsdp trains in bf16 or fp32, not fp16 (its loss scaler is not sharded): "
+            "pass --dtype bf16 or --dtype fp32"
+        )
     compute_dtype = precision.dtype if device.type == "cuda" and precision.name == "bf16" else None
     shard_model(model, device, param_dtype=compute_dtype)

@@ -20,10 +20,17 @@ def files_of_other_runs(log_dir, resume_path, resume_step):
     if not os.path.isdir(log_dir):
         return [], []
     checkpoints = list_checkpoints(log_dir)
-    logs = [os.path.join(log_dir, name) for name in LOG_FILES
-            if os.path.isfile(os.path.join(log_dir, name)) and os.path.getsize(os.path.join(log_dir, name))]
+    logs = [
+        os.path.join(log_dir, name)
+        for name in LOG_FILES
+        if os.path.isfile(os.path.join(log_dir, name)) and os.path.getsize(os.path.join(log_dir, name))
+    ]
     if not continues_in(log_dir, resume_path):  # W&B and TensorBoard files go too: this run starts its own
-        trackers = [os.path.join(log_dir, name) for name in tracking.PATHS if os.path.exists(os.path.join(log_dir, name))]
+        trackers = [
+            os.path.join(log_dir, name)
+            for name in tracking.PATHS
+            if os.path.exists(os.path.join(log_dir, name))
+        ]
         return checkpoints + logs + trackers, []
     newer = [path for path in checkpoints if checkpoint_step(path) > resume_step]
     return (newer, logs) if newer else ([], [])
@@ -50,8 +57,10 @@ def set_aside(log_dir, move, copy):
     except OSError as e:
         undone = undo_set_aside(aside, copied, moved)
         where = "nothing was moved" if undone else f"what was moved is in {aside}, the rest in {log_dir}"
-        raise UserError(f"{log_dir}: cannot set earlier runs' files aside into {aside} ({one_line(e)}); "
-                        f"{where}: check free space and permissions") from None
+        raise UserError(
+            f"{log_dir}: cannot set earlier runs' files aside into {aside} ({one_line(e)}); "
+            f"{where}: check free space and permissions"
+        ) from None
     return aside
 
 
@@ -78,8 +87,10 @@ def prepare_run_dir(log_dir, resume_path, resume_step, logs=None):
     move, copy = files_of_other_runs(log_dir, resume_path, resume_step)
     if move:
         aside = set_aside(log_dir, move, copy)
-        print(f"{log_dir} held files this run does not continue: moved them to {aside} "
-              f"({', '.join(sorted(os.listdir(aside)))})")
+        print(
+            f"{log_dir} held files this run does not continue: moved them to {aside} "
+            f"({', '.join(sorted(os.listdir(aside)))})"
+        )
     with disk_errors(log_dir, "create this log directory"):
         os.makedirs(log_dir, exist_ok=True)
     for name, data in (logs or {}).items():

@@ -25,6 +25,7 @@ from gpt2lib.runlog import LOG_FILES
 @dataclass
 class Holding:
     """The newest good checkpoint one node has, as its first process reports it."""
+
     rank: int
     host: str
     path: str
@@ -51,8 +52,9 @@ def local_holding(rank, path, checkpoint, damaged=None):
         return Holding(rank, socket.gethostname(), None, -1, None, damaged=damaged)
     if path is None:
         return None
-    return Holding(rank, socket.gethostname(), path, checkpoint["step"], checkpoint.get("run_id"),
-                   checkpoint=checkpoint)
+    return Holding(
+        rank, socket.gethostname(), path, checkpoint["step"], checkpoint.get("run_id"), checkpoint=checkpoint
+    )
 
 
 def file_digest(path):
@@ -83,8 +85,10 @@ def newest(reports, resume):
     runs = {r.run_id for r in found if r.run_id is not None}
     if len(runs) > 1:
         listing = "; ".join(f"{r.where()} of run {r.run_id}" for r in found if r.run_id is not None)
-        raise UserError(f"the nodes' log dirs hold checkpoints of different runs ({listing}): "
-                        "give every node this run's log dir, or pass --resume PATH or --resume none")
+        raise UserError(
+            f"the nodes' log dirs hold checkpoints of different runs ({listing}): "
+            "give every node this run's log dir, or pass --resume PATH or --resume none"
+        )
     top = max(r.step for r in found)
     return [r for r in found if r.step == top]
 
@@ -94,8 +98,10 @@ def check_same_contents(candidates):
     or copies. Different contents mean two histories, and neither is chosen silently."""
     if len({r.digest for r in candidates}) > 1:
         listing = "; ".join(r.where() for r in candidates)
-        raise UserError(f"the nodes hold different checkpoints for step {candidates[0].step} ({listing}): "
-                        "keep the one to resume on one node, or pass --resume PATH")
+        raise UserError(
+            f"the nodes hold different checkpoints for step {candidates[0].step} ({listing}): "
+            "keep the one to resume on one node, or pass --resume PATH"
+        )
 
 
 def find_holder(mine, resume, dist_ctx):
@@ -164,9 +170,11 @@ def schedule_config(cfg, checkpoint):
         return cfg
     past = (checkpoint or {}).get("train_config") or {}
     if checkpoint is not None and past.get("lr_schedule", "cosine") != cfg.lr_schedule:
-        raise UserError(f"the checkpoint at step {checkpoint['step']} was trained with --lr-schedule "
-                        f"{past.get('lr_schedule', 'cosine')}, not {cfg.lr_schedule}: pass the same --lr-schedule, "
-                        "or --resume none")
+        raise UserError(
+            f"the checkpoint at step {checkpoint['step']} was trained with --lr-schedule "
+            f"{past.get('lr_schedule', 'cosine')}, not {cfg.lr_schedule}: pass the same --lr-schedule, "
+            "or --resume none"
+        )
     if cfg.lr_schedule != "wsd":
         return cfg
     start = cooldown_start(cfg.max_steps, cfg.cooldown_steps)
@@ -175,8 +183,10 @@ def schedule_config(cfg, checkpoint):
         if step <= past_start:
             start = max(start, step)
         elif cfg.max_steps != past["max_steps"]:
-            raise UserError(f"the checkpoint at step {step} is in the cooldown that started at step {past_start}: "
-                            f"resume it with --max-steps {past['max_steps']}, or resume a checkpoint of the stable phase")
+            raise UserError(
+                f"the checkpoint at step {step} is in the cooldown that started at step {past_start}: "
+                f"resume it with --max-steps {past['max_steps']}, or resume a checkpoint of the stable phase"
+            )
         else:  # the cooldown under way goes on as it started, whatever --cooldown-steps says now
             start = past_start
     return replace(cfg, cooldown_steps=cfg.max_steps - start)
@@ -186,8 +196,10 @@ def check_model_flag(config, source, model_flag, wanted):
     """An explicit --model must have the shape of the model that `source` brings (config: GPTConfig's
     fields). wanted: --model's GPTConfig fields; model_flag: --model as given (empty: not given)."""
     if model_flag and any(wanted[k] != config[k] for k in SHAPE_FIELDS):
-        raise UserError(f"--model {model_flag} ({shape_text(wanted)}) conflicts with {source} ({shape_text(config)}): "
-                        f"leave --model out, the shape comes from {source}")
+        raise UserError(
+            f"--model {model_flag} ({shape_text(wanted)}) conflicts with {source} ({shape_text(config)}): "
+            f"leave --model out, the shape comes from {source}"
+        )
 
 
 def check_resumable(path, checkpoint, config, cfg, wanted):
@@ -196,21 +208,29 @@ def check_resumable(path, checkpoint, config, cfg, wanted):
     --model with --vocab-multiple (None with --init-from and no --model: the shape is the checkpoint's)."""
     started_from = (checkpoint.get("train_config") or {}).get("init_from", "")
     if not same_source(started_from, cfg.init_from):
-        raise UserError(f"{path} is a run started from {origin_text(started_from)}, not from "
-                        f"{origin_text(cfg.init_from)}: pass the same --init-from, another --log-dir, or --resume none")
+        raise UserError(
+            f"{path} is a run started from {origin_text(started_from)}, not from "
+            f"{origin_text(cfg.init_from)}: pass the same --init-from, another --log-dir, or --resume none"
+        )
     schedule_config(cfg, checkpoint)
     if checkpoints.trained_with(checkpoint) != cfg.optimizer:
-        raise UserError(f"{path} was trained with --optimizer {checkpoints.trained_with(checkpoint)}, not "
-                        f"{cfg.optimizer}: pass the same --optimizer, another --log-dir, or --resume none")
+        raise UserError(
+            f"{path} was trained with --optimizer {checkpoints.trained_with(checkpoint)}, not "
+            f"{cfg.optimizer}: pass the same --optimizer, another --log-dir, or --resume none"
+        )
     if not cfg.init_from:
         if config != wanted:
-            raise UserError(f"the checkpoint's model {config} differs from --model's {wanted}: "
-                            "pass the same --model and --vocab-multiple, or --resume none")
+            raise UserError(
+                f"the checkpoint's model {config} differs from --model's {wanted}: "
+                "pass the same --model and --vocab-multiple, or --resume none"
+            )
         return
     check_model_flag(config, path, cfg.model, wanted)
     if config["vocab_multiple"] != cfg.vocab_multiple:
-        raise UserError(f"{path} pads its vocabulary to a multiple of {config['vocab_multiple']}, not "
-                        f"{cfg.vocab_multiple}: pass the same --vocab-multiple, or --resume none")
+        raise UserError(
+            f"{path} pads its vocabulary to a multiple of {config['vocab_multiple']}, not "
+            f"{cfg.vocab_multiple}: pass the same --vocab-multiple, or --resume none"
+        )
 
 
 def restore(checkpoint, raw_model, optimizer, precision, train_loader, dist_ctx):

@@ -11,6 +11,7 @@ from gpt2lib.runlog import RunLog
 @dataclass
 class Start:
     """What a run starts from, decided on one rank and sent to every rank by DistContext.decide."""
+
     config: dict  # GPTConfig's fields
     checkpoint: dict | None  # the checkpoint of this run to resume, or None
     weights: dict | None  # --init-from's state_dict, or None: a seeded init (or the checkpoint's weights)
@@ -23,6 +24,7 @@ class Run:
     """Everything a training run holds. `model` is what trains: compiled and DDP-wrapped as
     configured; `raw_model` is the same parameters without wrappers, for evals with new shapes,
     sampling and checkpoints (so they never recompile and never see key prefixes)."""
+
     cfg: object  # train_gpt2.TrainConfig
     dist_ctx: DistContext
     raw_model: object  # train_gpt2.GPT

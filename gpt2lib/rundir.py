@@ -58,8 +58,10 @@ class DirectoryLock:
             return True
         except BlockingIOError:
             host, pid = self._holder(from_table=directory)
-            raise UserError(f"{self.flag} {self.directory} is in use by another run (host {host}, pid {pid}): "
-                            f"wait for it to end, or choose another {self.flag}") from None
+            raise UserError(
+                f"{self.flag} {self.directory} is in use by another run (host {host}, pid {pid}): "
+                f"wait for it to end, or choose another {self.flag}"
+            ) from None
         except OSError as e:
             if directory:
                 return False
@@ -71,8 +73,10 @@ class DirectoryLock:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         except OSError as e:
-            raise UserError(f"{self.flag} {self.directory}: cannot create its lock file {LOCK_NAME} "
-                            f"({one_line(e)}): check free space and permissions") from None
+            raise UserError(
+                f"{self.flag} {self.directory}: cannot create its lock file {LOCK_NAME} "
+                f"({one_line(e)}): check free space and permissions"
+            ) from None
         try:
             self._flock(fd)
             text = f"{socket.gethostname()} {os.getpid()}\n".encode()
@@ -80,8 +84,10 @@ class DirectoryLock:
             os.pwrite(fd, text, 0)
         except OSError as e:
             os.close(fd)
-            raise UserError(f"{self.flag} {self.directory}: cannot write its lock file ({one_line(e)}): "
-                            "check free space and permissions") from None
+            raise UserError(
+                f"{self.flag} {self.directory}: cannot write its lock file ({one_line(e)}): "
+                "check free space and permissions"
+            ) from None
         except BaseException:
             os.close(fd)
             raise
@@ -114,8 +120,10 @@ class DirectoryLock:
         except OSError:
             here = None
         if here is None or not same_file(here, os.fstat(self.dir_fd)):
-            raise UserError(f"{self.flag} {self.directory} was moved or deleted while this run was using it: "
-                            f"stopped without writing more into it; resume from the directory that holds its checkpoints")
+            raise UserError(
+                f"{self.flag} {self.directory} was moved or deleted while this run was using it: "
+                f"stopped without writing more into it; resume from the directory that holds its checkpoints"
+            )
         try:
             intact = same_file(os.stat(os.path.join(self.directory, LOCK_NAME)), os.fstat(self.fd))
         except OSError:
@@ -123,8 +131,10 @@ class DirectoryLock:
         if intact:
             return
         if not self.dir_locked:
-            raise UserError(f"{self.flag} {self.directory}: its lock file {LOCK_NAME} was deleted or replaced while "
-                            f"this run held it, so another run may have started in it: stopped without writing more")
+            raise UserError(
+                f"{self.flag} {self.directory}: its lock file {LOCK_NAME} was deleted or replaced while "
+                f"this run held it, so another run may have started in it: stopped without writing more"
+            )
         os.close(self.fd)
         self.fd = None
         self.fd = self._lock_file()
@@ -137,8 +147,11 @@ class DirectoryLock:
         if self.fd is not None:
             with contextlib.suppress(OSError):
                 os.ftruncate(self.fd, 0)  # the name of a run that ended is nobody's
-                if self.created and os.listdir(self.directory) == [LOCK_NAME] and \
-                        same_file(os.stat(self.directory), os.fstat(self.dir_fd)):
+                if (
+                    self.created
+                    and os.listdir(self.directory) == [LOCK_NAME]
+                    and same_file(os.stat(self.directory), os.fstat(self.dir_fd))
+                ):
                     os.remove(os.path.join(self.directory, LOCK_NAME))
                     os.rmdir(self.directory)
             os.close(self.fd)  # closing the descriptors drops the flocks
@@ -191,7 +204,9 @@ def remove_leftovers(directory, name_pattern):
             try:
                 os.remove(path)
             except OSError as e:
-                raise UserError(f"{path}: cannot remove this temporary file of an earlier run ({one_line(e)})") from None
+                raise UserError(
+                    f"{path}: cannot remove this temporary file of an earlier run ({one_line(e)})"
+                ) from None
             removed.append(name)
     if removed:
         print(f"note: removed temporary files that a killed run left in {directory}: {', '.join(removed)}")
@@ -240,6 +255,8 @@ def check_shared_log_dir(log_dir, dist_ctx):
     blind = [rank for rank, seen in enumerate(dist_ctx.gather_objects(os.path.exists(probe))) if not seen]
     dist_ctx.decide(lambda: remove_probe(probe))
     if blind:
-        message = (f"--fsdp: rank(s) {', '.join(map(str, blind))} do not see --log-dir {log_dir} as rank 0 does: "
-                   "sharded checkpoints need a log dir on a filesystem every node shares (or train without --fsdp)")
+        message = (
+            f"--fsdp: rank(s) {', '.join(map(str, blind))} do not see --log-dir {log_dir} as rank 0 does: "
+            "sharded checkpoints need a log dir on a filesystem every node shares (or train without --fsdp)"
+        )
         raise UserError(message) if dist_ctx.master_process else FollowerStop(message)

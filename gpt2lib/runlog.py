@@ -7,7 +7,6 @@ import os
 from gpt2lib import rundir
 from gpt2lib.common import UserError, atomic_write, one_line
 
-
 LOG_FILES = ("log.txt", "metrics.jsonl")
 
 
@@ -40,7 +39,9 @@ class RunLog:
                         elif step < resume_step:
                             kept.append(line)
             if torn:
-                print(f"warning: {path}: dropped {torn} malformed line(s), left by a run killed while writing")
+                print(
+                    f"warning: {path}: dropped {torn} malformed line(s), left by a run killed while writing"
+                )
             atomic_write(path, lambda f: f.write("".join(kept).encode()))
 
     @staticmethod
@@ -63,7 +64,10 @@ class RunLog:
         other ranks are not writing, so the next collective stops them all together."""
         if not self.enabled or self.failure:
             return
-        self._append(self.text_path, f"{step} {kind} {value:.6f}\n" if kind == "train" else f"{step} {kind} {value:.4f}\n")
+        self._append(
+            self.text_path,
+            f"{step} {kind} {value:.6f}\n" if kind == "train" else f"{step} {kind} {value:.4f}\n",
+        )
         self._append_row({"step": step, "kind": kind, "value": value, **metrics})
 
     def write_samples(self, step, prompt, texts):

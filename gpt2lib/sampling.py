@@ -52,7 +52,7 @@ class KVCache:
             self.mask = None
             return
         keys = torch.arange(self.length + T, device=self.pad.device)  # (L,)
-        queries = keys[self.length:, None]  # (T, 1)
+        queries = keys[self.length :, None]  # (T, 1)
         # a padded query sees only itself: a row with every key masked would give NaN, and NaN
         # values would leak through the zero weights that real queries give the padding
         allowed = ((keys <= queries) & (keys >= self.pad[:, None, None])) | (keys == queries)  # (B, T, L)
@@ -81,8 +81,9 @@ class LayerCache:
         self.k[:, :, start:end] = k
         self.v[:, :, start:end] = v
         causal = cache.mask is None and start == 0 and q.size(2) > 1
-        return F.scaled_dot_product_attention(q, self.k[:, :, :end], self.v[:, :, :end], attn_mask=cache.mask,
-                                              is_causal=causal)
+        return F.scaled_dot_product_attention(
+            q, self.k[:, :, :end], self.v[:, :, :end], attn_mask=cache.mask, is_causal=causal
+        )
 
 
 def left_pad(prompts, pad_id, device):
@@ -90,7 +91,7 @@ def left_pad(prompts, pad_id, device):
     width = max(len(p) for p in prompts)
     tokens = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     for row, ids in enumerate(prompts):
-        tokens[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+        tokens[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
     pad = torch.tensor([width - len(p) for p in prompts], dtype=torch.long)
     return tokens.to(device), pad.to(device)
 
@@ -159,15 +160,15 @@ def sample_tokens(model, prompts, max_new_tokens, top_k, temperature, rng, pad_i
     end = width  # columns of `out` filled
     logits = refill(model, cache, out, end, pad)
     for step in range(max_new_tokens):
-        out[:, end:end + 1] = next_tokens(logits, top_k, temperature, rng)
+        out[:, end : end + 1] = next_tokens(logits, top_k, temperature, rng)
         end += 1
         if step == max_new_tokens - 1:
             break
         if cache.length < cache.capacity:
-            logits = feed(model, cache, out[:, end - 1:end])
+            logits = feed(model, cache, out[:, end - 1 : end])
         else:  # the window is full: crop it by one token and recompute it
             logits = refill(model, cache, out, end, pad)
-    return [row[int(p):].tolist() for row, p in zip(out, pad)]
+    return [row[int(p) :].tolist() for row, p in zip(out, pad)]
 
 
 def feed(model, cache, idx):
@@ -183,7 +184,7 @@ def refill(model, cache, out, end, pad):
     that falls outside the window is gone, rows longer than the window lose their oldest tokens."""
     window = min(end, model.config.block_size)
     cache.reset((pad - (end - window)).clamp_min(0))
-    return feed(model, cache, out[:, end - window:end])
+    return feed(model, cache, out[:, end - window : end])
 
 
 def generate(model, prompt, max_new_tokens, num_samples=1, top_k=50, temperature=1.0, seed=42, device=None):
@@ -199,16 +200,31 @@ def generate(model, prompt, max_new_tokens, num_samples=1, top_k=50, temperature
     encoded = [enc.encode(text, allowed_special={"<|endoftext|>"}) or [GPT2_EOT] for text in texts]
     rows = [ids for ids in encoded for _ in range(num_samples)]
     rng = torch.Generator(device=device).manual_seed(seed)
-    out = sample(model, rows, max_new_tokens, top_k=top_k, temperature=temperature, rng=rng,
-                 pad_id=GPT2_EOT, device=device)
+    out = sample(
+        model,
+        rows,
+        max_new_tokens,
+        top_k=top_k,
+        temperature=temperature,
+        rng=rng,
+        pad_id=GPT2_EOT,
+        device=device,
+    )
     return [enc.decode(ids) for ids in out]
 
 
 def sample_and_print(model, prompt, settings, seed):
     """generate() with settings' num_samples, max_new_tokens, top_k and temperature (the flags of
     --generate and of the training samples); prints one `sample: '...'` line each, returns the texts."""
-    texts = generate(model, prompt, settings.max_new_tokens, settings.num_samples, settings.top_k,
-                     settings.temperature, seed=seed)
+    texts = generate(
+        model,
+        prompt,
+        settings.max_new_tokens,
+        settings.num_samples,
+        settings.top_k,
+        settings.temperature,
+        seed=seed,
+    )
     for text in texts:
         print(f"sample: {text!r}")
     return texts

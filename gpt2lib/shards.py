@@ -9,7 +9,6 @@ import xxhash
 
 from gpt2lib.common import UserError
 
-
 LLMC_MAGIC, LLMC_VERSION, LLMC_HEADER_BYTES = 20240520, 1, 256 * 4
 # a shard's fingerprint reads 16 evenly spaced samples of 16K tokens (512 KB): a full hash of a 100M-token
 # shard takes 0.2 s even with xxh3 from the page cache, so 20 s plus reading 20 GB at each start of a 10B run
@@ -25,13 +24,17 @@ def make_command(data_root):
 def find_shards(data_root, split):
     """Sorted shard paths of one split: files named like `{prefix}_{split}_{idx}.npy` or `.bin`."""
     if not os.path.isdir(data_root):
-        raise UserError(f"data directory {data_root} does not exist: run {make_command(data_root)} to make it, "
-                        "or pass --data-dir")
+        raise UserError(
+            f"data directory {data_root} does not exist: run {make_command(data_root)} to make it, "
+            "or pass --data-dir"
+        )
     pattern = re.compile(rf"(^|_){re.escape(split)}_\d+\.(npy|bin)$")
     shards = sorted(os.path.join(data_root, name) for name in os.listdir(data_root) if pattern.search(name))
     if not shards:
-        raise UserError(f"no '{split}' shards (*_{split}_NNNNNN.npy or .bin) in {data_root}: "
-                        f"run {make_command(data_root)} to make them, or pass --data-dir")
+        raise UserError(
+            f"no '{split}' shards (*_{split}_NNNNNN.npy or .bin) in {data_root}: "
+            f"run {make_command(data_root)} to make them, or pass --data-dir"
+        )
     return shards
 
 
@@ -44,18 +47,26 @@ def open_shard(path):
         if len(header) < 256 or header[0] != LLMC_MAGIC:
             raise UserError(f"shard {path} is not an llm.c token file (bad magic number)")
         if header[1] != LLMC_VERSION:
-            raise UserError(f"shard {path} has llm.c version {header[1]}, expected {LLMC_VERSION} (uint16 GPT-2 tokens)")
+            raise UserError(
+                f"shard {path} has llm.c version {header[1]}, expected {LLMC_VERSION} (uint16 GPT-2 tokens)"
+            )
         expected = LLMC_HEADER_BYTES + 2 * int(header[2])
         if os.path.getsize(path) != expected:
-            raise UserError(f"shard {path} is {os.path.getsize(path)} bytes but its header promises "
-                            f"{header[2]} tokens ({expected} bytes): the file is truncated or damaged")
+            raise UserError(
+                f"shard {path} is {os.path.getsize(path)} bytes but its header promises "
+                f"{header[2]} tokens ({expected} bytes): the file is truncated or damaged"
+            )
         return np.memmap(path, dtype=np.uint16, mode="r", offset=LLMC_HEADER_BYTES, shape=(int(header[2]),))
     try:
         tokens = np.load(path, mmap_mode="r")
     except (ValueError, EOFError, OSError) as e:
-        raise UserError(f"shard {path} is truncated or not a .npy file ({e}): delete it and rerun fineweb.py") from None
+        raise UserError(
+            f"shard {path} is truncated or not a .npy file ({e}): delete it and rerun fineweb.py"
+        ) from None
     if tokens.dtype != np.uint16 or tokens.ndim != 1:
-        raise UserError(f"shard {path} holds {tokens.dtype} of shape {tokens.shape}, expected 1-D uint16 tokens")
+        raise UserError(
+            f"shard {path} holds {tokens.dtype} of shape {tokens.shape}, expected 1-D uint16 tokens"
+        )
     return tokens
 
 
@@ -87,16 +98,20 @@ class ShardFile:
         try:
             return os.stat(self.path)
         except FileNotFoundError:
-            raise UserError(f"shard {self.path} was deleted while the run was using it: restore it and "
-                            "resume (the checkpoints written so far are good)") from None
+            raise UserError(
+                f"shard {self.path} was deleted while the run was using it: restore it and "
+                "resume (the checkpoints written so far are good)"
+            ) from None
 
     def check(self, stat=None):
         """Raise a one-line UserError unless the file (or the open file's stat) is as it was at open."""
         now = identity(stat or self._stat())
         if now != self.identity:
             how = "truncated" if now[2] < self.identity[2] else "rewritten or replaced"
-            raise UserError(f"shard {self.path} was {how} while the run was using it: restore the original and "
-                            "resume (the checkpoints written so far are good), or start over with --resume none")
+            raise UserError(
+                f"shard {self.path} was {how} while the run was using it: restore the original and "
+                "resume (the checkpoints written so far are good), or start over with --resume none"
+            )
 
     def read(self, start, count):
         """count tokens from token index start, as uint16; checked before and after the read."""
@@ -113,7 +128,9 @@ class ShardFile:
             raise UserError(f"shard {self.path}: cannot read it ({e.strerror or e})") from None
         self.check()  # a rewrite during the read
         if len(data) != 2 * count:
-            raise UserError(f"shard {self.path} is shorter than when the run opened it: restore the original and resume")
+            raise UserError(
+                f"shard {self.path} is shorter than when the run opened it: restore the original and resume"
+            )
         return np.frombuffer(data, dtype=np.uint16)
 
     def digest(self):
@@ -130,5 +147,7 @@ class ShardFile:
 
     def max_token(self, chunk=2**24):
         """The largest token id, read chunk by chunk (a shard may be larger than memory)."""
-        return max((int(self.read(i, min(chunk, self.length - i)).max()) for i in range(0, self.length, chunk)),
-                   default=-1)
+        return max(
+            (int(self.read(i, min(chunk, self.length - i)).max()) for i in range(0, self.length, chunk)),
+            default=-1,
+        )

@@ -32,10 +32,17 @@ def log_step(run, step, result, seconds):
     """Print (rank 0) and log a step's numbers; returns them as metrics.jsonl has them."""
     cfg, device = run.cfg, run.dist_ctx.device
     count_step_outcome(run.counts, result.norm, cfg.grad_clip, run.precision.scaler.is_enabled())
-    metrics = {"lr": result.lr, "norm": result.norm, "dt_ms": seconds * 1000,
-               "tokens_per_sec": cfg.total_batch_size / seconds, **run.counts}
-    line = (f"step {step:5d} | loss {result.loss:.6f} | lr {result.lr:.4e} | norm {result.norm:.4f} | "
-            f"dt {seconds * 1000:.2f}ms | tok/sec {metrics['tokens_per_sec']:.0f}")
+    metrics = {
+        "lr": result.lr,
+        "norm": result.norm,
+        "dt_ms": seconds * 1000,
+        "tokens_per_sec": cfg.total_batch_size / seconds,
+        **run.counts,
+    }
+    line = (
+        f"step {step:5d} | loss {result.loss:.6f} | lr {result.lr:.4e} | norm {result.norm:.4f} | "
+        f"dt {seconds * 1000:.2f}ms | tok/sec {metrics['tokens_per_sec']:.0f}"
+    )
     if run.gpu_peak_flops:
         step_flops = flops_per_token(run.raw_model.config, cfg.seq_len) * cfg.total_batch_size
         metrics["mfu"] = step_flops / seconds / run.dist_ctx.world_size / run.gpu_peak_flops
@@ -67,8 +74,10 @@ def report_benchmark(timed, name, cfg, dist_ctx):
     if "peak_mem_gib" in timed[0]:
         median["peak_mem_gib"] = max(m["peak_mem_gib"] for m in timed)
     if dist_ctx.master_process:
-        line = (f"benchmark {name} | B {cfg.batch_size} T {cfg.seq_len} x {dist_ctx.world_size} "
-                f"process(es) | {len(timed)} steps | median {median['dt_ms']:.1f} ms/step | {median['tokens_per_sec']:,.0f} tokens/s")
+        line = (
+            f"benchmark {name} | B {cfg.batch_size} T {cfg.seq_len} x {dist_ctx.world_size} "
+            f"process(es) | {len(timed)} steps | median {median['dt_ms']:.1f} ms/step | {median['tokens_per_sec']:,.0f} tokens/s"
+        )
         if "mfu" in median:
             line += f" | MFU {median['mfu'] * 100:.1f}%"
         if "peak_mem_gib" in median:

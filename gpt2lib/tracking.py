@@ -31,8 +31,11 @@ PACKAGES = {"wandb": "wandb", "tensorboard": "tensorboard"}  # flag -> the packa
 def missing_packages(wandb_project, tensorboard):
     """One line per tracking flag whose package is not installed."""
     wanted = [flag for flag, on in (("wandb", wandb_project), ("tensorboard", tensorboard)) if on]
-    return [f"--{flag} needs the {PACKAGES[flag]} package: pip install {PACKAGES[flag]}"
-            for flag in wanted if importlib.util.find_spec(PACKAGES[flag]) is None]
+    return [
+        f"--{flag} needs the {PACKAGES[flag]} package: pip install {PACKAGES[flag]}"
+        for flag in wanted
+        if importlib.util.find_spec(PACKAGES[flag]) is None
+    ]
 
 
 def metric_names(row):
@@ -106,9 +109,15 @@ class WandB:
             run_id = secrets.token_hex(4)  # W&B ids are lowercase letters and digits
             atomic_write(id_path, lambda f: f.write(run_id.encode()))
         # WANDB_MODE (online, offline, disabled) is W&B's own setting and is left to it
-        self.run = wandb.init(project=project, name=name or os.path.basename(os.path.abspath(log_dir)), id=run_id,
-                              resume="allow", dir=log_dir, config=config,
-                              settings=wandb.Settings(console="off"))  # log.txt and stdout already have the lines
+        self.run = wandb.init(
+            project=project,
+            name=name or os.path.basename(os.path.abspath(log_dir)),
+            id=run_id,
+            resume="allow",
+            dir=log_dir,
+            config=config,
+            settings=wandb.Settings(console="off"),
+        )  # log.txt and stdout already have the lines
         # a resumed W&B run already holds the steps before run.step (W&B refuses lower steps)
         self.first_step = self.run.step
         self.wandb = wandb

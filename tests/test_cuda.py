@@ -14,12 +14,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from torch.profiler import ProfilerActivity, profile
-
-from gpt2lib import hellaswag_scoring
 from test_hellaswag import example_losses
 from test_model import PADDED_VOCAB, VOCAB, perturb_, rel_err
 from test_train import end_worker, final_weights, free_port, make_data, tiny_config
+from torch.profiler import ProfilerActivity, profile
+
+from gpt2lib import hellaswag_scoring
 from train_gpt2 import GPT, LOSS_IMPLS, DistContext, GPTConfig, config_for, configure_optimizer, train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -40,10 +40,13 @@ def true_fp32():
 
 # ---- the loss: every implementation under bf16 autocast against fp32
 
+
 def head_only_model(weight):
     """A GPT whose hidden_states is the identity, so that forward(x, targets) runs exactly GPT.forward's
     loss code on given (B, T, C) hidden states x through the lm_head `weight`."""
-    model = GPT(GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=weight.size(1), vocab_multiple=64)).to(CUDA)
+    model = GPT(GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=weight.size(1), vocab_multiple=64)).to(
+        CUDA
+    )
     with torch.no_grad():
         model.lm_head.weight.copy_(weight)
     model.hidden_states = lambda x: x
@@ -82,6 +85,7 @@ def test_loss_and_grads_under_bf16_autocast_match_fp32(loss_impl, compiled):
 
 # ---- training: compiled bf16 and eager bf16 track a CPU fp32 run
 
+
 def test_compiled_bf16_training_tracks_fp32_eager(tmp_path):
     data = make_data(tmp_path / "data")
     cpu = tiny_config(data, str(tmp_path / "cpu"), max_steps=8, checkpoint_every=8, eval_every=4)
@@ -98,6 +102,7 @@ def test_compiled_bf16_training_tracks_fp32_eager(tmp_path):
 
 
 # ---- fused AdamW
+
 
 def test_fused_adamw_matches_the_unfused_cpu_optimizer():
     torch.manual_seed(0)
@@ -118,17 +123,21 @@ def test_fused_adamw_matches_the_unfused_cpu_optimizer():
     initial = GPT(config_for("d1", vocab_multiple=64)).state_dict()
     for (name, p_ref), p in zip(cpu_model.named_parameters(), gpu_model.parameters()):
         torch.testing.assert_close(p.detach().cpu(), p_ref.detach(), rtol=1e-5, atol=1e-6, msg=name)
-    assert not torch.equal(cpu_model.state_dict()["transformer.h.0.mlp.c_fc.weight"],
-                           initial["transformer.h.0.mlp.c_fc.weight"])
+    assert not torch.equal(
+        cpu_model.state_dict()["transformer.h.0.mlp.c_fc.weight"], initial["transformer.h.0.mlp.c_fc.weight"]
+    )
 
 
 # ---- HellaSwag on the GPU gives the CPU's counts
+
 
 def synthetic_examples(n, seed=0):
     """Tokenized HellaSwag-shaped examples of random ids: contexts of 5-40 tokens, endings of 1-15."""
     rng = np.random.default_rng(seed)
     ctx = [rng.integers(0, VOCAB, int(rng.integers(5, 41))).tolist() for _ in range(n)]
-    endings = [[rng.integers(0, VOCAB, int(rng.integers(1, 16))).tolist() for _ in range(4)] for _ in range(n)]
+    endings = [
+        [rng.integers(0, VOCAB, int(rng.integers(1, 16))).tolist() for _ in range(4)] for _ in range(n)
+    ]
     return hellaswag_scoring.TokenizedExamples(ctx, endings, rng.integers(0, 4, n).tolist())
 
 
@@ -144,7 +153,9 @@ def test_hellaswag_on_the_gpu_counts_like_the_cpu():
     assert (top2[:, 1] - top2[:, 0]).min() > 1e-4  # no near-ties that rounding could flip
     cpu_counts = hellaswag_scoring.evaluate(model, examples, "cpu", batch_size=16)
     model.to(CUDA)
-    fp32_counts = hellaswag_scoring.evaluate(model, examples, CUDA, batch_size=64, autocast_dtype=torch.float32)
+    fp32_counts = hellaswag_scoring.evaluate(
+        model, examples, CUDA, batch_size=64, autocast_dtype=torch.float32
+    )
     assert fp32_counts.tolist() == cpu_counts.tolist()
     gpu_sum, gpu_mean = example_losses(model, examples, CUDA, autocast_dtype=torch.float32)
     assert torch.allclose(gpu_sum, ref_sum, atol=1e-3, rtol=1e-5)
@@ -158,6 +169,7 @@ def test_hellaswag_on_the_gpu_counts_like_the_cpu():
 
 # ---- DDP: two gloo processes on one GPU equal one process with twice the accumulation
 
+
 def ddp_worker(rank, world_size, port, cfg):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
@@ -167,18 +179,23 @@ def ddp_worker(rank, world_size, port, cfg):
 
 def test_two_ranks_on_one_gpu_match_one_rank(tmp_path):
     data = make_data(tmp_path / "data")
-    single = tiny_config(data, str(tmp_path / "single"), device="cuda", max_steps=4, checkpoint_every=4, eval_every=0)
+    single = tiny_config(
+        data, str(tmp_path / "single"), device="cuda", max_steps=4, checkpoint_every=4, eval_every=0
+    )
     train(single, DistContext(device=CUDA))  # accumulates 4 micro-steps
     double = replace(single, log_dir=str(tmp_path / "double"))  # 2 ranks x 2 micro-steps
     mp.spawn(ddp_worker, args=(2, free_port(), double), nprocs=2)
     a, b = final_weights(single.log_dir, 4), final_weights(double.log_dir, 4)
     initial = GPT(config_for("d1", vocab_multiple=64)).state_dict()
-    assert not torch.equal(a["transformer.h.0.attn.c_attn.weight"], initial["transformer.h.0.attn.c_attn.weight"])
+    assert not torch.equal(
+        a["transformer.h.0.attn.c_attn.weight"], initial["transformer.h.0.attn.c_attn.weight"]
+    )
     for key in a:
         torch.testing.assert_close(b[key], a[key], atol=1e-4, rtol=0, msg=key)
 
 
 # ---- fp16 with loss scaling
+
 
 def test_fp16_training_tracks_fp32_and_stays_finite(tmp_path):
     data = make_data(tmp_path / "data")
@@ -192,7 +209,10 @@ def test_fp16_training_tracks_fp32_and_stays_finite(tmp_path):
 
     hook = torch.nn.modules.module.register_module_forward_hook(record)
     try:
-        fp16 = train(replace(cpu, log_dir=str(tmp_path / "fp16"), device="cuda", dtype="fp16"), DistContext(device=CUDA))
+        fp16 = train(
+            replace(cpu, log_dir=str(tmp_path / "fp16"), device="cuda", dtype="fp16"),
+            DistContext(device=CUDA),
+        )
     finally:
         hook.remove()
     assert linear_dtypes == {torch.float16}  # the matmuls really ran in fp16
@@ -210,8 +230,14 @@ def test_fp16_training_tracks_fp32_and_stays_finite(tmp_path):
 
 # ---- the preferred SDPA kernel runs, eager and compiled, and matches fp32 math attention
 
-@pytest.mark.parametrize("backend,kernel", [("cudnn", "aten::_scaled_dot_product_cudnn_attention"),
-                                            ("flash", "aten::_scaled_dot_product_flash_attention")])
+
+@pytest.mark.parametrize(
+    "backend,kernel",
+    [
+        ("cudnn", "aten::_scaled_dot_product_cudnn_attention"),
+        ("flash", "aten::_scaled_dot_product_flash_attention"),
+    ],
+)
 def test_preferred_sdpa_kernel_runs_and_matches_fp32(backend, kernel):
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=256, n_layer=2, n_head=2, n_embd=128, vocab_multiple=64)).to(CUDA).eval()

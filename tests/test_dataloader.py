@@ -76,8 +76,12 @@ def test_resume_equals_uninterrupted_across_shard_boundary(shards):
     root, _ = shards
     for world in (1, 2):
         for seed in (None, 7):
-            ref = [DataLoaderLite(2, 32, r, world, "train", str(root), shuffle_seed=seed) for r in range(world)]
-            batches = [[loader.next_batch() for _ in range(30)] for loader in ref]  # spans shards and an epoch
+            ref = [
+                DataLoaderLite(2, 32, r, world, "train", str(root), shuffle_seed=seed) for r in range(world)
+            ]
+            batches = [
+                [loader.next_batch() for _ in range(30)] for loader in ref
+            ]  # spans shards and an epoch
             for cut in (5, 11, 17):
                 for r in range(world):
                     first = DataLoaderLite(2, 32, r, world, "train", str(root), shuffle_seed=seed)
@@ -136,20 +140,31 @@ def make_loader(root, split="val", B=2, T=8):
     return DataLoaderLite(B, T, 0, 1, split, str(root))
 
 
-@pytest.mark.parametrize("setup, message", [
-    (lambda d: None, "run `python fineweb.py`"),  # empty directory
-    (lambda d: write_npy(d / "x_train_000001.npy", range(100)), "no 'val' shards"),
-    (lambda d: open(d / "x_val_000000.npy", "wb").close(), "is empty (0 bytes)"),
-    (lambda d: (write_npy(d / "x_val_000000.npy", range(1000)),
-                os.truncate(d / "x_val_000000.npy", 500)), "truncated"),
-    (lambda d: np.save(d / "x_val_000000.npy", np.arange(100, dtype=np.float32)), "holds float32"),
-    (lambda d: np.save(d / "x_val_000000.npy", np.arange(100, dtype=np.int32)), "holds int32"),
-    (lambda d: np.save(d / "x_val_000000.npy", np.zeros((10, 10), dtype=np.uint16)), "expected 1-D uint16"),
-    (lambda d: write_bin(d / "x_val_000000.bin", range(100), magic=123), "bad magic"),
-    (lambda d: write_bin(d / "x_val_000000.bin", range(100), version=2), "version 2"),
-    (lambda d: write_bin(d / "x_val_000000.bin", range(100), count=200), "header promises 200 tokens"),
-    (lambda d: write_npy(d / "x_val_000000.npy", range(10)), "fewer than one step needs"),
-])
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        (lambda d: None, "run `python fineweb.py`"),  # empty directory
+        (lambda d: write_npy(d / "x_train_000001.npy", range(100)), "no 'val' shards"),
+        (lambda d: open(d / "x_val_000000.npy", "wb").close(), "is empty (0 bytes)"),
+        (
+            lambda d: (
+                write_npy(d / "x_val_000000.npy", range(1000)),
+                os.truncate(d / "x_val_000000.npy", 500),
+            ),
+            "truncated",
+        ),
+        (lambda d: np.save(d / "x_val_000000.npy", np.arange(100, dtype=np.float32)), "holds float32"),
+        (lambda d: np.save(d / "x_val_000000.npy", np.arange(100, dtype=np.int32)), "holds int32"),
+        (
+            lambda d: np.save(d / "x_val_000000.npy", np.zeros((10, 10), dtype=np.uint16)),
+            "expected 1-D uint16",
+        ),
+        (lambda d: write_bin(d / "x_val_000000.bin", range(100), magic=123), "bad magic"),
+        (lambda d: write_bin(d / "x_val_000000.bin", range(100), version=2), "version 2"),
+        (lambda d: write_bin(d / "x_val_000000.bin", range(100), count=200), "header promises 200 tokens"),
+        (lambda d: write_npy(d / "x_val_000000.npy", range(10)), "fewer than one step needs"),
+    ],
+)
 def test_bad_shards_are_named_in_a_one_line_error(tmp_path, setup, message):
     setup(tmp_path)
     with pytest.raises(UserError) as info:
@@ -193,7 +208,9 @@ def epoch_inputs(loaders):
 def test_block_shuffle_covers_every_token_once_across_two_ranks_in_a_new_order(shards):
     root, total = shards
     B, T, block = 2, 16, 128  # a block is 2 steps of 2 ranks: an optimizer step with 2 micro-steps
-    shuffled = [DataLoaderLite(B, T, r, 2, "train", str(root), shuffle_seed=5, block_tokens=block) for r in range(2)]
+    shuffled = [
+        DataLoaderLite(B, T, r, 2, "train", str(root), shuffle_seed=5, block_tokens=block) for r in range(2)
+    ]
     plain = [DataLoaderLite(B, T, r, 2, "train", str(root)) for r in range(2)]
     got = epoch_inputs(shuffled)
     used = np.zeros(total, dtype=int)
@@ -202,15 +219,21 @@ def test_block_shuffle_covers_every_token_once_across_two_ranks_in_a_new_order(s
             used[x] += 1
     covered = (total - 1) // block * block
     assert (used <= 1).all(), "no token is an input twice, on any rank"
-    assert used.sum() == covered and total - covered < block + 1, "only a tail shorter than a block is skipped"
+    assert used.sum() == covered and total - covered < block + 1, (
+        "only a tail shorter than a block is skipped"
+    )
     plain_order = np.concatenate([np.concatenate(s) for s in epoch_inputs(plain)])
     shuffled_order = np.concatenate([np.concatenate(s) for s in got])
-    assert not np.array_equal(shuffled_order, plain_order[:len(shuffled_order)])
+    assert not np.array_equal(shuffled_order, plain_order[: len(shuffled_order)])
     # whole blocks of the (shard-shuffled) stream move: the epoch reads them in the seeded block order
     fresh = DataLoaderLite(B, T, 0, 2, "train", str(root), shuffle_seed=5, block_tokens=block)
     stream = np.concatenate([np.load(fresh.shards[i]) for i in fresh.order]).astype(np.int64)
-    assert sorted(fresh.blocks.tolist()) == list(range(covered // block)) and fresh.blocks.tolist() != sorted(fresh.blocks.tolist())
-    assert np.array_equal(shuffled_order, np.concatenate([stream[b * block:(b + 1) * block] for b in fresh.blocks]))
+    assert sorted(fresh.blocks.tolist()) == list(range(covered // block)) and fresh.blocks.tolist() != sorted(
+        fresh.blocks.tolist()
+    )
+    assert np.array_equal(
+        shuffled_order, np.concatenate([stream[b * block : (b + 1) * block] for b in fresh.blocks])
+    )
     assert shuffled[0].blocks.tolist() != fresh.blocks.tolist()  # epoch 1 has another order
 
 
@@ -220,12 +243,18 @@ def test_block_shuffle_resumes_exactly_on_the_same_and_another_world_size(shards
 
     def steps(loaders, n):  # the tokens of n optimizer steps, in rank order within each micro-step
         per_micro = sum(l.B * l.T for l in loaders)
-        return [np.concatenate([l.next_batch()[0].flatten().numpy() for l in loaders])
-                for _ in range(n * block // per_micro)]
+        return [
+            np.concatenate([l.next_batch()[0].flatten().numpy() for l in loaders])
+            for _ in range(n * block // per_micro)
+        ]
 
-    ref = [DataLoaderLite(2, 16, r, 2, "train", str(root), shuffle_seed=9, block_tokens=block) for r in range(2)]
+    ref = [
+        DataLoaderLite(2, 16, r, 2, "train", str(root), shuffle_seed=9, block_tokens=block) for r in range(2)
+    ]
     reference = np.concatenate(steps(ref, 40))  # 40 steps: past the end of the first epoch (22 blocks)
-    first = [DataLoaderLite(2, 16, r, 2, "train", str(root), shuffle_seed=9, block_tokens=block) for r in range(2)]
+    first = [
+        DataLoaderLite(2, 16, r, 2, "train", str(root), shuffle_seed=9, block_tokens=block) for r in range(2)
+    ]
     head = np.concatenate(steps(first, 13))
     state = first[0].state_dict()
     assert state == first[1].state_dict() and state["block_tokens"] == block
@@ -241,8 +270,9 @@ def test_shuffled_training_covers_every_shard_and_token_each_epoch_and_resumes_e
     """--shuffle through train(): every epoch reads each train shard once, in a seeded order that
     changes, and every token of the stream is an input exactly once but for the tail shorter than a
     step; a run stopped in the second epoch and resumed reads the same batches and trains the same losses."""
-    import train_gpt2
     from test_train import install_stop_after, tiny_config
+
+    import train_gpt2
 
     lengths = [60, 40, 53, 50]
     shard_tokens, start = [], 0
@@ -259,9 +289,16 @@ def test_shuffled_training_covers_every_shard_and_token_each_epoch_and_resumes_e
         return x, y
 
     monkeypatch.setattr(DataLoaderLite, "next_batch", recording_next_batch)
-    cfg = tiny_config(str(tmp_path), str(tmp_path / "full"), batch_size=4, total_batch_size=step_tokens,
-                      shuffle=True, max_steps=2 * steps_per_epoch + 2, eval_every=0,
-                      checkpoint_every=2 * steps_per_epoch + 2)
+    cfg = tiny_config(
+        str(tmp_path),
+        str(tmp_path / "full"),
+        batch_size=4,
+        total_batch_size=step_tokens,
+        shuffle=True,
+        max_steps=2 * steps_per_epoch + 2,
+        eval_every=0,
+        checkpoint_every=2 * steps_per_epoch + 2,
+    )
     reference = train_gpt2.train(cfg, DistContext())["losses"]
     full_reads = list(reads)
     orders = []
@@ -273,14 +310,15 @@ def test_shuffled_training_covers_every_shard_and_token_each_epoch_and_resumes_e
         stream = np.concatenate([shard_tokens[i] for i in order])
         inputs = np.concatenate([x for _, _, x, _ in batches])
         # the step-sized blocks of the shard-shuffled stream, read in a seeded order: the same tokens
-        np.testing.assert_array_equal(np.sort(inputs), np.sort(stream[:len(inputs)]))
+        np.testing.assert_array_equal(np.sort(inputs), np.sort(stream[: len(inputs)]))
         assert len(np.unique(inputs)) == len(inputs)  # no token twice
         missing = np.setdiff1d(np.arange(sum(lengths)), inputs)  # only the tail, at the end of the last shard
         assert len(missing) < step_tokens + 1 and np.isin(missing, shard_tokens[order[-1]]).all()
-        np.testing.assert_array_equal(missing, stream[len(inputs):])
+        np.testing.assert_array_equal(missing, stream[len(inputs) :])
         for _, _, x, y in batches:  # each block is a run of the stream: targets are the next tokens
-            blocks = [stream[start:start + step_tokens + 1] for start in
-                      [int(np.flatnonzero(stream == x[0])[0])]]
+            blocks = [
+                stream[start : start + step_tokens + 1] for start in [int(np.flatnonzero(stream == x[0])[0])]
+            ]
             np.testing.assert_array_equal(x, blocks[0][:-1])
             np.testing.assert_array_equal(y, blocks[0][1:])
     assert orders[0] != orders[1] or orders[0] != [0, 1, 2, 3], "the shard order must be shuffled"

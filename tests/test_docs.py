@@ -37,8 +37,11 @@ def broken_links(root, files):
             if re.match(r"[a-z]+:", target):  # https:, mailto:
                 continue
             path, _, anchor = target.partition("#")
-            full = os.path.normpath(os.path.join(root, os.path.dirname(name), path)) if path else \
-                os.path.join(root, name)
+            full = (
+                os.path.normpath(os.path.join(root, os.path.dirname(name), path))
+                if path
+                else os.path.join(root, name)
+            )
             if not os.path.exists(full):
                 bad.append(f"{name}: {target}: no such file")
             elif anchor and full.endswith(".md") and anchor not in anchors(full):
@@ -61,6 +64,9 @@ def test_the_check_finds_a_missing_file_and_a_missing_heading(tmp_path):
     (tmp_path / "docs" / "a.md").write_text("# A `b` c\n\n## Same\n\n## Same\n")
     (tmp_path / "README.md").write_text(
         "[ok](docs/a.md#a-b-c) [ok](docs/a.md#same-1) [web](https://x.y/z.md)\n"
-        "[gone](docs/gone.md) [no heading](docs/a.md#nope)\n```\n[in code](docs/none.md)\n```\n")
+        "[gone](docs/gone.md) [no heading](docs/a.md#nope)\n```\n[in code](docs/none.md)\n```\n"
+    )
     assert broken_links(str(tmp_path), doc_files(str(tmp_path))) == [
-        "README.md: docs/gone.md: no such file", "README.md: docs/a.md#nope: no such heading"]
+        "README.md: docs/gone.md: no such file",
+        "README.md: docs/a.md#nope: no such heading",
+    ]

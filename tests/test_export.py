@@ -20,11 +20,12 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from test_model import _corpus_text, perturb_, token_batch  # noqa: E402
+
 import train_gpt2  # noqa: E402
 from gpt2lib import common, hf  # noqa: E402
 from gpt2lib.common import GPT2_EOT  # noqa: E402
 from train_gpt2 import GPT, UserError, config_for  # noqa: E402
-from test_model import _corpus_text, perturb_, token_batch  # noqa: E402
 
 BLOCK = 64
 PROMPTS = ["Hello, I'm a language model,", "Tabs\tand  spaces,\nnewlines and ünïcödé 🤖:"]
@@ -49,7 +50,7 @@ def tiny_model(seed):
     model = GPT(config_for("d2", block_size=BLOCK, vocab_multiple=64)).eval()
     perturb_(model, seed=seed + 100)
     with torch.no_grad():
-        model.transformer.wte.weight[model.config.vocab_size:] = 50.0
+        model.transformer.wte.weight[model.config.vocab_size :] = 50.0
     return model
 
 
@@ -75,7 +76,12 @@ def test_exported_tokenizer_loads_with_gpt2_settings(hf_tokenizer):
     assert len(hf_tokenizer) == train_gpt2.GPT2_VOCAB_SIZE
     assert hf_tokenizer.model_max_length == BLOCK
     assert hf_tokenizer.convert_ids_to_tokens(GPT2_EOT) == "<|endoftext|>"
-    ids = {hf_tokenizer.bos_token_id, hf_tokenizer.eos_token_id, hf_tokenizer.unk_token_id, hf_tokenizer.pad_token_id}
+    ids = {
+        hf_tokenizer.bos_token_id,
+        hf_tokenizer.eos_token_id,
+        hf_tokenizer.unk_token_id,
+        hf_tokenizer.pad_token_id,
+    }
     assert ids == {GPT2_EOT}
     assert hf_tokenizer.padding_side == "left"
     assert hf_tokenizer("Hello, world").input_ids == [15496, 11, 995]  # no BOS/EOS added
@@ -175,12 +181,13 @@ def test_our_reader_round_trips_the_export(exported):
     for (key, a), (key2, b) in zip(model.state_dict().items(), again.state_dict().items()):
         assert key == key2
         if key in ("transformer.wte.weight", "lm_head.weight"):  # the padding rows are not exported
-            a, b = a[:model.config.vocab_size], b[:model.config.vocab_size]
+            a, b = a[: model.config.vocab_size], b[: model.config.vocab_size]
         assert torch.equal(a, b), key
 
 
 # -----------------------------------------------------------------------------
 # replacing an earlier export
+
 
 def export_files(directory):
     return {name: (Path(directory) / name).read_bytes() for name in sorted(os.listdir(directory))}
@@ -192,8 +199,13 @@ def test_reexport_replaces_the_directory_completely(tmp_path, offline):
     first.save_pretrained(out)
     first_files = export_files(out)
     files = set(first_files)
-    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-            "tokenizer_config.json"} <= files
+    assert {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    } <= files
     assert hf.EXPORT_MARKER in files
     (out / "notes.txt").write_bytes(b"a user's file, added to the export")
     with pytest.raises(UserError, match="did not write .notes.txt."):
@@ -205,13 +217,16 @@ def test_reexport_replaces_the_directory_completely(tmp_path, offline):
     assert sorted(os.listdir(tmp_path)) == ["out"]  # no temporary directories left behind
     fresh = tmp_path / "fresh"
     second.save_pretrained(fresh)
-    same = lambda files: {name: data for name, data in files.items() if name != hf.EXPORT_MARKER}  # it names the target
+    same = lambda files: {
+        name: data for name, data in files.items() if name != hf.EXPORT_MARKER
+    }  # it names the target
     assert same(export_files(out)) == same(export_files(fresh))
     assert export_files(out)["model.safetensors"] != first_files["model.safetensors"]
 
 
-@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), KeyboardInterrupt()],
-                         ids=["disk-full", "interrupt"])
+@pytest.mark.parametrize(
+    "failure", [OSError(28, "No space left on device"), KeyboardInterrupt()], ids=["disk-full", "interrupt"]
+)
 def test_failed_reexport_keeps_the_earlier_one(tmp_path, monkeypatch, offline, failure):
     import safetensors.torch
 
@@ -294,12 +309,24 @@ def test_export_leaves_every_user_file_in_place(tmp_path, monkeypatch, offline, 
     """Folders that hold a config.json but are not exports of this project are refused, untouched."""
     target = tmp_path / "work"
     files = {
-        "hf-model-folder": {"config.json": b'{"model_type": "gpt2"}', "model.safetensors": b"weights",
-                            "README.md": b"# my model", "tokenizer.json": b"{}", "training_args.bin": b"args"},
-        "trainer-output": {"config.json": b"{}", "checkpoint-500/model.safetensors": b"w",
-                           "checkpoint-500/trainer_state.json": b"{}", "runs/events.out": b"tb"},
-        "git-checkout": {"config.json": b'{"editor": "vim"}', ".git/HEAD": b"ref: refs/heads/main",
-                         "src/app.py": b"print(1)"},
+        "hf-model-folder": {
+            "config.json": b'{"model_type": "gpt2"}',
+            "model.safetensors": b"weights",
+            "README.md": b"# my model",
+            "tokenizer.json": b"{}",
+            "training_args.bin": b"args",
+        },
+        "trainer-output": {
+            "config.json": b"{}",
+            "checkpoint-500/model.safetensors": b"w",
+            "checkpoint-500/trainer_state.json": b"{}",
+            "runs/events.out": b"tb",
+        },
+        "git-checkout": {
+            "config.json": b'{"editor": "vim"}',
+            ".git/HEAD": b"ref: refs/heads/main",
+            "src/app.py": b"print(1)",
+        },
     }[kind]
     user_tree(target, files)
     monkeypatch.chdir(target)
@@ -334,7 +361,9 @@ def test_export_files_get_the_usual_permissions(tmp_path, offline):
     finally:
         os.umask(old)
     assert stat.S_IMODE(os.stat(tmp_path / "out").st_mode) == 0o755
-    modes = {name: stat.S_IMODE(os.stat(tmp_path / "out" / name).st_mode) for name in os.listdir(tmp_path / "out")}
+    modes = {
+        name: stat.S_IMODE(os.stat(tmp_path / "out" / name).st_mode) for name in os.listdir(tmp_path / "out")
+    }
     assert set(modes.values()) == {0o644}, modes
 
 

@@ -22,8 +22,10 @@ DOCS = [
     "",
     "Unicode: café, naïve, 日本語のテキスト, emoji 🐍🔥, math ∑∫√.",
     "A fake end token <|endoftext|> in the middle of a document must stay text.",
-] + [f"Document {i}: " + "Python's help topics describe statements and expressions. " * (i % 7 + 1)
-     for i in range(40)]
+] + [
+    f"Document {i}: " + "Python's help topics describe statements and expressions. " * (i % 7 + 1)
+    for i in range(40)
+]
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +38,17 @@ def expected_tokens(enc, docs):
 
 
 def write_parquet(path, docs, column="text", row_group_size=None):
-    pq.write_table(pa.table({"id": [f"<urn:{i}>" for i in range(len(docs))], column: docs,
-                             "token_count": list(range(len(docs)))}), path, row_group_size=row_group_size)
+    pq.write_table(
+        pa.table(
+            {
+                "id": [f"<urn:{i}>" for i in range(len(docs))],
+                column: docs,
+                "token_count": list(range(len(docs))),
+            }
+        ),
+        path,
+        row_group_size=row_group_size,
+    )
     return str(path)
 
 
@@ -84,9 +95,12 @@ def error_of(capsys, *argv):
 
 def test_parquet_round_trip(tmp_path, monkeypatch, enc):
     import datasets
+
     resharded = []  # parquet is read one row group at a time (pyarrow otherwise buffers the file ahead)
     real_reshard = datasets.IterableDataset.reshard
-    monkeypatch.setattr(datasets.IterableDataset, "reshard", lambda ds: resharded.append(1) or real_reshard(ds))
+    monkeypatch.setattr(
+        datasets.IterableDataset, "reshard", lambda ds: resharded.append(1) or real_reshard(ds)
+    )
     a = write_parquet(tmp_path / "a.parquet", DOCS[:20], row_group_size=3)  # row groups must stay in order
     b = write_parquet(tmp_path / "b.parquet", DOCS[20:])
     out = tmp_path / "out"
@@ -117,8 +131,12 @@ def test_mixed_inputs_jsonl_text_column_and_txt_keep_order(tmp_path, enc):
 
 def test_txt_files_are_one_document_each(tmp_path, enc):
     # blank lines and line breaks inside a file must not split it into several documents
-    texts = ["First file.\n\nIt has two paragraphs.\nAnd lines.\n", "", "Third file, one line, no newline",
-             "\n\nleading blank lines\n\n\n"]
+    texts = [
+        "First file.\n\nIt has two paragraphs.\nAnd lines.\n",
+        "",
+        "Third file, one line, no newline",
+        "\n\nleading blank lines\n\n\n",
+    ]
     paths = []
     for i, t in enumerate(texts):
         paths.append(tmp_path / f"{i}.txt")
@@ -139,6 +157,7 @@ def test_tokenize_matches_encode_ordinary(enc):
 
 def test_token_ids_beyond_gpt2_vocabulary_are_refused_before_writing(monkeypatch):
     """uint16 holds ids up to 65535; an encoding with more than GPT-2's 50257 tokens must not pass."""
+
     class WideEncoding:
         def encode_to_numpy(self, doc, **kwargs):
             return np.array([15496, 50300], dtype=np.uint32)
@@ -181,6 +200,7 @@ def test_tokenize_stream_bounds_batches_in_flight():
 
 def test_hub_is_the_default_source(tmp_path, monkeypatch, enc):
     import datasets
+
     calls = []
     local = write_parquet(tmp_path / "hub.parquet", DOCS)
     real = datasets.load_dataset
@@ -195,7 +215,7 @@ def test_hub_is_the_default_source(tmp_path, monkeypatch, enc):
     assert calls == [("HuggingFaceFW/fineweb-edu", "sample-10BT", {"split": "train", "streaming": True})]
     check_shards(read_shards(out, "edufineweb"), 1000, expected_tokens(enc, DOCS))
     args = fineweb.parse_args([])
-    assert args.out == os.path.join(REPO, "edu_fineweb10B") and args.shard_size == 10 ** 8
+    assert args.out == os.path.join(REPO, "edu_fineweb10B") and args.shard_size == 10**8
     assert args.prefix == "edufineweb" and args.workers == fineweb.available_cpus()
 
 
@@ -203,7 +223,9 @@ def test_hub_failure_is_one_line(tmp_path, monkeypatch, capsys):
     import datasets
 
     def offline(*a, **kw):
-        raise ConnectionError("Couldn't reach 'HuggingFaceFW/fineweb' on the Hub (LocalEntryNotFoundError)\nmore")
+        raise ConnectionError(
+            "Couldn't reach 'HuggingFaceFW/fineweb' on the Hub (LocalEntryNotFoundError)\nmore"
+        )
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
     err = error_of(capsys, "--dataset", "HuggingFaceFW/fineweb", "--name", "sample-100BT", "--out", tmp_path)
@@ -212,6 +234,7 @@ def test_hub_failure_is_one_line(tmp_path, monkeypatch, capsys):
 
 class FlakyHub:
     """A stand-in for a streamed hub dataset whose connection drops after `fail_after` batches."""
+
     column_names = None
 
     def __init__(self, docs, fail_after=None):
@@ -221,11 +244,12 @@ class FlakyHub:
         for i in range(0, len(self.docs), 4):
             if self.fail_after is not None and i // 4 == self.fail_after:
                 raise ConnectionError("Read timed out.\n(full HTTP details)")
-            yield {"text": self.docs[i:i + 4]}
+            yield {"text": self.docs[i : i + 4]}
 
 
 def test_hub_connection_drop_keeps_shards_and_rerun_continues(tmp_path, monkeypatch, capsys, enc):
     import datasets
+
     docs = DOCS * 3
     monkeypatch.setattr(fineweb, "BATCH_CHARS", 1000)
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **kw: FlakyHub(docs, fail_after=20))
@@ -296,15 +320,21 @@ def test_two_worker_run_killed_mid_run_resumes_byte_identically(tmp_path, capsys
     a temp file may be left half-written): the rerun gives the same bytes as an uninterrupted run."""
     import signal
     import time
+
     src = write_jsonl(tmp_path / "c.jsonl", [{"text": d} for d in DOCS * 100])
     args = ["--input", src, "--shard-size", "2000", "--workers", "2"]
     run_main(*args, "--out", tmp_path / "clean")
     out = tmp_path / "out"
     # many small batches, so that both workers have work in flight when the kill comes
     code = "import sys, fineweb; fineweb.BATCH_CHARS = 3000; fineweb.main(sys.argv[1:])"
-    proc = subprocess.Popen([sys.executable, "-c", code, *args, "--out", str(out)], cwd=REPO,
-                            env={**os.environ, "PYTHONPATH": REPO}, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, *args, "--out", str(out)],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": REPO},
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     manifest_path = out / "edufineweb_manifest.json"
 
     def shards_recorded():  # the manifest is replaced by rename: never read half-written
@@ -342,8 +372,11 @@ def test_rerun_skips_complete_output_and_repairs_a_damaged_shard(tmp_path, enc, 
     assert os.stat(shard2).st_mtime_ns == stamp
 
     shard2.write_bytes(shard2.read_bytes()[:300])  # e.g. a partial copy: np.load now fails
-    leftovers = [tmp_path / "out" / "edufineweb_train_000099.npy.tmp", tmp_path / "out" / "other_val_000000.npy.tmp",
-                 tmp_path / "out" / "edufineweb_notes.tmp"]  # the last: a user's file with our prefix
+    leftovers = [
+        tmp_path / "out" / "edufineweb_train_000099.npy.tmp",
+        tmp_path / "out" / "other_val_000000.npy.tmp",
+        tmp_path / "out" / "edufineweb_notes.tmp",
+    ]  # the last: a user's file with our prefix
     for t in leftovers:
         t.write_bytes(b"half written")
     run_main(*args)
@@ -406,7 +439,9 @@ def test_malformed_json_line(tmp_path, capsys):
 def test_text_column_missing_lists_columns(tmp_path, capsys):
     p = write_parquet(tmp_path / "p.parquet", ["a", "b"], column="body")
     err = error_of(capsys, "--input", p, "--out", tmp_path / "out")
-    assert "p.parquet" in err and "'text'" in err and "id, body, token_count" in err and "--text-column" in err
+    assert (
+        "p.parquet" in err and "'text'" in err and "id, body, token_count" in err and "--text-column" in err
+    )
     j = write_jsonl(tmp_path / "j.jsonl", [{"body": "a"}])
     err = error_of(capsys, "--input", j, "--out", tmp_path / "out")
     assert "j.jsonl" in err and "'text'" in err and "body" in err
@@ -447,8 +482,12 @@ def test_empty_corpus(tmp_path, capsys):
 
 def test_cli_error_has_no_traceback(tmp_path):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "ok"}, "{broken"])
-    r = subprocess.run([sys.executable, os.path.join(REPO, "fineweb.py"), "--input", bad, "--out",
-                        str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, os.path.join(REPO, "fineweb.py"), "--input", bad, "--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and "bad.jsonl" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr + r.stdout
@@ -460,11 +499,12 @@ def test_cli_error_has_no_traceback(tmp_path):
 
 def test_demo_writes_pydoc_shards(tmp_path, enc, capsys):
     from pydoc_data.topics import topics
+
     out = tmp_path / "pydoc"
     run_main("--demo", "--out", out)
     shards = read_shards(out, "pydoc")
     assert len(shards) >= 3  # a val shard and several train shards
-    check_shards(shards, 2 ** 14, expected_tokens(enc, list(topics.values())))
+    check_shards(shards, 2**14, expected_tokens(enc, list(topics.values())))
     capsys.readouterr()
     run_main("--demo", "--out", out)
     assert "already complete" in capsys.readouterr().out
@@ -491,8 +531,10 @@ def test_a_second_run_into_one_out_is_refused_and_a_jsonl_of_arrays_too(tmp_path
         assert os.listdir(out) == [".lock"]  # the refused run wrote nothing
     finally:
         lock.release()
-    assert err == (f"error: --out {out} is in use by another run (host {os.uname().nodename}, pid {os.getpid()}): "
-                   "wait for it to end, or choose another --out\n")
+    assert err == (
+        f"error: --out {out} is in use by another run (host {os.uname().nodename}, pid {os.getpid()}): "
+        "wait for it to end, or choose another --out\n"
+    )
     arrays = write_jsonl(tmp_path / "arrays.jsonl", ['["a"]', '["b"]'])
     err = error_of(capsys, "--input", arrays, "--out", tmp_path / "out2")
     assert f"{arrays}: line 1 is not a JSON object" in err

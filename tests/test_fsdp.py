@@ -13,11 +13,20 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from test_train import (
+    end_worker,
+    free_port,
+    init_gloo,
+    install_stop_after,
+    logged,
+    make_data,
+    tiny_config,
+    write_hellaswag,
+)
 
 import train_gpt2
 from gpt2lib import checkpoints
 from gpt2lib.distributed import close_process_group
-from test_train import end_worker, free_port, init_gloo, install_stop_after, logged, make_data, tiny_config, write_hellaswag
 from train_gpt2 import GPT, DistContext, train
 
 
@@ -61,20 +70,38 @@ def test_fsdp_matches_single_process_and_checkpoints_move_between_ddp_and_fsdp(t
     data_dir = make_data(tmp_path / "data")
     # one process, accumulation 4: the reference
     hella = write_hellaswag(tmp_path / "hellaswag.jsonl", n=11)  # 11 examples: the ranks' shares differ
-    single = tiny_config(data_dir, str(tmp_path / "single"), max_steps=4, checkpoint_every=2, eval_every=2,
-                         hellaswag=True, hellaswag_data=hella)
+    single = tiny_config(
+        data_dir,
+        str(tmp_path / "single"),
+        max_steps=4,
+        checkpoint_every=2,
+        eval_every=2,
+        hellaswag=True,
+        hellaswag_data=hella,
+    )
     train(single, DistContext())
-    fsdp = replace(single, log_dir=str(tmp_path / "fsdp"), fsdp=True, sample_every=4)  # 2 ranks, accumulation 2
+    fsdp = replace(
+        single, log_dir=str(tmp_path / "fsdp"), fsdp=True, sample_every=4
+    )  # 2 ranks, accumulation 2
     # same world size, resumed from the FSDP run's step-2 directory: bitwise equal
-    fsdp_resumed = replace(fsdp, log_dir=str(tmp_path / "fsdp_resumed"), resume=str(tmp_path / "fsdp" / "model_00002"))
+    fsdp_resumed = replace(
+        fsdp, log_dir=str(tmp_path / "fsdp_resumed"), resume=str(tmp_path / "fsdp" / "model_00002")
+    )
     # FSDP directory -> DDP, and DDP-shaped .pt (the single run's) -> FSDP
     ddp_from_fsdp = replace(single, log_dir=str(tmp_path / "ddp_from_fsdp"), resume=fsdp_resumed.resume)
-    fsdp_from_pt = replace(fsdp, log_dir=str(tmp_path / "fsdp_from_pt"), resume=str(tmp_path / "single" / "model_00002.pt"))
-    fsdp_eval = replace(fsdp, log_dir=str(tmp_path / "fsdp_eval"), eval_only=True,
-                        resume=str(tmp_path / "fsdp" / "model_00004"))
+    fsdp_from_pt = replace(
+        fsdp, log_dir=str(tmp_path / "fsdp_from_pt"), resume=str(tmp_path / "single" / "model_00002.pt")
+    )
+    fsdp_eval = replace(
+        fsdp,
+        log_dir=str(tmp_path / "fsdp_eval"),
+        eval_only=True,
+        resume=str(tmp_path / "fsdp" / "model_00004"),
+    )
     # --async-checkpoint: written while the next steps run, the same checkpoints
-    fsdp_async = replace(fsdp, log_dir=str(tmp_path / "fsdp_async"), async_checkpoint=True, sample_every=0,
-                         hellaswag=False)
+    fsdp_async = replace(
+        fsdp, log_dir=str(tmp_path / "fsdp_async"), async_checkpoint=True, sample_every=0, hellaswag=False
+    )
     fsdp_stopped = replace(fsdp_async, log_dir=str(tmp_path / "fsdp_stopped"), eval_every=0)
     spawn_runs(fsdp, fsdp_resumed, ddp_from_fsdp, fsdp_from_pt, fsdp_eval, fsdp_async, stopped=fsdp_stopped)
 
@@ -82,7 +109,13 @@ def test_fsdp_matches_single_process_and_checkpoints_move_between_ddp_and_fsdp(t
     assert sorted(reference) == [0, 1, 2, 3]
     assert_same_losses(logged(fsdp.log_dir), reference, 1e-5)
     final = weights(os.path.join(single.log_dir, "model_00004.pt"))
-    assert sorted(os.listdir(fsdp.log_dir)) == [".lock", "log.txt", "metrics.jsonl", "model_00002", "model_00004"]
+    assert sorted(os.listdir(fsdp.log_dir)) == [
+        ".lock",
+        "log.txt",
+        "metrics.jsonl",
+        "model_00002",
+        "model_00004",
+    ]
     assert_same_weights(weights(os.path.join(fsdp.log_dir, "model_00004")), final, 1e-5)
 
     fsdp_final = weights(os.path.join(fsdp.log_dir, "model_00004"))
@@ -95,12 +128,20 @@ def test_fsdp_matches_single_process_and_checkpoints_move_between_ddp_and_fsdp(t
     assert_same_losses({step: fsdp_val[step] for step in ddp_val}, ddp_val, 1e-5)
     assert_same_losses(logged(fsdp_eval.log_dir, "val"), {4: fsdp_val[4]}, 1e-6)
     for step in (2, 4):
-        assert_same_weights(weights(os.path.join(fsdp_async.log_dir, f"model_{step:05d}")),
-                            weights(os.path.join(fsdp.log_dir, f"model_{step:05d}")), 0)
+        assert_same_weights(
+            weights(os.path.join(fsdp_async.log_dir, f"model_{step:05d}")),
+            weights(os.path.join(fsdp.log_dir, f"model_{step:05d}")),
+            0,
+        )
     assert logged(fsdp_async.log_dir) == logged(fsdp.log_dir)
     # a stop request after step 0: the checkpoint of step 1 (written in the background) is complete
-    assert checkpoints.list_checkpoints(fsdp_stopped.log_dir) == [os.path.join(fsdp_stopped.log_dir, "model_00001")]
-    assert checkpoints.read_checkpoint(os.path.join(fsdp_stopped.log_dir, "model_00001"), weights=False)["step"] == 1
+    assert checkpoints.list_checkpoints(fsdp_stopped.log_dir) == [
+        os.path.join(fsdp_stopped.log_dir, "model_00001")
+    ]
+    assert (
+        checkpoints.read_checkpoint(os.path.join(fsdp_stopped.log_dir, "model_00001"), weights=False)["step"]
+        == 1
+    )
     # HellaSwag on gathered weights, the ranks scoring shares of different sizes
     assert logged(fsdp.log_dir, "hella") == logged(single.log_dir, "hella")
     assert logged(fsdp_eval.log_dir, "hella") == {4: logged(single.log_dir, "hella")[4]}
@@ -108,6 +149,7 @@ def test_fsdp_matches_single_process_and_checkpoints_move_between_ddp_and_fsdp(t
 
 
 # ---- a kill in mid-write, another world size, the other readers
+
 
 def killing_worker(rank, world_size, port, cfg, kill_step, inside_dcp):
     """Train with --fsdp and SIGKILL rank 1 while it writes the kill_step checkpoint: inside_dcp, once
@@ -187,6 +229,7 @@ def test_kill_in_mid_write_resumes_from_the_previous_checkpoint_on_one_rank(tmp_
 
 # ---- reduce-scatters per optimizer step, --recompute, bytes per rank
 
+
 def flag_after_backward_step(run, step, stop_requested=False):
     """A wrong placement: the sync flag set after each micro-step's backward, one micro-step late."""
     run.optimizer.zero_grad(set_to_none=True)
@@ -208,8 +251,10 @@ def sharded_d1(rank, recompute=False):
 
 
 def full_grads(model):
-    return {name: p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
-            for name, p in model.named_parameters()}
+    return {
+        name: p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+        for name, p in model.named_parameters()
+    }
 
 
 def saved_bytes(model, x):
@@ -222,9 +267,14 @@ def saved_bytes(model, x):
             total[0] += tensor.numel() * tensor.element_size()
         return tensor
 
-    handles = [hook for block in model.transformer.h for hook in (
-        block.register_forward_pre_hook(lambda *_: inside.__setitem__(0, True)),
-        block.register_forward_hook(lambda *_: inside.__setitem__(0, False)))]
+    handles = [
+        hook
+        for block in model.transformer.h
+        for hook in (
+            block.register_forward_pre_hook(lambda *_: inside.__setitem__(0, True)),
+            block.register_forward_hook(lambda *_: inside.__setitem__(0, False)),
+        )
+    ]
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         _, loss = model(x, x, loss_impl="chunked")
     for handle in handles:
@@ -261,15 +311,23 @@ def sync_and_memory_report(rank, ctx, data_dir):
             loader.next_batch = counting_next_batch
             for unit in parallel.fsdp_units(model):
                 unit.set_custom_reduce_scatter(CountingReduceScatter())
-            run = SimpleNamespace(model=model, optimizer=configure_optimizer(model, 0.1, 1e-3, "cpu"),
-                                  precision=train_gpt2.Precision("fp32", torch.device("cpu")), train_loader=loader,
-                                  grad_accum_steps=accum, dist_ctx=ctx, log=SimpleNamespace(failure=None),
-                                  cfg=TrainConfig(lr=1e-3, warmup_steps=0, max_steps=3, fsdp=True))
+            run = SimpleNamespace(
+                model=model,
+                optimizer=configure_optimizer(model, 0.1, 1e-3, "cpu"),
+                precision=train_gpt2.Precision("fp32", torch.device("cpu")),
+                train_loader=loader,
+                grad_accum_steps=accum,
+                dist_ctx=ctx,
+                log=SimpleNamespace(failure=None),
+                cfg=TrainConfig(lr=1e-3, warmup_steps=0, max_steps=3, fsdp=True),
+            )
             for step in range(3):
                 step_fn(run, step)
             report[step_name, accum] = {
-                "calls": len(during), "micro_steps": sorted(set(during)),
-                "weights": {k: v.full_tensor() for k, v in model.state_dict().items()}}
+                "calls": len(during),
+                "micro_steps": sorted(set(during)),
+                "weights": {k: v.full_tensor() for k, v in model.state_dict().items()},
+            }
             if step_name == "ours" and accum == 4:
                 report["bytes", "fsdp"] = parallel.state_bytes(model, run.optimizer)
     plain = GPT(train_gpt2.config_for("d1", vocab_multiple=64))
@@ -289,7 +347,11 @@ def sync_and_memory_report(rank, ctx, data_dir):
                 model.set_recompute(recompute)
             loss, kept = saved_bytes(model, x)
             loss.backward()
-            report["recompute", sharded, recompute] = {"loss": loss.item(), "grads": full_grads(model), "saved": kept}
+            report["recompute", sharded, recompute] = {
+                "loss": loss.item(),
+                "grads": full_grads(model),
+                "saved": kept,
+            }
     return report
 
 
@@ -323,8 +385,14 @@ def test_reduce_scatters_recompute_and_bytes_per_rank(tmp_path):
         assert abs(other["loss"] - base["loss"]) <= 1e-6, key
         assert_same_weights(other["grads"], base["grads"], 1e-6)
     for sharded in (False, True):
-        assert report["recompute", sharded, True]["saved"] < 0.6 * report["recompute", sharded, False]["saved"]
+        assert (
+            report["recompute", sharded, True]["saved"] < 0.6 * report["recompute", sharded, False]["saved"]
+        )
 
     fsdp, ddp = report["bytes", "fsdp"], report["bytes", "ddp"]
-    assert ddp["params"] > 0 and ddp["grads"] == ddp["params"] and 0 <= ddp["optimizer"] - 2 * ddp["params"] < 1024  # two moments and a step count
+    assert (
+        ddp["params"] > 0
+        and ddp["grads"] == ddp["params"]
+        and 0 <= ddp["optimizer"] - 2 * ddp["params"] < 1024
+    )  # two moments and a step count
     assert sum(fsdp.values()) <= 0.55 * sum(ddp.values()), (fsdp, ddp)

@@ -16,14 +16,22 @@ from dataclasses import fields, replace
 import numpy as np
 import pytest
 import torch
+from test_integrity import tmpfs
+from test_train import install_stop_after, make_data, tiny_config
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import train_gpt2
 from gpt2lib.common import UserError
-from test_integrity import tmpfs
-from test_train import install_stop_after, make_data, tiny_config
-from train_gpt2 import (GPT, GPT2_VOCAB_SIZE, DataLoaderLite, DistContext, TrainConfig, config_for, train,
-                        validate)
+from train_gpt2 import (
+    GPT,
+    GPT2_VOCAB_SIZE,
+    DataLoaderLite,
+    DistContext,
+    TrainConfig,
+    config_for,
+    train,
+    validate,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,6 +40,7 @@ FLOAT_FLAGS = [f.name for f in fields(TrainConfig) if f.type is float]
 
 # ---- numbers validated at parse time
 
+
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
 @pytest.mark.parametrize("name", FLOAT_FLAGS)
 def test_every_float_flag_refuses_nan_and_inf_in_one_message(name, value):
@@ -39,15 +48,21 @@ def test_every_float_flag_refuses_nan_and_inf_in_one_message(name, value):
     assert validate(TrainConfig(**{name: value}), 1) == [f"{flag} must be a finite number, got {value}"]
 
 
-@pytest.mark.parametrize("settings, message", [
-    (dict(lr=1e308), "--lr must be positive and at most 10, got 1e+308"),
-    (dict(lr=0.0), "--lr must be positive and at most 10, got 0.0"),
-    (dict(lr=5.0, weight_decay=0.2), "--weight-decay 0.2 times --lr 5.0 must be below 1: each step would zero or "
-                                     "flip the sign of every decayed weight"),
-    (dict(grad_clip=-1.0), "--grad-clip must be >= 0, got -1.0"),
-    (dict(min_lr_ratio=1.5), "--min-lr-ratio must be in [0, 1], got 1.5"),
-    (dict(temperature=-0.5), "--temperature must be positive, got -0.5"),
-])
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(lr=1e308), "--lr must be positive and at most 10, got 1e+308"),
+        (dict(lr=0.0), "--lr must be positive and at most 10, got 0.0"),
+        (
+            dict(lr=5.0, weight_decay=0.2),
+            "--weight-decay 0.2 times --lr 5.0 must be below 1: each step would zero or "
+            "flip the sign of every decayed weight",
+        ),
+        (dict(grad_clip=-1.0), "--grad-clip must be >= 0, got -1.0"),
+        (dict(min_lr_ratio=1.5), "--min-lr-ratio must be in [0, 1], got 1.5"),
+        (dict(temperature=-0.5), "--temperature must be positive, got -0.5"),
+    ],
+)
 def test_out_of_range_float_flags_are_refused(settings, message):
     assert validate(TrainConfig(**settings), 1) == [message]
 
@@ -55,13 +70,26 @@ def test_out_of_range_float_flags_are_refused(settings, message):
 def test_bad_numbers_stop_the_command_line_before_anything_starts(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as e:
-        train_gpt2.main(["--lr", "nan", "--temperature", "nan", "--grad-clip", "nan", "--weight-decay", "inf",
-                         "--log-dir", "log"])
+        train_gpt2.main(
+            [
+                "--lr",
+                "nan",
+                "--temperature",
+                "nan",
+                "--grad-clip",
+                "nan",
+                "--weight-decay",
+                "inf",
+                "--log-dir",
+                "log",
+            ]
+        )
     assert str(e.value.code).splitlines() == [
         "error: --grad-clip must be a finite number, got nan",
         "error: --lr must be a finite number, got nan",
         "error: --temperature must be a finite number, got nan",
-        "error: --weight-decay must be a finite number, got inf"]
+        "error: --weight-decay must be a finite number, got inf",
+    ]
     assert os.listdir(tmp_path) == []
 
 
@@ -88,20 +116,31 @@ print("training went on")
 def test_tensorboard_on_a_full_disk_is_one_line_without_the_writer_threads_traceback(tmp_path):
     pytest.importorskip("tensorboard")
     with tmpfs(tmp_path / "disk", "256k") as disk:
-        result = subprocess.run([sys.executable, "-c", FILL_THEN_TRACK, str(disk)], capture_output=True, text=True,
-                                env={**os.environ, "PYTHONPATH": REPO}, timeout=120)
+        result = subprocess.run(
+            [sys.executable, "-c", FILL_THEN_TRACK, str(disk)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": REPO},
+            timeout=120,
+        )
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [
         "warning: TensorBoard tracking failed (OSError: [Errno 28] No space left on device): training goes on "
-        "without it", "training went on"]
+        "without it",
+        "training went on",
+    ]
     assert result.stderr == ""
 
 
 def test_ctrl_c_while_train_gpt2_imports_exits_quietly_with_130(tmp_path):
     # -X importtime reports each import as it completes: numpy's line means the script's own imports
     # have begun, and torch's (seconds) is still under way
-    proc = subprocess.Popen([sys.executable, "-X", "importtime", os.path.join(REPO, "train_gpt2.py"), "--device", "cpu"],
-                            cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-X", "importtime", os.path.join(REPO, "train_gpt2.py"), "--device", "cpu"],
+        cwd=tmp_path,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     lines = []
     for line in proc.stderr:
         lines.append(line)
@@ -117,12 +156,16 @@ def test_ctrl_c_while_train_gpt2_imports_exits_quietly_with_130(tmp_path):
 
 def test_importing_train_gpt2_leaves_the_signal_handlers_alone():
     script = "import signal, train_gpt2; print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)"
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
     assert result.stdout.strip() == "True", result.stderr
 
 
 def test_a_resume_on_shards_changed_since_the_checkpoint_says_so_in_one_line(tmp_path, capsys):
-    cfg = tiny_config(make_data(tmp_path / "data"), str(tmp_path / "log"), resume="auto", eval_every=0, max_steps=3)
+    cfg = tiny_config(
+        make_data(tmp_path / "data"), str(tmp_path / "log"), resume="auto", eval_every=0, max_steps=3
+    )
     original = install_stop_after(1)
     try:
         train(cfg, DistContext())  # a checkpoint at step 1
@@ -135,7 +178,8 @@ def test_a_resume_on_shards_changed_since_the_checkpoint_says_so_in_one_line(tmp
     assert len(train(cfg, DistContext())["losses"]) == 2  # resumed at step 1 and went on to the end
     assert [line for line in capsys.readouterr().out.splitlines() if "changed since" in line] == [
         "warning: 1 'train' shard(s) changed since the checkpoint (t_train_000002.npy): same names and token "
-        "counts, other tokens; resuming on them"]
+        "counts, other tokens; resuming on them"
+    ]
 
 
 @pytest.mark.parametrize("digests", ["recorded", "from before digests"])
@@ -152,21 +196,39 @@ def test_unchanged_shards_resume_without_a_word(tmp_path, capsys, digests):
 
 # ---- mistakes the suite once missed or caught only by accident
 
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     """A 6-step run (warm-up 2, cosine to 10%) with checkpoints at 3 and 6, evals at 0, 3 and 6, and
     what every optimizer step saw: each optimizer's class, defaults and param groups, from a global
     step hook, so that every optimizer the run makes is seen."""
     root = tmp_path_factory.mktemp("uninterrupted")
-    cfg = tiny_config(make_data(root / "data"), str(root / "log"), max_steps=6, checkpoint_every=3, eval_every=3,
-                      min_lr_ratio=0.1)
+    cfg = tiny_config(
+        make_data(root / "data"),
+        str(root / "log"),
+        max_steps=6,
+        checkpoint_every=3,
+        eval_every=3,
+        min_lr_ratio=0.1,
+    )
     seen = []
 
     def record(optimizer, args, kwargs):
-        seen.append((id(optimizer), type(optimizer), dict(optimizer.defaults),
-                     [{**{k: v for k, v in group.items() if k != "params"},
-                       "dims": [p.dim() for p in group["params"]], "numel": sum(p.numel() for p in group["params"])}
-                      for group in optimizer.param_groups]))
+        seen.append(
+            (
+                id(optimizer),
+                type(optimizer),
+                dict(optimizer.defaults),
+                [
+                    {
+                        **{k: v for k, v in group.items() if k != "params"},
+                        "dims": [p.dim() for p in group["params"]],
+                        "numel": sum(p.numel() for p in group["params"]),
+                    }
+                    for group in optimizer.param_groups
+                ],
+            )
+        )
 
     handle = register_optimizer_step_pre_hook(record)
     try:
@@ -184,7 +246,10 @@ def test_every_param_group_of_every_optimizer_follows_the_lr_schedule(uninterrup
         step = call // len(optimizers)  # each step steps every optimizer once
         expected = train_gpt2.get_lr(step, cfg)
         assert [group["lr"] for group in groups] == [expected] * len(groups), f"step {step}"
-    assert {train_gpt2.get_lr(step, cfg) for step in range(cfg.max_steps)} >= {cfg.lr / 2, cfg.lr}  # warm-up, peak
+    assert {train_gpt2.get_lr(step, cfg) for step in range(cfg.max_steps)} >= {
+        cfg.lr / 2,
+        cfg.lr,
+    }  # warm-up, peak
 
 
 def test_adamw_has_gpt3s_betas_and_eps_and_decays_matrices_only(uninterrupted):
@@ -198,14 +263,19 @@ def test_adamw_has_gpt3s_betas_and_eps_and_decays_matrices_only(uninterrupted):
     assert len(decayed) + len(plain) == len(groups) and decayed and plain
     assert all(dim >= 2 for group in decayed for dim in group["dims"])
     assert all(dim < 2 for group in plain for dim in group["dims"])
-    assert sum(group["numel"] for group in groups) == GPT(config_for("d1", vocab_multiple=cfg.vocab_multiple)).num_parameters()
+    assert (
+        sum(group["numel"] for group in groups)
+        == GPT(config_for("d1", vocab_multiple=cfg.vocab_multiple)).num_parameters()
+    )
 
 
 def timeless(path):
     """A log file's lines in order, without the timings (which no two runs share)."""
     if path.endswith(".jsonl"):
-        return [{k: v for k, v in json.loads(line).items() if k not in ("dt_ms", "tokens_per_sec")}
-                for line in open(path)]
+        return [
+            {k: v for k, v in json.loads(line).items() if k not in ("dt_ms", "tokens_per_sec")}
+            for line in open(path)
+        ]
     return open(path).read().splitlines()
 
 
@@ -220,7 +290,9 @@ def test_a_resumed_run_logs_each_step_once_line_by_line_like_an_uninterrupted_on
         assert timeless(str(cut / name)) == timeless(os.path.join(cfg.log_dir, name)), name
 
 
-def test_a_checkpoint_changed_in_a_way_that_keeps_it_finite_is_refused_by_its_checksum(uninterrupted, tmp_path, capsys):
+def test_a_checkpoint_changed_in_a_way_that_keeps_it_finite_is_refused_by_its_checksum(
+    uninterrupted, tmp_path, capsys
+):
     cfg, _ = uninterrupted
     path = tmp_path / "model_00003.pt"
     checkpoint = torch.load(os.path.join(cfg.log_dir, "model_00003.pt"), weights_only=True)
@@ -229,7 +301,10 @@ def test_a_checkpoint_changed_in_a_way_that_keeps_it_finite_is_refused_by_its_ch
     torch.save(checkpoint, path)  # with the checksum of the original contents
     with pytest.raises(UserError) as e:
         train_gpt2.read_verified(str(path), resume=True)
-    assert str(e.value) == f"checkpoint {path} is damaged: its contents do not match the checksum written with it"
+    assert (
+        str(e.value)
+        == f"checkpoint {path} is damaged: its contents do not match the checksum written with it"
+    )
 
 
 def test_a_shard_holding_the_vocabulary_size_as_an_id_is_refused(tmp_path):
@@ -267,11 +342,18 @@ def test_a_second_process_is_refused_the_directory_lock_at_once(tmp_path):
     lock = DirectoryLock(str(tmp_path / "log"), "--log-dir").acquire()
     try:
         started = time.time()
-        result = subprocess.run([sys.executable, "-c", HOLD_THE_LOCK, str(tmp_path / "log")], capture_output=True,
-                                text=True, env={**os.environ, "PYTHONPATH": REPO}, timeout=60)
-        assert result.stdout.strip() == (f"--log-dir {tmp_path / 'log'} is in use by another run (host "
-                                         f"{socket.gethostname()}, pid {os.getpid()}): wait for it to end, or "
-                                         "choose another --log-dir"), result.stderr
+        result = subprocess.run(
+            [sys.executable, "-c", HOLD_THE_LOCK, str(tmp_path / "log")],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": REPO},
+            timeout=60,
+        )
+        assert result.stdout.strip() == (
+            f"--log-dir {tmp_path / 'log'} is in use by another run (host "
+            f"{socket.gethostname()}, pid {os.getpid()}): wait for it to end, or "
+            "choose another --log-dir"
+        ), result.stderr
         assert result.returncode == 3 and time.time() - started < 60
     finally:
         lock.release()

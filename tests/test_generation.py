@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_model import perturb_
 from torch.nn import functional as F
 
 import train_gpt2
-from test_model import perturb_
 from train_gpt2 import GPT, GPT2_EOT, GPTConfig, TrainConfig, generate, validate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,7 +31,9 @@ pytestmark = pytest.mark.usefixtures("offline")  # tests/conftest.py: no hub, no
 
 def tiny_model(block_size, seed=0, vocab_multiple=64):
     torch.manual_seed(seed)
-    model = GPT(GPTConfig(block_size=block_size, n_layer=2, n_head=2, n_embd=32, vocab_multiple=vocab_multiple))
+    model = GPT(
+        GPTConfig(block_size=block_size, n_layer=2, n_head=2, n_embd=32, vocab_multiple=vocab_multiple)
+    )
     perturb_(model, seed=seed + 1)  # biases and LayerNorms away from their defaults
     with torch.no_grad():  # padded rows that would win every draw if they leaked into the logits
         model.transformer.wte.weight[VOCAB:] = 3.0 * torch.randn(model.config.padded_vocab_size - VOCAB, 32)
@@ -52,11 +54,13 @@ def reference_generate(model, prompt, max_new_tokens, num_samples=1, top_k=50, t
     rng = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _ in range(max_new_tokens):
-            logits, _ = model(x[:, -model.config.block_size:])
+            logits, _ = model(x[:, -model.config.block_size :])
             logits = logits[:, -1, :VOCAB].float() / max(temperature, 1e-6)
             if top_k:
                 values, indices = torch.topk(logits, min(top_k, VOCAB), dim=-1)
-                next_token = torch.gather(indices, -1, torch.multinomial(F.softmax(values, dim=-1), 1, generator=rng))
+                next_token = torch.gather(
+                    indices, -1, torch.multinomial(F.softmax(values, dim=-1), 1, generator=rng)
+                )
             else:
                 next_token = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=rng)
             x = torch.cat([x, next_token], dim=1)
@@ -69,6 +73,7 @@ def n_tokens(text):
 
 # -----------------------------------------------------------------------------
 # the cache against the uncached path
+
 
 def test_greedy_with_cache_equals_uncached_path_past_block_size(model):
     # 13 prompt tokens + 12 new in a block of 16: the cache fills, then the window is cropped and refilled
@@ -146,6 +151,7 @@ def test_cache_dtype_follows_autocast(model, monkeypatch):
 # -----------------------------------------------------------------------------
 # against transformers' generate on the export of the same model
 
+
 def test_greedy_batch_equals_transformers_generate_on_the_export(tmp_path):
     from transformers import GPT2LMHeadModel
 
@@ -159,10 +165,15 @@ def test_greedy_batch_equals_transformers_generate_on_the_export(tmp_path):
     attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     new = 24
     with torch.no_grad():
-        theirs = hf.generate(input_ids, attention_mask=attention_mask, max_new_tokens=new, do_sample=False,
-                             pad_token_id=GPT2_EOT)
+        theirs = hf.generate(
+            input_ids,
+            attention_mask=attention_mask,
+            max_new_tokens=new,
+            do_sample=False,
+            pad_token_id=GPT2_EOT,
+        )
     ours = generate(model, PROMPTS, new, top_k=1)
-    theirs_text = [enc.decode(row[width - len(p):].tolist()) for row, p in zip(theirs, prompts)]
+    theirs_text = [enc.decode(row[width - len(p) :].tolist()) for row, p in zip(theirs, prompts)]
     assert ours == theirs_text
     # transformers stops a row at <|endoftext|> and we do not: the comparison needs rows without it
     assert theirs.shape == (3, width + new) and GPT2_EOT not in theirs[:, width:]
@@ -172,12 +183,17 @@ def test_greedy_batch_equals_transformers_generate_on_the_export(tmp_path):
 # -----------------------------------------------------------------------------
 # the --generate command
 
+
 def sample_lines(out):
-    return [ast.literal_eval(line[len("sample: "):]) for line in out.splitlines() if line.startswith("sample: ")]
+    return [
+        ast.literal_eval(line[len("sample: ") :]) for line in out.splitlines() if line.startswith("sample: ")
+    ]
 
 
 def save_checkpoint(model, path, **extra):
-    torch.save({"model": model.state_dict(), "config": dataclasses.asdict(model.config), "step": 3, **extra}, path)
+    torch.save(
+        {"model": model.state_dict(), "config": dataclasses.asdict(model.config), "step": 3, **extra}, path
+    )
 
 
 def test_generate_flag_samples_a_checkpoint(model, tmp_path, capsys):
@@ -186,8 +202,24 @@ def test_generate_flag_samples_a_checkpoint(model, tmp_path, capsys):
     checkpoint = log_dir / "model_00003.pt"
     save_checkpoint(model, checkpoint, optimizer={}, loader=[])  # --resume auto takes it
     before = sorted(os.listdir(log_dir))
-    args = ["--generate", PROMPTS[0], "--num-samples", "3", "--max-new-tokens", "6", "--top-k", "20",
-            "--temperature", "0.8", "--seed", "5", "--device", "cpu", "--data-dir", "missing"]
+    args = [
+        "--generate",
+        PROMPTS[0],
+        "--num-samples",
+        "3",
+        "--max-new-tokens",
+        "6",
+        "--top-k",
+        "20",
+        "--temperature",
+        "0.8",
+        "--seed",
+        "5",
+        "--device",
+        "cpu",
+        "--data-dir",
+        "missing",
+    ]
     train_gpt2.main(["--init-from", str(checkpoint), *args])
     out = capsys.readouterr().out
     expected = generate(model, PROMPTS[0], 6, num_samples=3, top_k=20, temperature=0.8, seed=5)
@@ -199,9 +231,28 @@ def test_generate_flag_samples_a_checkpoint(model, tmp_path, capsys):
     assert f"generating from {checkpoint} on cpu" in out and sample_lines(out) == expected
     assert sorted(os.listdir(log_dir)) == before
     # the command itself, in a process of its own, in bf16
-    proc = subprocess.run([sys.executable, "train_gpt2.py", "--init-from", str(checkpoint), "--generate", "The",
-                           "--num-samples", "2", "--max-new-tokens", "4", "--device", "cpu", "--dtype", "bf16"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "train_gpt2.py",
+            "--init-from",
+            str(checkpoint),
+            "--generate",
+            "The",
+            "--num-samples",
+            "2",
+            "--max-new-tokens",
+            "4",
+            "--device",
+            "cpu",
+            "--dtype",
+            "bf16",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     samples = sample_lines(proc.stdout)
     assert "in bf16" in proc.stdout and len(samples) == 2
@@ -213,31 +264,52 @@ def test_generate_flag_greedy_from_an_hf_directory_equals_transformers(tmp_path,
 
     directory = tmp_path / "hf"
     tiny_model(block_size=32, seed=9, vocab_multiple=1).save_pretrained(directory)
-    train_gpt2.main(["--init-from", str(directory), "--generate", PROMPTS[0], "--num-samples", "2",
-                     "--max-new-tokens", "8", "--top-k", "1", "--device", "cpu"])
+    train_gpt2.main(
+        [
+            "--init-from",
+            str(directory),
+            "--generate",
+            PROMPTS[0],
+            "--num-samples",
+            "2",
+            "--max-new-tokens",
+            "8",
+            "--top-k",
+            "1",
+            "--device",
+            "cpu",
+        ]
+    )
     printed = sample_lines(capsys.readouterr().out)
     enc = train_gpt2.get_encoding()
     hf = GPT2LMHeadModel.from_pretrained(directory).eval()
     with torch.no_grad():
-        theirs = hf.generate(torch.tensor([enc.encode(PROMPTS[0])]), max_new_tokens=8, do_sample=False,
-                             pad_token_id=GPT2_EOT)
+        theirs = hf.generate(
+            torch.tensor([enc.encode(PROMPTS[0])]), max_new_tokens=8, do_sample=False, pad_token_id=GPT2_EOT
+        )
     assert printed == [enc.decode(theirs[0].tolist())] * 2
     assert theirs.shape[1] == n_tokens(PROMPTS[0]) + 8
 
 
 def test_generate_flag_settings_are_validated():
     assert validate(TrainConfig(generate="Hi"), 1) == []
-    assert validate(TrainConfig(generate="Hi", num_samples=0, max_new_tokens=-1, top_k=-2, temperature=0.0), 1) == [
+    assert validate(
+        TrainConfig(generate="Hi", num_samples=0, max_new_tokens=-1, top_k=-2, temperature=0.0), 1
+    ) == [
         "--num-samples must be positive, got 0",
         "--max-new-tokens must be positive, got -1",
         "--temperature must be positive, got 0.0",
-        "--top-k must be >= 0 (0: the whole vocabulary, 1: greedy), got -2"]
+        "--top-k must be >= 0 (0: the whole vocabulary, 1: greedy), got -2",
+    ]
     assert validate(TrainConfig(generate="Hi", export_hf="out", benchmark=2), 1) == [
-        "--benchmark and --export-hf and --generate exclude each other: choose one"]
+        "--benchmark and --export-hf and --generate exclude each other: choose one"
+    ]
     assert validate(TrainConfig(generate="Hi", eval_only=True), 1) == [
-        "--eval-only and --generate exclude each other: choose one"]
+        "--eval-only and --generate exclude each other: choose one"
+    ]
     assert validate(TrainConfig(generate="Hi"), 2) == [
-        "--generate runs in one process: run it with python, not torchrun"]
+        "--generate runs in one process: run it with python, not torchrun"
+    ]
 
 
 def test_generate_flag_without_a_model_is_a_one_line_error(tmp_path, capsys):
@@ -246,4 +318,5 @@ def test_generate_flag_without_a_model_is_a_one_line_error(tmp_path, capsys):
     assert e.value.code == 2
     assert capsys.readouterr().err.splitlines() == [
         f"error: --generate: no model to sample from (no checkpoint in {tmp_path / 'empty'}): "
-        "pass --init-from SOURCE or --resume PATH"]
+        "pass --init-from SOURCE or --resume PATH"
+    ]

@@ -24,8 +24,10 @@ from train_gpt2 import GPT
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_ROWS = 24
-WORDS = ("the man woman dog ball kitchen runs jumps slowly quickly into across table guitar plays "
-         "water bike rides mountain smiles camera then after picks up puts down holds sings").split()
+WORDS = (
+    "the man woman dog ball kitchen runs jumps slowly quickly into across table guitar plays "
+    "water bike rides mountain smiles camera then after picks up puts down holds sings"
+).split()
 
 
 def render_example(example):
@@ -41,13 +43,20 @@ def render_example(example):
     mask = torch.zeros((4, width), dtype=torch.long)
     for i, end in enumerate(ending_tokens):
         row = ctx_tokens + end
-        tokens[i, :len(row)] = torch.tensor(row)
-        mask[i, len(ctx_tokens):len(row)] = 1
+        tokens[i, : len(row)] = torch.tensor(row)
+        mask[i, len(ctx_tokens) : len(row)] = 1
     return data, tokens, mask, example["label"]
 
 
-def example_losses(model, examples, device=None, batch_size=hellaswag_scoring.DEFAULT_BATCH_SIZE,
-                   autocast_dtype=None, max_tokens=None, style=None):
+def example_losses(
+    model,
+    examples,
+    device=None,
+    batch_size=hellaswag_scoring.DEFAULT_BATCH_SIZE,
+    autocast_dtype=None,
+    max_tokens=None,
+    style=None,
+):
     """Per-example ending losses of the batched scorer, in input order, on the CPU: (sum (n, 4),
     normalized (n, 4)), normalized being per ending token (completion) or per character (harness)."""
     if device is None:
@@ -65,9 +74,20 @@ def make_rows(n, seed=0):
     for i in range(n):
         ctx = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 30))).capitalize() + "."
         endings = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 15))) + "." for _ in range(4)]
-        rows.append({"ind": i, "activity_label": "Testing", "ctx_a": ctx, "ctx_b": "", "ctx": ctx,
-                     "split": "val", "split_type": "indomain", "label": rng.randint(0, 3),
-                     "endings": endings, "source_id": f"test~{i}"})
+        rows.append(
+            {
+                "ind": i,
+                "activity_label": "Testing",
+                "ctx_a": ctx,
+                "ctx_b": "",
+                "ctx": ctx,
+                "split": "val",
+                "split_type": "indomain",
+                "label": rng.randint(0, 3),
+                "endings": endings,
+                "source_id": f"test~{i}",
+            }
+        )
     return rows
 
 
@@ -87,8 +107,9 @@ def workdir(tmp_path_factory):
     root = tmp_path_factory.mktemp("hellaswag")
     data = write_jsonl(root / "data.jsonl", make_rows(N_ROWS))
     torch.manual_seed(0)
-    config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=128, vocab_size=50257,
-                                     initializer_range=0.2)  # large weights: clear preferences, no near-ties
+    config = transformers.GPT2Config(
+        n_layer=2, n_head=2, n_embd=64, n_positions=128, vocab_size=50257, initializer_range=0.2
+    )  # large weights: clear preferences, no near-ties
     hf_model = transformers.GPT2LMHeadModel(config).eval()
     hf_dir = str(root / "hf")
     hf_model.save_pretrained(hf_dir)
@@ -100,8 +121,18 @@ def workdir(tmp_path_factory):
     examples = hellaswag_data.load_examples(data_path=data)
     ref_sum, ref_mean = reference_losses(lambda t: hf_model(t).logits, examples)
     labels = torch.tensor([ex["label"] for ex in examples])
-    return {"root": root, "data": data, "hf_dir": hf_dir, "ckpt": ckpt, "hf_model": hf_model, "ours": ours.eval(),
-            "examples": examples, "ref_sum": ref_sum, "ref_mean": ref_mean, "labels": labels}
+    return {
+        "root": root,
+        "data": data,
+        "hf_dir": hf_dir,
+        "ckpt": ckpt,
+        "hf_model": hf_model,
+        "ours": ours.eval(),
+        "examples": examples,
+        "ref_sum": ref_sum,
+        "ref_mean": ref_mean,
+        "labels": labels,
+    }
 
 
 def reference_losses(logits_fn, examples):
@@ -111,8 +142,9 @@ def reference_losses(logits_fn, examples):
         _, tokens, mask, _ = render_example(example)
         with torch.no_grad():
             logits = logits_fn(tokens).float()
-        losses = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), tokens[:, 1:].reshape(-1),
-                                 reduction="none").view(4, -1)
+        losses = F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.size(-1)), tokens[:, 1:].reshape(-1), reduction="none"
+        ).view(4, -1)
         m = mask[:, 1:].float()
         sums.append((losses * m).sum(1))
         means.append((losses * m).sum(1) / m.sum(1))
@@ -146,8 +178,14 @@ def test_batched_equals_per_example_fp32(workdir):
         assert torch.equal(got_sum.argmin(1), ref_sum.argmin(1))
         assert torch.equal(got_mean.argmin(1), ref_mean.argmin(1))
     assert len(tok._batches[(0, 1, 2, 150, "cpu")].batches) > 10
-    counts = hellaswag_scoring.evaluate(hf, examples, "cpu", batch_size=5).tolist()  # dicts, not pre-tokenized
-    assert counts == [N_ROWS, int((ref_sum.argmin(1) == labels).sum()), int((ref_mean.argmin(1) == labels).sum())]
+    counts = hellaswag_scoring.evaluate(
+        hf, examples, "cpu", batch_size=5
+    ).tolist()  # dicts, not pre-tokenized
+    assert counts == [
+        N_ROWS,
+        int((ref_sum.argmin(1) == labels).sum()),
+        int((ref_mean.argmin(1) == labels).sum()),
+    ]
 
 
 def test_our_gpt_matches_hf(workdir):
@@ -161,27 +199,39 @@ def test_our_gpt_matches_hf(workdir):
 
 
 def test_cli_model_dir_and_checkpoint_agree(workdir, capsys):
-    root, ref_sum, ref_mean, labels = workdir["root"], workdir["ref_sum"], workdir["ref_mean"], workdir["labels"]
+    root, ref_sum, ref_mean, labels = (
+        workdir["root"],
+        workdir["ref_sum"],
+        workdir["ref_mean"],
+        workdir["labels"],
+    )
     out_m, out_c = str(root / "m.json"), str(root / "c.json")
     res_m = hellaswag.main(["-m", workdir["hf_dir"], "--data", workdir["data"], "-d", "cpu", "--json", out_m])
     printed = capsys.readouterr().out
-    res_c = hellaswag.main(["-c", workdir["ckpt"], "--data", workdir["data"], "-d", "cpu", "--json", out_c,
-                            "--batch-size", "3"])
+    res_c = hellaswag.main(
+        ["-c", workdir["ckpt"], "--data", workdir["data"], "-d", "cpu", "--json", out_c, "--batch-size", "3"]
+    )
     with open(out_m) as f:
         json_m = json.load(f)
     with open(out_c) as f:
         json_c = json.load(f)
     assert set(json_m) == set(json_c) == {"n", "acc", "acc_norm", "style", "seconds"}
     assert json_m["style"] == json_c["style"] == "completion"
-    assert {k: json_m[k] for k in ("n", "acc", "acc_norm")} == {k: json_c[k] for k in ("n", "acc", "acc_norm")}
+    assert {k: json_m[k] for k in ("n", "acc", "acc_norm")} == {
+        k: json_c[k] for k in ("n", "acc", "acc_norm")
+    }
     assert json_m["n"] == res_m["n"] == res_c["n"] == N_ROWS
     # and they are the per-example reference's numbers
     assert json_m["acc"] == pytest.approx((ref_sum.argmin(1) == labels).float().mean().item())
     assert json_m["acc_norm"] == pytest.approx((ref_mean.argmin(1) == labels).float().mean().item())
     assert f"n={N_ROWS} acc={json_m['acc']:.4f} acc_norm={json_m['acc_norm']:.4f}" in printed
-    assert not [p for p in os.listdir(root) if p.endswith(".tmp")]  # the JSON went through a renamed temp file
+    assert not [
+        p for p in os.listdir(root) if p.endswith(".tmp")
+    ]  # the JSON went through a renamed temp file
     res = hellaswag.main(["-c", workdir["ckpt"], "--data", workdir["data"], "-d", "cpu", "--limit", "7"])
-    assert res["n"] == 7 and res["acc"] == pytest.approx((ref_sum[:7].argmin(1) == labels[:7]).float().mean().item())
+    assert res["n"] == 7 and res["acc"] == pytest.approx(
+        (ref_sum[:7].argmin(1) == labels[:7]).float().mean().item()
+    )
 
 
 def cost_logits(costs, vocab=50257):
@@ -196,6 +246,7 @@ def cost_logits(costs, vocab=50257):
 
     def logits_fn(idx):
         return bias.expand(idx.size(0), idx.size(1), vocab)
+
     return logits_fn
 
 
@@ -206,9 +257,11 @@ def test_acc_and_acc_norm_pick_different_endings():
     fn = cost_logits({cat[0]: 5.0, dog[0]: 2.0, fish[0]: 10.0})  # context tokens cost about ln(50257)
     # ending 1 " cat": sum 5, mean 5; ending 2 " dog dog dog dog": sum 8, mean 2; " fish fish": sum 20, mean 10
     endings = ["fish fish", "cat", "dog dog dog dog", "fish fish fish"]
-    examples = [{"ctx": "Hello there", "endings": endings, "label": 1},  # acc right, acc_norm wrong
-                {"ctx": "The cat sat", "endings": endings, "label": 2},  # acc wrong, acc_norm right
-                {"ctx": "A dog", "endings": endings, "label": 2}]
+    examples = [
+        {"ctx": "Hello there", "endings": endings, "label": 1},  # acc right, acc_norm wrong
+        {"ctx": "The cat sat", "endings": endings, "label": 2},  # acc wrong, acc_norm right
+        {"ctx": "A dog", "endings": endings, "label": 2},
+    ]
     sums, means = example_losses(fn, examples, "cpu")
     assert sums[0].tolist() == pytest.approx([20.0, 5.0, 8.0, 30.0], abs=1e-3)
     assert means[0].tolist() == pytest.approx([10.0, 5.0, 2.0, 10.0], abs=1e-3)
@@ -221,11 +274,18 @@ def test_acc_and_acc_norm_pick_different_endings():
 def test_ranks_split_the_work_and_batches_are_cached(workdir):
     tok = hellaswag_scoring.tokenize_examples(workdir["examples"][:10])
     whole = hellaswag_scoring.evaluate(workdir["ours"], tok, "cpu", batch_size=4)
-    parts = [hellaswag_scoring.evaluate(workdir["ours"], tok, "cpu", rank=r, world_size=3, batch_size=4) for r in range(3)]
+    parts = [
+        hellaswag_scoring.evaluate(workdir["ours"], tok, "cpu", rank=r, world_size=3, batch_size=4)
+        for r in range(3)
+    ]
     assert [p[0].item() for p in parts] == [4, 3, 3]
     assert torch.equal(sum(parts), whole) and whole.dtype == torch.int64 and whole[0].item() == 10
     ref_sum, ref_mean, labels = workdir["ref_sum"][:10], workdir["ref_mean"][:10], workdir["labels"][:10]
-    assert whole.tolist() == [10, int((ref_sum.argmin(1) == labels).sum()), int((ref_mean.argmin(1) == labels).sum())]
+    assert whole.tolist() == [
+        10,
+        int((ref_sum.argmin(1) == labels).sum()),
+        int((ref_mean.argmin(1) == labels).sum()),
+    ]
     assert len(tok._batches) == 4
     again = hellaswag_scoring.evaluate(workdir["ours"], tok, "cpu", batch_size=4)  # reuses the cached batches
     assert torch.equal(again, whole) and len(tok._batches) == 4
@@ -240,26 +300,56 @@ def test_row_longer_than_model_context(workdir):
 # -----------------------------------------------------------------------------
 # harness style (lm-evaluation-harness 0.4's hellaswag task)
 
-@pytest.mark.parametrize("row, query, choices", [
-    # WikiHow: " [title]" ends a sentence, other tags go, double spaces collapse; capitalize() meets "[" first
-    ({"activity_label": "Home and Garden", "ctx_a": "[header] How to grow basil [title] Pick a sunny spot.",
-      "ctx_b": "[step] water it  Daily.",
-      "endings": ["  [substeps] Use a  pencil. ", "Wash the cat [title] Dry it.", "a   b", "x"]},
-     "Home and Garden: How to grow basil. Pick a sunny spot. water it daily.",
-     [" Use a pencil.", "Wash the cat. Dry it.", "a  b", "x"]),
-    # ctx_b non-empty: its first letter goes up, the rest down
-    ({"activity_label": "Playing guitar", "ctx_a": "A man sits on a stool.", "ctx_b": "he plays a Fender NOW.",
-      "endings": ["He smiles.", "b", "c", "d"]},
-     "Playing guitar: A man sits on a stool. He plays a fender now.", ["He smiles.", "b", "c", "d"]),
-    # ctx_b empty; outer whitespace stripped; three spaces leave two (one pass of "  " -> " ")
-    ({"activity_label": " Surfing", "ctx_a": "  A woman rides a wave. ", "ctx_b": "",
-      "endings": [" She falls. ", "b", "c", "d"]},
-     "Surfing:  A woman rides a wave.", ["She falls.", "b", "c", "d"]),
-    # a trailing [title] leaves the query ending with a space
-    ({"activity_label": "Arts", "ctx_a": "[header] How to draw a cat [title]", "ctx_b": "",
-      "endings": ["Take a pencil.", "b", "c", "d"]},
-     "Arts: How to draw a cat. ", ["Take a pencil.", "b", "c", "d"]),
-])
+
+@pytest.mark.parametrize(
+    "row, query, choices",
+    [
+        # WikiHow: " [title]" ends a sentence, other tags go, double spaces collapse; capitalize() meets "[" first
+        (
+            {
+                "activity_label": "Home and Garden",
+                "ctx_a": "[header] How to grow basil [title] Pick a sunny spot.",
+                "ctx_b": "[step] water it  Daily.",
+                "endings": ["  [substeps] Use a  pencil. ", "Wash the cat [title] Dry it.", "a   b", "x"],
+            },
+            "Home and Garden: How to grow basil. Pick a sunny spot. water it daily.",
+            [" Use a pencil.", "Wash the cat. Dry it.", "a  b", "x"],
+        ),
+        # ctx_b non-empty: its first letter goes up, the rest down
+        (
+            {
+                "activity_label": "Playing guitar",
+                "ctx_a": "A man sits on a stool.",
+                "ctx_b": "he plays a Fender NOW.",
+                "endings": ["He smiles.", "b", "c", "d"],
+            },
+            "Playing guitar: A man sits on a stool. He plays a fender now.",
+            ["He smiles.", "b", "c", "d"],
+        ),
+        # ctx_b empty; outer whitespace stripped; three spaces leave two (one pass of "  " -> " ")
+        (
+            {
+                "activity_label": " Surfing",
+                "ctx_a": "  A woman rides a wave. ",
+                "ctx_b": "",
+                "endings": [" She falls. ", "b", "c", "d"],
+            },
+            "Surfing:  A woman rides a wave.",
+            ["She falls.", "b", "c", "d"],
+        ),
+        # a trailing [title] leaves the query ending with a space
+        (
+            {
+                "activity_label": "Arts",
+                "ctx_a": "[header] How to draw a cat [title]",
+                "ctx_b": "",
+                "endings": ["Take a pencil.", "b", "c", "d"],
+            },
+            "Arts: How to draw a cat. ",
+            ["Take a pencil.", "b", "c", "d"],
+        ),
+    ],
+)
 def test_harness_preprocessing(row, query, choices):
     assert hellaswag_scoring.harness_query(row) == query
     assert hellaswag_scoring.harness_choices(row) == choices
@@ -268,13 +358,17 @@ def test_harness_preprocessing(row, query, choices):
 def test_harness_tokenization_splits_as_the_hf_backend():
     enc = get_encoding()
     base = {"ctx_b": "", "label": 0, "endings": ["Take a pencil.", "[substeps] Use  ink.", "b", "c"]}
-    rows = [dict(base, activity_label="Arts", ctx_a="[header] How to draw a cat [title]"),  # query ends with " "
-            dict(base, activity_label="[x", ctx_a="y]")]  # the query is empty after cleanup
+    rows = [
+        dict(base, activity_label="Arts", ctx_a="[header] How to draw a cat [title]"),  # query ends with " "
+        dict(base, activity_label="[x", ctx_a="y]"),
+    ]  # the query is empty after cleanup
     tok = hellaswag_scoring.tokenize_examples(rows, style="harness")
     # the query's trailing space moves to the continuation: "cat." | "  Take a pencil."; the second
     # choice keeps the space its removed tag left: "cat." | "   Use ink."
     assert tok.ctx[0] == enc.encode("Arts: How to draw a cat.")
-    assert tok.endings[0][0] == enc.encode("  Take a pencil.") and tok.endings[0][1] == enc.encode("   Use ink.")
+    assert tok.endings[0][0] == enc.encode("  Take a pencil.") and tok.endings[0][1] == enc.encode(
+        "   Use ink."
+    )
     assert enc.encode("  Take a pencil.")[0] == enc.encode(" ")[0]  # the moved space is a token of its own
     # an empty context becomes <|endoftext|>, as the harness does
     assert tok.ctx[1] == [enc.eot_token] and tok.endings[1][0] == enc.encode(" Take a pencil.")
@@ -294,20 +388,39 @@ def make_harness_rows(n, seed=0):
     def words(lo, hi):
         return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
 
-    ctx_bs = [lambda: "", lambda: words(2, 8), lambda: words(1, 3) + " The Man " + words(1, 3), lambda: "[step]"]
-    endings = [lambda: words(1, 12) + ".", lambda: "[substeps] " + words(1, 8) + ".",
-               lambda: words(1, 5) + "  " + words(1, 5) + ".", lambda: "  " + words(1, 8) + ". ",
-               lambda: words(1, 5) + " [title] " + words(1, 5).capitalize() + "."]
+    ctx_bs = [
+        lambda: "",
+        lambda: words(2, 8),
+        lambda: words(1, 3) + " The Man " + words(1, 3),
+        lambda: "[step]",
+    ]
+    endings = [
+        lambda: words(1, 12) + ".",
+        lambda: "[substeps] " + words(1, 8) + ".",
+        lambda: words(1, 5) + "  " + words(1, 5) + ".",
+        lambda: "  " + words(1, 8) + ". ",
+        lambda: words(1, 5) + " [title] " + words(1, 5).capitalize() + ".",
+    ]
     rows = []
     for i in range(n):
         ctx_a = words(3, 12).capitalize() + "."
         if rng.random() < 0.5:
             ctx_a = f"[header] How to {words(2, 4)} [title] " + ctx_a
         ctx_b = rng.choice(ctx_bs)()
-        rows.append({"ind": i, "activity_label": rng.choice(["Surfing", "Home and Garden", " Cooking "]),
-                     "ctx_a": ctx_a, "ctx_b": ctx_b, "ctx": ctx_a + " " + ctx_b if ctx_b else ctx_a,
-                     "split": "val", "split_type": "zeroshot", "label": rng.randint(0, 3),
-                     "endings": [rng.choice(endings)() for _ in range(4)], "source_id": f"test~{i}"})
+        rows.append(
+            {
+                "ind": i,
+                "activity_label": rng.choice(["Surfing", "Home and Garden", " Cooking "]),
+                "ctx_a": ctx_a,
+                "ctx_b": ctx_b,
+                "ctx": ctx_a + " " + ctx_b if ctx_b else ctx_a,
+                "split": "val",
+                "split_type": "zeroshot",
+                "label": rng.randint(0, 3),
+                "endings": [rng.choice(endings)() for _ in range(4)],
+                "source_id": f"test~{i}",
+            }
+        )
     return rows
 
 
@@ -325,7 +438,7 @@ def harness_reference(model, rows):
             while context[-1:].isspace():
                 context, continuation = context[:-1], context[-1] + continuation
             ctx_ids = enc.encode_ordinary(context)
-            cont_ids = enc.encode_ordinary(context + continuation)[len(ctx_ids):]
+            cont_ids = enc.encode_ordinary(context + continuation)[len(ctx_ids) :]
             with torch.no_grad():
                 logp = F.log_softmax(model(torch.tensor([ctx_ids + cont_ids])).logits[0].float(), dim=-1)
             row_lls.append(sum(logp[len(ctx_ids) - 1 + k, t].item() for k, t in enumerate(cont_ids)))
@@ -339,8 +452,13 @@ def harness(workdir):
     rows = make_harness_rows(N_ROWS, seed=1)
     data = write_jsonl(workdir["root"] / "harness.jsonl", rows)
     lls, chars = harness_reference(workdir["hf_model"], rows)
-    return {"rows": rows, "data": data, "lls": lls, "chars": chars,
-            "labels": torch.tensor([row["label"] for row in rows])}
+    return {
+        "rows": rows,
+        "data": data,
+        "lls": lls,
+        "chars": chars,
+        "labels": torch.tensor([row["label"] for row in rows]),
+    }
 
 
 def top_gap(scores):
@@ -358,14 +476,18 @@ def test_harness_style_equals_per_example_reference(workdir, harness):
     assert top_gap(lls) > 1e-3 and top_gap(lls / chars) > 1e-3
     tok = hellaswag_scoring.tokenize_examples(rows, style="harness")
     for batch_size, max_tokens in [(64, None), (2, 150)]:
-        got_sum, got_norm = example_losses(workdir["hf_model"], tok, "cpu", batch_size=batch_size,
-                                                     max_tokens=max_tokens)
+        got_sum, got_norm = example_losses(
+            workdir["hf_model"], tok, "cpu", batch_size=batch_size, max_tokens=max_tokens
+        )
         assert torch.allclose(-got_sum.double(), lls, atol=1e-4, rtol=0)
         assert torch.allclose(-got_norm.double(), lls / chars, atol=1e-4, rtol=0)
         assert torch.equal(got_sum.argmin(1), lls.argmax(1))
         assert torch.equal(got_norm.argmin(1), (lls / chars).argmax(1))
     expected = [N_ROWS, int((lls.argmax(1) == labels).sum()), int(((lls / chars).argmax(1) == labels).sum())]
-    assert hellaswag_scoring.evaluate(workdir["hf_model"], rows, "cpu", batch_size=5, style="harness").tolist() == expected
+    assert (
+        hellaswag_scoring.evaluate(workdir["hf_model"], rows, "cpu", batch_size=5, style="harness").tolist()
+        == expected
+    )
     # our GPT, split across ranks, gives the same counts
     parts = [hellaswag_scoring.evaluate(workdir["ours"], tok, "cpu", rank=r, world_size=2) for r in range(2)]
     assert sum(parts).tolist() == expected
@@ -377,8 +499,22 @@ def test_harness_style_equals_per_example_reference(workdir, harness):
 def test_cli_harness_style(workdir, harness, capsys):
     lls, chars, labels = harness["lls"], harness["chars"], harness["labels"]
     out = str(workdir["root"] / "harness.json")
-    hellaswag.main(["-c", workdir["ckpt"], "--data", harness["data"], "-d", "cpu", "--style", "harness",
-                    "--json", out, "--batch-size", "3"])
+    hellaswag.main(
+        [
+            "-c",
+            workdir["ckpt"],
+            "--data",
+            harness["data"],
+            "-d",
+            "cpu",
+            "--style",
+            "harness",
+            "--json",
+            out,
+            "--batch-size",
+            "3",
+        ]
+    )
     assert "harness style: n=24" in capsys.readouterr().out
     with open(out) as f:
         result = json.load(f)
@@ -396,8 +532,14 @@ def test_harness_normalizes_by_characters_not_tokens():
     enc = get_encoding()
     costs = {enc.encode(" cat")[0]: 1.55, enc.encode(" international")[0]: 6.0, enc.encode(" fish")[0]: 10.0}
     fn = cost_logits(costs)
-    row = {"activity_label": "Pets", "ctx_a": "A man", "ctx_b": "", "ctx": "A man",
-           "endings": ["fish fish", "cat", "international", "fish"], "label": 2}
+    row = {
+        "activity_label": "Pets",
+        "ctx_a": "A man",
+        "ctx_b": "",
+        "ctx": "A man",
+        "endings": ["fish fish", "cat", "international", "fish"],
+        "label": 2,
+    }
     h_sum, h_norm = example_losses(fn, [row], "cpu", style="harness")
     c_sum, c_norm = example_losses(fn, [row], "cpu")
     assert h_sum[0].tolist() == pytest.approx([20.0, 1.55, 6.0, 10.0], abs=1e-3)
@@ -410,11 +552,14 @@ def test_harness_normalizes_by_characters_not_tokens():
         hellaswag_scoring.evaluate(fn, hellaswag_scoring.tokenize_examples([row]), "cpu", style="harness")
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"activity_label": None}, "bad.jsonl:3: missing 'activity_label', which --style harness needs"),
-    ({"ctx_a": 5}, "bad.jsonl:3: not a string: 'ctx_a', which --style harness needs"),
-    ({"ctx_b": None}, "bad.jsonl:3: missing 'ctx_b'"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"activity_label": None}, "bad.jsonl:3: missing 'activity_label', which --style harness needs"),
+        ({"ctx_a": 5}, "bad.jsonl:3: not a string: 'ctx_a', which --style harness needs"),
+        ({"ctx_b": None}, "bad.jsonl:3: missing 'ctx_b'"),
+    ],
+)
 def test_harness_style_needs_its_fields(tmp_path, capsys, change, message):
     row = make_rows(1, seed=7)[0]
     for field, value in change.items():
@@ -429,6 +574,7 @@ def test_harness_style_needs_its_fields(tmp_path, capsys, change, message):
 
 # -----------------------------------------------------------------------------
 # download
+
 
 class Server:
     """http.server on 127.0.0.1 in a thread; routes: path -> (status, body, declared length or None)."""
@@ -451,7 +597,9 @@ class Server:
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+        self.thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
+        )
         self.thread.start()
 
     def close(self):
@@ -461,7 +609,9 @@ class Server:
 
 @pytest.fixture
 def server(monkeypatch):
-    monkeypatch.setattr(hellaswag_data.time, "sleep", lambda seconds: None)  # retries without the backoff wait
+    monkeypatch.setattr(
+        hellaswag_data.time, "sleep", lambda seconds: None
+    )  # retries without the backoff wait
     s = Server()
     yield s
     s.close()
@@ -493,7 +643,9 @@ def test_broken_download_retries_then_fails_leaving_nothing(server, tmp_path, ca
     }[case]
     cache = tmp_path / "cache"
     with pytest.raises(UserError, match=r"could not download .*after 3 tries.*--data"):
-        hellaswag_data.download("train", cache_dir=str(cache), url_base=server.url + "/x", retries=3, backoff=0)
+        hellaswag_data.download(
+            "train", cache_dir=str(cache), url_base=server.url + "/x", retries=3, backoff=0
+        )
     assert len(server.hits) == 3
     assert os.listdir(cache) == []  # neither the final file nor a temporary one
 
@@ -522,14 +674,20 @@ def test_official_val_row_count_is_checked(server, tmp_path):
     with pytest.raises(UserError, match="expected 10,042"):
         hellaswag_data.load_examples("val", cache_dir=str(tmp_path / "a"), url_base=server.url + "/short")
     assert os.listdir(tmp_path / "a") == []
-    examples = hellaswag_data.load_examples("val", cache_dir=str(tmp_path / "b"), url_base=server.url + "/ok", limit=5)
+    examples = hellaswag_data.load_examples(
+        "val", cache_dir=str(tmp_path / "b"), url_base=server.url + "/ok", limit=5
+    )
     assert len(examples) == 5 and examples[0]["endings"] == rows[0]["endings"]
     # a --data file of any length is fine
-    assert len(hellaswag_data.load_examples("val", data_path=write_jsonl(tmp_path / "s.jsonl", rows[:100]))) == 100
+    assert (
+        len(hellaswag_data.load_examples("val", data_path=write_jsonl(tmp_path / "s.jsonl", rows[:100])))
+        == 100
+    )
 
 
 # -----------------------------------------------------------------------------
 # bad input: one clear line, exit code 2
+
 
 def bad_file(tmp_path, bad_line):
     rows = make_rows(4)
@@ -542,15 +700,18 @@ def with_change(**change):
     return row
 
 
-@pytest.mark.parametrize("bad_line, message", [
-    ('{"ctx": "a", "endings": ["a", "b", "c", "d"], "label": 1', "bad.jsonl:3: not valid JSON"),
-    (with_change(endings=["a", "b", "c"]), "bad.jsonl:3: 'endings' has 3 items, expected 4"),
-    (with_change(endings=["a", "b", "c", 4]), "bad.jsonl:3: ending 3 is int, expected a string"),
-    (with_change(label=4), "bad.jsonl:3: 'label' must be an integer 0-3, got 4"),
-    (with_change(label="1"), "bad.jsonl:3: 'label' must be an integer 0-3, got '1'"),
-    (with_change(ctx=None), "bad.jsonl:3: missing 'ctx'"),
-    ("[1, 2]", "bad.jsonl:3: expected a JSON object"),
-])
+@pytest.mark.parametrize(
+    "bad_line, message",
+    [
+        ('{"ctx": "a", "endings": ["a", "b", "c", "d"], "label": 1', "bad.jsonl:3: not valid JSON"),
+        (with_change(endings=["a", "b", "c"]), "bad.jsonl:3: 'endings' has 3 items, expected 4"),
+        (with_change(endings=["a", "b", "c", 4]), "bad.jsonl:3: ending 3 is int, expected a string"),
+        (with_change(label=4), "bad.jsonl:3: 'label' must be an integer 0-3, got 4"),
+        (with_change(label="1"), "bad.jsonl:3: 'label' must be an integer 0-3, got '1'"),
+        (with_change(ctx=None), "bad.jsonl:3: missing 'ctx'"),
+        ("[1, 2]", "bad.jsonl:3: expected a JSON object"),
+    ],
+)
 def test_bad_rows_name_file_and_line(tmp_path, capsys, bad_line, message):
     path = bad_file(tmp_path, bad_line)
     assert_cli_error(capsys, ["-m", "unused", "--data", path, "-d", "cpu"], message)
@@ -565,27 +726,39 @@ def assert_cli_error(capsys, argv, message):
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--data", "nope.jsonl", "-m", "x"], "HellaSwag data file nope.jsonl does not exist"),
-    (["-m", "x", "-c", "y.pt"], "exactly one of -m/--model"),
-    ([], "exactly one of -m/--model"),
-    (["-c", "missing.pt", "--data", "DATA"], "checkpoint missing.pt does not exist"),
-    (["-m", "DIR/nothing-here", "--data", "DATA"], "could not load model"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--data", "nope.jsonl", "-m", "x"], "HellaSwag data file nope.jsonl does not exist"),
+        (["-m", "x", "-c", "y.pt"], "exactly one of -m/--model"),
+        ([], "exactly one of -m/--model"),
+        (["-c", "missing.pt", "--data", "DATA"], "checkpoint missing.pt does not exist"),
+        (["-m", "DIR/nothing-here", "--data", "DATA"], "could not load model"),
+    ],
+)
 def test_bad_arguments_exit_2(workdir, capsys, args, message):
     args = [a.replace("DATA", workdir["data"]).replace("DIR", str(workdir["root"])) for a in args]
     assert_cli_error(capsys, args + ["-d", "cpu"], message)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["-m", "gpt2", "-c", "x.pt"], "exactly one of -m/--model"),
-    (["-m", "gpt2", "--data", "BAD"], "bad.jsonl:3: 'label' must be an integer 0-3"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["-m", "gpt2", "-c", "x.pt"], "exactly one of -m/--model"),
+        (["-m", "gpt2", "--data", "BAD"], "bad.jsonl:3: 'label' must be an integer 0-3"),
+    ],
+)
 def test_cli_subprocess_errors_have_no_traceback(tmp_path, args, message):
     path = bad_file(tmp_path, with_change(label=7))
     env = dict(os.environ, HELLASWAG_CACHE=str(tmp_path / "cache"))
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "hellaswag.py")] + [a.replace("BAD", path) for a in args],
-                          capture_output=True, text=True, timeout=120, env=env, cwd=str(tmp_path))
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "hellaswag.py")] + [a.replace("BAD", path) for a in args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=str(tmp_path),
+    )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.startswith("error: ") and message in proc.stderr and proc.stderr.count("\n") == 1

@@ -42,8 +42,10 @@ def imported_names(path):
 def import_graph(root=REPO):
     """{module: set of project modules it imports}."""
     modules = project_modules(root)
-    return {module: {name for name in imported_names(path) if name in modules and name != module}
-            for module, path in modules.items()}
+    return {
+        module: {name for name in imported_names(path) if name in modules and name != module}
+        for module, path in modules.items()
+    }
 
 
 def find_cycle(graph):
@@ -54,7 +56,7 @@ def find_cycle(graph):
         state[node] = "open"
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == "open":
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             if nxt not in state and (cycle := visit(nxt, path + [nxt])):
                 return cycle
         state[node] = "done"
@@ -67,13 +69,22 @@ def find_cycle(graph):
 
 
 def package_imports_of_scripts(graph):
-    return sorted((module, target) for module, targets in graph.items() if module.startswith(PACKAGE)
-                  for target in targets if target in SCRIPTS)
+    return sorted(
+        (module, target)
+        for module, targets in graph.items()
+        if module.startswith(PACKAGE)
+        for target in targets
+        if target in SCRIPTS
+    )
 
 
 def test_the_import_graph_has_no_cycle_and_the_package_imports_no_script():
     graph = import_graph()
-    assert graph["train_gpt2"] >= {"gpt2lib.common", "gpt2lib.checkpoints", "gpt2lib.distributed"}  # it sees them
+    assert graph["train_gpt2"] >= {
+        "gpt2lib.common",
+        "gpt2lib.checkpoints",
+        "gpt2lib.distributed",
+    }  # it sees them
     assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph))}"
     assert package_imports_of_scripts(graph) == []
     assert "hellaswag" not in graph["train_gpt2"], "training must not pull in hellaswag.py's command line"
@@ -89,8 +100,10 @@ def test_the_checks_see_a_cycle_a_lazy_import_and_a_package_import_of_a_script(t
     (tmp_path / PACKAGE / "hf.py").write_text("def f():\n    from gpt2lib import checkpoints\n")  # lazy
     (tmp_path / PACKAGE / "checkpoints.py").write_text("from gpt2lib.hf import f\n")
     graph = import_graph(str(tmp_path))
-    assert find_cycle(graph) in (["gpt2lib.checkpoints", "gpt2lib.hf", "gpt2lib.checkpoints"],
-                                 ["gpt2lib.hf", "gpt2lib.checkpoints", "gpt2lib.hf"])
+    assert find_cycle(graph) in (
+        ["gpt2lib.checkpoints", "gpt2lib.hf", "gpt2lib.checkpoints"],
+        ["gpt2lib.hf", "gpt2lib.checkpoints", "gpt2lib.hf"],
+    )
     (tmp_path / PACKAGE / "checkpoints.py").write_text("def g():\n    import train_gpt2\n")
     graph = import_graph(str(tmp_path))
     assert find_cycle(graph) is None
@@ -100,9 +113,11 @@ def test_the_checks_see_a_cycle_a_lazy_import_and_a_package_import_of_a_script(t
 @pytest.mark.parametrize("module", sorted(project_modules()))
 def test_importing_does_no_heavy_work(module):
     """transformers, tiktoken, datasets, wandb and tensorboard load on first use, never at import."""
-    code = (f"import sys; import {module}; "
-            "print(sorted(m for m in ('transformers', 'tiktoken', 'datasets', 'safetensors', 'wandb', 'tensorboard')"
-            " if m in sys.modules))")
+    code = (
+        f"import sys; import {module}; "
+        "print(sorted(m for m in ('transformers', 'tiktoken', 'datasets', 'safetensors', 'wandb', 'tensorboard')"
+        " if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
@@ -130,12 +145,18 @@ def test_one_set_of_dtype_names_with_torchs_spelling_as_aliases(capsys):
     import hellaswag
     import train_gpt2
 
-    for given, canonical in (("bfloat16", "bf16"), ("float16", "fp16"), ("float32", "fp32"), ("bf16", "bf16")):
+    for given, canonical in (
+        ("bfloat16", "bf16"),
+        ("float16", "fp16"),
+        ("float32", "fp32"),
+        ("bf16", "bf16"),
+    ):
         assert train_gpt2.parse_config(["--dtype", given]).dtype == canonical
         assert hellaswag.parse_args(["-m", "gpt2", "--dtype", given]).dtype == canonical
     assert hellaswag.autocast_dtype("fp32") == torch.float32 and hellaswag.autocast_dtype("auto") is None
-    assert train_gpt2.validate(train_gpt2.parse_config(["--dtype", "float64"]), 1) == \
-        ["--dtype must be one of auto, bf16, fp16, fp32, got float64"]
+    assert train_gpt2.validate(train_gpt2.parse_config(["--dtype", "float64"]), 1) == [
+        "--dtype must be one of auto, bf16, fp16, fp32, got float64"
+    ]
     with pytest.raises(SystemExit):
         hellaswag.parse_args(["-m", "gpt2", "--dtype", "float64"])
     assert "invalid choice: 'float64'" in capsys.readouterr().err
@@ -168,8 +189,13 @@ def script_callbacks_into_package(path):
         if isinstance(func, ast.Attribute) and func.attr in GENERIC_RUNNERS:
             continue
         for arg in [*node.args, *(k.value for k in node.keywords)]:
-            names = [n.id for n in ast.walk(arg) if isinstance(n, ast.Name)] if isinstance(arg, ast.Lambda) else \
-                [arg.id] if isinstance(arg, ast.Name) else []
+            names = (
+                [n.id for n in ast.walk(arg) if isinstance(n, ast.Name)]
+                if isinstance(arg, ast.Lambda)
+                else [arg.id]
+                if isinstance(arg, ast.Name)
+                else []
+            )
             if any(name in own for name in names):
                 found.append((node.lineno, ast.unparse(node)[:80]))
     return found
@@ -179,6 +205,8 @@ def test_the_script_hands_the_package_no_function_or_class_of_its_own(tmp_path):
     for script in SCRIPTS:
         assert script_callbacks_into_package(os.path.join(REPO, script + ".py")) == [], script
     bad = tmp_path / "bad.py"
-    bad.write_text("from gpt2lib import resume\nclass Loader: pass\ndef f(): pass\n"
-                   "resume.find_holder(Loader, 1)\nresume.x(key=lambda: f())\nresume.ok(Loader(), lambda x: x + 1)\n")
+    bad.write_text(
+        "from gpt2lib import resume\nclass Loader: pass\ndef f(): pass\n"
+        "resume.find_holder(Loader, 1)\nresume.x(key=lambda: f())\nresume.ok(Loader(), lambda x: x + 1)\n"
+    )
     assert [line for line, _ in script_callbacks_into_package(str(bad))] == [4, 5]

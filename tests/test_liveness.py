@@ -17,12 +17,12 @@ import threading
 import time
 
 import pytest
-
-from gpt2lib import rundir
-from gpt2lib.common import UserError
 from test_integrity import TINY_CLI, start_cli, wait_for_steps
 from test_long_runs import TRAIN, same_weights, torchrun
 from test_train import REPO, final_weights, make_data
+
+from gpt2lib import rundir
+from gpt2lib.common import UserError
 
 # ---- a lock that holds
 
@@ -32,15 +32,26 @@ def only_errors(err):
 
 
 def refusal(pid):
-    return (f"error: --log-dir log is in use by another run (host {socket.gethostname()}, pid {pid}): "
-            "wait for it to end, or choose another --log-dir")
+    return (
+        f"error: --log-dir log is in use by another run (host {socket.gethostname()}, pid {pid}): "
+        "wait for it to end, or choose another --log-dir"
+    )
 
 
 @pytest.mark.parametrize("how", ["deleted", "replaced"])
 def test_a_lock_file_deleted_or_replaced_under_a_live_run_lets_no_second_run_in(tmp_path, how):
     make_data(tmp_path / "data", n_train=200000)
     log = tmp_path / "log"
-    args = TINY_CLI + ["--data-dir", "data", "--log-dir", "log", "--max-steps", "100000", "--checkpoint-every", "2"]
+    args = TINY_CLI + [
+        "--data-dir",
+        "data",
+        "--log-dir",
+        "log",
+        "--max-steps",
+        "100000",
+        "--checkpoint-every",
+        "2",
+    ]
     first = start_cli(args, tmp_path)
     try:
         wait_for_steps(log / "log.txt", 1, first)
@@ -51,7 +62,9 @@ def test_a_lock_file_deleted_or_replaced_under_a_live_run_lets_no_second_run_in(
             os.replace(tmp_path / "lock.new", log / ".lock")
         second = start_cli(args, tmp_path)
         try:
-            out, err = second.communicate(timeout=60)  # a refusal takes seconds; a second run that got in never ends
+            out, err = second.communicate(
+                timeout=60
+            )  # a refusal takes seconds; a second run that got in never ends
         finally:
             if second.poll() is None:
                 second.kill()
@@ -81,7 +94,16 @@ def test_a_log_dir_moved_or_deleted_under_a_live_run_stops_it_with_one_line(tmp_
     (a second run's directory), and its lock's release is quiet."""
     make_data(tmp_path / "data", n_train=200000)
     log = tmp_path / "log"
-    args = TINY_CLI + ["--data-dir", "data", "--log-dir", "log", "--max-steps", "100000", "--checkpoint-every", "3"]
+    args = TINY_CLI + [
+        "--data-dir",
+        "data",
+        "--log-dir",
+        "log",
+        "--max-steps",
+        "100000",
+        "--checkpoint-every",
+        "3",
+    ]
     first = start_cli(args, tmp_path)
     try:
         wait_for_steps(log / "log.txt", 1, first)
@@ -94,7 +116,8 @@ def test_a_log_dir_moved_or_deleted_under_a_live_run_stops_it_with_one_line(tmp_
         assert first.returncode == 2, err
         assert only_errors(err) == [
             "error: --log-dir log was moved or deleted while this run was using it: stopped without writing more "
-            "into it; resume from the directory that holds its checkpoints"], err
+            "into it; resume from the directory that holds its checkpoints"
+        ], err
         assert "Traceback" not in err
         assert os.listdir(log) == []
     finally:
@@ -142,12 +165,23 @@ def test_a_refused_contender_always_names_the_holder(tmp_path):
 
 # ---- a stop that is quick during an eval
 
-EVAL_ARGS = TINY_CLI + ["--data-dir", "data", "--eval-every", "2", "--checkpoint-every", "0", "--log-dir", "log"]
+EVAL_ARGS = TINY_CLI + [
+    "--data-dir",
+    "data",
+    "--eval-every",
+    "2",
+    "--checkpoint-every",
+    "0",
+    "--log-dir",
+    "log",
+]
 LONG_EVAL_S = 12  # the val eval's length in these runs: what a stop used to wait for
 
 
 def val_steps_lasting(seconds):
-    return str(int(seconds * 50))  # d1, B=2, T=16 on one CPU thread: about 50 val batches a second (its 50304-wide head)
+    return str(
+        int(seconds * 50)
+    )  # d1, B=2, T=16 on one CPU thread: about 50 val batches a second (its 50304-wide head)
 
 
 def test_a_signal_during_the_val_eval_ends_it_at_the_next_batch_and_the_resume_redoes_it(tmp_path):
@@ -156,8 +190,14 @@ def test_a_signal_during_the_val_eval_ends_it_at_the_next_batch_and_the_resume_r
     out_path = tmp_path / "out.txt"
     env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     with open(out_path, "w") as out:
-        proc = subprocess.Popen([sys.executable, TRAIN, *EVAL_ARGS, *val, "--max-steps", "100000"], cwd=tmp_path,
-                                env=env, stdout=out, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, TRAIN, *EVAL_ARGS, *val, "--max-steps", "100000"],
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
     try:
         deadline = time.time() + 120
         while time.time() < deadline and "model d1" not in out_path.read_text():
@@ -174,15 +214,31 @@ def test_a_signal_during_the_val_eval_ends_it_at_the_next_batch_and_the_resume_r
     print(f"stop latency during the val eval: {seconds:.2f} s (the eval alone takes about {LONG_EVAL_S} s)")
     assert proc.returncode == 0, err
     assert "stopped by signal" in out_path.read_text()
-    assert os.listdir(tmp_path / "log") and sorted(n for n in os.listdir(tmp_path / "log") if ".pt" in n) == \
-        ["model_00000.pt"]
+    assert os.listdir(tmp_path / "log") and sorted(n for n in os.listdir(tmp_path / "log") if ".pt" in n) == [
+        "model_00000.pt"
+    ]
     assert " val " not in (tmp_path / "log" / "log.txt").read_text()  # the unfinished eval is not logged
     assert seconds < LONG_EVAL_S / 2, f"the stop took {seconds:.1f} s: it waited for the eval"
     # the resume redoes the step-0 eval; its logs and weights are an uninterrupted run's
     for log_dir in ["log", "alone"]:
-        result = subprocess.run([sys.executable, TRAIN, *EVAL_ARGS[:-1], log_dir, *val, "--max-steps", "2",
-                                 "--checkpoint-every", "2"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                                timeout=300)
+        result = subprocess.run(
+            [
+                sys.executable,
+                TRAIN,
+                *EVAL_ARGS[:-1],
+                log_dir,
+                *val,
+                "--max-steps",
+                "2",
+                "--checkpoint-every",
+                "2",
+            ],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert result.returncode == 0, result.stderr
     resumed, alone = [(tmp_path / d / "log.txt").read_text() for d in ["log", "alone"]]
     assert resumed == alone and resumed.count(" val ") == 2
@@ -190,6 +246,7 @@ def test_a_signal_during_the_val_eval_ends_it_at_the_next_batch_and_the_resume_r
 
 
 # ---- no silent hang
+
 
 def worker_pids(torchrun_proc):
     """{rank: pid} of torchrun's workers."""
@@ -206,11 +263,23 @@ def test_a_stopped_rank_is_named_by_the_other_within_the_collective_timeout(tmp_
     in its collective for gloo's 30 minutes."""
     make_data(tmp_path / "data", n_train=400000)
     timeout_s = 3
-    args = TINY_CLI + ["--data-dir", "data", "--log-dir", "log", "--max-steps", "100000", "--checkpoint-every", "0",
-                       "--collective-timeout", str(timeout_s)]
+    args = TINY_CLI + [
+        "--data-dir",
+        "data",
+        "--log-dir",
+        "log",
+        "--max-steps",
+        "100000",
+        "--checkpoint-every",
+        "0",
+        "--collective-timeout",
+        str(timeout_s),
+    ]
     proc = torchrun(args, tmp_path, nproc=2)
     lines, stopped = [], None
-    reader = threading.Thread(target=lambda: [lines.append((time.time(), line)) for line in proc.stderr], daemon=True)
+    reader = threading.Thread(
+        target=lambda: [lines.append((time.time(), line)) for line in proc.stderr], daemon=True
+    )
     reader.start()
     pids = {}
     try:
@@ -233,8 +302,11 @@ def test_a_stopped_rank_is_named_by_the_other_within_the_collective_timeout(tmp_
     assert len(errors) == 1, lines
     seconds = errors[0][0] - stopped
     print(f"SIGSTOP to the other rank's line: {seconds:.1f} s (--collective-timeout {timeout_s})")
-    assert re.fullmatch(rf"error: rank 0: no progress for \d+ s \(--collective-timeout {timeout_s}\): rank 1 \(host "
-                        rf"{re.escape(socket.gethostname())}\) stopped responding after step \d+; ending this rank so that "
-                        r"torchrun can restart the run", errors[0][1]), errors
+    assert re.fullmatch(
+        rf"error: rank 0: no progress for \d+ s \(--collective-timeout {timeout_s}\): rank 1 \(host "
+        rf"{re.escape(socket.gethostname())}\) stopped responding after step \d+; ending this rank so that "
+        r"torchrun can restart the run",
+        errors[0][1],
+    ), errors
     assert seconds < timeout_s + 10
     assert proc.returncode != 0

@@ -17,16 +17,48 @@ from dataclasses import replace
 
 import pytest
 import torch
+from test_train import (
+    REPO,
+    STOP_LIMIT_S,
+    final_weights,
+    free_port,
+    install_stop_after,
+    logged,
+    make_data,
+    signal_between_logged_steps,
+    spawn_train,
+    tiny_config,
+    write_hellaswag,
+)
 
 import train_gpt2
 from gpt2lib import flops
-from test_train import (REPO, STOP_LIMIT_S, final_weights, free_port, install_stop_after, logged, make_data,
-                        signal_between_logged_steps, spawn_train, tiny_config, write_hellaswag)
 from train_gpt2 import GPT, DistContext, config_for, train
 
 TRAIN = os.path.join(REPO, "train_gpt2.py")
-TINY_ARGS = ["--model", "d1", "--data-dir", "data", "-B", "2", "-T", "16", "--device", "cpu", "--dtype", "fp32",
-             "--no-compile", "--log-dir", "log", "--warmup-steps", "2", "--lr", "1e-3", "--val-steps", "2"]
+TINY_ARGS = [
+    "--model",
+    "d1",
+    "--data-dir",
+    "data",
+    "-B",
+    "2",
+    "-T",
+    "16",
+    "--device",
+    "cpu",
+    "--dtype",
+    "fp32",
+    "--no-compile",
+    "--log-dir",
+    "log",
+    "--warmup-steps",
+    "2",
+    "--lr",
+    "1e-3",
+    "--val-steps",
+    "2",
+]
 
 
 def digest(path):
@@ -35,8 +67,11 @@ def digest(path):
 
 
 def tree_digests(directory):
-    return {name: digest(os.path.join(directory, name)) for name in sorted(os.listdir(directory))
-            if os.path.isfile(os.path.join(directory, name)) and name != ".lock"}
+    return {
+        name: digest(os.path.join(directory, name))
+        for name in sorted(os.listdir(directory))
+        if os.path.isfile(os.path.join(directory, name)) and name != ".lock"
+    }
 
 
 def checkpoints(log_dir):
@@ -57,6 +92,7 @@ def same_weights(a, b):
 
 
 # ---- one run per log dir
+
 
 def test_fresh_start_sets_an_older_run_aside_and_keeps_only_its_own_checkpoints(tmp_path, capsys):
     data_dir = make_data(tmp_path / "data")
@@ -118,6 +154,7 @@ def test_torn_log_lines_are_dropped_on_resume(tmp_path, capsys):
 
 # ---- processes started by torchrun
 
+
 def torchrun(args, cwd, nnodes=1, node_rank=0, nproc=1, port=None, extra=()):
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--nproc-per-node={nproc}"]
     if nnodes == 1:
@@ -125,8 +162,14 @@ def torchrun(args, cwd, nnodes=1, node_rank=0, nproc=1, port=None, extra=()):
     else:
         cmd += [f"--node-rank={node_rank}", "--master-addr=127.0.0.1", f"--master-port={port}"]
     env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([*cmd, *extra, TRAIN, *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [*cmd, *extra, TRAIN, *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def finish(procs, timeout=300):
@@ -167,8 +210,14 @@ def test_a_process_that_had_a_process_group_ends_without_teardown_with_its_outpu
     marker = tmp_path / "teardown_ran"
 
     def run(script):
-        return subprocess.run([sys.executable, "-c", script, str(marker)], cwd=REPO, capture_output=True, text=True,
-                              env={**os.environ, "PYTHONPATH": REPO}, timeout=120)
+        return subprocess.run(
+            [sys.executable, "-c", script, str(marker)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": REPO},
+            timeout=120,
+        )
 
     proc = run(ENDS)
     assert (proc.returncode, proc.stdout) == (3, "last line"), proc
@@ -183,8 +232,22 @@ def test_two_nodes_without_a_shared_filesystem_resume_and_evaluate_together(tmp_
     for node in (0, 1):
         make_data(tmp_path / f"node{node}" / "data")
     write_hellaswag(tmp_path / "node0" / "hellaswag.jsonl", n=9)  # on node 0 only
-    args = TINY_ARGS + ["--total-batch-size", "64", "--max-steps", "6", "--checkpoint-every", "2", "--keep-last", "0",
-                        "--eval-every", "2", "--sample-every", "0", "--hellaswag-data", "hellaswag.jsonl"]
+    args = TINY_ARGS + [
+        "--total-batch-size",
+        "64",
+        "--max-steps",
+        "6",
+        "--checkpoint-every",
+        "2",
+        "--keep-last",
+        "0",
+        "--eval-every",
+        "2",
+        "--sample-every",
+        "0",
+        "--hellaswag-data",
+        "hellaswag.jsonl",
+    ]
     first = two_nodes(tmp_path, args)
     assert [rc for rc, _, _ in first] == [0, 0], first
     log0 = tmp_path / "node0" / "log"
@@ -202,11 +265,15 @@ def test_two_nodes_without_a_shared_filesystem_resume_and_evaluate_together(tmp_
 def test_nodes_with_different_data_stop_together_with_one_line(tmp_path):
     make_data(tmp_path / "node0" / "data")
     make_data(tmp_path / "node1" / "data", n_train=8000)
-    results = two_nodes(tmp_path, TINY_ARGS + ["--total-batch-size", "64", "--max-steps", "2", "--eval-every", "0"])
+    results = two_nodes(
+        tmp_path, TINY_ARGS + ["--total-batch-size", "64", "--max-steps", "2", "--eval-every", "0"]
+    )
     assert all(rc != 0 for rc, _, _ in results), results
     # torchrun adds its own failure report after the worker's line; the worker prints one line, on rank 0
-    assert results[0][2].splitlines()[0] == ("error: rank 1: the shards in data differ from rank 0's "
-                                             "(names or lengths): give every node the same data")
+    assert results[0][2].splitlines()[0] == (
+        "error: rank 1: the shards in data differ from rank 0's "
+        "(names or lengths): give every node the same data"
+    )
     assert "exitcode  : 2" in results[0][2] and "exitcode  : 2" in results[1][2]
     assert "error:" not in results[1][2] and 'train_gpt2.py", line' not in results[0][2] + results[1][2]
 
@@ -236,21 +303,36 @@ def wait_for(predicate, timeout=120):
     assert predicate(), "timed out"
 
 
-@pytest.mark.parametrize("sig, rank", [(signal.SIGTERM, 1), (signal.SIGINT, 0)], ids=["SIGTERM-rank1", "SIGINT-rank0"])
+@pytest.mark.parametrize(
+    "sig, rank", [(signal.SIGTERM, 1), (signal.SIGINT, 0)], ids=["SIGTERM-rank1", "SIGINT-rank0"]
+)
 def test_a_signal_to_one_rank_stops_all_at_once_without_evals(tmp_path, sig, rank):
     """The signalled rank reads its stop request after the micro-steps of the step in flight, and the
     step's all-reduce carries it to the others: the checkpoint is at the next step boundary, or at the
     one after when the signal came while that rank already waited in the step's all-reduce."""
     make_data(tmp_path / "data", n_train=200000)
     write_hellaswag(tmp_path / "h.jsonl")
-    args = TINY_ARGS + ["--total-batch-size", "256", "--max-steps", "100000", "--eval-every", "1",
-                        "--sample-every", "1", "--checkpoint-every", "0", "--hellaswag-data", "h.jsonl"]
+    args = TINY_ARGS + [
+        "--total-batch-size",
+        "256",
+        "--max-steps",
+        "100000",
+        "--eval-every",
+        "1",
+        "--sample-every",
+        "1",
+        "--checkpoint-every",
+        "0",
+        "--hellaswag-data",
+        "h.jsonl",
+    ]
     proc = torchrun(args, tmp_path, nproc=2)
     log = tmp_path / "log" / "log.txt"
     wait_for(lambda: log.exists() and log.read_text().count(" train ") >= 3)
     workers = [worker_pid(proc.pid, rank=r) for r in (1, 0)]
-    done, signalled = signal_between_logged_steps(workers, worker_pid(proc.pid, rank=rank), sig,
-                                                  tmp_path / "log" / "metrics.jsonl")
+    done, signalled = signal_between_logged_steps(
+        workers, worker_pid(proc.pid, rank=rank), sig, tmp_path / "log" / "metrics.jsonl"
+    )
     out, err = proc.communicate(timeout=120)
     stop_seconds = time.time() - signalled
     assert proc.returncode == 0, err
@@ -267,8 +349,20 @@ def test_a_signal_to_one_rank_stops_all_at_once_without_evals(tmp_path, sig, ran
 
 def test_torchrun_restart_after_sigkill_ends_like_an_uninterrupted_run(tmp_path):
     make_data(tmp_path / "data", n_train=200000)
-    args = TINY_ARGS + ["--total-batch-size", "256", "--max-steps", "60", "--eval-every", "0", "--sample-every", "0",
-                        "--checkpoint-every", "5", "--keep-last", "2"]
+    args = TINY_ARGS + [
+        "--total-batch-size",
+        "256",
+        "--max-steps",
+        "60",
+        "--eval-every",
+        "0",
+        "--sample-every",
+        "0",
+        "--checkpoint-every",
+        "5",
+        "--keep-last",
+        "2",
+    ]
     reference = torchrun(args + ["--log-dir", "reference"], tmp_path, nproc=2)
     reference.communicate(timeout=300)
     assert reference.returncode == 0
@@ -298,12 +392,26 @@ def test_resume_on_half_the_ranks_with_twice_the_accumulation(tmp_path):
 
 # ---- MFU
 
-@pytest.mark.parametrize("name, peak", [
-    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
-    ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-40GB", 312e12), ("NVIDIA A100 80GB PCIe", 312e12),
-    ("NVIDIA L4", 121e12), ("NVIDIA L40S", 362e12), ("NVIDIA L40", 181e12), ("NVIDIA GeForce RTX 4090", 165e12),
-    ("Tesla V100-SXM2-16GB", 125e12), ("Tesla T4", 65e12), ("NVIDIA A10G", None), ("NVIDIA B200", None),
-])
+
+@pytest.mark.parametrize(
+    "name, peak",
+    [
+        ("NVIDIA H100 80GB HBM3", 989e12),
+        ("NVIDIA H100 PCIe", 756e12),
+        ("NVIDIA H100 NVL", 835e12),
+        ("NVIDIA H200", 989e12),
+        ("NVIDIA A100-SXM4-40GB", 312e12),
+        ("NVIDIA A100 80GB PCIe", 312e12),
+        ("NVIDIA L4", 121e12),
+        ("NVIDIA L40S", 362e12),
+        ("NVIDIA L40", 181e12),
+        ("NVIDIA GeForce RTX 4090", 165e12),
+        ("Tesla V100-SXM2-16GB", 125e12),
+        ("Tesla T4", 65e12),
+        ("NVIDIA A10G", None),
+        ("NVIDIA B200", None),
+    ],
+)
 def test_gpu_peak_is_looked_up_by_exact_model(name, peak):
     assert flops.peak_flops(name) == peak
 
@@ -317,22 +425,32 @@ def test_unknown_gpu_is_named_once_and_gets_no_mfu(monkeypatch, capsys):
 
 # ---- init, and torch.compile with bf16 autocast and with DDP
 
+
 def test_init_std_and_scaled_residual_projections():
     torch.manual_seed(0)
     model = GPT(config_for("d8"))  # 8 layers: residual projections get 0.02 / sqrt(16) = 0.005
     params = dict(model.named_parameters())
-    for name, std in (("transformer.wte.weight", 0.02), ("transformer.wpe.weight", 0.02),
-                      ("transformer.h.3.attn.c_attn.weight", 0.02), ("transformer.h.3.mlp.c_fc.weight", 0.02),
-                      ("transformer.h.3.attn.c_proj.weight", 0.005), ("transformer.h.3.mlp.c_proj.weight", 0.005)):
+    for name, std in (
+        ("transformer.wte.weight", 0.02),
+        ("transformer.wpe.weight", 0.02),
+        ("transformer.h.3.attn.c_attn.weight", 0.02),
+        ("transformer.h.3.mlp.c_fc.weight", 0.02),
+        ("transformer.h.3.attn.c_proj.weight", 0.005),
+        ("transformer.h.3.mlp.c_proj.weight", 0.005),
+    ):
         assert params[name].std().item() == pytest.approx(std, rel=0.03), name
         assert abs(params[name].mean().item()) < std / 20, name
     assert all(params[n].abs().max() == 0 for n in params if n.endswith(".bias"))
-    assert all(torch.equal(params[n], torch.ones_like(params[n])) for n in params if re.search(r"ln_.*weight", n))
+    assert all(
+        torch.equal(params[n], torch.ones_like(params[n])) for n in params if re.search(r"ln_.*weight", n)
+    )
 
 
 def test_compiled_bf16_autocast_training_tracks_eager(tmp_path):
     data_dir = make_data(tmp_path / "data")
-    cfg = tiny_config(data_dir, str(tmp_path / "eager"), max_steps=3, checkpoint_every=0, eval_every=3, dtype="bf16")
+    cfg = tiny_config(
+        data_dir, str(tmp_path / "eager"), max_steps=3, checkpoint_every=0, eval_every=3, dtype="bf16"
+    )
     eager = train(cfg, DistContext())
     torch._dynamo.reset()
     compiled = train(replace(cfg, log_dir=str(tmp_path / "compiled"), compile=True), DistContext())
@@ -342,10 +460,15 @@ def test_compiled_bf16_autocast_training_tracks_eager(tmp_path):
     tolerance = 1e-4
 
     def distance(run):
-        return max(abs(a - b) for a, b in zip(run["losses"] + [run["val_loss"]], eager["losses"] + [eager["val_loss"]]))
+        return max(
+            abs(a - b)
+            for a, b in zip(run["losses"] + [run["val_loss"]], eager["losses"] + [eager["val_loss"]])
+        )
 
     assert distance(compiled) < tolerance, "compiled bf16 must track eager bf16"
-    assert distance(fp32) > tolerance, "bf16 autocast must have been active, and the tolerance tell it from fp32"
+    assert distance(fp32) > tolerance, (
+        "bf16 autocast must have been active, and the tolerance tell it from fp32"
+    )
 
 
 def test_ddp_over_a_compiled_model_matches_one_eager_process(tmp_path):
@@ -363,10 +486,13 @@ def test_ddp_over_a_compiled_model_matches_one_eager_process(tmp_path):
 
 # ---- fp16 with loss scaling (--dtype fp16, for GPUs without bf16; CPU autocast runs it here too)
 
+
 def test_fp16_tracks_fp32_and_resumes_exactly(tmp_path):
     data_dir = make_data(tmp_path / "data")
     # one micro-step per step: CPUs multiply fp16 matrices slowly
-    fp16 = tiny_config(data_dir, str(tmp_path / "fp16"), dtype="fp16", checkpoint_every=6, total_batch_size=32)
+    fp16 = tiny_config(
+        data_dir, str(tmp_path / "fp16"), dtype="fp16", checkpoint_every=6, total_batch_size=32
+    )
     fp32 = train(replace(fp16, log_dir=str(tmp_path / "fp32"), dtype="fp32"), DistContext())["losses"]
     reference = train(fp16, DistContext())["losses"]
     assert reference != fp32, "fp16 autocast must have been active"
@@ -386,11 +512,18 @@ def test_fp16_overflow_skips_the_step_instead_of_stopping(tmp_path, monkeypatch)
 
     def huge_scale(self, name, device):
         original_init(self, name, device)
-        self.scaler = torch.amp.GradScaler(device.type, init_scale=2.0 ** 24, enabled=name == "fp16")
+        self.scaler = torch.amp.GradScaler(device.type, init_scale=2.0**24, enabled=name == "fp16")
 
     monkeypatch.setattr(train_gpt2.Precision, "__init__", huge_scale)
-    cfg = tiny_config(make_data(tmp_path / "data"), str(tmp_path / "log"), dtype="fp16", max_steps=16,
-                      checkpoint_every=16, eval_every=0, total_batch_size=32)
+    cfg = tiny_config(
+        make_data(tmp_path / "data"),
+        str(tmp_path / "log"),
+        dtype="fp16",
+        max_steps=16,
+        checkpoint_every=16,
+        eval_every=0,
+        total_batch_size=32,
+    )
     result = train(cfg, DistContext())
     norms = [m["norm"] for m in result["metrics"]]
     skipped = sum(not math.isfinite(n) for n in norms)
@@ -400,15 +533,21 @@ def test_fp16_overflow_skips_the_step_instead_of_stopping(tmp_path, monkeypatch)
     assert result["losses"][-1] < result["losses"][0]
     # the logged count of skipped steps (what metrics.jsonl and the trackers show) follows the scaler
     assert [m["skipped_steps"] for m in result["metrics"]] == [
-        sum(not math.isfinite(n) for n in norms[:i + 1]) for i in range(16)]
-    assert result["metrics"][-1]["clipped_steps"] == sum(math.isfinite(n) and n > cfg.grad_clip for n in norms)
+        sum(not math.isfinite(n) for n in norms[: i + 1]) for i in range(16)
+    ]
+    assert result["metrics"][-1]["clipped_steps"] == sum(
+        math.isfinite(n) and n > cfg.grad_clip for n in norms
+    )
     assert torch.load(os.path.join(cfg.log_dir, "model_00016.pt"), weights_only=True)["counts"] == {
-        "skipped_steps": skipped, "clipped_steps": result["metrics"][-1]["clipped_steps"]}
+        "skipped_steps": skipped,
+        "clipped_steps": result["metrics"][-1]["clipped_steps"],
+    }
 
 
 def train_and_report(rank, world_size, port, cfg, results):
     """Train on this rank; put (rank, "trained" or the UserError's class name, its message) on results."""
     from test_train import end_worker, init_gloo
+
     ctx = init_gloo(rank, world_size, port)
     try:
         train(cfg, ctx)
@@ -422,7 +561,10 @@ def test_a_setting_rank_0_refuses_stops_every_rank(tmp_path):
     """--resume of a file no node has: rank 0 raises the UserError, the other ranks stop with it
     (FollowerStop, which main() exits on without printing) instead of training alone."""
     import torch.multiprocessing as mp
-    cfg = tiny_config(make_data(tmp_path / "data"), str(tmp_path / "log"), resume=str(tmp_path / "missing.pt"))
+
+    cfg = tiny_config(
+        make_data(tmp_path / "data"), str(tmp_path / "log"), resume=str(tmp_path / "missing.pt")
+    )
     results = mp.get_context("spawn").SimpleQueue()
     mp.spawn(train_and_report, args=(2, free_port(), cfg, results), nprocs=2)
     outcome = sorted(results.get() for _ in range(2))
@@ -431,8 +573,13 @@ def test_a_setting_rank_0_refuses_stops_every_rank(tmp_path):
     # a checkpoint that exists but that rank 0, which reads it, refuses (another model): the refusal
     # reaches the other rank through DistContext.decide
     data_dir = str(tmp_path / "data")
-    train(tiny_config(data_dir, str(tmp_path / "d1"), max_steps=1, eval_every=0, checkpoint_every=1), DistContext())
-    refused = tiny_config(data_dir, str(tmp_path / "log"), model="d2", resume=str(tmp_path / "d1" / "model_00001.pt"))
+    train(
+        tiny_config(data_dir, str(tmp_path / "d1"), max_steps=1, eval_every=0, checkpoint_every=1),
+        DistContext(),
+    )
+    refused = tiny_config(
+        data_dir, str(tmp_path / "log"), model="d2", resume=str(tmp_path / "d1" / "model_00001.pt")
+    )
     mp.spawn(train_and_report, args=(2, free_port(), refused, results), nprocs=2)
     outcome = sorted(results.get() for _ in range(2))
     assert [(rank, kind) for rank, kind, _ in outcome] == [(0, "UserError"), (1, "FollowerStop")], outcome
@@ -454,11 +601,17 @@ def failed_write_worker(rank, world_size, port, cfg, results):
 
 def test_a_checkpoint_rank_0_cannot_write_stops_every_rank(tmp_path):
     import torch.multiprocessing as mp
-    cfg = tiny_config(make_data(tmp_path / "data"), str(tmp_path / "log"), max_steps=4, checkpoint_every=2, eval_every=0)
+
+    cfg = tiny_config(
+        make_data(tmp_path / "data"), str(tmp_path / "log"), max_steps=4, checkpoint_every=2, eval_every=0
+    )
     ctx = mp.get_context("spawn")
     results = ctx.SimpleQueue()
-    procs = [ctx.Process(target=failed_write_worker, args=(rank, 2, port, cfg, results))
-             for port in [free_port()] for rank in (0, 1)]
+    procs = [
+        ctx.Process(target=failed_write_worker, args=(rank, 2, port, cfg, results))
+        for port in [free_port()]
+        for rank in (0, 1)
+    ]
     for p in procs:
         p.start()
     deadline = time.time() + 90
@@ -474,4 +627,7 @@ def test_a_checkpoint_rank_0_cannot_write_stops_every_rank(tmp_path):
     outcome.sort()
     assert [o[:2] for o in outcome] == [(0, "UserError"), (1, "FollowerStop")], outcome
     assert outcome[0][2] == outcome[1][2] and "model_00002.pt: cannot write" in outcome[0][2]
-    assert not any(name.endswith(".pt") and os.path.isfile(tmp_path / "log" / name) for name in os.listdir(tmp_path / "log"))
+    assert not any(
+        name.endswith(".pt") and os.path.isfile(tmp_path / "log" / name)
+        for name in os.listdir(tmp_path / "log")
+    )

@@ -6,10 +6,10 @@ The GPU side (bf16 autocast, compiled, cuDNN attention) is in test_cuda.py."""
 import pytest
 import torch
 import torch.nn.functional as F
+from test_model import PADDED_VOCAB, VOCAB, perturb_, rel_err
 from torch.profiler import ProfilerActivity, profile
 
 import train_gpt2
-from test_model import PADDED_VOCAB, VOCAB, perturb_, rel_err
 from train_gpt2 import GPT, LOSS_IMPLS, SDPA_BACKENDS, GPTConfig, chunked_cross_entropy
 
 
@@ -56,8 +56,13 @@ def test_every_loss_impl_equals_full_logits_loss_and_grads(loss_impl, vocab_mult
     logits, loss = model(x, y, loss_impl=loss_impl)
     assert logits is None
     (2.5 * loss).backward()
-    assert_matches_reference(loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()},
-                             ref_loss, ref_grads, vocab_multiple)
+    assert_matches_reference(
+        loss.detach(),
+        {n: p.grad.clone() for n, p in model.named_parameters()},
+        ref_loss,
+        ref_grads,
+        vocab_multiple,
+    )
 
 
 @pytest.mark.parametrize("vocab_multiple", [1, 64])
@@ -68,10 +73,17 @@ def test_chunked_impls_with_uneven_chunks(loss_impl, vocab_multiple, chunk_size)
     ref_loss, ref_grads = reference_loss_and_grads(model, x, y)
     model.zero_grad(set_to_none=True)
     h = model.hidden_states(x)
-    loss = chunked_cross_entropy(h, model.lm_head.weight, y, VOCAB, chunk_size=chunk_size, loss_impl=loss_impl)
+    loss = chunked_cross_entropy(
+        h, model.lm_head.weight, y, VOCAB, chunk_size=chunk_size, loss_impl=loss_impl
+    )
     (2.5 * loss).backward()
-    assert_matches_reference(loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()},
-                             ref_loss, ref_grads, vocab_multiple)
+    assert_matches_reference(
+        loss.detach(),
+        {n: p.grad.clone() for n, p in model.named_parameters()},
+        ref_loss,
+        ref_grads,
+        vocab_multiple,
+    )
 
 
 @pytest.mark.parametrize("loss_impl", ["chunked", "fused"])
@@ -103,6 +115,7 @@ def test_unknown_loss_impl_is_refused():
 
 # -----------------------------------------------------------------------------
 # SDPA backend: a model-level setting
+
 
 def attention_ops(model, x):
     """Names of the aten SDPA kernels a forward pass ran."""

@@ -73,18 +73,26 @@ def token_batch(B=2, T=17, seed=0):
 # -----------------------------------------------------------------------------
 # config and state_dict layout, against transformers on the meta device
 
+
 @pytest.mark.parametrize("name", ["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"])
 def test_state_dict_keys_and_shapes_match_huggingface(name):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    expected = {"gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024),
-                "gpt2-large": (36, 20, 1280), "gpt2-xl": (48, 25, 1600)}[name]
+    expected = {
+        "gpt2": (12, 12, 768),
+        "gpt2-medium": (24, 16, 1024),
+        "gpt2-large": (36, 20, 1280),
+        "gpt2-xl": (48, 25, 1600),
+    }[name]
     cfg = config_for(name)
     assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, cfg.vocab_size) == (*expected, 1024, VOCAB)
     with torch.device("meta"):
         ours = GPT(cfg)
-        hf = GPT2LMHeadModel(GPT2Config(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
-                                        n_positions=1024, vocab_size=VOCAB))
+        hf = GPT2LMHeadModel(
+            GPT2Config(
+                n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, n_positions=1024, vocab_size=VOCAB
+            )
+        )
     ours_sd, hf_sd = ours.state_dict(), hf.state_dict()
     assert list(ours_sd) == list(hf_sd)  # same keys, same order
     assert len(ours_sd) == 4 + 12 * cfg.n_layer + 1
@@ -123,6 +131,7 @@ def test_config_for_unknown_name(name):
 # -----------------------------------------------------------------------------
 # HuggingFace interchange: numerical parity both ways
 
+
 @pytest.fixture(scope="module")
 def hf_small(tmp_path_factory):
     """A randomly initialised, perturbed transformers GPT-2 saved with save_pretrained."""
@@ -140,8 +149,13 @@ def hf_small(tmp_path_factory):
 def test_from_pretrained_matches_huggingface(hf_small):
     hf, directory = hf_small
     ours = GPT.from_pretrained(str(directory))
-    assert (ours.config.block_size, ours.config.vocab_size, ours.config.n_layer, ours.config.n_head,
-            ours.config.n_embd) == (64, VOCAB, 2, 4, 64)
+    assert (
+        ours.config.block_size,
+        ours.config.vocab_size,
+        ours.config.n_layer,
+        ours.config.n_head,
+        ours.config.n_embd,
+    ) == (64, VOCAB, 2, 4, 64)
     idx = token_batch()
     with torch.no_grad():
         ref = hf(idx, labels=idx)  # HF shifts the labels internally
@@ -168,8 +182,13 @@ def test_save_pretrained_loads_in_huggingface(tmp_path):
     hf, info = GPT2LMHeadModel.from_pretrained(out, output_loading_info=True)
     hf.eval()
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
-    assert (hf.config.vocab_size, hf.config.n_positions, hf.config.n_layer, hf.config.n_head,
-            hf.config.n_embd) == (VOCAB, 64, 2, 4, 64)
+    assert (
+        hf.config.vocab_size,
+        hf.config.n_positions,
+        hf.config.n_layer,
+        hf.config.n_head,
+        hf.config.n_embd,
+    ) == (VOCAB, 64, 2, 4, 64)
     idx = token_batch(seed=3)
     with torch.no_grad():
         ref = hf(idx, labels=idx)
@@ -191,8 +210,9 @@ def test_export_from_torch_compile_wrapper_has_plain_keys(tmp_path):
     ours = GPT(GPTConfig(**SMALL_OURS, vocab_multiple=64))
     compiled = torch.compile(ours)  # wrapping only: nothing is compiled until it runs
     assert any(k.startswith("_orig_mod.") for k in compiled.state_dict())
-    for i, save in enumerate([lambda d: compiled.save_pretrained(d),
-                              lambda d: hf.write_hf_checkpoint(compiled, d)]):
+    for i, save in enumerate(
+        [lambda d: compiled.save_pretrained(d), lambda d: hf.write_hf_checkpoint(compiled, d)]
+    ):
         save(tmp_path / f"out{i}")
         tensors = load_file(tmp_path / f"out{i}" / "model.safetensors")
         assert set(tensors) == {k for k in ours.state_dict() if k != "lm_head.weight"}
@@ -238,6 +258,7 @@ def test_padded_vocab_parity_and_export(hf_small, tmp_path):
 # -----------------------------------------------------------------------------
 # the chunked loss (training's path) against the plain one
 
+
 def padded_model(seed=0, n_layer=1, n_embd=32, n_head=2):
     torch.manual_seed(seed)
     model = GPT(GPTConfig(block_size=16, n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_multiple=64))
@@ -249,7 +270,9 @@ def padded_model(seed=0, n_layer=1, n_embd=32, n_head=2):
 
 def plain_loss_and_grads(model, x, y, scale=1.0):
     model.zero_grad(set_to_none=True)
-    logits = model.lm_head(model.hidden_states(x))[..., :VOCAB]  # reference: F.cross_entropy on cropped logits
+    logits = model.lm_head(model.hidden_states(x))[
+        ..., :VOCAB
+    ]  # reference: F.cross_entropy on cropped logits
     loss = F.cross_entropy(logits.float().reshape(-1, VOCAB), y.reshape(-1))
     (scale * loss).backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -327,6 +350,7 @@ def test_chunked_loss_under_bf16_autocast():
 # -----------------------------------------------------------------------------
 # tokenizer
 
+
 def test_encoding_basics():
     enc = train_gpt2.get_encoding()
     assert enc.encode("Hello, world") == [15496, 11, 995]
@@ -394,9 +418,14 @@ def _varied_corpus(tmp_path):
 
 
 def _run(script, *args, env=None, cwd=None):
-    proc = subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1", **(env or {})},
-                          cwd=cwd, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1", **(env or {})},
+        cwd=cwd,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -491,6 +520,7 @@ def test_missing_offline_package_is_a_user_error(monkeypatch):
 # -----------------------------------------------------------------------------
 # sampling
 
+
 class RecordingEncoding:
     """The real encoding, recording every id sequence that generate() decodes."""
 
@@ -565,6 +595,7 @@ def test_generate_never_samples_padded_ids(recording_encoding, top_k):
 # -----------------------------------------------------------------------------
 # bad input: one-line UserErrors that name the problem
 
+
 def assert_user_error(fn, *needles):
     with pytest.raises(UserError) as e:
         fn()
@@ -596,8 +627,18 @@ def test_from_pretrained_not_a_gpt2_directory(tmp_path):
     assert_user_error(lambda: GPT.from_pretrained(str(broken)), "config.json", "gpt2")
     (broken / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2, "n_head": 4}))
     assert_user_error(lambda: GPT.from_pretrained(str(broken)), "config.json", "n_positions", "n_embd")
-    (broken / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2, "n_head": 3, "n_embd": 64,
-                                                    "n_positions": 64, "vocab_size": VOCAB}))
+    (broken / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "gpt2",
+                "n_layer": 2,
+                "n_head": 3,
+                "n_embd": 64,
+                "n_positions": 64,
+                "vocab_size": VOCAB,
+            }
+        )
+    )
     assert_user_error(lambda: GPT.from_pretrained(str(broken)), "config.json", "n_head")
 
 
@@ -624,7 +665,9 @@ def test_from_pretrained_mis_shaped_missing_or_unexpected_tensor(hf_small, tmp_p
     assert_user_error(lambda: GPT.from_pretrained(bad), key, "missing")
 
     key = "transformer.h.7.mlp.c_fc.bias"
-    bad = _copy_with_tensors(directory, tmp_path / "unexpected", lambda t: t.__setitem__(key, torch.zeros(256)))
+    bad = _copy_with_tensors(
+        directory, tmp_path / "unexpected", lambda t: t.__setitem__(key, torch.zeros(256))
+    )
     assert_user_error(lambda: GPT.from_pretrained(bad), key, "unexpected")
 
     truncated = tmp_path / "truncated"
@@ -652,7 +695,7 @@ def test_from_pretrained_gpt2model_keys_without_prefix(hf_small, tmp_path):
 
     def to_gpt2model(t):
         for k in list(t):
-            t[k[len("transformer."):]] = t.pop(k)
+            t[k[len("transformer.") :]] = t.pop(k)
         t["h.0.attn.bias"] = torch.ones(1, 1, 64, 64)
         t["h.0.attn.masked_bias"] = torch.tensor(-1e4)
 
@@ -665,6 +708,7 @@ def test_from_pretrained_gpt2model_keys_without_prefix(hf_small, tmp_path):
 
 def _checkpoint(model):
     from dataclasses import asdict
+
     return {"model": model.state_dict(), "config": asdict(model.config), "step": 3}
 
 

@@ -8,20 +8,21 @@ from dataclasses import asdict, replace
 
 import pytest
 import torch
+from test_train import final_weights, install_stop_after, logged, make_data, spawn_train, tiny_config
 
 import train_gpt2
 from gpt2lib import checkpoints
 from gpt2lib.common import UserError
 from gpt2lib.optimizers import MUON_GROUP, MuonAdamW
-from test_train import final_weights, install_stop_after, logged, make_data, spawn_train, tiny_config
 from train_gpt2 import GPT, DistContext, TrainConfig, config_for, configure_optimizer, get_lr, set_lr, train
 
 MUON = dict(lr=0.02, momentum=0.95, weight_decay=0.0)
 
 
 def muon_config(tmp_path, **overrides):
-    return tiny_config(make_data(tmp_path / "data"), str(tmp_path / "log"), optimizer="muon", muon_lr=0.02,
-                       **overrides)
+    return tiny_config(
+        make_data(tmp_path / "data"), str(tmp_path / "log"), optimizer="muon", muon_lr=0.02, **overrides
+    )
 
 
 def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
@@ -30,24 +31,35 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
     names = {param: name for name, param in model.named_parameters()}
     on_muon = {names[p] for p in optimizer.muon.param_groups[0]["params"]}
     on_adamw = [names[p] for group in optimizer.adamw.param_groups for p in group["params"]]
-    assert on_muon == {f"transformer.h.{i}.{m}.weight" for i in range(2)
-                       for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+    assert on_muon == {
+        f"transformer.h.{i}.{m}.weight"
+        for i in range(2)
+        for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    }
     # every other parameter once on AdamW: the tied wte/lm_head, wpe, LayerNorms, all biases
     assert sorted(on_adamw) == sorted(set(names.values()) - on_muon)
-    assert {"transformer.wte.weight", "transformer.wpe.weight", "transformer.h.0.attn.c_attn.bias"} <= set(on_adamw)
+    assert {"transformer.wte.weight", "transformer.wpe.weight", "transformer.h.0.attn.c_attn.bias"} <= set(
+        on_adamw
+    )
     # nn.Linear's (out, in) layout: Muon's lr adjustment sqrt(max(1, out/in)) sees c_fc as 4C x C
     assert model.transformer.h[0].mlp.c_fc.weight.shape == (4 * 128, 128)
     assert all(group[MUON_GROUP] for group in optimizer.muon.param_groups)
     assert not any(group.get(MUON_GROUP) for group in optimizer.adamw.param_groups)
     # weight decay on AdamW's matrices (the embeddings) only
-    decays = {names[p]: group["weight_decay"] for group in optimizer.adamw.param_groups for p in group["params"]}
+    decays = {
+        names[p]: group["weight_decay"] for group in optimizer.adamw.param_groups for p in group["params"]
+    }
     assert decays["transformer.wte.weight"] == 0.1 and decays["transformer.ln_f.weight"] == 0.0
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "wsd"])
 def test_each_group_follows_the_schedule_from_its_own_peak_lr(schedule):
-    cfg = TrainConfig(optimizer="muon", lr=3e-3, muon_lr=0.05, warmup_steps=4, max_steps=20, lr_schedule=schedule)
-    optimizer = configure_optimizer(GPT(config_for("d1")), 0.1, cfg.lr, "cpu", muon=train_gpt2.muon_settings(cfg))
+    cfg = TrainConfig(
+        optimizer="muon", lr=3e-3, muon_lr=0.05, warmup_steps=4, max_steps=20, lr_schedule=schedule
+    )
+    optimizer = configure_optimizer(
+        GPT(config_for("d1")), 0.1, cfg.lr, "cpu", muon=train_gpt2.muon_settings(cfg)
+    )
     for step in (0, 3, 4, 10, 19):
         set_lr(optimizer, step, cfg)
         factor = get_lr(step, cfg) / cfg.lr
@@ -139,7 +151,9 @@ def test_two_ranks_equal_one_process_under_muon(tmp_path):
 def test_muon_settings_are_validated_and_fsdp_is_refused_in_one_line():
     cfg = TrainConfig(model="d1", optimizer="muon", device="cpu")
     assert train_gpt2.validate(cfg, 1) == []
-    assert train_gpt2.validate(replace(cfg, optimizer="sgd"), 1) == ["--optimizer must be one of adamw, muon, got sgd"]
+    assert train_gpt2.validate(replace(cfg, optimizer="sgd"), 1) == [
+        "--optimizer must be one of adamw, muon, got sgd"
+    ]
     [problem] = train_gpt2.validate(replace(cfg, fsdp=True), 2)
     assert problem.startswith("--optimizer muon trains with DDP, not --fsdp")
     assert len(train_gpt2.validate(replace(cfg, muon_lr=0.0, muon_momentum=1.0), 1)) == 1
@@ -151,7 +165,7 @@ def test_the_optimizer_pair_works_with_the_fp16_loss_scaler():
     model = GPT(config_for("d1"))
     optimizer = configure_optimizer(model, 0.1, 1e-3, "cpu", muon=MUON)
     assert isinstance(optimizer, MuonAdamW)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
     before = [p.detach().clone() for p in model.parameters()]
     x = torch.randint(0, 1000, (2, 16))
     _, loss = model(x, x)
@@ -160,7 +174,7 @@ def test_the_optimizer_pair_works_with_the_fp16_loss_scaler():
     scaler.unscale_(optimizer)
     scaler.step(optimizer)
     scaler.update()
-    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters())) and scaler.get_scale() == 2.0 ** 7
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters())) and scaler.get_scale() == 2.0**7
     optimizer.zero_grad()
     _, loss = model(x, x)
     scaler.scale(loss).backward()

@@ -26,13 +26,19 @@ def python3_kernel(tmp_path_factory):
     `python3` kernel a machine has (or lacks), the notebook runs where train_gpt2's deps are."""
     kernel_dir = tmp_path_factory.mktemp("jupyter") / "kernels" / "python3"
     kernel_dir.mkdir(parents=True)
-    spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-            "display_name": "Python 3", "language": "python"}
+    spec = {
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "Python 3",
+        "language": "python",
+    }
     (kernel_dir / "kernel.json").write_text(json.dumps(spec))
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("JUPYTER_PATH", os.pathsep.join(filter(None, [str(kernel_dir.parent.parent),
-                                                                 os.environ.get("JUPYTER_PATH")])))
+        mp.setenv(
+            "JUPYTER_PATH",
+            os.pathsep.join(filter(None, [str(kernel_dir.parent.parent), os.environ.get("JUPYTER_PATH")])),
+        )
         from jupyter_client.kernelspec import KernelSpecManager
+
         assert KernelSpecManager().get_kernel_spec("python3").argv[0] == sys.executable
         yield
 
@@ -42,10 +48,15 @@ def run_notebook(log_dir, monkeypatch):
     monkeypatch.setenv("LOG_DIR", str(log_dir))
     monkeypatch.setenv("MPLBACKEND", "Agg")
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    nbclient.NotebookClient(nb, timeout=120, kernel_name="python3",
-                            resources={"metadata": {"path": REPO}}).execute()
-    return {tag: cell.outputs for cell in nb.cells if cell.cell_type == "code"
-            for tag in cell.metadata.get("tags", [])}
+    nbclient.NotebookClient(
+        nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": REPO}}
+    ).execute()
+    return {
+        tag: cell.outputs
+        for cell in nb.cells
+        if cell.cell_type == "code"
+        for tag in cell.metadata.get("tags", [])
+    }
 
 
 def text_of(outputs):
@@ -82,10 +93,25 @@ def tiny_run(tmp_path_factory):
     np.save(data_dir / "t_val_000000.npy", rng.integers(0, 50257, 2000, dtype=np.uint16))
     np.save(data_dir / "t_train_000001.npy", rng.integers(0, 50257, 4000, dtype=np.uint16))
     cfg = train_gpt2.TrainConfig(
-        model="d1", data_dir=str(data_dir), log_dir=str(log_dir), batch_size=2, seq_len=16,
-        total_batch_size=64, max_steps=6, warmup_steps=2, lr=1e-3, eval_every=3, val_steps=2,
-        hellaswag=False, sample_every=0, checkpoint_every=0, resume="none", device="cpu",
-        dtype="fp32", compile=False)
+        model="d1",
+        data_dir=str(data_dir),
+        log_dir=str(log_dir),
+        batch_size=2,
+        seq_len=16,
+        total_batch_size=64,
+        max_steps=6,
+        warmup_steps=2,
+        lr=1e-3,
+        eval_every=3,
+        val_steps=2,
+        hellaswag=False,
+        sample_every=0,
+        checkpoint_every=0,
+        resume="none",
+        device="cpu",
+        dtype="fp32",
+        compile=False,
+    )
     result = train_gpt2.train(cfg, train_gpt2.DistContext())
     return log_dir, result
 
@@ -117,7 +143,8 @@ def test_notebook_with_hellaswag_lines(tmp_path, python3_kernel, monkeypatch):
     """A build-nanogpt-style log: log.txt only, with hella lines, no metrics.jsonl."""
     (tmp_path / "log.txt").write_text(
         "0 val 10.9876\n0 hella 0.2471\n0 train 10.987654\n1 train 9.500000\n2 train 8.250000\n"
-        "3 train 8.750000\n4 val 8.1234\n4 hella 0.2612\n")
+        "3 train 8.750000\n4 val 8.1234\n4 hella 0.2612\n"
+    )
     out = run_notebook(tmp_path, monkeypatch)
     summary = text_of(out["summary"])
     assert summary_value(summary, "min train loss") == "8.250000"

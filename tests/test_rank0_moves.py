@@ -14,16 +14,27 @@ from datetime import timedelta
 
 import pytest
 import torch
+from test_long_runs import TINY_ARGS, checkpoints, digest, finish, same_weights, torchrun
+from test_train import REPO, final_weights, free_port, logged, make_data, tiny_config
 
 from gpt2lib import distributed
 from gpt2lib.common import UserError
-
-from test_long_runs import TINY_ARGS, checkpoints, digest, finish, same_weights, torchrun
-from test_train import REPO, final_weights, free_port, logged, make_data, tiny_config
 from train_gpt2 import DistContext, train
 
-ARGS = TINY_ARGS + ["--total-batch-size", "64", "--max-steps", "6", "--checkpoint-every", "2", "--keep-last", "0",
-                    "--eval-every", "0", "--sample-every", "0"]
+ARGS = TINY_ARGS + [
+    "--total-batch-size",
+    "64",
+    "--max-steps",
+    "6",
+    "--checkpoint-every",
+    "2",
+    "--keep-last",
+    "0",
+    "--eval-every",
+    "0",
+    "--sample-every",
+    "0",
+]
 
 
 def run_nodes(dirs, args):
@@ -57,9 +68,13 @@ def test_rank_0_on_another_node_resumes_the_newest_checkpoint_and_takes_over_the
     out = second[0][1]
     assert "holds the newest checkpoint, log/model_00004.pt at step 4" in out and "(rank 1)" in out, out
     assert "resuming at step 4" in out
-    assert same_weights(final_weights(b / "log", 6), uninterrupted), "B must have resumed from A's step-4 state"
+    assert same_weights(final_weights(b / "log", 6), uninterrupted), (
+        "B must have resumed from A's step-4 state"
+    )
     # the logs now live on B, each step once, the earlier steps carried over from A
-    train_steps = [int(line.split()[0]) for line in lines(b / "log" / "log.txt") if line.split()[1] == "train"]
+    train_steps = [
+        int(line.split()[0]) for line in lines(b / "log" / "log.txt") if line.split()[1] == "train"
+    ]
     assert train_steps == list(range(6))
     assert sorted(logged(b / "log")) == list(range(6))
     # so do the trackers': A's TensorBoard events and W&B run id came along, and continue on B
@@ -76,19 +91,27 @@ def test_a_node_holding_another_runs_checkpoint_is_refused_and_nothing_moves(tmp
         make_data(node / "data")
     # two unrelated one-process runs, one in each node's log dir
     for node in (a, b):
-        train(tiny_config(str(node / "data"), str(node / "log"), max_steps=2, checkpoint_every=2, eval_every=0),
-              DistContext())
+        train(
+            tiny_config(str(node / "data"), str(node / "log"), max_steps=2, checkpoint_every=2, eval_every=0),
+            DistContext(),
+        )
     before = {node: sorted(os.listdir(node / "log")) for node in (a, b)}
     digests = {node: {n: digest(node / "log" / n) for n in checkpoints(node / "log")} for node in (a, b)}
 
     results = run_nodes([b, a], ARGS)
     assert all(rc != 0 for rc, _, _ in results), results
     # torchrun adds its own failure report after the worker's line; the worker prints one line, on rank 0
-    assert results[0][2].splitlines()[0].startswith("error: the nodes' log dirs hold checkpoints of different runs")
+    assert (
+        results[0][2]
+        .splitlines()[0]
+        .startswith("error: the nodes' log dirs hold checkpoints of different runs")
+    )
     assert "exitcode  : 2" in results[0][2] and "exitcode  : 2" in results[1][2]
     assert "error:" not in results[1][2] and 'train_gpt2.py", line' not in results[0][2] + results[1][2]
     assert {node: sorted(os.listdir(node / "log")) for node in (a, b)} == before
-    assert {node: {n: digest(node / "log" / n) for n in checkpoints(node / "log")} for node in (a, b)} == digests
+    assert {
+        node: {n: digest(node / "log" / n) for n in checkpoints(node / "log")} for node in (a, b)
+    } == digests
 
 
 def test_a_node_whose_checkpoints_are_all_damaged_resumes_from_another_nodes_good_one(tmp_path):
@@ -100,20 +123,26 @@ def test_a_node_whose_checkpoints_are_all_damaged_resumes_from_another_nodes_goo
     a, b = tmp_path / "A", tmp_path / "B"
     for node in (a, b):
         make_data(node / "data")
-    run = ARGS[:ARGS.index("--max-steps")] + ["--max-steps", "4"] + ARGS[ARGS.index("--max-steps") + 2:]
+    run = ARGS[: ARGS.index("--max-steps")] + ["--max-steps", "4"] + ARGS[ARGS.index("--max-steps") + 2 :]
     assert [rc for rc, _, _ in run_nodes([a, b], run)] == [0, 0]
     (b / "log").mkdir()
     shutil.copy(a / "log" / "model_00002.pt", b / "log" / "model_00002.pt")
     for name in checkpoints(a / "log"):
         flip_bytes(a / "log" / name)
-    longer = ARGS[:ARGS.index("--max-steps")] + ["--max-steps", "6"] + ARGS[ARGS.index("--max-steps") + 2:]
+    longer = ARGS[: ARGS.index("--max-steps")] + ["--max-steps", "6"] + ARGS[ARGS.index("--max-steps") + 2 :]
     resumed = run_nodes([a, b], longer)
     assert [rc for rc, _, _ in resumed] == [0, 0], resumed
-    assert "(rank 1) holds the newest checkpoint, log/model_00002.pt at step 2" in resumed[0][1], resumed[0][1]
+    assert "(rank 1) holds the newest checkpoint, log/model_00002.pt at step 2" in resumed[0][1], resumed[0][
+        1
+    ]
     assert "resuming at step 2" in resumed[0][1]
     # A's damaged checkpoints were set aside, not deleted
-    assert sorted(os.listdir(a / "log" / "previous_1")) == ["log.txt", "metrics.jsonl", "model_00002.pt",
-                                                            "model_00004.pt"]
+    assert sorted(os.listdir(a / "log" / "previous_1")) == [
+        "log.txt",
+        "metrics.jsonl",
+        "model_00002.pt",
+        "model_00004.pt",
+    ]
     for name in checkpoints(b / "log"):
         flip_bytes(b / "log" / name)
     for name in checkpoints(a / "log"):
@@ -127,7 +156,7 @@ def test_resume_path_on_another_node_is_found_and_a_path_no_node_has_is_one_line
     a, b = tmp_path / "A", tmp_path / "B"
     for node in (a, b):
         make_data(node / "data")
-    run = ARGS[:ARGS.index("--max-steps")] + ["--max-steps", "4"] + ARGS[ARGS.index("--max-steps") + 2:]
+    run = ARGS[: ARGS.index("--max-steps")] + ["--max-steps", "4"] + ARGS[ARGS.index("--max-steps") + 2 :]
     assert [rc for rc, _, _ in run_nodes([a, b], run)] == [0, 0]
     missing = run_nodes([b, a], run + ["--resume", "log/model_00003.pt"])
     assert all(rc != 0 for rc, _, _ in missing)
@@ -170,12 +199,31 @@ train_gpt2.main()
 def c10d_node(script, cwd, port, local_addr, args, env=()):
     """One node's torchrun agent, in its own session so the test can kill the whole node. The c10d
     rendezvous ranks nodes by address and then agent PID: --local-addr sets the order here."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
-           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=moves",
-           "--rdzv-conf=join_timeout=120", "--max-restarts=1", f"--local-addr={local_addr}",
-           "--monitor-interval=0.5", script, *args]
-    return subprocess.Popen(cmd, cwd=cwd, env={**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", **dict(env)},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=2",
+        "--nproc-per-node=1",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{port}",
+        "--rdzv-id=moves",
+        "--rdzv-conf=join_timeout=120",
+        "--max-restarts=1",
+        f"--local-addr={local_addr}",
+        "--monitor-interval=0.5",
+        script,
+        *args,
+    ]
+    return subprocess.Popen(
+        cmd,
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", **dict(env)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def wait_for(path, timeout):
@@ -209,7 +257,7 @@ def test_max_restarts_after_a_node_dies_moves_rank_0_and_resumes_the_dead_nodes_
         make_data(node / "data")
     script = tmp_path / "node_dies.py"
     script.write_text(NODE_DIES)
-    args = [*ARGS[:ARGS.index("--max-steps")], "--max-steps", "8", *ARGS[ARGS.index("--max-steps") + 2:]]
+    args = [*ARGS[: ARGS.index("--max-steps")], "--max-steps", "8", *ARGS[ARGS.index("--max-steps") + 2 :]]
     port = free_port()
     # B joins first and so hosts the rendezvous store, which must outlive A; A's lower address makes
     # it rank 0 all the same
@@ -236,20 +284,32 @@ def test_max_restarts_after_a_node_dies_moves_rank_0_and_resumes_the_dead_nodes_
     assert "holds the newest checkpoint, log/model_00004.pt at step 4" in b_out and "(rank 1)" in b_out, b_out
     assert "resuming at step 4" in b_out and a_out == "", (b_out, a_out)
     # the same run on one process, uninterrupted (2 ranks x accumulation 1 = 1 x 2)
-    train(tiny_config(str(a / "data"), str(tmp_path / "one"), total_batch_size=64, max_steps=8,
-                                      checkpoint_every=8, eval_every=0), DistContext())
+    train(
+        tiny_config(
+            str(a / "data"),
+            str(tmp_path / "one"),
+            total_batch_size=64,
+            max_steps=8,
+            checkpoint_every=8,
+            eval_every=0,
+        ),
+        DistContext(),
+    )
     moved = final_weights(b / "log", 8)
     reference = final_weights(tmp_path / "one", 8)
     assert moved.keys() == reference.keys()
     for key in moved:
         torch.testing.assert_close(moved[key], reference[key], atol=1e-5, rtol=0, msg=key)
-    train_steps = [int(line.split()[0]) for line in lines(b / "log" / "log.txt") if line.split()[1] == "train"]
+    train_steps = [
+        int(line.split()[0]) for line in lines(b / "log" / "log.txt") if line.split()[1] == "train"
+    ]
     assert train_steps == list(range(8))
     assert sorted(logged(b / "log")) == list(range(8))
     assert {name: digest(a / "log" / name) for name in checkpoints(a / "log")} == kept
 
 
 # ---- every rank of an attempt meets under one store prefix, whatever earlier attempts left
+
 
 def meet(store_port, ranks, world_size, delays):
     """Ranks `ranks` of one attempt, each a thread with its own client of a real TCPStore, starting
@@ -259,8 +319,11 @@ def meet(store_port, ranks, world_size, delays):
     def start(rank):
         time.sleep(delays.get(rank, 0))
         store = torch.distributed.TCPStore("127.0.0.1", store_port, is_master=False)
-        found[rank] = (distributed.open_attempt(store, world_size) if rank == 0
-                       else distributed.join_attempt(store, rank))
+        found[rank] = (
+            distributed.open_attempt(store, world_size)
+            if rank == 0
+            else distributed.join_attempt(store, rank)
+        )
 
     threads = [threading.Thread(target=start, args=(rank,), daemon=True) for rank in ranks]
     for thread in threads:

@@ -17,17 +17,17 @@ import time
 from dataclasses import replace
 
 import pytest
+from test_export import export_files, tiny_model
+from test_integrity import TINY_CLI, start_cli, tmpfs, wait_for_steps
+from test_train import make_data, tiny_config, write_hellaswag
 
 import hellaswag
 import train_gpt2
 from gpt2lib import hf
-from test_export import export_files, tiny_model
-from test_integrity import TINY_CLI, start_cli, tmpfs, wait_for_steps
-from test_train import make_data, tiny_config, write_hellaswag
 from train_gpt2 import DistContext, UserError, train
 
-
 # ---- exports never destroy a user's edit
+
 
 def fine_tune_in_place(directory):
     """What a user's fine-tune saved over the export: the same file name, other weights."""
@@ -55,13 +55,16 @@ def test_reexport_over_an_edited_export_stops_naming_the_file(tmp_path, offline,
     with pytest.raises(UserError) as e:
         tiny_model(seed=2).save_pretrained(out)
     message = str(e.value)
-    assert message.startswith(f"{out / edited} was changed since it was exported") and "\n" not in message, message
+    assert message.startswith(f"{out / edited} was changed since it was exported") and "\n" not in message, (
+        message
+    )
     assert export_files(out) == before
     assert sorted(os.listdir(tmp_path)) == ["out"]
 
 
-def test_reexport_on_the_command_line_checks_the_digests_before_loading_anything(tmp_path, offline, monkeypatch,
-                                                                                capsys):
+def test_reexport_on_the_command_line_checks_the_digests_before_loading_anything(
+    tmp_path, offline, monkeypatch, capsys
+):
     out = tmp_path / "out"
     tiny_model(seed=1).save_pretrained(out)
     fine_tune_in_place(out)
@@ -77,7 +80,8 @@ def test_reexport_on_the_command_line_checks_the_digests_before_loading_anything
     assert capsys.readouterr().err.splitlines() == [
         f"error: {out / 'model.safetensors'} was changed since it was exported (its contents differ from the "
         "digest the export recorded): export into a new or empty directory, or move this one away; nothing was "
-        "changed"]
+        "changed"
+    ]
     assert export_files(out) == before
 
 
@@ -87,8 +91,9 @@ def test_an_unchanged_export_is_replaced_and_its_marker_holds_every_file_digest(
     tiny_model(seed=2).save_pretrained(out)  # unchanged since: replaced
     marker = json.loads((out / hf.EXPORT_MARKER).read_text())
     files = export_files(out)
-    assert marker["sha256"] == {name: hashlib.sha256(data).hexdigest()
-                                for name, data in files.items() if name != hf.EXPORT_MARKER}
+    assert marker["sha256"] == {
+        name: hashlib.sha256(data).hexdigest() for name, data in files.items() if name != hf.EXPORT_MARKER
+    }
 
 
 def test_an_export_whose_marker_has_no_digests_is_not_replaced(tmp_path, offline):
@@ -101,14 +106,22 @@ def test_an_export_whose_marker_has_no_digests_is_not_replaced(tmp_path, offline
     before = export_files(out)
     with pytest.raises(UserError) as e:
         tiny_model(seed=2).save_pretrained(out)
-    assert str(e.value) == (f"{out} is an export whose marker records no digests of its files (written by an "
-                            "earlier version): whether they were changed since cannot be told, so it is not "
-                            "replaced; move it away (or delete it) and export again; nothing was changed")
+    assert str(e.value) == (
+        f"{out} is an export whose marker records no digests of its files (written by an "
+        "earlier version): whether they were changed since cannot be told, so it is not "
+        "replaced; move it away (or delete it) and export again; nothing was changed"
+    )
     assert export_files(out) == before
 
 
 # in the order write_hf_checkpoint writes them, after the temporary directory's first marker
-EXPORT_ORDER = ["config.json", "generation_config.json", "model.safetensors", "tokenizer_config.json", "tokenizer.json"]
+EXPORT_ORDER = [
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "tokenizer_config.json",
+    "tokenizer.json",
+]
 PAGE = 4096
 
 
@@ -118,25 +131,31 @@ def test_a_full_disk_at_any_export_file_is_one_line_and_leaves_nothing(tmp_path,
     failed write of tokenizer.json as a plain Exception."""
     tiny_model(seed=1).save_pretrained(tmp_path / "sizes")
     pages = lambda name: -(-os.path.getsize(tmp_path / "sizes" / name) // PAGE)
-    room = pages(hf.EXPORT_MARKER) + sum(pages(name) for name in EXPORT_ORDER[:EXPORT_ORDER.index(full_at)])
+    room = pages(hf.EXPORT_MARKER) + sum(pages(name) for name in EXPORT_ORDER[: EXPORT_ORDER.index(full_at)])
     with tmpfs(tmp_path / "disk", "64m") as disk:
         with open(disk / "filler", "wb") as f:
             f.write(b"\0" * (os.statvfs(disk).f_bavail - room) * PAGE)
         with pytest.raises(UserError) as e:
             tiny_model(seed=1).save_pretrained(disk / "out")
         message = str(e.value)
-        assert message.startswith(f"{disk / 'out'}: cannot write the export (") and "No space left on device" in message
+        assert (
+            message.startswith(f"{disk / 'out'}: cannot write the export (")
+            and "No space left on device" in message
+        )
         assert "\n" not in message
         assert os.listdir(disk) == ["filler"]  # no temporary directory, no half export
 
 
 # ---- read-only modes change nothing in a log dir
 
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A 6-step run with checkpoints and evals at 2, 4 and 6, HellaSwag data and its data dir."""
     root = tmp_path_factory.mktemp("trained")
-    cfg = tiny_config(make_data(root / "data"), str(root / "log"), max_steps=6, checkpoint_every=2, eval_every=2)
+    cfg = tiny_config(
+        make_data(root / "data"), str(root / "log"), max_steps=6, checkpoint_every=2, eval_every=2
+    )
     train(cfg, DistContext())
     return cfg, write_hellaswag(root / "hellaswag.jsonl", n=4)
 
@@ -148,8 +167,15 @@ def snapshot(root):
         for name in [".", *dirs, *files] if directory == str(root) else [*dirs, *files]:
             path = os.path.join(directory, name)
             info = os.lstat(path)
-            digest = hashlib.sha256(open(path, "rb").read()).hexdigest() if stat.S_ISREG(info.st_mode) else None
-            entries[os.path.relpath(path, root)] = (stat.S_IFMT(info.st_mode), info.st_size, info.st_mtime_ns, digest)
+            digest = (
+                hashlib.sha256(open(path, "rb").read()).hexdigest() if stat.S_ISREG(info.st_mode) else None
+            )
+            entries[os.path.relpath(path, root)] = (
+                stat.S_IFMT(info.st_mode),
+                info.st_size,
+                info.st_mtime_ns,
+                digest,
+            )
     return entries
 
 
@@ -166,11 +192,16 @@ def test_eval_only_in_a_run_log_dir_changes_nothing_and_prints_its_results(run_d
     """An older checkpoint evaluated used to set the newer ones aside and trim the logs: the next plain
     run then continued from the older one."""
     cfg, hella = run_dir
-    assert sorted(name for name in os.listdir(cfg.log_dir) if name.endswith(".pt")) == \
-        ["model_00002.pt", "model_00004.pt", "model_00006.pt"]
+    assert sorted(name for name in os.listdir(cfg.log_dir) if name.endswith(".pt")) == [
+        "model_00002.pt",
+        "model_00004.pt",
+        "model_00006.pt",
+    ]
     before = snapshot(cfg.log_dir)
     path = os.path.join(cfg.log_dir, resume) if resume != "auto" else "auto"
-    result = train(replace(cfg, eval_only=True, resume=path, hellaswag=True, hellaswag_data=hella), DistContext())
+    result = train(
+        replace(cfg, eval_only=True, resume=path, hellaswag=True, hellaswag_data=hella), DistContext()
+    )
     out = capsys.readouterr().out
     step = 2 if resume != "auto" else 6
     assert f"step {step:5d} | val loss {result['val_loss']:.4f}" in out and "HellaSwag acc_norm" in out
@@ -181,8 +212,10 @@ def test_eval_only_in_a_run_log_dir_changes_nothing_and_prints_its_results(run_d
 def test_eval_only_into_a_new_log_dir_still_logs_its_results(run_dir):
     cfg, _ = run_dir
     fresh = os.path.join(os.path.dirname(cfg.log_dir), "baseline")
-    result = train(replace(cfg, eval_only=True, resume=os.path.join(cfg.log_dir, "model_00004.pt"), log_dir=fresh),
-                   DistContext())
+    result = train(
+        replace(cfg, eval_only=True, resume=os.path.join(cfg.log_dir, "model_00004.pt"), log_dir=fresh),
+        DistContext(),
+    )
     with open(os.path.join(fresh, "log.txt")) as f:
         assert f.read().splitlines() == [f"4 val {result['val_loss']:.4f}"]
 
@@ -191,8 +224,22 @@ def test_every_read_only_mode_leaves_the_log_dir_as_it_was(run_dir, tmp_path, ca
     cfg, hella = run_dir
     before = snapshot(cfg.log_dir)
     train_gpt2.main(["--export-hf", str(tmp_path / "hf"), "--log-dir", cfg.log_dir])
-    train_gpt2.main(["--generate", "Hello", "--log-dir", cfg.log_dir, "--num-samples", "1", "--max-new-tokens", "4",
-                     "--device", "cpu", "--dtype", "fp32"])
+    train_gpt2.main(
+        [
+            "--generate",
+            "Hello",
+            "--log-dir",
+            cfg.log_dir,
+            "--num-samples",
+            "1",
+            "--max-new-tokens",
+            "4",
+            "--device",
+            "cpu",
+            "--dtype",
+            "fp32",
+        ]
+    )
     hellaswag.main(["-c", os.path.join(cfg.log_dir, "model_00004.pt"), "--data", hella, "--device", "cpu"])
     train(replace(cfg, eval_only=True, resume="auto"), DistContext())
     out = capsys.readouterr().out
@@ -209,8 +256,20 @@ LIVE_ROUNDS = 4  # of an export, a --generate and an --eval-only each
 def live_run(root):
     """A training run that checkpoints every step and keeps only the newest; stopped by SIGTERM at the end."""
     make_data(root / "data", n_train=200000)
-    args = TINY_CLI[:-2] + ["--keep-last", "1", "--checkpoint-every", "1", "--data-dir", "data", "--log-dir", "log",
-                            "--max-steps", "100000", "--resume", "none"]
+    args = TINY_CLI[:-2] + [
+        "--keep-last",
+        "1",
+        "--checkpoint-every",
+        "1",
+        "--data-dir",
+        "data",
+        "--log-dir",
+        "log",
+        "--max-steps",
+        "100000",
+        "--resume",
+        "none",
+    ]
     proc = start_cli(args, root)
     try:
         wait_for_steps(root / "log" / "log.txt", 2, proc)
@@ -230,8 +289,9 @@ def attempt(mode, log_dir, root, n):
         elif mode == "generate":
             train_gpt2.main(["--generate", "Hello", "--num-samples", "1", "--max-new-tokens", "2", *common])
         else:
-            cfg = train_gpt2.parse_config(TINY_CLI + ["--eval-only", "--val-steps", "1", "--data-dir",
-                                                      str(root / "data"), *common])
+            cfg = train_gpt2.parse_config(
+                TINY_CLI + ["--eval-only", "--val-steps", "1", "--data-dir", str(root / "data"), *common]
+            )
             train(cfg, DistContext())
     except (SystemExit, UserError) as e:
         return f"{mode}: {e}"

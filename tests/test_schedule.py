@@ -8,18 +8,29 @@ from dataclasses import asdict, replace
 
 import pytest
 import torch
+from test_train import final_weights, install_stop_after, logged, make_data, tiny_config
 
 import train_gpt2
-from test_train import final_weights, install_stop_after, logged, make_data, tiny_config
 from train_gpt2 import DistContext, TrainConfig, UserError, get_lr, schedule_config, train
 
 
 @pytest.mark.parametrize("shape", ["linear", "1-sqrt"])
 def test_wsd_values_follow_warmup_hold_and_cooldown(shape):
-    cfg = TrainConfig(lr=1.0, warmup_steps=10, max_steps=100, min_lr_ratio=0.1, lr_schedule="wsd", cooldown_shape=shape)
+    cfg = TrainConfig(
+        lr=1.0, warmup_steps=10, max_steps=100, min_lr_ratio=0.1, lr_schedule="wsd", cooldown_shape=shape
+    )
     decay = (lambda p: p) if shape == "linear" else math.sqrt
-    expected = {0: 0.1, 9: 1.0, 10: 1.0, 79: 1.0, 80: 1.0, 90: 0.1 + 0.9 * (1 - decay(0.5)),
-                99: 0.1 + 0.9 * (1 - decay(19 / 20)), 100: 0.1, 500: 0.1}  # default cooldown: the last 20 steps
+    expected = {
+        0: 0.1,
+        9: 1.0,
+        10: 1.0,
+        79: 1.0,
+        80: 1.0,
+        90: 0.1 + 0.9 * (1 - decay(0.5)),
+        99: 0.1 + 0.9 * (1 - decay(19 / 20)),
+        100: 0.1,
+        500: 0.1,
+    }  # default cooldown: the last 20 steps
     assert {s: get_lr(s, cfg) for s in expected} == pytest.approx(expected)
     explicit = replace(cfg, cooldown_steps=50)
     assert get_lr(49, explicit) == 1.0 and get_lr(75, explicit) == pytest.approx(0.1 + 0.9 * (1 - decay(0.5)))
@@ -45,11 +56,24 @@ def test_resuming_with_another_max_steps_keeps_the_past_lr_and_is_bitwise(tmp_pa
     4-step cooldown (which would have started at 4, in its past) cools down from 6: it equals an
     uninterrupted 8-step run whose cooldown is the last 2 steps."""
     data_dir = make_data(tmp_path / "data")
-    base = tiny_config(data_dir, str(tmp_path / "cut"), lr_schedule="wsd", eval_every=0, checkpoint_every=100,
-                       total_batch_size=32, warmup_steps=2, resume="auto")
+    base = tiny_config(
+        data_dir,
+        str(tmp_path / "cut"),
+        lr_schedule="wsd",
+        eval_every=0,
+        checkpoint_every=100,
+        total_batch_size=32,
+        warmup_steps=2,
+        resume="auto",
+    )
     first, stop_at, resumed, reference = {
         "extend": (dict(max_steps=8), 4, dict(max_steps=12), dict(max_steps=12)),
-        "shorten": (dict(max_steps=12), 6, dict(max_steps=8, cooldown_steps=4), dict(max_steps=8, cooldown_steps=2)),
+        "shorten": (
+            dict(max_steps=12),
+            6,
+            dict(max_steps=8, cooldown_steps=4),
+            dict(max_steps=8, cooldown_steps=2),
+        ),
     }[change]
     stopped_run(replace(base, **first), stop_at)
     planned = metrics_lr(base.log_dir)
@@ -70,9 +94,13 @@ def test_a_checkpoint_in_its_cooldown_or_of_another_schedule_is_refused():
     in_cooldown = {"step": 90, "train_config": past}
     cfg = TrainConfig(lr_schedule="wsd", max_steps=100)
     assert schedule_config(cfg, in_cooldown).cooldown_steps == 20  # the same command resumes
-    assert schedule_config(replace(cfg, cooldown_steps=30), in_cooldown).cooldown_steps == 20  # the cooldown goes on
+    assert (
+        schedule_config(replace(cfg, cooldown_steps=30), in_cooldown).cooldown_steps == 20
+    )  # the cooldown goes on
     with pytest.raises(UserError, match="in the cooldown that started at step 80"):
         schedule_config(replace(cfg, max_steps=200), in_cooldown)
     with pytest.raises(UserError, match="trained with --lr-schedule wsd, not cosine"):
         schedule_config(replace(cfg, lr_schedule="cosine"), in_cooldown)
-    assert schedule_config(replace(cfg, max_steps=200), {"step": 50, "train_config": past}).cooldown_steps == 40
+    assert (
+        schedule_config(replace(cfg, max_steps=200), {"step": 50, "train_config": past}).cooldown_steps == 40
+    )

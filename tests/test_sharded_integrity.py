@@ -13,14 +13,14 @@ from dataclasses import replace
 
 import pytest
 import torch
-
-import hellaswag
-import train_gpt2
-from gpt2lib import checkpoints
 from test_fsdp import assert_same_weights, spawn_runs, weights
 from test_integrity import TINY_CLI, flip_bytes, start_cli, tmpfs
 from test_long_runs import torchrun
 from test_train import logged, make_data, tiny_config, write_hellaswag
+
+import hellaswag
+import train_gpt2
+from gpt2lib import checkpoints
 from train_gpt2 import GPT, UserError
 
 
@@ -29,8 +29,15 @@ def runs(tmp_path_factory):
     """Two 2-rank --fsdp runs of 6 steps with checkpoints at 2, 4 and 6, the second one written in the
     background (--async-checkpoint). Every step is clipped, so the counts change at every step."""
     root = tmp_path_factory.mktemp("sharded")
-    sync = tiny_config(make_data(root / "data"), str(root / "sync"), max_steps=6, checkpoint_every=2,
-                       eval_every=0, fsdp=True, grad_clip=1e-3)
+    sync = tiny_config(
+        make_data(root / "data"),
+        str(root / "sync"),
+        max_steps=6,
+        checkpoint_every=2,
+        eval_every=0,
+        fsdp=True,
+        grad_clip=1e-3,
+    )
     background = replace(sync, log_dir=str(root / "async"), async_checkpoint=True)
     spawn_runs(sync, background)
     return sync, background
@@ -73,17 +80,21 @@ def test_damaged_sharded_checkpoint_is_refused_by_every_reader(runs, tmp_path, c
     assert path == os.path.join(cfg.log_dir, "model_00002") and checkpoint["step"] == 2
     assert f"warning: skipping {newest}: checkpoint {newest} is damaged" in capsys.readouterr().out
     # by path: --resume PATH, GPT.from_checkpoint, --init-from
-    for read in (lambda: train_gpt2.find_checkpoint(newest, cfg.log_dir),
-                 lambda: GPT.from_checkpoint(newest),
-                 lambda: train_gpt2.load_init_source(newest, vocab_multiple=64)):
+    for read in (
+        lambda: train_gpt2.find_checkpoint(newest, cfg.log_dir),
+        lambda: GPT.from_checkpoint(newest),
+        lambda: train_gpt2.load_init_source(newest, vocab_multiple=64),
+    ):
         with pytest.raises(UserError) as e:
             read()
         assert str(e.value).startswith(f"checkpoint {newest} is damaged") and "\n" not in str(e.value)
     # the command lines: --export-hf, --generate, hellaswag.py -c
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     export = tmp_path / "hf"
-    for argv in (["--export-hf", str(export), "--resume", newest, "--model", "d1"],
-                 ["--generate", "Hello", "--resume", newest, "--model", "d1", "--device", "cpu"]):
+    for argv in (
+        ["--export-hf", str(export), "--resume", newest, "--model", "d1"],
+        ["--generate", "Hello", "--resume", newest, "--model", "d1", "--device", "cpu"],
+    ):
         with pytest.raises(SystemExit) as e:
             train_gpt2.main(argv)
         assert e.value.code == 2
@@ -122,7 +133,9 @@ def without_digests(directory):
     torch.save(state, path)
 
 
-def test_sharded_checkpoint_without_digests_loads_with_a_note_and_its_structure_checked(runs, tmp_path, capsys):
+def test_sharded_checkpoint_without_digests_loads_with_a_note_and_its_structure_checked(
+    runs, tmp_path, capsys
+):
     sync = runs[0]
     log_dir = str(tmp_path / "log")
     shutil.copytree(sync.log_dir, log_dir)
@@ -131,13 +144,17 @@ def test_sharded_checkpoint_without_digests_loads_with_a_note_and_its_structure_
     path, checkpoint = train_gpt2.find_checkpoint("auto", log_dir)
     assert path == newest and checkpoint["step"] == 6
     assert f"note: checkpoint {newest} has no digests of its shard files" in capsys.readouterr().out
-    assert_same_weights(GPT.from_checkpoint(newest).state_dict(), weights(os.path.join(sync.log_dir, "model_00006")), 0)
+    assert_same_weights(
+        GPT.from_checkpoint(newest).state_dict(), weights(os.path.join(sync.log_dir, "model_00006")), 0
+    )
     # a truncated shard file is still found, by the sizes .metadata gives
     truncate(os.path.join(newest, "__1_0.distcp"))
     without_digests(before)
     path, _ = train_gpt2.find_checkpoint("auto", log_dir)
     assert path == before
-    assert f"warning: skipping {newest}: checkpoint {newest} is damaged: __1_0.distcp" in capsys.readouterr().out
+    assert (
+        f"warning: skipping {newest}: checkpoint {newest} is damaged: __1_0.distcp" in capsys.readouterr().out
+    )
 
 
 def shard_tensors(directory):
@@ -146,8 +163,11 @@ def shard_tensors(directory):
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     metadata = dcp.FileSystemReader(directory).read_metadata().state_dict_metadata
-    tensors = {key: torch.empty(meta.size, dtype=meta.properties.dtype) for key, meta in metadata.items()
-               if isinstance(meta, TensorStorageMetadata)}
+    tensors = {
+        key: torch.empty(meta.size, dtype=meta.properties.dtype)
+        for key, meta in metadata.items()
+        if isinstance(meta, TensorStorageMetadata)
+    }
     with warnings.catch_warnings():  # that it loads in a single process: the point
         warnings.simplefilter("ignore")
         dcp.load(tensors, checkpoint_id=directory, no_dist=True)
@@ -175,12 +195,15 @@ def test_async_checkpoint_holds_its_steps_state_field_by_field(runs):
     sync, background = runs
     for step in (2, 4, 6):
         paths = [os.path.join(cfg.log_dir, f"model_{step:05d}") for cfg in runs]
-        states = [torch.load(os.path.join(path, checkpoints.TRAIN_STATE), weights_only=True) for path in paths]
+        states = [
+            torch.load(os.path.join(path, checkpoints.TRAIN_STATE), weights_only=True) for path in paths
+        ]
         for state in states:
             state.pop(checkpoints.CHECKSUM_KEY)  # of train_config too, which differs
             state.pop("run_id")
-            state["train_config"] = {k: v for k, v in state["train_config"].items()
-                                     if k not in ("log_dir", "async_checkpoint")}
+            state["train_config"] = {
+                k: v for k, v in state["train_config"].items() if k not in ("log_dir", "async_checkpoint")
+            }
         assert states[0]["counts"] == {"clipped_steps": step, "skipped_steps": 0}
         assert states[1]["counts"] == states[0]["counts"]
         for state in states:
@@ -194,18 +217,35 @@ def test_disk_full_during_a_sharded_save_is_one_line_and_removes_the_partial(tmp
     make_data(tmp_path / "data")
     # a d1 sharded checkpoint (weights and AdamW moments) is ~53 MB: the first fits, the second does not
     with tmpfs(tmp_path / "disk", "80m") as disk:
-        args = TINY_CLI + ["--data-dir", "data", "--log-dir", str(disk / "log"), "--max-steps", "6",
-                           "--checkpoint-every", "2", "--fsdp"] + (["--async-checkpoint"] if background else [])
+        args = (
+            TINY_CLI
+            + [
+                "--data-dir",
+                "data",
+                "--log-dir",
+                str(disk / "log"),
+                "--max-steps",
+                "6",
+                "--checkpoint-every",
+                "2",
+                "--fsdp",
+            ]
+            + (["--async-checkpoint"] if background else [])
+        )
         proc = start_cli(args, tmp_path) if ranks == 1 else torchrun(args, tmp_path, nproc=2)
         out, err = proc.communicate(timeout=300)
         assert proc.returncode != 0
         errors = [line for line in err.splitlines() if line.startswith("error:")]
-        assert len(errors) == 1 and "model_00004.partial" in errors[0] and \
-            "No space left on device" in errors[0], err
-        assert 'train_gpt2.py", line' not in err and "Traceback (most recent call last): (RANK" not in err, err
+        assert (
+            len(errors) == 1 and "model_00004.partial" in errors[0] and "No space left on device" in errors[0]
+        ), err
+        assert 'train_gpt2.py", line' not in err and "Traceback (most recent call last): (RANK" not in err, (
+            err
+        )
         if ranks == 1:
             assert "Traceback" not in err, err
         assert sorted(os.listdir(disk / "log")) == [".lock", "log.txt", "metrics.jsonl", "model_00002"]
-        checkpoint = train_gpt2.read_verified(str(disk / "log" / "model_00002"), resume=True,
-                                                weights=False)  # digests and structure
+        checkpoint = train_gpt2.read_verified(
+            str(disk / "log" / "model_00002"), resume=True, weights=False
+        )  # digests and structure
         assert checkpoint["step"] == 2

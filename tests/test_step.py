@@ -10,11 +10,19 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.multiprocessing as mp
+from test_train import end_worker, free_port, init_gloo, make_data
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import train_gpt2
-from test_train import end_worker, free_port, init_gloo, make_data
-from train_gpt2 import GPT, DataLoaderLite, DistContext, NonFiniteLoss, TrainConfig, config_for, configure_optimizer
+from train_gpt2 import (
+    GPT,
+    DataLoaderLite,
+    DistContext,
+    NonFiniteLoss,
+    TrainConfig,
+    config_for,
+    configure_optimizer,
+)
 
 T = 16
 TOKENS_PER_STEP = 128  # B * accumulation * ranks, the same in every setting compared
@@ -25,9 +33,16 @@ def make_run(model, data_dir, B, accum, ctx, grad_clip=0.0):
     raw = model.module if isinstance(model, DDP) else model
     loader = DataLoaderLite(B, T, ctx.rank, ctx.world_size, "train", data_dir)
     cfg = TrainConfig(lr=1e-3, warmup_steps=0, max_steps=10, grad_clip=grad_clip, loss_impl="chunked")
-    return SimpleNamespace(model=model, optimizer=configure_optimizer(raw, 0.1, cfg.lr, "cpu"), cfg=cfg,
-                           precision=train_gpt2.Precision("fp32", torch.device("cpu")), train_loader=loader,
-                           grad_accum_steps=accum, dist_ctx=ctx, log=SimpleNamespace(failure=None))
+    return SimpleNamespace(
+        model=model,
+        optimizer=configure_optimizer(raw, 0.1, cfg.lr, "cpu"),
+        cfg=cfg,
+        precision=train_gpt2.Precision("fp32", torch.device("cpu")),
+        train_loader=loader,
+        grad_accum_steps=accum,
+        dist_ctx=ctx,
+        log=SimpleNamespace(failure=None),
+    )
 
 
 def fresh_model():
@@ -49,7 +64,10 @@ def same_state(a, b):
     (wa, oa), (wb, ob) = a, b
     weights = all(torch.equal(wa[k], wb[k]) for k in wa)
     state = oa["state"].keys() == ob["state"].keys() and all(
-        torch.equal(oa["state"][i][name], ob["state"][i][name]) for i in oa["state"] for name in oa["state"][i])
+        torch.equal(oa["state"][i][name], ob["state"][i][name])
+        for i in oa["state"]
+        for name in oa["state"][i]
+    )
     return weights and state
 
 
@@ -158,9 +176,18 @@ def test_training_draws_nothing_from_the_global_rng(data_dir, tmp_path):
     use their own generator, the shuffle is seeded per epoch), so an exact resume does not rest on it:
     after a run with samples, evals and a shuffle the global RNG is where the init left it."""
     from test_train import tiny_config, write_hellaswag
-    cfg = tiny_config(data_dir, str(tmp_path / "log"), max_steps=1, eval_every=1, sample_every=1,
-                      sample_prompt="a", shuffle=True, hellaswag=True,
-                      hellaswag_data=write_hellaswag(tmp_path / "h.jsonl", n=4))
+
+    cfg = tiny_config(
+        data_dir,
+        str(tmp_path / "log"),
+        max_steps=1,
+        eval_every=1,
+        sample_every=1,
+        sample_prompt="a",
+        shuffle=True,
+        hellaswag=True,
+        hellaswag_data=write_hellaswag(tmp_path / "h.jsonl", n=4),
+    )
     train_gpt2.train(cfg, DistContext())
     after = torch.get_rng_state()
     torch.manual_seed(cfg.seed)

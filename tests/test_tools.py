@@ -6,9 +6,9 @@ import os
 import sys
 
 import pytest
+from test_train import tiny_config
 
 import train_gpt2
-from test_train import tiny_config
 from train_gpt2 import DistContext
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,10 +31,16 @@ def test_benchmark_line_of_a_real_cpu_run_is_parsed(tmp_path, capsys, monkeypatc
 
 def test_gpu_benchmark_line_is_parsed():
     # the format train_gpt2.benchmark prints on CUDA, where MFU and peak memory are known
-    log = ("step     7 | loss 10.9 | ...\nbenchmark gpt2 | B 64 T 1024 x 1 process(es) | 5 steps | "
-           "median 1,012.5 ms/step | 517,811 tokens/s | MFU 44.7% | peak memory 38.91 GiB\n")
-    assert device_report.parse_benchmark(log) == {"ms_per_step": 1012.5, "tokens_per_s": 517811.0,
-                                                  "mfu": pytest.approx(0.447), "peak_mem_gib": 38.91}
+    log = (
+        "step     7 | loss 10.9 | ...\nbenchmark gpt2 | B 64 T 1024 x 1 process(es) | 5 steps | "
+        "median 1,012.5 ms/step | 517,811 tokens/s | MFU 44.7% | peak memory 38.91 GiB\n"
+    )
+    assert device_report.parse_benchmark(log) == {
+        "ms_per_step": 1012.5,
+        "tokens_per_s": 517811.0,
+        "mfu": pytest.approx(0.447),
+        "peak_mem_gib": 38.91,
+    }
     unknown_card = log.replace(" | MFU 44.7%", "")  # a card without a known peak: memory, no MFU
     assert device_report.parse_benchmark(unknown_card)["mfu"] is None
     assert device_report.parse_benchmark(unknown_card)["peak_mem_gib"] == 38.91
@@ -43,8 +49,13 @@ def test_gpu_benchmark_line_is_parsed():
 
 def test_anchor_log_median_skips_warmup_steps():
     steps = [(0, 61000.0), (1, 1100.0), (2, 1020.0), (3, 1010.0), (4, 1030.0), (5, 1000.0)]
-    log = "".join(f"step {s:5d} | loss: 10.9 | lr 6e-7 | norm: 1.0 | dt: {dt:.2f}ms | tok/sec: {524288 / dt * 1000:.2f}\n"
-                  for s, dt in steps) + "peak memory allocated: 40.50 GiB\n"
+    log = (
+        "".join(
+            f"step {s:5d} | loss: 10.9 | lr 6e-7 | norm: 1.0 | dt: {dt:.2f}ms | tok/sec: {524288 / dt * 1000:.2f}\n"
+            for s, dt in steps
+        )
+        + "peak memory allocated: 40.50 GiB\n"
+    )
     parsed = device_report.parse_anchor(log, mfu_inputs=(855e6, 989e12))
     assert parsed["timed_steps"] == 3 and parsed["ms_per_step"] == 1010.0  # median of steps 3, 4, 5
     assert parsed["tokens_per_s"] == pytest.approx(524288 / 1.010, rel=1e-6)
@@ -73,14 +84,18 @@ def test_synthetic_hellaswag_examples_have_the_val_split_shape():
 def test_missing_flags_against_the_real_help():
     help_text = train_gpt2.build_parser().format_help()
     assert device_report.missing_flags(help_text, ["--compile", "--no-compile", "--benchmark", "5"]) == []
-    assert device_report.missing_flags(help_text, ["--compile", "--no-such-flag", "fused"]) == ["--no-such-flag"]
+    assert device_report.missing_flags(help_text, ["--compile", "--no-such-flag", "fused"]) == [
+        "--no-such-flag"
+    ]
 
 
 def test_rows_and_table(tmp_path):
     results = tmp_path / "results.jsonl"
     log = tmp_path / "bench.log"
-    log.write_text("benchmark gpt2 | B 64 T 1024 x 1 process(es) | 5 steps | median 990.0 ms/step | "
-                   "529,583 tokens/s | MFU 45.8% | peak memory 30.00 GiB\n")
+    log.write_text(
+        "benchmark gpt2 | B 64 T 1024 x 1 process(es) | 5 steps | median 990.0 ms/step | "
+        "529,583 tokens/s | MFU 45.8% | peak memory 30.00 GiB\n"
+    )
     device_report.add(str(results), "benchmark", "compiled", "the default", "ok", str(log))
     device_report.add(str(results), "benchmark", "fused-loss", "fused | loss", "skipped: time budget")
     (tmp_path / "empty.log").write_text("killed\n")
@@ -88,24 +103,33 @@ def test_rows_and_table(tmp_path):
     rows = [json.loads(line) for line in results.read_text().splitlines()]
     assert rows[2]["status"] == "failed: no result line in empty.log"
     pytest_log = tmp_path / "pytest.log"
-    pytest_log.write_text("....s\n=== 12 passed, 1 skipped in 95.21s (0:01:35) ===\n== tests: exit 0 after 97s\n")
-    table = device_report.render({"card": "NVIDIA H200", "torch": "2.11.0"}, rows,
-                                 device_report.pytest_summary(str(pytest_log)))
+    pytest_log.write_text(
+        "....s\n=== 12 passed, 1 skipped in 95.21s (0:01:35) ===\n== tests: exit 0 after 97s\n"
+    )
+    table = device_report.render(
+        {"card": "NVIDIA H200", "torch": "2.11.0"}, rows, device_report.pytest_summary(str(pytest_log))
+    )
     lines = table.splitlines()
     assert "tests/test_cuda.py: 12 passed, 1 skipped in 95.21s (0:01:35)" in lines
-    assert ("| compiled | NVIDIA H200 | 2.11.0 | 990.0 | 529,583 | 45.8% | 30.00 GiB | the default |"
-            in lines)
-    assert "| fused-loss | NVIDIA H200 | 2.11.0 | - | - | - | - | fused / loss (skipped: time budget) |" in lines
+    assert "| compiled | NVIDIA H200 | 2.11.0 | 990.0 | 529,583 | 45.8% | 30.00 GiB | the default |" in lines
+    assert (
+        "| fused-loss | NVIDIA H200 | 2.11.0 | - | - | - | - | fused / loss (skipped: time budget) |" in lines
+    )
     assert all(line.count("|") == 9 for line in lines if line.startswith("|"))
 
 
 def test_nanogpt_patch_changes_exactly_its_three_lines():
-    source = ("max_steps = 19073 # one epoch\nuse_compile = False # see issue\nfor step in range(max_steps):\n"
-              "    if step % 250 == 0 or last_step:\n        model.eval()\n")
+    source = (
+        "max_steps = 19073 # one epoch\nuse_compile = False # see issue\nfor step in range(max_steps):\n"
+        "    if step % 250 == 0 or last_step:\n        model.eval()\n"
+    )
     patched = nanogpt_anchor.patched_source(source, steps=8)
     changed = [(a, b) for a, b in zip(source.splitlines(), patched.splitlines()) if a != b]
-    assert [b for _, b in changed] == ["max_steps = 8 # one epoch", "use_compile = True # see issue",
-                                       "    if False:  # val-loss eval off for timing"]
+    assert [b for _, b in changed] == [
+        "max_steps = 8 # one epoch",
+        "use_compile = True # see issue",
+        "    if False:  # val-loss eval off for timing",
+    ]
     with pytest.raises(nanogpt_anchor.PatchError, match="use_compile = False"):
         nanogpt_anchor.patched_source(source.replace("use_compile = False", "use_compile = None"), steps=8)
 

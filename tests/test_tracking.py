@@ -10,18 +10,23 @@ import struct
 
 import numpy as np
 import pytest
+from test_train import make_data, tiny_config
 
 import train_gpt2
 from gpt2lib import tracking
-from test_train import make_data, tiny_config
 from train_gpt2 import DistContext, train
 
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
 wandb_pb2 = pytest.importorskip("wandb.proto.wandb_internal_pb2")
 
 # metrics.jsonl key -> tracker name, for each kind (written out here, not taken from gpt2lib.tracking)
-EXPECTED_NAMES = {("train", "value"): "train/loss", ("val", "value"): "val/loss", ("train", "lr"): "train/lr",
-                  ("train", "norm"): "train/norm", ("train", "clipped_steps"): "train/clipped_steps"}
+EXPECTED_NAMES = {
+    ("train", "value"): "train/loss",
+    ("val", "value"): "val/loss",
+    ("train", "lr"): "train/lr",
+    ("train", "norm"): "train/norm",
+    ("train", "clipped_steps"): "train/clipped_steps",
+}
 
 
 def jsonl_rows(log_dir):
@@ -43,8 +48,11 @@ def jsonl_scalars(rows):
 
 
 def tensorboard_scalars(log_dir, purge=True):
-    acc = event_accumulator.EventAccumulator(os.path.join(log_dir, "tensorboard"), purge_orphaned_data=purge,
-                                             size_guidance={event_accumulator.SCALARS: 0, event_accumulator.TENSORS: 0})
+    acc = event_accumulator.EventAccumulator(
+        os.path.join(log_dir, "tensorboard"),
+        purge_orphaned_data=purge,
+        size_guidance={event_accumulator.SCALARS: 0, event_accumulator.TENSORS: 0},
+    )
     acc.Reload()
     return acc, {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
@@ -59,8 +67,8 @@ def wandb_records(path):
         if block - pos % block < 7:  # a block's tail too short for a header is padding
             pos += block - pos % block
             continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        pending += data[pos + 7:pos + 7 + length]
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        pending += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):  # a full record, or the last piece of one
             record = wandb_pb2.Record()
@@ -103,8 +111,18 @@ def test_tensorboard_and_wandb_match_metrics_jsonl_across_sigkill_and_resume(tmp
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     data_dir = make_data(tmp_path / "data")
-    cfg = tiny_config(data_dir, str(tmp_path / "log"), max_steps=8, checkpoint_every=3, eval_every=3,
-                      sample_every=3, resume="auto", tensorboard=True, wandb="tests", total_batch_size=32)
+    cfg = tiny_config(
+        data_dir,
+        str(tmp_path / "log"),
+        max_steps=8,
+        checkpoint_every=3,
+        eval_every=3,
+        sample_every=3,
+        resume="auto",
+        tensorboard=True,
+        wandb="tests",
+        total_batch_size=32,
+    )
     child = multiprocessing.get_context("spawn").Process(target=killed_run, args=(cfg, 6))
     child.start()
     child.join(300)
@@ -118,12 +136,20 @@ def test_tensorboard_and_wandb_match_metrics_jsonl_across_sigkill_and_resume(tmp
     expected = jsonl_scalars(rows)
     acc, logged = tensorboard_scalars(cfg.log_dir)
     # every tag, step by step, no step twice; TensorBoard keeps scalars as float32
-    assert logged == {tag: [(step, float(np.float32(v))) for step, v in pairs] for tag, pairs in expected.items()}
-    assert [s for s, _ in logged["train/loss"]] == list(range(8)) and [s for s, _ in logged["val/loss"]] == [0, 3, 6, 8]
+    assert logged == {
+        tag: [(step, float(np.float32(v))) for step, v in pairs] for tag, pairs in expected.items()
+    }
+    assert [s for s, _ in logged["train/loss"]] == list(range(8)) and [s for s, _ in logged["val/loss"]] == [
+        0,
+        3,
+        6,
+        8,
+    ]
     # the counts go on from the checkpoint: as if the run had not been killed
     norms = [n for _, n in expected["train/norm"]]
-    assert [c for _, c in expected["train/clipped_steps"]] == [sum(n > cfg.grad_clip for n in norms[:i + 1])
-                                                              for i in range(8)]
+    assert [c for _, c in expected["train/clipped_steps"]] == [
+        sum(n > cfg.grad_clip for n in norms[: i + 1]) for i in range(8)
+    ]
     for (kind, key), tag in EXPECTED_NAMES.items():
         assert tag in logged, (kind, key, tag)
     # the killed run's events at steps 3 and 4 are in the files: only purge_step keeps them out
@@ -145,11 +171,30 @@ def test_tensorboard_and_wandb_match_metrics_jsonl_across_sigkill_and_resume(tmp
     assert summary["train/loss"] == pytest.approx(expected["train/loss"][-1][1])
 
     # a fresh start sets the trackers' files aside with the rest of the old run, and starts a new W&B run
-    train(tiny_config(data_dir, cfg.log_dir, max_steps=1, eval_every=0, checkpoint_every=0, tensorboard=True,
-                      wandb="tests"), DistContext())
+    train(
+        tiny_config(
+            data_dir,
+            cfg.log_dir,
+            max_steps=1,
+            eval_every=0,
+            checkpoint_every=0,
+            tensorboard=True,
+            wandb="tests",
+        ),
+        DistContext(),
+    )
     assert sorted(os.listdir(os.path.join(cfg.log_dir, "previous_1"))) == sorted(
-        ["log.txt", "metrics.jsonl", "model_00003.pt", "model_00006.pt", "model_00008.pt", "tensorboard", "wandb",
-         "wandb_run_id"])
+        [
+            "log.txt",
+            "metrics.jsonl",
+            "model_00003.pt",
+            "model_00006.pt",
+            "model_00008.pt",
+            "tensorboard",
+            "wandb",
+            "wandb_run_id",
+        ]
+    )
     assert open(os.path.join(cfg.log_dir, "wandb_run_id")).read() != first_id
 
 
@@ -158,8 +203,9 @@ def test_a_failing_tracker_is_reported_once_and_training_goes_on(tmp_path, capsy
     log_dir.mkdir()
     # a link to a path that cannot be a directory: not another run's file (nothing is set aside), yet unusable
     os.symlink("/dev/null/events", log_dir / "tensorboard")
-    cfg = tiny_config(make_data(tmp_path / "data"), str(log_dir), max_steps=3, checkpoint_every=0,
-                      tensorboard=True)
+    cfg = tiny_config(
+        make_data(tmp_path / "data"), str(log_dir), max_steps=3, checkpoint_every=0, tensorboard=True
+    )
     assert len(train(cfg, DistContext())["losses"]) == 3
     out = capsys.readouterr().out
     assert out.count("warning: TensorBoard tracking failed") == 1, out
@@ -167,8 +213,11 @@ def test_a_failing_tracker_is_reported_once_and_training_goes_on(tmp_path, capsy
 
 def test_a_missing_package_is_one_line_naming_pip(monkeypatch):
     real_find_spec = tracking.importlib.util.find_spec
-    monkeypatch.setattr(tracking.importlib.util, "find_spec",
-                        lambda name, *a: None if name == "wandb" else real_find_spec(name, *a))
+    monkeypatch.setattr(
+        tracking.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "wandb" else real_find_spec(name, *a),
+    )
     problems = train_gpt2.validate(train_gpt2.TrainConfig(wandb="proj", tensorboard=True), 1)
     assert problems == ["--wandb needs the wandb package: pip install wandb"]
     # only rank 0 opens the trackers: another node without the package does not stop the run

@@ -24,8 +24,18 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import train_gpt2
 from gpt2lib import flops
 from gpt2lib.distributed import close_process_group, end_process
-from train_gpt2 import (GPT, DataLoaderLite, DistContext, TrainConfig, UserError, config_for, configure_optimizer,
-                        parse_config, train, validate)
+from train_gpt2 import (
+    GPT,
+    DataLoaderLite,
+    DistContext,
+    TrainConfig,
+    UserError,
+    config_for,
+    configure_optimizer,
+    parse_config,
+    train,
+    validate,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,14 +47,32 @@ def make_data(root, n_train=6000, n_val=1000, seed=0):
     # skewed token frequencies so that the loss has something to learn
     train = (rng.zipf(1.3, n_train) % 50257).astype(np.uint16)
     np.save(os.path.join(root, "t_train_000001.npy"), train[: n_train // 2])
-    np.save(os.path.join(root, "t_train_000002.npy"), train[n_train // 2:])
+    np.save(os.path.join(root, "t_train_000002.npy"), train[n_train // 2 :])
     return str(root)
 
 
 def tiny_config(data_dir, log_dir, **overrides):
-    base = dict(model="d1", data_dir=data_dir, log_dir=log_dir, batch_size=2, seq_len=16, total_batch_size=128,
-                max_steps=6, warmup_steps=2, lr=1e-3, eval_every=3, val_steps=2, hellaswag=False, sample_every=0,
-                checkpoint_every=3, keep_last=0, resume="none", device="cpu", dtype="fp32", compile=False)
+    base = dict(
+        model="d1",
+        data_dir=data_dir,
+        log_dir=log_dir,
+        batch_size=2,
+        seq_len=16,
+        total_batch_size=128,
+        max_steps=6,
+        warmup_steps=2,
+        lr=1e-3,
+        eval_every=3,
+        val_steps=2,
+        hellaswag=False,
+        sample_every=0,
+        checkpoint_every=3,
+        keep_last=0,
+        resume="none",
+        device="cpu",
+        dtype="fp32",
+        compile=False,
+    )
     return TrainConfig(**{**base, **overrides})
 
 
@@ -73,6 +101,7 @@ def final_weights(log_dir, step):
 
 
 # ---- gradient synchronisation: the flag must be set before the forward pass
+
 
 def late_flag_step(run, step, stop=None):
     """The anchors' old bug: the sync flag is set after forward, just before backward."""
@@ -109,17 +138,26 @@ def count_allreduces_worker(rank, world_size, port, data_dir, step_fn_name, resu
         loader.next_batch = counting_next_batch
         model.register_comm_hook(None, counting_hook)
         # the parts of a train_gpt2.Run that a step uses
-        run = SimpleNamespace(model=model, optimizer=configure_optimizer(model.module, 0.1, 1e-3, "cpu"),
-                              precision=train_gpt2.Precision("fp32", torch.device("cpu")), train_loader=loader,
-                              grad_accum_steps=accum, dist_ctx=ctx, log=SimpleNamespace(failure=None),
-                              cfg=TrainConfig(lr=1e-3, warmup_steps=0, max_steps=3, loss_impl="chunked"))
+        run = SimpleNamespace(
+            model=model,
+            optimizer=configure_optimizer(model.module, 0.1, 1e-3, "cpu"),
+            precision=train_gpt2.Precision("fp32", torch.device("cpu")),
+            train_loader=loader,
+            grad_accum_steps=accum,
+            dist_ctx=ctx,
+            log=SimpleNamespace(failure=None),
+            cfg=TrainConfig(lr=1e-3, warmup_steps=0, max_steps=3, loss_impl="chunked"),
+        )
         for step in range(3):
             step_fn(run, step)
         weights = torch.cat([p.detach().flatten() for p in model.parameters()])
         gathered = [torch.empty_like(weights) for _ in range(world_size)]
         dist.all_gather(gathered, weights)
-        report[accum] = {"calls": len(synced_during), "micro_steps": sorted(set(synced_during)),
-                         "ranks_agree": all(torch.equal(gathered[0], g) for g in gathered)}
+        report[accum] = {
+            "calls": len(synced_during),
+            "micro_steps": sorted(set(synced_during)),
+            "ranks_agree": all(torch.equal(gathered[0], g) for g in gathered),
+        }
     if rank == 0:
         results.put(report)
     end_worker()
@@ -146,6 +184,7 @@ def test_gradients_are_all_reduced_once_per_optimizer_step(tmp_path):
 
 
 # ---- world 2 x accum 2 equals world 1 x accum 4; resume is exact
+
 
 def train_worker(rank, world_size, port, cfg, stop_after):
     ctx = init_gloo(rank, world_size, port)
@@ -185,8 +224,12 @@ def write_hellaswag(path, n=10, seed=0):
     with open(path, "w") as f:
         for i in range(n):
             sentence = lambda k: " ".join(rng.choice(words, k))
-            row = {"ind": i, "ctx": sentence(int(rng.integers(3, 12))), "label": int(rng.integers(0, 4)),
-                   "endings": [sentence(int(rng.integers(1, 8))) for _ in range(4)]}
+            row = {
+                "ind": i,
+                "ctx": sentence(int(rng.integers(3, 12))),
+                "label": int(rng.integers(0, 4)),
+                "endings": [sentence(int(rng.integers(1, 8))) for _ in range(4)],
+            }
             f.write(json.dumps(row) + "\n")
     return str(path)
 
@@ -194,15 +237,24 @@ def write_hellaswag(path, n=10, seed=0):
 def test_two_ranks_match_one_rank_with_more_accumulation(tmp_path):
     data_dir = make_data(tmp_path / "data")
     hella = write_hellaswag(tmp_path / "hellaswag.jsonl", n=11)  # 11 examples: ranks get 6 and 5
-    single = tiny_config(data_dir, str(tmp_path / "single"), max_steps=4, checkpoint_every=4, val_steps=4,
-                         hellaswag=True, hellaswag_data=hella)
+    single = tiny_config(
+        data_dir,
+        str(tmp_path / "single"),
+        max_steps=4,
+        checkpoint_every=4,
+        val_steps=4,
+        hellaswag=True,
+        hellaswag_data=hella,
+    )
     train(single, DistContext())
     # same total batch: accum 4 -> 2; 2 ranks x 2 val batches read the windows of 1 rank x 4
     double = replace(single, log_dir=str(tmp_path / "double"), val_steps=single.val_steps // 2)
     spawn_train(double)
     a, b = final_weights(single.log_dir, 4), final_weights(double.log_dir, 4)
     initial = GPT(config_for("d1", vocab_multiple=64)).state_dict()
-    assert not torch.equal(a["transformer.h.0.attn.c_attn.weight"], initial["transformer.h.0.attn.c_attn.weight"])
+    assert not torch.equal(
+        a["transformer.h.0.attn.c_attn.weight"], initial["transformer.h.0.attn.c_attn.weight"]
+    )
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0, msg=key)
     la, lb = logged(single.log_dir), logged(double.log_dir)
@@ -261,10 +313,16 @@ def test_resume_is_bitwise_identical_with_two_ranks(tmp_path):
 
 # ---- checkpoints
 
+
 def test_checkpoint_format_and_keep_last(tmp_path):
-    cfg = tiny_config(make_data(tmp_path / "data"), str(tmp_path / "log"), max_steps=6, checkpoint_every=2, keep_last=2)
+    cfg = tiny_config(
+        make_data(tmp_path / "data"), str(tmp_path / "log"), max_steps=6, checkpoint_every=2, keep_last=2
+    )
     train(cfg, DistContext())
-    assert sorted(n for n in os.listdir(cfg.log_dir) if n.endswith(".pt")) == ["model_00004.pt", "model_00006.pt"]
+    assert sorted(n for n in os.listdir(cfg.log_dir) if n.endswith(".pt")) == [
+        "model_00004.pt",
+        "model_00006.pt",
+    ]
     ckpt = torch.load(os.path.join(cfg.log_dir, "model_00006.pt"), weights_only=True)  # never runs code
     assert {"model", "optimizer", "step", "config", "val_loss", "loader", "rng"} <= ckpt.keys()
     assert ckpt["step"] == 6 and isinstance(ckpt["val_loss"], float)
@@ -303,8 +361,14 @@ def test_resume_with_another_model_is_refused(tmp_path):
 
 
 def test_non_finite_loss_stops_before_the_step_and_writes_no_checkpoint(tmp_path):
-    cfg = tiny_config(make_data(tmp_path / "data"), str(tmp_path / "log"), lr=1e30, warmup_steps=0,
-                      eval_every=0, checkpoint_every=1)
+    cfg = tiny_config(
+        make_data(tmp_path / "data"),
+        str(tmp_path / "log"),
+        lr=1e30,
+        warmup_steps=0,
+        eval_every=0,
+        checkpoint_every=1,
+    )
     with pytest.raises(train_gpt2.NonFiniteLoss, match="non-finite"):
         train(cfg, DistContext())
     # steps that stayed finite may have been checkpointed, but none holds a non-finite weight
@@ -316,10 +380,18 @@ def test_non_finite_loss_stops_before_the_step_and_writes_no_checkpoint(tmp_path
 
 # ---- the command line
 
+
 def run_cli(args, cwd, **kwargs):
     env = {**os.environ, "PYTHONPATH": REPO}
-    return subprocess.run([sys.executable, os.path.join(REPO, "train_gpt2.py"), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300, **kwargs)
+    return subprocess.run(
+        [sys.executable, os.path.join(REPO, "train_gpt2.py"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        **kwargs,
+    )
 
 
 STOP_LIMIT_S = 30  # torchrun and SLURM send SIGKILL about 30 s after SIGTERM
@@ -344,35 +416,71 @@ def test_a_signal_stops_at_the_next_step_boundary_with_a_checkpoint(tmp_path, si
     """SIGTERM, or Ctrl-C (SIGINT), to `python train_gpt2.py`: the step in flight finishes, its
     checkpoint is written at the very next step boundary, and the process exits 0 within the limit."""
     data_dir = make_data(tmp_path / "data", n_train=200000)
-    args = ["--model", "d1", "--data-dir", data_dir, "-B", "2", "-T", "16", "--total-batch-size", "128",
-            "--max-steps", "100000", "--eval-every", "0", "--sample-every", "0", "--checkpoint-every", "0",
-            "--no-hellaswag", "--log-dir", "log"]
+    args = [
+        "--model",
+        "d1",
+        "--data-dir",
+        data_dir,
+        "-B",
+        "2",
+        "-T",
+        "16",
+        "--total-batch-size",
+        "128",
+        "--max-steps",
+        "100000",
+        "--eval-every",
+        "0",
+        "--sample-every",
+        "0",
+        "--checkpoint-every",
+        "0",
+        "--no-hellaswag",
+        "--log-dir",
+        "log",
+    ]
     env = {**os.environ, "PYTHONPATH": REPO}
-    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "train_gpt2.py"), *args], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(REPO, "train_gpt2.py"), *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     log = tmp_path / "log" / "log.txt"
     deadline = time.time() + 120
     while time.time() < deadline and not (log.exists() and log.read_text().count("train") >= 3):
         time.sleep(0.05)
-    done, signalled = signal_between_logged_steps([proc.pid], proc.pid, sig, tmp_path / "log" / "metrics.jsonl")
+    done, signalled = signal_between_logged_steps(
+        [proc.pid], proc.pid, sig, tmp_path / "log" / "metrics.jsonl"
+    )
     out, err = proc.communicate(timeout=120)
     seconds = time.time() - signalled
     assert proc.returncode == 0, err
     checkpoints = [n for n in os.listdir(tmp_path / "log") if n.endswith(".pt")]
     assert len(checkpoints) == 1 and f"stopped by signal after step {done}" in out
     step = torch.load(tmp_path / "log" / checkpoints[0], weights_only=True)["step"]
-    assert step == done + 1, f"signal during step {done}: the checkpoint must be at step {done + 1}, not {step}"
+    assert step == done + 1, (
+        f"signal during step {done}: the checkpoint must be at step {done + 1}, not {step}"
+    )
     assert log.read_text().count("train") == step
     assert seconds < STOP_LIMIT_S
 
 
 def test_bad_settings_are_all_reported_at_once(tmp_path):
-    result = run_cli(["--model", "gpt5", "-B", "0", "--total-batch-size", "1000", "--dtype", "fp8",
-                      "--lr", "-1"], cwd=tmp_path)
+    result = run_cli(
+        ["--model", "gpt5", "-B", "0", "--total-batch-size", "1000", "--dtype", "fp8", "--lr", "-1"],
+        cwd=tmp_path,
+    )
     assert result.returncode != 0 and "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
-    for needle in ("unknown model 'gpt5'", "--batch-size must be positive", "--dtype must be",
-                   "--lr must be positive"):
+    for needle in (
+        "unknown model 'gpt5'",
+        "--batch-size must be positive",
+        "--dtype must be",
+        "--lr must be positive",
+    ):
         assert any(needle in line for line in lines), (needle, lines)
     assert all(line.startswith("error: ") for line in lines)
 
@@ -384,13 +492,22 @@ def test_indivisible_batch_and_missing_data_are_one_line_errors(tmp_path):
     assert validate(TrainConfig(seq_len=2048), 1) == ["--seq-len 2048 exceeds the model's block size 1024"]
     result = run_cli(["--demo", "--data-dir", "missing"], cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip() == ("error: data directory missing does not exist: run `python fineweb.py` "
-                                     "to make it, or pass --data-dir")
+    assert result.stderr.strip() == (
+        "error: data directory missing does not exist: run `python fineweb.py` to make it, or pass --data-dir"
+    )
 
 
 def test_flags_map_to_config_and_demo_preset_yields_to_explicit_flags():
-    cfg = parse_config(["-B", "8", "-T", "256", "--no-compile", "--lr", "1e-3", "--hellaswag-data", "h.jsonl"])
-    assert (cfg.batch_size, cfg.seq_len, cfg.compile, cfg.lr, cfg.hellaswag_data) == (8, 256, False, 1e-3, "h.jsonl")
+    cfg = parse_config(
+        ["-B", "8", "-T", "256", "--no-compile", "--lr", "1e-3", "--hellaswag-data", "h.jsonl"]
+    )
+    assert (cfg.batch_size, cfg.seq_len, cfg.compile, cfg.lr, cfg.hellaswag_data) == (
+        8,
+        256,
+        False,
+        1e-3,
+        "h.jsonl",
+    )
     assert parse_config([]) == TrainConfig()
     demo = parse_config(["--demo", "--max-steps", "7"])
     assert demo.model == train_gpt2.DEMO["model"] and demo.max_steps == 7
@@ -410,7 +527,9 @@ def test_optimizer_decays_only_matrices():
     groups = configure_optimizer(model, 0.1, 1e-3, "cpu").param_groups
     decayed = {id(p) for p in groups[0]["params"]}
     assert groups[0]["weight_decay"] == 0.1 and groups[1]["weight_decay"] == 0.0
-    assert id(model.transformer.wte.weight) in decayed and id(model.transformer.h[0].ln_1.weight) not in decayed
+    assert (
+        id(model.transformer.wte.weight) in decayed and id(model.transformer.h[0].ln_1.weight) not in decayed
+    )
     assert sum(p.numel() for g in groups for p in g["params"]) == model.num_parameters()
 
 
@@ -442,7 +561,9 @@ def test_benchmark_median_excludes_the_warmup_steps(tmp_path, capsys, monkeypatc
     cfg = tiny_config("unused", "unused", benchmark=3, max_steps=1000)
     result = train_gpt2.benchmark(cfg, DistContext())
     out = capsys.readouterr().out
-    step_ms = [float(line.split("dt ")[1].split("ms")[0]) for line in out.splitlines() if line.startswith("step ")]
+    step_ms = [
+        float(line.split("dt ")[1].split("ms")[0]) for line in out.splitlines() if line.startswith("step ")
+    ]
     assert len(step_ms) == warmup + 3 and all(ms >= 1000 for ms in step_ms[:warmup])
     assert "benchmark d1 | B 2 T 16 x 1 process(es) | 3 steps | median" in out
     assert result["dt_ms"] == pytest.approx(float(np.median(step_ms[warmup:])), abs=0.01)
@@ -464,8 +585,14 @@ def test_tokens_per_second_counts_the_training_step_alone(tmp_path, monkeypatch)
         return result
 
     monkeypatch.setattr(train_gpt2, "train_step", timed_step)
-    cfg = tiny_config(make_data(tmp_path / "data"), str(tmp_path / "log"), max_steps=3, eval_every=1,
-                      sample_every=1, checkpoint_every=1)
+    cfg = tiny_config(
+        make_data(tmp_path / "data"),
+        str(tmp_path / "log"),
+        max_steps=3,
+        eval_every=1,
+        sample_every=1,
+        checkpoint_every=1,
+    )
     metrics = train(cfg, DistContext())["metrics"]
     assert len(metrics) == len(step_ms) == 3
     for m, ms in zip(metrics, step_ms):
@@ -475,8 +602,28 @@ def test_tokens_per_second_counts_the_training_step_alone(tmp_path, monkeypatch)
 
 def test_cli_runs_hellaswag_or_warns_when_its_data_is_missing(tmp_path):
     data_dir = make_data(tmp_path / "data")
-    args = ["--model", "d1", "--data-dir", data_dir, "-B", "2", "-T", "16", "--total-batch-size", "32",
-            "--max-steps", "1", "--val-steps", "1", "--sample-every", "0", "--device", "cpu", "--log-dir", "log"]
+    args = [
+        "--model",
+        "d1",
+        "--data-dir",
+        data_dir,
+        "-B",
+        "2",
+        "-T",
+        "16",
+        "--total-batch-size",
+        "32",
+        "--max-steps",
+        "1",
+        "--val-steps",
+        "1",
+        "--sample-every",
+        "0",
+        "--device",
+        "cpu",
+        "--log-dir",
+        "log",
+    ]
     ok = run_cli(args + ["--hellaswag-data", write_hellaswag(tmp_path / "h.jsonl")], cwd=tmp_path)
     assert ok.returncode == 0, ok.stderr
     assert "HellaSwag acc_norm" in ok.stdout and " hella " in (tmp_path / "log" / "log.txt").read_text()
@@ -505,8 +652,10 @@ def test_compiled_run_matches_eager_and_evals_never_recompile(tmp_path):
     cfg = tiny_config(data_dir, str(tmp_path / "eager"), max_steps=3, checkpoint_every=0, eval_every=3)
     eager = train(cfg, DistContext())
     graphs = {}
-    for name, extras in (("plain", {}), ("evals", dict(hellaswag=True, sample_every=1,
-                                                       hellaswag_data=write_hellaswag(tmp_path / "h.jsonl")))):
+    for name, extras in (
+        ("plain", {}),
+        ("evals", dict(hellaswag=True, sample_every=1, hellaswag_data=write_hellaswag(tmp_path / "h.jsonl"))),
+    ):
         torch._dynamo.reset()  # forget graphs compiled by the previous run
         counters.clear()
         compiled = train(replace(cfg, log_dir=str(tmp_path / name), compile=True, **extras), DistContext())

@@ -36,7 +36,9 @@ def best_of(n, fn):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="gpt2")
-    parser.add_argument("--dir", default=None, help="where to write the checkpoint (default: a temporary directory)")
+    parser.add_argument(
+        "--dir", default=None, help="where to write the checkpoint (default: a temporary directory)"
+    )
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -45,20 +47,28 @@ def main():
     for p in model.parameters():
         p.grad = torch.randn_like(p)
     optimizer.step()  # AdamW's moments exist, as in any checkpoint after step 0
-    checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": 1,
-                  "config": {"n_layer": model.config.n_layer}, "loader": [{"position": 0}],
-                  "rng": [{"cpu": torch.get_rng_state(), "cuda": None}]}
-    size = sum(t.numel() * t.element_size() for t in model.state_dict().values()) + \
-        sum(t.numel() * t.element_size() for s in optimizer.state_dict()["state"].values() for t in s.values())
+    checkpoint = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "step": 1,
+        "config": {"n_layer": model.config.n_layer},
+        "loader": [{"position": 0}],
+        "rng": [{"cpu": torch.get_rng_state(), "cuda": None}],
+    }
+    size = sum(t.numel() * t.element_size() for t in model.state_dict().values()) + sum(
+        t.numel() * t.element_size() for s in optimizer.state_dict()["state"].values() for t in s.values()
+    )
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         path = os.path.join(tmp, "model_00001.pt")
         hash_s, digest = best_of(args.repeat, lambda: checkpoints.checksum(checkpoint))
         write_s, _ = best_of(args.repeat, lambda: atomic_write(path, lambda f: torch.save(checkpoint, f)))
         read_s, loaded = best_of(args.repeat, lambda: torch.load(path, map_location="cpu", weights_only=True))
         assert checkpoints.checksum(loaded) == digest
-    print(f"checkpoint {args.model}: {size / 2**30:.2f} GiB of tensors | checksum {hash_s:.3f} s | "
-          f"write (fsync) {write_s:.3f} s | read {read_s:.3f} s | checksum = {100 * hash_s / write_s:.1f}% of "
-          f"the write, {100 * hash_s / read_s:.1f}% of the read")
+    print(
+        f"checkpoint {args.model}: {size / 2**30:.2f} GiB of tensors | checksum {hash_s:.3f} s | "
+        f"write (fsync) {write_s:.3f} s | read {read_s:.3f} s | checksum = {100 * hash_s / write_s:.1f}% of "
+        f"the write, {100 * hash_s / read_s:.1f}% of the read"
+    )
 
 
 if __name__ == "__main__":

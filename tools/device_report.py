@@ -20,14 +20,22 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ANCHOR_WARMUP_STEPS = 3  # as train_gpt2.BENCHMARK_WARMUP_STEPS: compilation and warm-up are not timed
 
 # train_gpt2.py --benchmark's summary line
-BENCHMARK_LINE = re.compile(r"^benchmark .*\| median (?P<ms>[\d,.]+) ms/step \| (?P<tok>[\d,.]+) tokens/s"
-                            r"(?: \| MFU (?P<mfu>[\d.]+)%)?(?: \| peak memory (?P<mem>[\d.]+) GiB)?", re.M)
+BENCHMARK_LINE = re.compile(
+    r"^benchmark .*\| median (?P<ms>[\d,.]+) ms/step \| (?P<tok>[\d,.]+) tokens/s"
+    r"(?: \| MFU (?P<mfu>[\d.]+)%)?(?: \| peak memory (?P<mem>[\d.]+) GiB)?",
+    re.M,
+)
 # build-nanogpt's per-step line, and the peak memory line tools/nanogpt_anchor.py adds after its run
-ANCHOR_STEP = re.compile(r"^step\s+(?P<step>\d+) \|.*\| dt: (?P<ms>[\d.]+)ms \| tok/sec: (?P<tok>[\d.]+)", re.M)
+ANCHOR_STEP = re.compile(
+    r"^step\s+(?P<step>\d+) \|.*\| dt: (?P<ms>[\d.]+)ms \| tok/sec: (?P<tok>[\d.]+)", re.M
+)
 PEAK_MEMORY = re.compile(r"^peak memory allocated: (?P<mem>[\d.]+) GiB", re.M)
-HELLASWAG_LINE = re.compile(r"^hellaswag timing \| (?P<n>\d+) examples \| first eval (?P<first>[\d.]+) s \| "
-                            r"eval (?P<s>[\d.]+) s \| (?P<ms_ex>[\d.]+) ms/example \| (?P<tok>[\d,]+) tokens/s \| "
-                            r"peak memory (?P<mem>[\d.]+|-) GiB", re.M)
+HELLASWAG_LINE = re.compile(
+    r"^hellaswag timing \| (?P<n>\d+) examples \| first eval (?P<first>[\d.]+) s \| "
+    r"eval (?P<s>[\d.]+) s \| (?P<ms_ex>[\d.]+) ms/example \| (?P<tok>[\d,]+) tokens/s \| "
+    r"peak memory (?P<mem>[\d.]+|-) GiB",
+    re.M,
+)
 
 
 def last_match(pattern, log):
@@ -44,9 +52,12 @@ def parse_benchmark(log):
     m = last_match(BENCHMARK_LINE, log)
     if m is None:
         return None
-    return {"ms_per_step": number(m["ms"]), "tokens_per_s": number(m["tok"]),
-            "mfu": number(m["mfu"]) / 100 if m["mfu"] else None,
-            "peak_mem_gib": number(m["mem"]) if m["mem"] else None}
+    return {
+        "ms_per_step": number(m["ms"]),
+        "tokens_per_s": number(m["tok"]),
+        "mfu": number(m["mfu"]) / 100 if m["mfu"] else None,
+        "peak_mem_gib": number(m["mem"]) if m["mem"] else None,
+    }
 
 
 def parse_anchor(log, mfu_inputs=None):
@@ -61,17 +72,28 @@ def parse_anchor(log, mfu_inputs=None):
     if mfu_inputs:
         flops_per_token, peak = mfu_inputs
         mfu = tokens_per_s * flops_per_token / peak
-    return {"ms_per_step": statistics.median(number(m["ms"]) for m in steps), "tokens_per_s": tokens_per_s,
-            "mfu": mfu, "peak_mem_gib": number(memory["mem"]) if memory else None, "timed_steps": len(steps)}
+    return {
+        "ms_per_step": statistics.median(number(m["ms"]) for m in steps),
+        "tokens_per_s": tokens_per_s,
+        "mfu": mfu,
+        "peak_mem_gib": number(memory["mem"]) if memory else None,
+        "timed_steps": len(steps),
+    }
 
 
 def parse_hellaswag(log):
     m = last_match(HELLASWAG_LINE, log)
     if m is None:
         return None
-    return {"ms_per_step": number(m["s"]) * 1000, "tokens_per_s": number(m["tok"]), "mfu": None,
-            "peak_mem_gib": None if m["mem"] == "-" else number(m["mem"]), "examples": int(m["n"]),
-            "first_eval_s": number(m["first"]), "ms_per_example": number(m["ms_ex"])}
+    return {
+        "ms_per_step": number(m["s"]) * 1000,
+        "tokens_per_s": number(m["tok"]),
+        "mfu": None,
+        "peak_mem_gib": None if m["mem"] == "-" else number(m["mem"]),
+        "examples": int(m["n"]),
+        "first_eval_s": number(m["first"]),
+        "ms_per_example": number(m["ms_ex"]),
+    }
 
 
 def gpt2_mfu_inputs():
@@ -79,6 +101,7 @@ def gpt2_mfu_inputs():
     gpt2 with the vocabulary padded to 50304 at T=1024; None off CUDA or on an unknown card."""
     sys.path.insert(0, REPO)
     import torch
+
     from gpt2lib.flops import flops_per_token, peak_flops
     from train_gpt2 import config_for
 
@@ -95,15 +118,26 @@ def environment():
 
     import torch
 
-    env = {"torch": torch.__version__, "cuda": torch.version.cuda or "-", "python": platform.python_version(),
-           "card": "CPU", "cudnn": "-", "capability": "-"}
+    env = {
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda or "-",
+        "python": platform.python_version(),
+        "card": "CPU",
+        "cudnn": "-",
+        "capability": "-",
+    }
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        env.update(card=props.name, memory_gib=round(props.total_memory / 2**30, 1),
-                   capability=".".join(map(str, torch.cuda.get_device_capability(0))),
-                   cudnn=str(torch.backends.cudnn.version()), multiprocessors=props.multi_processor_count)
+        env.update(
+            card=props.name,
+            memory_gib=round(props.total_memory / 2**30, 1),
+            capability=".".join(map(str, torch.cuda.get_device_capability(0))),
+            cudnn=str(torch.backends.cudnn.version()),
+            multiprocessors=props.multi_processor_count,
+        )
     try:
         import triton
+
         env["triton"] = triton.__version__
     except ImportError:
         env["triton"] = "-"
@@ -121,8 +155,11 @@ def add(results_path, kind, name, what, status, log_path=None):
     if status == "ok":
         with open(log_path) as f:
             log = f.read()
-        parsed = {"benchmark": parse_benchmark, "hellaswag": parse_hellaswag,
-                  "anchor": lambda text: parse_anchor(text, gpt2_mfu_inputs())}[kind](log)
+        parsed = {
+            "benchmark": parse_benchmark,
+            "hellaswag": parse_hellaswag,
+            "anchor": lambda text: parse_anchor(text, gpt2_mfu_inputs()),
+        }[kind](log)
         if parsed is None:
             row["status"] = f"failed: no result line in {os.path.basename(log_path)}"
         else:
@@ -159,11 +196,22 @@ def render(env, rows, pytest_summary):
         what = row["what"] if row["status"] == "ok" else f"{row['what']} ({row['status']})"
         if "first_eval_s" in row:
             what += f"; {row['ms_per_example']:.3f} ms/example; the first eval, which builds the batches, {row['first_eval_s']:.1f} s"
-        lines.append("| " + " | ".join([
-            row["variant"], card, torch_version,
-            cell(row.get("ms_per_step"), "{:,.1f}"), cell(row.get("tokens_per_s"), "{:,.0f}"),
-            cell(row.get("mfu"), "{:.1%}"), cell(row.get("peak_mem_gib"), "{:.2f} GiB"), what.replace("|", "/"),
-        ]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    row["variant"],
+                    card,
+                    torch_version,
+                    cell(row.get("ms_per_step"), "{:,.1f}"),
+                    cell(row.get("tokens_per_s"), "{:,.0f}"),
+                    cell(row.get("mfu"), "{:.1%}"),
+                    cell(row.get("peak_mem_gib"), "{:.2f} GiB"),
+                    what.replace("|", "/"),
+                ]
+            )
+            + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -173,8 +221,12 @@ def pytest_summary(path):
         return "not run"
     with open(path) as f:
         tail = [line.strip().strip("=").strip() for line in f if line.strip()]
-    found = [line for line in tail if re.search(r"\b(passed|failed|skipped|error|errors|no tests ran)\b", line)
-             and re.search(r"\bin [\d.]+s", line)]
+    found = [
+        line
+        for line in tail
+        if re.search(r"\b(passed|failed|skipped|error|errors|no tests ran)\b", line)
+        and re.search(r"\bin [\d.]+s", line)
+    ]
     return found[-1] if found else f"no summary line (see {os.path.basename(path)}; killed or crashed?)"
 
 

@@ -45,8 +45,16 @@ def worker(way):
 
 def one_try(way):
     """The exit code torchrun reports, and whether a rank died of SIGABRT."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           os.path.abspath(__file__), "--worker", way]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        os.path.abspath(__file__),
+        "--worker",
+        way,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     return proc.returncode, "SIGABRT" in proc.stderr
@@ -72,8 +80,10 @@ def main():
         for proc in busy:
             proc.kill()
     for way in WAYS:
-        print(f"{way}: {args.tries} tries, {failed[way]} failed exits, {aborted[way]} of them SIGABRT "
-              f"(busy processes beside: {args.busy})")
+        print(
+            f"{way}: {args.tries} tries, {failed[way]} failed exits, {aborted[way]} of them SIGABRT "
+            f"(busy processes beside: {args.busy})"
+        )
 
 
 if __name__ == "__main__":

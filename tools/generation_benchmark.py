@@ -32,8 +32,13 @@ def parse_args(argv=None):
     parser.add_argument("--model", default="gpt2", help="gpt2 ... gpt2-xl or dN (default: gpt2, 124M)")
     parser.add_argument("--prompt", default="Hello, I'm a language model,")
     parser.add_argument("--tokens", type=int, nargs="+", default=[100, 500], help="new tokens per run")
-    parser.add_argument("--threads", type=int, nargs="+", default=None,
-                        help="torch CPU threads to try (default: 1 and torch's default, all cores)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        default=None,
+        help="torch CPU threads to try (default: 1 and torch's default, all cores)",
+    )
     parser.add_argument("--repeats", type=int, default=2, help="runs per cell; the fastest counts")
     return parser.parse_args(argv)
 
@@ -72,18 +77,23 @@ def main(argv=None):
         return generate(ours, args.prompt, n, top_k=1)[0]
 
     def run_theirs(n):
-        out = theirs.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                              pad_token_id=GPT2_EOT)
+        out = theirs.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False, pad_token_id=GPT2_EOT
+        )
         assert out.shape[1] == ids.shape[1] + n
         return enc.decode(out[0].tolist())
 
     run_ours(4), run_theirs(4)  # warm-up: first-call allocations, lazy imports
-    print(f"{args.model} ({ours.num_parameters():,} parameters), greedy, prompt of {ids.shape[1]} tokens, "
-          f"torch {torch.__version__}, transformers {__import__('transformers').__version__}, "
-          f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, fastest of {args.repeats}")
+    print(
+        f"{args.model} ({ours.num_parameters():,} parameters), greedy, prompt of {ids.shape[1]} tokens, "
+        f"torch {torch.__version__}, transformers {__import__('transformers').__version__}, "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, fastest of {args.repeats}"
+    )
     print()
-    print("| threads | new tokens | ours wall (s) | transformers wall (s) | ours CPU (s) | transformers CPU (s) | "
-          "speed-up (wall) | speed-up (CPU) | same text |")
+    print(
+        "| threads | new tokens | ours wall (s) | transformers wall (s) | ours CPU (s) | transformers CPU (s) | "
+        "speed-up (wall) | speed-up (CPU) | same text |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for n_threads in threads:
         torch.set_num_threads(n_threads)
@@ -95,8 +105,11 @@ def main(argv=None):
             ours_wall, ours_cpu = min(t[0] for t in ours_runs), min(t[1] for t in ours_runs)
             theirs_wall, theirs_cpu = min(t[0] for t in theirs_runs), min(t[1] for t in theirs_runs)
             same = "yes" if ours_runs[-1][2] == theirs_runs[-1][2] else "NO"
-            print(f"| {n_threads} | {n} | {ours_wall:.2f} | {theirs_wall:.2f} | {ours_cpu:.2f} | {theirs_cpu:.2f} | "
-                  f"{theirs_wall / ours_wall:.2f}x | {theirs_cpu / ours_cpu:.2f}x | {same} |", flush=True)
+            print(
+                f"| {n_threads} | {n} | {ours_wall:.2f} | {theirs_wall:.2f} | {ours_cpu:.2f} | {theirs_cpu:.2f} | "
+                f"{theirs_wall / ours_wall:.2f}x | {theirs_cpu / ours_cpu:.2f}x | {same} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -20,8 +20,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from gpt2lib import hellaswag_scoring  # noqa: E402
-from gpt2lib.hellaswag_data import VAL_ROWS  # noqa: E402
 from gpt2lib.common import GPT2_VOCAB_SIZE, pick_device  # noqa: E402
+from gpt2lib.hellaswag_data import VAL_ROWS  # noqa: E402
 from train_gpt2 import GPT, config_for  # noqa: E402
 
 
@@ -29,8 +29,10 @@ def synthetic_examples(n, seed=0):
     """TokenizedExamples of random ids with the val split's shape."""
     rng = np.random.default_rng(seed)
     ctx = [rng.integers(0, GPT2_VOCAB_SIZE, int(rng.integers(30, 101))).tolist() for _ in range(n)]
-    endings = [[rng.integers(0, GPT2_VOCAB_SIZE, int(rng.integers(10, 31))).tolist() for _ in range(4)]
-               for _ in range(n)]
+    endings = [
+        [rng.integers(0, GPT2_VOCAB_SIZE, int(rng.integers(10, 31))).tolist() for _ in range(4)]
+        for _ in range(n)
+    ]
     return hellaswag_scoring.TokenizedExamples(ctx, endings, rng.integers(0, 4, n).tolist())
 
 
@@ -38,7 +40,9 @@ def timed_eval(model, examples, device, batch_size):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t0 = time.perf_counter()
-    hellaswag_scoring.evaluate(model, examples, device, batch_size=batch_size).tolist()  # .tolist() waits for the GPU
+    hellaswag_scoring.evaluate(
+        model, examples, device, batch_size=batch_size
+    ).tolist()  # .tolist() waits for the GPU
     return time.perf_counter() - t0
 
 
@@ -60,9 +64,11 @@ def main(argv=None):
     seconds = timed_eval(model, examples, device, args.batch_size)
     memory = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f}" if device.type == "cuda" else "-"
     tokens = sum(4 * len(c) + sum(len(e) for e in ends) for c, ends in zip(examples.ctx, examples.endings))
-    print(f"hellaswag timing | {len(examples)} examples | first eval {first:.2f} s | eval {seconds:.3f} s | "
-          f"{seconds / len(examples) * 1000:.3f} ms/example | {tokens / seconds:,.0f} tokens/s | "
-          f"peak memory {memory} GiB")
+    print(
+        f"hellaswag timing | {len(examples)} examples | first eval {first:.2f} s | eval {seconds:.3f} s | "
+        f"{seconds / len(examples) * 1000:.3f} ms/example | {tokens / seconds:,.0f} tokens/s | "
+        f"peak memory {memory} GiB"
+    )
 
 
 if __name__ == "__main__":

@@ -63,16 +63,20 @@ def measure_state(model_name, world_size, fsdp):
 
 
 def state_table(model_name, worlds, modes):
-    print(f"| {model_name} | world | params MiB | grads MiB | AdamW MiB | total MiB per rank | peak RSS MiB (max rank) |")
+    print(
+        f"| {model_name} | world | params MiB | grads MiB | AdamW MiB | total MiB per rank | peak RSS MiB (max rank) |"
+    )
     print("|---|---|---|---|---|---|---|")
     for fsdp in [mode == "fsdp" for mode in modes]:
         for world in worlds:
             ranks = measure_state(model_name, world, fsdp)
             worst = max(ranks, key=lambda r: r["params"] + r["grads"] + r["optimizer"])
             total = worst["params"] + worst["grads"] + worst["optimizer"]
-            print(f"| {'FSDP' if fsdp else 'DDP'} | {world} | {worst['params'] / MIB:,.1f} | {worst['grads'] / MIB:,.1f} | "
-                  f"{worst['optimizer'] / MIB:,.1f} | {total / MIB:,.1f} | {max(r['peak_rss'] for r in ranks) / MIB:,.0f} |",
-                  flush=True)
+            print(
+                f"| {'FSDP' if fsdp else 'DDP'} | {world} | {worst['params'] / MIB:,.1f} | {worst['grads'] / MIB:,.1f} | "
+                f"{worst['optimizer'] / MIB:,.1f} | {total / MIB:,.1f} | {max(r['peak_rss'] for r in ranks) / MIB:,.0f} |",
+                flush=True,
+            )
 
 
 def activation_bytes(model_name, B, T, recompute):
@@ -101,15 +105,19 @@ def main():
     parser.add_argument("--model", default="gpt2")
     parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--modes", nargs="+", choices=["ddp", "fsdp"], default=["ddp", "fsdp"])
-    parser.add_argument("--activations", action="store_true", help="measure --recompute's activation bytes instead")
+    parser.add_argument(
+        "--activations", action="store_true", help="measure --recompute's activation bytes instead"
+    )
     parser.add_argument("-B", type=int, default=1)
     parser.add_argument("-T", type=int, default=1024)
     args = parser.parse_args()
     if args.activations:
         torch.set_num_threads(max(1, os.cpu_count() // 2))
         plain, recomputed = (activation_bytes(args.model, args.B, args.T, r) for r in (False, True))
-        print(f"{args.model} B={args.B} T={args.T} fp32: the Blocks keep {plain / MIB:,.1f} MiB for backward, "
-              f"{recomputed / MIB:,.1f} MiB with --recompute ({recomputed / plain:.1%})")
+        print(
+            f"{args.model} B={args.B} T={args.T} fp32: the Blocks keep {plain / MIB:,.1f} MiB for backward, "
+            f"{recomputed / MIB:,.1f} MiB with --recompute ({recomputed / plain:.1%})"
+        )
     else:
         state_table(args.model, args.worlds, args.modes)
 

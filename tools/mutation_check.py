@@ -36,226 +36,567 @@ class Mutation:
 T = "tests/"
 MUTATIONS = [
     # ---- --optimizer muon
-    Mutation("muon_takes_1d_parameters", "gpt2lib/optimizers.py",
-             [('return name.startswith("transformer.h.") and name.endswith(".weight") and param.dim() == 2',
-               'return name.startswith("transformer.h.") and param.dim() >= 1')],
-             [T + "test_muon.py::test_muon_takes_the_blocks_matrices_and_adamw_the_rest"]),
-    Mutation("muon_state_not_saved", "gpt2lib/optimizers.py",
-             [('merged["state"].update({offset + index: value for index, value in state["state"].items()})',
-               'merged["state"].update({offset + index: value for index, value in state["state"].items()\n'
-               '                                    if part is not self.muon})')],
-             [T + "test_muon.py::test_resume_under_muon_is_bitwise_identical"]),
-    Mutation("muon_group_gets_adamw_lr", "train_gpt2.py",
-             [('group["lr"] = factor * (cfg.muon_lr if group.get(optimizers.MUON_GROUP) else cfg.lr)',
-               'group["lr"] = factor * cfg.lr')],
-             [T + "test_muon.py::test_each_group_follows_the_schedule_from_its_own_peak_lr"]),
+    Mutation(
+        "muon_takes_1d_parameters",
+        "gpt2lib/optimizers.py",
+        [
+            (
+                '    return name.startswith("transformer.h.") and name.endswith(".weight") and param.dim() == 2\n',
+                '    return name.startswith("transformer.h.") and param.dim() >= 1\n',
+            )
+        ],
+        [T + "test_muon.py::test_muon_takes_the_blocks_matrices_and_adamw_the_rest"],
+    ),
+    Mutation(
+        "muon_state_not_saved",
+        "gpt2lib/optimizers.py",
+        [
+            (
+                '            merged["state"].update({offset + index: value for index, value in state["state"].items()})\n',
+                '            merged["state"].update(\n                {offset + index: value for index, value in state["state"].items() if part is not self.muon}\n            )\n',
+            )
+        ],
+        [T + "test_muon.py::test_resume_under_muon_is_bitwise_identical"],
+    ),
+    Mutation(
+        "muon_group_gets_adamw_lr",
+        "train_gpt2.py",
+        [
+            (
+                '        group["lr"] = factor * (cfg.muon_lr if group.get(optimizers.MUON_GROUP) else cfg.lr)\n',
+                '        group["lr"] = factor * cfg.lr\n',
+            )
+        ],
+        [T + "test_muon.py::test_each_group_follows_the_schedule_from_its_own_peak_lr"],
+    ),
     # ---- the six that once passed every test
-    Mutation("loss_not_divided_before_backward", "train_gpt2.py",
-             [("        precision.scaler.scale(loss).backward()",
-               "        precision.scaler.scale(loss * run.grad_accum_steps).backward()")],
-             [T + "test_step.py::test_accumulated_gradient_equals_the_big_batch_gradient"]),
-    Mutation("nan_check_after_step", "train_gpt2.py",
-             [("    check_finite(result, precision)\n    precision.scaler.step(optimizer)  # optimizer.step(), skipped by fp16 on overflow\n    precision.scaler.update()\n",
-               "    precision.scaler.step(optimizer)\n    precision.scaler.update()\n    check_finite(result, precision)\n")],
-             [T + "test_step.py::test_nan_leaves_weights_and_optimizer_state_untouched"]),
-    Mutation("stop_acted_on_4_steps_late", "train_gpt2.py",
-             [("                stopping = result.stop or (not dist_ctx.ddp and stop.requested)\n",
-               "                late = locals().get('late', 0) + bool(result.stop or (not dist_ctx.ddp and stop.requested))\n"
-               "                stopping = late > 4\n")],
-             [T + "test_train.py::test_a_signal_stops_at_the_next_step_boundary_with_a_checkpoint"]),
-    Mutation("benchmark_times_warmup", "train_gpt2.py",
-             [('timed = train(run, dist_ctx, stop)["metrics"][BENCHMARK_WARMUP_STEPS:]',
-               'timed = train(run, dist_ctx, stop)["metrics"][:cfg.benchmark]')],
-             [T + "test_train.py::test_benchmark_median_excludes_the_warmup_steps"]),
-    Mutation("shuffled_epoch_drops_a_shard", "train_gpt2.py",
-             [("order = [int(i) for i in rng.permutation(order)]",
-               "order = [int(i) for i in rng.permutation(order)][1:]")],
-             [T + "test_dataloader.py::test_shuffled_training_covers_every_shard_and_token_each_epoch_and_resumes_exactly"]),
-    Mutation("samples_draw_from_the_global_rng", "gpt2lib/sampling.py",
-             [("choice = torch.multinomial(F.softmax(values, dim=-1), 1, generator=rng)",
-               "choice = torch.multinomial(F.softmax(values, dim=-1), 1)")],
-             [T + "test_step.py::test_training_draws_nothing_from_the_global_rng"]),
+    Mutation(
+        "loss_not_divided_before_backward",
+        "train_gpt2.py",
+        [
+            (
+                "        precision.scaler.scale(loss).backward()  # the scale is 1 unless fp16\n",
+                "        precision.scaler.scale(loss * run.grad_accum_steps).backward()  # the scale is 1 unless fp16\n",
+            )
+        ],
+        [T + "test_step.py::test_accumulated_gradient_equals_the_big_batch_gradient"],
+    ),
+    Mutation(
+        "nan_check_after_step",
+        "train_gpt2.py",
+        [
+            (
+                "        run.dist_ctx.on_every_rank(lambda: raise_failure(failure))\n",
+                "        run.dist_ctx.on_every_rank(lambda: raise_failure(failure))\n    precision.scaler.step(optimizer)\n    precision.scaler.update()\n",
+            ),
+            (
+                "    precision.scaler.step(optimizer)  # optimizer.step(), skipped by fp16 on overflow\n    precision.scaler.update()\n",
+                "",
+            ),
+        ],
+        [T + "test_step.py::test_nan_leaves_weights_and_optimizer_state_untouched"],
+    ),
+    Mutation(
+        "stop_acted_on_4_steps_late",
+        "train_gpt2.py",
+        [
+            (
+                "                stopping = result.stop or (not dist_ctx.ddp and stop.requested)\n",
+                '                late = locals().get("late", 0) + bool(result.stop or (not dist_ctx.ddp and stop.requested))\n                stopping = late > 4\n',
+            )
+        ],
+        [T + "test_train.py::test_a_signal_stops_at_the_next_step_boundary_with_a_checkpoint"],
+    ),
+    Mutation(
+        "benchmark_times_warmup",
+        "train_gpt2.py",
+        [
+            (
+                '        timed = train(run, dist_ctx, stop)["metrics"][BENCHMARK_WARMUP_STEPS:]\n',
+                '        timed = train(run, dist_ctx, stop)["metrics"][: cfg.benchmark]\n',
+            )
+        ],
+        [T + "test_train.py::test_benchmark_median_excludes_the_warmup_steps"],
+    ),
+    Mutation(
+        "shuffled_epoch_drops_a_shard",
+        "train_gpt2.py",
+        [
+            (
+                "            order = [int(i) for i in rng.permutation(order)]\n",
+                "            order = [int(i) for i in rng.permutation(order)][1:]\n",
+            )
+        ],
+        [
+            T
+            + "test_dataloader.py::test_shuffled_training_covers_every_shard_and_token_each_epoch_and_resumes_exactly"
+        ],
+    ),
+    Mutation(
+        "samples_draw_from_the_global_rng",
+        "gpt2lib/sampling.py",
+        [
+            (
+                "        choice = torch.multinomial(F.softmax(values, dim=-1), 1, generator=rng)\n",
+                "        choice = torch.multinomial(F.softmax(values, dim=-1), 1)\n",
+            )
+        ],
+        [T + "test_step.py::test_training_draws_nothing_from_the_global_rng"],
+    ),
     # ---- the three caught from the start
-    Mutation("sync_flag_after_forward", "train_gpt2.py",
-             [("            model.require_backward_grad_sync = last_micro_step\n"
-               "        with precision.autocast():\n            _, loss = model(x, y, loss_impl=cfg.loss_impl)\n",
-               "            pass\n        with precision.autocast():\n            _, loss = model(x, y, loss_impl=cfg.loss_impl)\n"
-               "        if run.dist_ctx.ddp:\n            model.require_backward_grad_sync = last_micro_step\n")],
-             [T + "test_train.py::test_gradients_are_all_reduced_once_per_optimizer_step"]),
-    Mutation("conv1d_not_transposed_on_hf_import", "gpt2lib/hf.py",
-             [("        tensor = hf[key].t() if key.endswith(CONV1D_SUFFIXES) else hf[key]",
-               "        tensor = hf[key]")],
-             [T + "test_model.py::test_from_pretrained_matches_huggingface"]),
-    Mutation("harness_acc_norm_per_token", "gpt2lib/hellaswag_scoring.py",
-             [("    norm_lengths = [[len(choice) for choice in four] for four in choices]",
-               "    norm_lengths = [[len(end) for end in ends] for ends in endings]")],
-             [T + "test_hellaswag.py::test_harness_normalizes_by_characters_not_tokens"]),
+    Mutation(
+        "sync_flag_after_forward",
+        "train_gpt2.py",
+        [
+            ("            model.require_backward_grad_sync = last_micro_step\n", "            pass\n"),
+            (
+                "            _, loss = model(x, y, loss_impl=cfg.loss_impl)\n",
+                "            _, loss = model(x, y, loss_impl=cfg.loss_impl)\n        if run.dist_ctx.ddp:\n            model.require_backward_grad_sync = last_micro_step\n",
+            ),
+        ],
+        [T + "test_train.py::test_gradients_are_all_reduced_once_per_optimizer_step"],
+    ),
+    Mutation(
+        "conv1d_not_transposed_on_hf_import",
+        "gpt2lib/hf.py",
+        [
+            (
+                "        tensor = hf[key].t() if key.endswith(CONV1D_SUFFIXES) else hf[key]\n",
+                "        tensor = hf[key]\n",
+            )
+        ],
+        [T + "test_model.py::test_from_pretrained_matches_huggingface"],
+    ),
+    Mutation(
+        "harness_acc_norm_per_token",
+        "gpt2lib/hellaswag_scoring.py",
+        [
+            (
+                "    norm_lengths = [[len(choice) for choice in four] for four in choices]\n",
+                "    norm_lengths = [[len(end) for end in ends] for ends in endings]\n",
+            )
+        ],
+        [T + "test_hellaswag.py::test_harness_normalizes_by_characters_not_tokens"],
+    ),
     # ---- the training step and loop
-    Mutation("grad_clip_ignored", "train_gpt2.py",
-             [('grad_clip if grad_clip > 0 else float("inf")', 'float("inf")')],
-             [T + "test_step.py::test_grad_clip_bounds_the_gradient_the_optimizer_applies"]),
-    Mutation("lr_warmup_off_by_one", "train_gpt2.py",
-             [("        return cfg.lr * (step + 1) / cfg.warmup_steps", "        return cfg.lr * step / cfg.warmup_steps")],
-             [T + "test_train.py::test_lr_schedule"]),
-    Mutation("tokens_per_sec_counts_evals", "train_gpt2.py",
-             [("                last_step = step == cfg.max_steps\n",
-               "                last_step = step == cfg.max_steps\n"
-               "                loop_started = __import__('time').perf_counter()\n"),
-              ("step_metrics.append(log_step(run, step, result, timer.seconds))",
-               "step_metrics.append(log_step(run, step, result, __import__('time').perf_counter() - loop_started))")],
-             [T + "test_train.py::test_tokens_per_second_counts_the_training_step_alone"]),
+    Mutation(
+        "grad_clip_ignored",
+        "train_gpt2.py",
+        [
+            (
+                '    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))\n',
+                '    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))\n',
+            )
+        ],
+        [T + "test_step.py::test_grad_clip_bounds_the_gradient_the_optimizer_applies"],
+    ),
+    Mutation(
+        "lr_warmup_off_by_one",
+        "train_gpt2.py",
+        [
+            (
+                "        return cfg.lr * (step + 1) / cfg.warmup_steps\n",
+                "        return cfg.lr * step / cfg.warmup_steps\n",
+            )
+        ],
+        [T + "test_train.py::test_lr_schedule"],
+    ),
+    Mutation(
+        "tokens_per_sec_counts_evals",
+        "train_gpt2.py",
+        [
+            (
+                "                last_step = step == cfg.max_steps\n",
+                '                last_step = step == cfg.max_steps\n                loop_started = __import__("time").perf_counter()\n',
+            ),
+            (
+                "                step_metrics.append(log_step(run, step, result, timer.seconds))\n",
+                '                step_metrics.append(\n                    log_step(run, step, result, __import__("time").perf_counter() - loop_started)\n                )\n',
+            ),
+        ],
+        [T + "test_train.py::test_tokens_per_second_counts_the_training_step_alone"],
+    ),
     # ---- rank decisions
-    Mutation("val_loss_of_rank_0_only", "gpt2lib/evals.py",
-             [("    mean_loss, failed = dist_ctx.mean(torch.stack([loss_sum / val_steps,",
-               "    mean_loss, failed = (lambda t: t)(torch.stack([loss_sum / val_steps,")],
-             [T + "test_train.py::test_two_ranks_match_one_rank_with_more_accumulation"]),
-    Mutation("follower_ignores_rank_0_failure", "gpt2lib/distributed.py",
-             [("        if reason is not None:\n            raise FollowerStop(reason) if not self.master_process else UserError(reason)\n",
-               "        if reason is not None and self.master_process:\n            raise UserError(reason)\n")],
-             [T + "test_long_runs.py::test_a_setting_rank_0_refuses_stops_every_rank"]),
-    Mutation("checkpoint_write_failure_on_rank_0_alone", "gpt2lib/checkpoints.py",
-             [("    path = ctx.decide(lambda: write_checkpoint(",
-               "    path = (lambda fn: fn() if ctx.master_process else None)(lambda: write_checkpoint(")],
-             [T + "test_long_runs.py::test_a_checkpoint_rank_0_cannot_write_stops_every_rank"]),
-    Mutation("failed_set_aside_leaves_its_copies", "gpt2lib/previous_runs.py",
-             [("        undone = undo_set_aside(aside, copied, moved)\n", "        undone = True\n")],
-             [T + "test_integrity.py::test_a_set_aside_that_fails_puts_everything_back_and_is_one_line"]),
-    Mutation("attempt_question_reuses_an_earlier_answer", "gpt2lib/distributed.py",
-             [("    token = uuid.uuid4().hex\n", "    token = str(rank)\n")],
-             [T + "test_rank0_moves.py::test_each_attempt_gets_one_fresh_prefix_even_when_ranks_arrive_before_rank_0"]),
+    Mutation(
+        "val_loss_of_rank_0_only",
+        "gpt2lib/evals.py",
+        [("    mean_loss, failed = dist_ctx.mean(\n", "    mean_loss, failed = (lambda t: t)(\n")],
+        [T + "test_train.py::test_two_ranks_match_one_rank_with_more_accumulation"],
+    ),
+    Mutation(
+        "follower_ignores_rank_0_failure",
+        "gpt2lib/distributed.py",
+        [
+            (
+                "        if reason is not None:\n            raise FollowerStop(reason) if not self.master_process else UserError(reason)\n",
+                "        if reason is not None and self.master_process:\n            raise UserError(reason)\n",
+            )
+        ],
+        [T + "test_long_runs.py::test_a_setting_rank_0_refuses_stops_every_rank"],
+    ),
+    Mutation(
+        "checkpoint_write_failure_on_rank_0_alone",
+        "gpt2lib/checkpoints.py",
+        [("    path = ctx.decide(\n", "    path = (lambda fn: fn() if ctx.master_process else None)(\n")],
+        [T + "test_long_runs.py::test_a_checkpoint_rank_0_cannot_write_stops_every_rank"],
+    ),
+    Mutation(
+        "failed_set_aside_leaves_its_copies",
+        "gpt2lib/previous_runs.py",
+        [("        undone = undo_set_aside(aside, copied, moved)\n", "        undone = True\n")],
+        [T + "test_integrity.py::test_a_set_aside_that_fails_puts_everything_back_and_is_one_line"],
+    ),
+    Mutation(
+        "attempt_question_reuses_an_earlier_answer",
+        "gpt2lib/distributed.py",
+        [("    token = uuid.uuid4().hex\n", "    token = str(rank)\n")],
+        [
+            T
+            + "test_rank0_moves.py::test_each_attempt_gets_one_fresh_prefix_even_when_ranks_arrive_before_rank_0"
+        ],
+    ),
     # ---- data
-    Mutation("loader_window_overlaps_the_next_rank", "train_gpt2.py",
-             [("self._stream_offset(self.position + self.process_rank * B * T), B * T + 1)",
-               "self._stream_offset(self.position + self.process_rank * (B * T - 1)), B * T + 1)")],
-             [T + "test_dataloader.py::test_ranks_cover_the_stream_once_without_overlap"]),
-    Mutation("shard_end_token_dropped", "train_gpt2.py",
-             [("            count = min(length - filled, self.shard_lengths[shard_index] - offset)",
-               "            count = min(length - filled, self.shard_lengths[shard_index] - 1 - offset)")],
-             [T + "test_dataloader.py::test_ranks_cover_the_stream_once_without_overlap"]),
-    Mutation("document_without_eot", "fineweb.py",
-             [("        parts.append(eot)\n", "")],
-             [T + "test_fineweb.py::test_tokenize_matches_encode_ordinary"]),
-    Mutation("fineweb_resume_point_one_token_off", "fineweb.py",
-             [("                flush(fill, first_doc, offset)", "                flush(fill, first_doc, offset + 1)")],
-             [T + "test_fineweb.py::test_two_worker_run_killed_mid_run_resumes_byte_identically"]),
-    Mutation("fineweb_vocabulary_check_dropped", "fineweb.py",
-             [("    if tokens.max() >= GPT2_VOCAB_SIZE:", "    if False:")],
-             [T + "test_fineweb.py::test_token_ids_beyond_gpt2_vocabulary_are_refused_before_writing"]),
+    Mutation(
+        "loader_window_overlaps_the_next_rank",
+        "train_gpt2.py",
+        [
+            (
+                "            self._read(self._stream_offset(self.position + self.process_rank * B * T), B * T + 1)\n",
+                "            self._read(self._stream_offset(self.position + self.process_rank * (B * T - 1)), B * T + 1)\n",
+            )
+        ],
+        [T + "test_dataloader.py::test_ranks_cover_the_stream_once_without_overlap"],
+    ),
+    Mutation(
+        "shard_end_token_dropped",
+        "train_gpt2.py",
+        [
+            (
+                "            count = min(length - filled, self.shard_lengths[shard_index] - offset)\n",
+                "            count = min(length - filled, self.shard_lengths[shard_index] - 1 - offset)\n",
+            )
+        ],
+        [T + "test_dataloader.py::test_ranks_cover_the_stream_once_without_overlap"],
+    ),
+    Mutation(
+        "document_without_eot",
+        "fineweb.py",
+        [("        parts.append(eot)\n", "")],
+        [T + "test_fineweb.py::test_tokenize_matches_encode_ordinary"],
+    ),
+    Mutation(
+        "fineweb_resume_point_one_token_off",
+        "fineweb.py",
+        [
+            (
+                "                flush(fill, first_doc, offset)\n",
+                "                flush(fill, first_doc, offset + 1)\n",
+            )
+        ],
+        [T + "test_fineweb.py::test_two_worker_run_killed_mid_run_resumes_byte_identically"],
+    ),
+    Mutation(
+        "fineweb_vocabulary_check_dropped",
+        "fineweb.py",
+        [
+            (
+                "    if tokens.max() >= GPT2_VOCAB_SIZE:  # uint16 holds < 65536 but only 0..50256 are GPT-2 tokens\n",
+                "    if False:  # uint16 holds < 65536 but only 0..50256 are GPT-2 tokens\n",
+            )
+        ],
+        [T + "test_fineweb.py::test_token_ids_beyond_gpt2_vocabulary_are_refused_before_writing"],
+    ),
     # ---- checkpoints
-    Mutation("optimizer_state_not_restored", "gpt2lib/resume.py",
-             [('            optimizer.load_state_dict(checkpoint["optimizer"])\n', "            pass\n")],
-             [T + "test_train.py::test_resume_is_bitwise_identical_single_process"]),
-    Mutation("data_position_not_restored", "gpt2lib/resume.py",
-             [('    train_loader.load_state_dict(checkpoint["loader"][dist_ctx.rank if same_world else 0])\n', "")],
-             [T + "test_train.py::test_resume_is_bitwise_identical_single_process"]),
-    Mutation("resume_picks_the_oldest_checkpoint", "gpt2lib/checkpoints.py",
-             [("for _, name in sorted(found, reverse=True)]", "for _, name in sorted(found)]")],
-             [T + "test_train.py::test_corrupt_newest_checkpoint_falls_back_to_previous"]),
-    Mutation("keep_last_keeps_one_too_few", "gpt2lib/checkpoints.py",
-             [("list_checkpoints(cfg.log_dir)[cfg.keep_last:]", "list_checkpoints(cfg.log_dir)[cfg.keep_last - 1:]")],
-             [T + "test_train.py::test_checkpoint_format_and_keep_last"]),
+    Mutation(
+        "optimizer_state_not_restored",
+        "gpt2lib/resume.py",
+        [('            optimizer.load_state_dict(checkpoint["optimizer"])\n', "            pass\n")],
+        [T + "test_train.py::test_resume_is_bitwise_identical_single_process"],
+    ),
+    Mutation(
+        "data_position_not_restored",
+        "gpt2lib/resume.py",
+        [
+            (
+                '    train_loader.load_state_dict(checkpoint["loader"][dist_ctx.rank if same_world else 0])\n',
+                "",
+            )
+        ],
+        [T + "test_train.py::test_resume_is_bitwise_identical_single_process"],
+    ),
+    Mutation(
+        "resume_picks_the_oldest_checkpoint",
+        "gpt2lib/checkpoints.py",
+        [
+            (
+                "    return [os.path.join(log_dir, name) for _, name in sorted(found, reverse=True)]\n",
+                "    return [os.path.join(log_dir, name) for _, name in sorted(found)]\n",
+            )
+        ],
+        [T + "test_train.py::test_corrupt_newest_checkpoint_falls_back_to_previous"],
+    ),
+    Mutation(
+        "keep_last_keeps_one_too_few",
+        "gpt2lib/checkpoints.py",
+        [
+            (
+                "    for old in list_checkpoints(cfg.log_dir)[cfg.keep_last :]:\n",
+                "    for old in list_checkpoints(cfg.log_dir)[cfg.keep_last - 1 :]:\n",
+            )
+        ],
+        [T + "test_train.py::test_checkpoint_format_and_keep_last"],
+    ),
     # ---- HF interchange
-    Mutation("export_keeps_the_vocabulary_padding", "gpt2lib/hf.py",
-             [("            tensor = tensor[:vocab]\n", "            tensor = tensor\n")],
-             [T + "test_model.py::test_padded_vocab_parity_and_export"]),
+    Mutation(
+        "export_keeps_the_vocabulary_padding",
+        "gpt2lib/hf.py",
+        [("            tensor = tensor[:vocab]\n", "            tensor = tensor\n")],
+        [T + "test_model.py::test_padded_vocab_parity_and_export"],
+    ),
     # ---- HellaSwag
-    Mutation("completion_acc_norm_per_character", "gpt2lib/hellaswag_scoring.py",
-             [('    return TokenizedExamples(ctx, endings, [int(ex["label"]) for ex in examples],\n'
-               '                             sources=[ex.get("_where") for ex in examples])\n',
-               '    return TokenizedExamples(ctx, endings, [int(ex["label"]) for ex in examples],\n'
-               '                             [[len(e) for e in ex["endings"]] for ex in examples],\n'
-               '                             sources=[ex.get("_where") for ex in examples])\n')],
-             [T + "test_hellaswag.py::test_acc_and_acc_norm_pick_different_endings"]),
-    Mutation("completion_ending_without_leading_space", "gpt2lib/hellaswag_scoring.py",
-             [('flat = enc.encode_ordinary_batch([" " + ending for ex in examples for ending in ex["endings"]])',
-               'flat = enc.encode_ordinary_batch([ending for ex in examples for ending in ex["endings"]])')],
-             [T + "test_hellaswag.py::test_acc_and_acc_norm_pick_different_endings"]),
+    Mutation(
+        "completion_acc_norm_per_character",
+        "gpt2lib/hellaswag_scoring.py",
+        [
+            (
+                '        ctx, endings, [int(ex["label"]) for ex in examples], sources=[ex.get("_where") for ex in examples]\n',
+                '        ctx,\n        endings,\n        [int(ex["label"]) for ex in examples],\n        [[len(e) for e in ex["endings"]] for ex in examples],\n        sources=[ex.get("_where") for ex in examples],\n',
+            )
+        ],
+        [T + "test_hellaswag.py::test_acc_and_acc_norm_pick_different_endings"],
+    ),
+    Mutation(
+        "completion_ending_without_leading_space",
+        "gpt2lib/hellaswag_scoring.py",
+        [
+            (
+                '    flat = enc.encode_ordinary_batch([" " + ending for ex in examples for ending in ex["endings"]])\n',
+                '    flat = enc.encode_ordinary_batch([ending for ex in examples for ending in ex["endings"]])\n',
+            )
+        ],
+        [T + "test_hellaswag.py::test_acc_and_acc_norm_pick_different_endings"],
+    ),
     # ---- layout
-    Mutation("package_receives_a_script_function", "train_gpt2.py",
-             [("    holder = resume.find_holder(local_checkpoint(cfg, dist_ctx), cfg.resume, dist_ctx)\n",
-               "    holder = resume.find_holder(local_checkpoint(cfg, dist_ctx), cfg.resume, dist_ctx)\n"
-               "    resume.looks_here(checkpoint_layout, dist_ctx)\n")],
-             [T + "test_layout.py::test_the_script_hands_the_package_no_function_or_class_of_its_own"]),
+    Mutation(
+        "package_receives_a_script_function",
+        "train_gpt2.py",
+        [
+            (
+                "    holder = resume.find_holder(local_checkpoint(cfg, dist_ctx), cfg.resume, dist_ctx)\n",
+                "    holder = resume.find_holder(local_checkpoint(cfg, dist_ctx), cfg.resume, dist_ctx)\n    resume.looks_here(checkpoint_layout, dist_ctx)\n",
+            )
+        ],
+        [T + "test_layout.py::test_the_script_hands_the_package_no_function_or_class_of_its_own"],
+    ),
     # ---- precision
-    Mutation("compiled_run_drops_bf16_autocast", "train_gpt2.py",
-             [("        with precision.autocast():\n            _, loss = model(x, y, loss_impl=cfg.loss_impl)\n",
-               "        with (contextlib.nullcontext() if cfg.compile else precision.autocast()):\n"
-               "            _, loss = model(x, y, loss_impl=cfg.loss_impl)\n")],
-             [T + "test_long_runs.py::test_compiled_bf16_autocast_training_tracks_eager"]),
+    Mutation(
+        "compiled_run_drops_bf16_autocast",
+        "train_gpt2.py",
+        [
+            (
+                "        with precision.autocast():\n",
+                "        with contextlib.nullcontext() if cfg.compile else precision.autocast():\n",
+            )
+        ],
+        [T + "test_long_runs.py::test_compiled_bf16_autocast_training_tracks_eager"],
+    ),
     # ---- issue 23: the mistakes the suite missed or caught only by accident, and its quiet failures
-    Mutation("lr_first_group_only", "train_gpt2.py",
-             [("    for group in optimizer.param_groups:\n        group[\"lr\"] = factor * (",
-               "    for group in optimizer.param_groups[:1]:\n        group[\"lr\"] = factor * (")],
-             [T + "test_gaps.py::test_every_param_group_of_every_optimizer_follows_the_lr_schedule"]),
-    Mutation("adamw_betas_dropped", "train_gpt2.py",
-             [("lr=lr, betas=(0.9, 0.95), eps=1e-8,", "lr=lr, eps=1e-8,")],
-             [T + "test_gaps.py::test_adamw_has_gpt3s_betas_and_eps_and_decays_matrices_only"]),
-    Mutation("vocab_boundary_off_by_one", "train_gpt2.py",
-             [("            if top >= self.vocab_size:", "            if top > self.vocab_size:")],
-             [T + "test_gaps.py::test_a_shard_holding_the_vocabulary_size_as_an_id_is_refused"]),
-    Mutation("shared_lock", "gpt2lib/rundir.py",
-             [("fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)", "fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)")],
-             [T + "test_gaps.py::test_a_second_process_is_refused_the_directory_lock_at_once"]),
-    Mutation("resume_keeps_resume_step_lines", "gpt2lib/runlog.py",
-             [("                        elif step < resume_step:", "                        elif step <= resume_step:")],
-             [T + "test_gaps.py::test_a_resumed_run_logs_each_step_once_line_by_line_like_an_uninterrupted_one"]),
-    Mutation("checksum_not_compared", "gpt2lib/checkpoints.py",
-             [("stored.get(CHECKSUM_ALGORITHM) != checksum(checkpoint):", "checksum(checkpoint) is None:")],
-             [T + "test_gaps.py::test_a_checkpoint_changed_in_a_way_that_keeps_it_finite_is_refused_by_its_checksum"]),
-    Mutation("float_flags_accept_nan", "train_gpt2.py",
-             [("f.type is float and not math.isfinite(getattr(cfg, f.name))}", "f.type is float and False}")],
-             [T + "test_gaps.py::test_every_float_flag_refuses_nan_and_inf_in_one_message"]),
-    Mutation("tensorboard_thread_traceback_printed", "gpt2lib/tracking.py",
-             [("        quiet_tensorboard_writer_threads()\n", "")],
-             [T + "test_gaps.py::test_tensorboard_on_a_full_disk_is_one_line_without_the_writer_threads_traceback"]),
-    Mutation("ctrl_c_during_imports_traceback", "train_gpt2.py",
-             [("    signal.signal(signal.SIGINT, lambda signum, frame: os._exit(128 + signum))\n", "    pass\n")],
-             [T + "test_gaps.py::test_ctrl_c_while_train_gpt2_imports_exits_quietly_with_130"]),
-    Mutation("changed_shards_resumed_silently", "train_gpt2.py",
-             [("                   if digest != file.digest()]", "                   if False]")],
-             [T + "test_gaps.py::test_a_resume_on_shards_changed_since_the_checkpoint_says_so_in_one_line"]),
+    Mutation(
+        "lr_first_group_only",
+        "train_gpt2.py",
+        [("    for group in optimizer.param_groups:\n", "    for group in optimizer.param_groups[:1]:\n")],
+        [T + "test_gaps.py::test_every_param_group_of_every_optimizer_follows_the_lr_schedule"],
+    ),
+    Mutation(
+        "adamw_betas_dropped",
+        "train_gpt2.py",
+        [
+            (
+                '    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=device_type == "cuda")\n',
+                '    return torch.optim.AdamW(groups, lr=lr, eps=1e-8, fused=device_type == "cuda")\n',
+            )
+        ],
+        [T + "test_gaps.py::test_adamw_has_gpt3s_betas_and_eps_and_decays_matrices_only"],
+    ),
+    Mutation(
+        "vocab_boundary_off_by_one",
+        "train_gpt2.py",
+        [("            if top >= self.vocab_size:\n", "            if top > self.vocab_size:\n")],
+        [T + "test_gaps.py::test_a_shard_holding_the_vocabulary_size_as_an_id_is_refused"],
+    ),
+    Mutation(
+        "shared_lock",
+        "gpt2lib/rundir.py",
+        [
+            (
+                "            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n",
+                "            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)\n",
+            )
+        ],
+        [T + "test_gaps.py::test_a_second_process_is_refused_the_directory_lock_at_once"],
+    ),
+    Mutation(
+        "resume_keeps_resume_step_lines",
+        "gpt2lib/runlog.py",
+        [
+            (
+                "                        elif step < resume_step:\n",
+                "                        elif step <= resume_step:\n",
+            )
+        ],
+        [T + "test_gaps.py::test_a_resumed_run_logs_each_step_once_line_by_line_like_an_uninterrupted_one"],
+    ),
+    Mutation(
+        "checksum_not_compared",
+        "gpt2lib/checkpoints.py",
+        [
+            (
+                "    elif not isinstance(stored, dict) or stored.get(CHECKSUM_ALGORITHM) != checksum(checkpoint):\n",
+                "    elif not isinstance(stored, dict) or checksum(checkpoint) is None:\n",
+            )
+        ],
+        [
+            T
+            + "test_gaps.py::test_a_checkpoint_changed_in_a_way_that_keeps_it_finite_is_refused_by_its_checksum"
+        ],
+    ),
+    Mutation(
+        "float_flags_accept_nan",
+        "train_gpt2.py",
+        [
+            (
+                "    not_finite = {f.name for f in fields(cfg) if f.type is float and not math.isfinite(getattr(cfg, f.name))}\n",
+                "    not_finite = {f.name for f in fields(cfg) if f.type is float and False}\n",
+            )
+        ],
+        [T + "test_gaps.py::test_every_float_flag_refuses_nan_and_inf_in_one_message"],
+    ),
+    Mutation(
+        "tensorboard_thread_traceback_printed",
+        "gpt2lib/tracking.py",
+        [("        quiet_tensorboard_writer_threads()\n", "")],
+        [
+            T
+            + "test_gaps.py::test_tensorboard_on_a_full_disk_is_one_line_without_the_writer_threads_traceback"
+        ],
+    ),
+    Mutation(
+        "ctrl_c_during_imports_traceback",
+        "train_gpt2.py",
+        [("    signal.signal(signal.SIGINT, lambda signum, frame: os._exit(128 + signum))\n", "    pass\n")],
+        [T + "test_gaps.py::test_ctrl_c_while_train_gpt2_imports_exits_quietly_with_130"],
+    ),
+    Mutation(
+        "changed_shards_resumed_silently",
+        "train_gpt2.py",
+        [("            if digest != file.digest()\n", "            if False\n")],
+        [T + "test_gaps.py::test_a_resume_on_shards_changed_since_the_checkpoint_says_so_in_one_line"],
+    ),
     # ---- read-only modes and exports
-    Mutation("export_digest", "gpt2lib/hf.py",
-             [("unchanged = os.path.isfile(path) and digests.get(name) == file_sha256(path)",
-               "unchanged = os.path.isfile(path)")],
-             [T + "test_readonly.py::test_reexport_over_an_edited_export_stops_naming_the_file"]),
-    Mutation("eval_only_read_only", "train_gpt2.py",
-             [("    if cfg.eval_only and dist_ctx.decide(lambda: rundir.holds_files(cfg.log_dir)):",
-               "    if cfg.eval_only and dist_ctx.decide(lambda: not os.path.isdir(cfg.log_dir)):")],
-             [T + "test_readonly.py::test_eval_only_in_a_run_log_dir_changes_nothing_and_prints_its_results"]),
+    Mutation(
+        "export_digest",
+        "gpt2lib/hf.py",
+        [
+            (
+                "            unchanged = os.path.isfile(path) and digests.get(name) == file_sha256(path)\n",
+                "            unchanged = os.path.isfile(path)\n",
+            )
+        ],
+        [T + "test_readonly.py::test_reexport_over_an_edited_export_stops_naming_the_file"],
+    ),
+    Mutation(
+        "eval_only_read_only",
+        "train_gpt2.py",
+        [
+            (
+                "    if cfg.eval_only and dist_ctx.decide(lambda: rundir.holds_files(cfg.log_dir)):\n",
+                "    if cfg.eval_only and dist_ctx.decide(lambda: not os.path.isdir(cfg.log_dir)):\n",
+            )
+        ],
+        [T + "test_readonly.py::test_eval_only_in_a_run_log_dir_changes_nothing_and_prints_its_results"],
+    ),
     # ---- sharded checkpoints
-    Mutation("shard_digest_check", "gpt2lib/checkpoints.py",
-             [("        if digest != recorded.get(CHECKSUM_ALGORITHM):\n",
-               "        if digest is None:\n")],
-             [T + "test_sharded_integrity.py::test_damaged_sharded_checkpoint_is_refused_by_every_reader[flipped-distcp]"]),
-    Mutation("sharded_fallback", "gpt2lib/checkpoints.py",
-             [("    shapes = check_shard_files(path, digests)\n",
-               "    shapes = check_shard_files(path, digests) if weights else read_shard_metadata(path)[1]\n")],
-             [T + "test_sharded_integrity.py::test_damaged_sharded_checkpoint_is_refused_by_every_reader[missing-distcp]"]),
-    Mutation("async_counts", "gpt2lib/checkpoints.py",
-             [("            counts, file_digests))", "            dict(run.counts), file_digests))")],
-             [T + "test_sharded_integrity.py::test_async_checkpoint_holds_its_steps_state_field_by_field"]),
+    Mutation(
+        "shard_digest_check",
+        "gpt2lib/checkpoints.py",
+        [("        if digest != recorded.get(CHECKSUM_ALGORITHM):\n", "        if digest is None:\n")],
+        [
+            T
+            + "test_sharded_integrity.py::test_damaged_sharded_checkpoint_is_refused_by_every_reader[flipped-distcp]"
+        ],
+    ),
+    Mutation(
+        "sharded_fallback",
+        "gpt2lib/checkpoints.py",
+        [
+            (
+                "    shapes = check_shard_files(path, digests)\n",
+                "    shapes = check_shard_files(path, digests) if weights else read_shard_metadata(path)[1]\n",
+            )
+        ],
+        [
+            T
+            + "test_sharded_integrity.py::test_damaged_sharded_checkpoint_is_refused_by_every_reader[missing-distcp]"
+        ],
+    ),
+    Mutation(
+        "async_counts",
+        "gpt2lib/checkpoints.py",
+        [("                counts,\n", "                dict(run.counts),\n")],
+        [T + "test_sharded_integrity.py::test_async_checkpoint_holds_its_steps_state_field_by_field"],
+    ),
     # ---- liveness: the lock, the watchdog, a quick stop
-    Mutation("lock_identity", "gpt2lib/rundir.py",
-             [("            self.dir_locked = self._flock(self.dir_fd, directory=True)\n",
-               "            self.dir_locked = False\n"),
-              ("    lock = _HELD.get(os.path.abspath(directory))\n", "    lock = None\n")],
-             [T + "test_liveness.py::test_a_lock_file_deleted_or_replaced_under_a_live_run_lets_no_second_run_in",
-              T + "test_liveness.py::test_a_log_dir_moved_or_deleted_under_a_live_run_stops_it_with_one_line"]),
-    Mutation("eval_stop", "gpt2lib/evals.py",
-             [("    if not dist_ctx.ddp:\n        return stop.requested\n", "    if not dist_ctx.ddp:\n        return False\n")],
-             [T + "test_liveness.py::test_a_signal_during_the_val_eval_ends_it_at_the_next_batch_and_the_resume_redoes_it"]),
-    Mutation("watchdog", "gpt2lib/distributed.py",
-             [("            if since is not None and now - since >= self.timeout_s and not self.stopped.is_set():\n",
-               "            if False:\n")],
-             [T + "test_liveness.py::test_a_stopped_rank_is_named_by_the_other_within_the_collective_timeout"]),
+    Mutation(
+        "lock_identity",
+        "gpt2lib/rundir.py",
+        [
+            (
+                "            self.dir_locked = self._flock(self.dir_fd, directory=True)\n",
+                "            self.dir_locked = False\n",
+            ),
+            ("    lock = _HELD.get(os.path.abspath(directory))\n", "    lock = None\n"),
+        ],
+        [
+            T
+            + "test_liveness.py::test_a_lock_file_deleted_or_replaced_under_a_live_run_lets_no_second_run_in",
+            T + "test_liveness.py::test_a_log_dir_moved_or_deleted_under_a_live_run_stops_it_with_one_line",
+        ],
+    ),
+    Mutation(
+        "eval_stop",
+        "gpt2lib/evals.py",
+        [("        return stop.requested\n", "        return False\n")],
+        [
+            T
+            + "test_liveness.py::test_a_signal_during_the_val_eval_ends_it_at_the_next_batch_and_the_resume_redoes_it"
+        ],
+    ),
+    Mutation(
+        "watchdog",
+        "gpt2lib/distributed.py",
+        [
+            (
+                "            if since is not None and now - since >= self.timeout_s and not self.stopped.is_set():\n",
+                "            if False:\n",
+            )
+        ],
+        [T + "test_liveness.py::test_a_stopped_rank_is_named_by_the_other_within_the_collective_timeout"],
+    ),
 ]
 
 
 def scratch_copy(target):
     """The repository's files as git lists them (tracked and untracked, not ignored) under target."""
-    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO,
-                            capture_output=True, check=True).stdout.decode().split("\0")
+    listed = (
+        subprocess.run(
+            ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+            cwd=REPO,
+            capture_output=True,
+            check=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for rel in filter(None, listed):
         source = os.path.join(REPO, rel)
         if os.path.isfile(source):
@@ -279,7 +620,9 @@ def check_fits(mutations):
             text = f.read()
         for original, _ in m.edits:
             if text.count(original) != 1:
-                problems.append(f"{m.name}: {m.path} holds its original text {text.count(original)} times, not once")
+                problems.append(
+                    f"{m.name}: {m.path} holds its original text {text.count(original)} times, not once"
+                )
         try:
             compile(mutated_text(text, m), m.path, "exec")
         except SyntaxError as e:
@@ -294,8 +637,25 @@ def run_tests(copy, node_ids):
     env = {**os.environ, "PYTHONPATH": copy, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
     started = time.time()
     try:
-        result = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:warnings", "-p", "no:cacheprovider",
-                                 *node_ids], cwd=copy, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                "-x",
+                "-q",
+                "-p",
+                "no:warnings",
+                "-p",
+                "no:cacheprovider",
+                *node_ids,
+            ],
+            cwd=copy,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT_S,
+        )
         outcome = {0: "passed", 1: "failed"}.get(result.returncode, "broken")
         output = result.stdout + result.stderr
     except subprocess.TimeoutExpired:
@@ -307,7 +667,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", nargs="+", metavar="NAME", help="these mistakes only")
     parser.add_argument("--list", action="store_true", help="list the mistakes and their tests, then exit")
-    parser.add_argument("--no-baseline", action="store_true", help="skip the run of the tests on the unchanged copy")
+    parser.add_argument(
+        "--no-baseline", action="store_true", help="skip the run of the tests on the unchanged copy"
+    )
     args = parser.parse_args(argv)
     chosen = [m for m in MUTATIONS if not args.only or m.name in args.only]
     unknown = set(args.only or ()) - {m.name for m in MUTATIONS}
@@ -328,7 +690,9 @@ def main(argv=None):
             node_ids = list(dict.fromkeys(t for m in chosen for t in m.tests))
             outcome, seconds, output = run_tests(copy, node_ids)
             if outcome != "passed":
-                print(f"error: the tests fail without any mistake ({seconds:.0f} s):\n{output}", file=sys.stderr)
+                print(
+                    f"error: the tests fail without any mistake ({seconds:.0f} s):\n{output}", file=sys.stderr
+                )
                 return 2
             print(f"baseline: {len(node_ids)} tests pass on the unchanged code ({seconds:.0f} s)", flush=True)
         missed = []

@@ -33,7 +33,11 @@ VOCAB = 50257
 PATCHES = [
     ("step count", "max_steps = 19073 ", "max_steps = {steps} "),
     ("torch.compile on", "use_compile = False ", "use_compile = True "),
-    ("val-loss eval off", "    if step % 250 == 0 or last_step:\n", "    if False:  # val-loss eval off for timing\n"),
+    (
+        "val-loss eval off",
+        "    if step % 250 == 0 or last_step:\n",
+        "    if False:  # val-loss eval off for timing\n",
+    ),
 ]
 
 
@@ -45,8 +49,10 @@ def patched_source(source, steps):
     for what, original, replacement in PATCHES:
         count = source.count(original)
         if count != 1:
-            raise PatchError(f"build-nanogpt's train_gpt2.py has {count} copies of {original.strip()!r} "
-                             f"({what}), expected 1: its code changed, update PATCHES")
+            raise PatchError(
+                f"build-nanogpt's train_gpt2.py has {count} copies of {original.strip()!r} "
+                f"({what}), expected 1: its code changed, update PATCHES"
+            )
         source = source.replace(original, replacement.format(steps=steps))
     return source
 
@@ -58,15 +64,20 @@ def write_random_shards(run_dir, steps, seed=0):
     os.makedirs(data_dir, exist_ok=True)
     rng = np.random.default_rng(seed)
     for split, n in (("train", (steps + 2) * TOKENS_PER_STEP), ("val", TOKENS_PER_STEP + 1)):
-        np.save(os.path.join(data_dir, f"edufineweb_{split}_000000.npy"), rng.integers(0, VOCAB, n, dtype=np.uint16))
+        np.save(
+            os.path.join(data_dir, f"edufineweb_{split}_000000.npy"),
+            rng.integers(0, VOCAB, n, dtype=np.uint16),
+        )
 
 
 def prepare(run_dir, steps):
     """The patched script and its hellaswag.py (imported at its top) in run_dir; returns the script path."""
     for name in ("train_gpt2.py", "hellaswag.py"):
         if not os.path.isfile(os.path.join(ANCHOR_DIR, name)):
-            raise PatchError(f"{os.path.join(ANCHOR_DIR, name)} is missing: run tools/prepare_anchors.sh first "
-                             "(and name .anchors in the device call's carry)")
+            raise PatchError(
+                f"{os.path.join(ANCHOR_DIR, name)} is missing: run tools/prepare_anchors.sh first "
+                "(and name .anchors in the device call's carry)"
+            )
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(ANCHOR_DIR, "train_gpt2.py")) as f:
         source = patched_source(f.read(), steps)
@@ -93,8 +104,12 @@ def run(script):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=8, help="its max_steps: 3 warm-up steps + the timed ones")
-    parser.add_argument("--run-dir", required=True, help="scratch directory for the patched script and tokens")
+    parser.add_argument(
+        "--steps", type=int, default=8, help="its max_steps: 3 warm-up steps + the timed ones"
+    )
+    parser.add_argument(
+        "--run-dir", required=True, help="scratch directory for the patched script and tokens"
+    )
     parser.add_argument("--dry", action="store_true", help="patch and byte-compile, do not run")
     args = parser.parse_args(argv)
     try:

@@ -37,8 +37,22 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fineweb  # noqa: E402
 from train_gpt2 import DistContext, TrainConfig, train  # noqa: E402
 
-SKIPPED_NAMES = ("license", "licence", "copying", "notice", "authors", "entry_points", "top_level", "record",
-                 "requires", "sources", "dependency_links", "not-zip-safe", "installer", "wheel")
+SKIPPED_NAMES = (
+    "license",
+    "licence",
+    "copying",
+    "notice",
+    "authors",
+    "entry_points",
+    "top_level",
+    "record",
+    "requires",
+    "sources",
+    "dependency_links",
+    "not-zip-safe",
+    "installer",
+    "wheel",
+)
 MAX_DOC_CHARS = 40_000  # one long file must not make up much of the corpus
 MAX_SOURCE_CHARS = 1_000_000  # nor one package (awscli alone ships 6M characters of near-identical examples)
 
@@ -46,8 +60,11 @@ MAX_SOURCE_CHARS = 1_000_000  # nor one package (awscli alone ships 6M character
 def is_prose(text):
     """Mostly letters and spaces: documentation, not a data table or a word list."""
     sample = text[:5000]
-    return len(sample) > 500 and sum(c.isalpha() or c == " " for c in sample) > 0.75 * len(sample) \
+    return (
+        len(sample) > 500
+        and sum(c.isalpha() or c == " " for c in sample) > 0.75 * len(sample)
         and sample.count(" ") > 0.1 * len(sample)
+    )
 
 
 def read_document(path):
@@ -57,8 +74,11 @@ def read_document(path):
             text = f.read()
         if path.endswith(".py"):
             tree = ast.parse(text)
-            nodes = [tree] + [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef,
-                                                                          ast.AsyncFunctionDef))]
+            nodes = [tree] + [
+                n
+                for n in ast.walk(tree)
+                if isinstance(n, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef))
+            ]
             text = "\n\n".join(doc for doc in (ast.get_docstring(n) for n in nodes) if doc)
     except (OSError, SyntaxError, UnicodeDecodeError, ValueError, RecursionError):
         return None
@@ -71,8 +91,11 @@ def source_files(rng):
     and the standard library."""
     sources = {}
     stdlib = sysconfig.get_paths()["stdlib"]
-    sources["stdlib"] = [p for p in glob.glob(os.path.join(stdlib, "**", "*.py"), recursive=True)
-                         if "site-packages" not in p and f"{os.sep}test" not in p]
+    sources["stdlib"] = [
+        p
+        for p in glob.glob(os.path.join(stdlib, "**", "*.py"), recursive=True)
+        if "site-packages" not in p and f"{os.sep}test" not in p
+    ]
     for root in sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}):
         for path in glob.glob(os.path.join(root, "**", "*.*"), recursive=True):
             name = os.path.basename(path).lower()
@@ -112,9 +135,23 @@ def prepare_corpus(data_dir, shard_size, seed):
     jsonl = os.path.join(data_dir, "corpus.jsonl")
     with open(jsonl, "w") as f:
         f.writelines(json.dumps({"text": doc}) + "\n" for doc in docs)
-    print(f"corpus: {len(docs)} documents, {sum(map(len, docs)) / 1e6:.1f}M characters, shuffled (seed {seed})")
-    fineweb.main(["--input", jsonl, "--out", data_dir, "--prefix", "corpus", "--shard-size", str(shard_size),
-                  "--workers", "1"])
+    print(
+        f"corpus: {len(docs)} documents, {sum(map(len, docs)) / 1e6:.1f}M characters, shuffled (seed {seed})"
+    )
+    fineweb.main(
+        [
+            "--input",
+            jsonl,
+            "--out",
+            data_dir,
+            "--prefix",
+            "corpus",
+            "--shard-size",
+            str(shard_size),
+            "--workers",
+            "1",
+        ]
+    )
 
 
 def val_curve(log_dir):
@@ -133,8 +170,14 @@ def run_one(base, optimizer, lr, muon_lr=None, threads=1):
         result = train(cfg, DistContext(device=torch.device(base.device)))
         curve = val_curve(tmp)
     seconds = sorted(m["dt_ms"] / 1000 for m in result["metrics"])
-    return {"optimizer": optimizer, "lr": lr, "muon_lr": muon_lr, "curve": curve,
-            "final": curve[-1][1], "s_per_step": seconds[len(seconds) // 2]}
+    return {
+        "optimizer": optimizer,
+        "lr": lr,
+        "muon_lr": muon_lr,
+        "curve": curve,
+        "final": curve[-1][1],
+        "s_per_step": seconds[len(seconds) // 2],
+    }
 
 
 def tokens_to_reach(curve, target, tokens_per_step):
@@ -148,8 +191,11 @@ def tokens_to_reach(curve, target, tokens_per_step):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data-dir", default="data/optimizer_benchmark",
-                   help="shards; built here from the offline corpus when it has none")
+    p.add_argument(
+        "--data-dir",
+        default="data/optimizer_benchmark",
+        help="shards; built here from the offline corpus when it has none",
+    )
     p.add_argument("--model", default="d4")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32")
@@ -159,19 +205,29 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--eval-every", type=int, default=25)
-    p.add_argument("--val-tokens", type=int, default=32768,
-                   help="val tokens per eval, the same for every run (a few thousand are one or two documents)")
+    p.add_argument(
+        "--val-tokens",
+        type=int,
+        default=32768,
+        help="val tokens per eval, the same for every run (a few thousand are one or two documents)",
+    )
     p.add_argument("--adamw-lrs", type=float, nargs="+", default=[1e-3, 3e-3, 6e-3])
     p.add_argument("--muon-lrs", type=float, nargs="+", default=[0.01, 0.02, 0.04])
-    p.add_argument("--rest-lr", type=float, help="AdamW's lr for what Muon does not take (default: the best "
-                   "of --adamw-lrs)")
+    p.add_argument(
+        "--rest-lr",
+        type=float,
+        help="AdamW's lr for what Muon does not take (default: the best of --adamw-lrs)",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads per run (0: torch's default)")
     p.add_argument("--jobs", type=int, default=1, help="runs trained side by side, each in its own process")
-    p.add_argument("--repeat-best", action="store_true",
-                   help="train each optimizer's best run again and check that it gives the same curve")
+    p.add_argument(
+        "--repeat-best",
+        action="store_true",
+        help="train each optimizer's best run again and check that it gives the same curve",
+    )
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--corpus-seed", type=int, default=0)
-    p.add_argument("--shard-size", type=int, default=2 ** 17)
+    p.add_argument("--shard-size", type=int, default=2**17)
     p.add_argument("--json", help="write every run's curve and figures here")
     p.add_argument("--plot", help="write a PNG of the best runs' val loss against tokens here")
     return p.parse_args(argv)
@@ -182,27 +238,39 @@ def report(runs, tokens_per_step):
     target = min(r["final"] for r in adamw)
     adamw_tokens = adamw[0]["curve"][-1][0] * tokens_per_step
     print(f"\ntarget: AdamW's best final val loss {target:.4f} at {adamw_tokens:,} tokens")
-    print("| optimizer | lr (Muon lr) | val loss at " + " | ".join(f"{s * tokens_per_step // 1000}k"
-                                                                  for s, _ in adamw[0]["curve"][1::4])
-          + " | tokens to target / AdamW's | s/step |")
+    print(
+        "| optimizer | lr (Muon lr) | val loss at "
+        + " | ".join(f"{s * tokens_per_step // 1000}k" for s, _ in adamw[0]["curve"][1::4])
+        + " | tokens to target / AdamW's | s/step |"
+    )
     print("|---" * (4 + len(adamw[0]["curve"][1::4])) + "|")
     for r in runs:
         reach = tokens_to_reach(r["curve"], target, tokens_per_step)
         r["token_ratio"] = None if reach is None else reach / adamw_tokens
         lr = f"{r['lr']:g}" + (f" ({r['muon_lr']:g})" if r["muon_lr"] else "")
         ratio = "not reached" if reach is None else f"{r['token_ratio']:.3f}"
-        print(f"| {r['optimizer']} | {lr} | " + " | ".join(f"{v:.4f}" for _, v in r["curve"][1::4])
-              + f" | {ratio} | {r['s_per_step']:.3f} |")
-    best = {name: min((r for r in runs if r["optimizer"] == name), key=lambda r: r["final"]) for name in ("adamw", "muon")}
+        print(
+            f"| {r['optimizer']} | {lr} | "
+            + " | ".join(f"{v:.4f}" for _, v in r["curve"][1::4])
+            + f" | {ratio} | {r['s_per_step']:.3f} |"
+        )
+    best = {
+        name: min((r for r in runs if r["optimizer"] == name), key=lambda r: r["final"])
+        for name in ("adamw", "muon")
+    }
     ratio = best["muon"]["token_ratio"]
-    print(f"\nMuon (best lr {best['muon']['muon_lr']:g}) reaches AdamW's best final val loss "
-          + ("never" if ratio is None else f"in {ratio:.3f}x AdamW's tokens") + "; "
-          f"s/step AdamW {best['adamw']['s_per_step']:.3f}, Muon {best['muon']['s_per_step']:.3f}")
+    print(
+        f"\nMuon (best lr {best['muon']['muon_lr']:g}) reaches AdamW's best final val loss "
+        + ("never" if ratio is None else f"in {ratio:.3f}x AdamW's tokens")
+        + "; "
+        f"s/step AdamW {best['adamw']['s_per_step']:.3f}, Muon {best['muon']['s_per_step']:.3f}"
+    )
     return best
 
 
 def plot(best, tokens_per_step, path):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -230,8 +298,11 @@ def run_all(configs, base, jobs, threads):
 
 def print_run(r):
     rest = f" (AdamW lr {r['lr']:g} for the rest)" if r["muon_lr"] else ""
-    print(f"{r['optimizer']} lr {r['muon_lr'] or r['lr']:g}{rest}: final val {r['final']:.4f}, "
-          f"{r['s_per_step']:.3f} s/step", flush=True)
+    print(
+        f"{r['optimizer']} lr {r['muon_lr'] or r['lr']:g}{rest}: final val {r['final']:.4f}, "
+        f"{r['s_per_step']:.3f} s/step",
+        flush=True,
+    )
 
 
 def main(argv=None):
@@ -240,17 +311,30 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     prepare_corpus(args.data_dir, args.shard_size, args.corpus_seed)
     tokens_per_step = args.total_batch_size or args.batch_size * args.seq_len
-    base = TrainConfig(model=args.model, data_dir=args.data_dir, batch_size=args.batch_size, seq_len=args.seq_len,
-                       total_batch_size=tokens_per_step, max_steps=args.steps, warmup_steps=args.warmup,
-                       eval_every=args.eval_every,
-                       val_steps=max(1, args.val_tokens // (args.batch_size * args.seq_len)), hellaswag=False,
-                       sample_every=0, checkpoint_every=0, resume="none", device=args.device, dtype=args.dtype,
-                       seed=args.seed)
+    base = TrainConfig(
+        model=args.model,
+        data_dir=args.data_dir,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        total_batch_size=tokens_per_step,
+        max_steps=args.steps,
+        warmup_steps=args.warmup,
+        eval_every=args.eval_every,
+        val_steps=max(1, args.val_tokens // (args.batch_size * args.seq_len)),
+        hellaswag=False,
+        sample_every=0,
+        checkpoint_every=0,
+        resume="none",
+        device=args.device,
+        dtype=args.dtype,
+        seed=args.seed,
+    )
     # with --rest-lr given, both sweeps run together; else Muon's runs wait for AdamW's best lr
     adamw_configs = [("adamw", lr, None) for lr in args.adamw_lrs]
     if args.rest_lr:
-        runs = run_all(adamw_configs + [("muon", args.rest_lr, m) for m in args.muon_lrs], base, args.jobs,
-                       args.threads)
+        runs = run_all(
+            adamw_configs + [("muon", args.rest_lr, m) for m in args.muon_lrs], base, args.jobs, args.threads
+        )
     else:
         runs = run_all(adamw_configs, base, args.jobs, args.threads)
         rest_lr = min(runs, key=lambda r: r["final"])["lr"]
@@ -259,12 +343,15 @@ def main(argv=None):
         print_run(r)
     best = report(runs, tokens_per_step)
     if args.repeat_best:
-        again = run_all([(r["optimizer"], r["lr"], r["muon_lr"]) for r in best.values()], base, args.jobs,
-                        args.threads)
+        again = run_all(
+            [(r["optimizer"], r["lr"], r["muon_lr"]) for r in best.values()], base, args.jobs, args.threads
+        )
         for first, second in zip(best.values(), again):
             same = first["curve"] == second["curve"]
-            print(f"repeat {first['optimizer']}: the same val curve twice: {same} (final {first['final']:.6f}, "
-                  f"{second['final']:.6f})")
+            print(
+                f"repeat {first['optimizer']}: the same val curve twice: {same} (final {first['final']:.6f}, "
+                f"{second['final']:.6f})"
+            )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "runs": runs}, f, indent=1)
