@@ -1,22 +1,25 @@
 """
 FineWeb(-Edu) and local corpora -> GPT-2 token shards for pretraining.
 
-    python fineweb.py                                   # FineWeb-Edu sample-10BT -> edu_fineweb10B/ (~100 shards)
+    python fineweb.py                                   # FineWeb-Edu sample-10BT -> edu_fineweb10B/
+                                                        # (~100 shards)
     python fineweb.py --dataset HuggingFaceFW/fineweb --name sample-10BT --out fineweb10B --prefix fineweb
     python fineweb.py --input corpus/*.parquet --out data/mine --prefix mine   # local .parquet/.jsonl/.txt
     python fineweb.py --demo                            # pydoc_data.topics -> data/pydoc/ (offline demo)
     python fineweb.py --benchmark --synthetic-mb 50     # tokens/s and peak RSS, shards thrown away
 
 Output: `{out}/{prefix}_{split}_{idx:06d}.npy`, 1-D uint16 arrays of exactly `--shard-size` tokens (the
-last one shorter); shard 0 is `val`, the rest `train`. Each document is `[<|endoftext|>] + encode_ordinary(text)`
-and documents run on across shard boundaries, as in build-nanogpt.
+last one shorter); shard 0 is `val`, the rest `train`. Each document is
+`[<|endoftext|>] + encode_ordinary(text)` and documents run on across shard boundaries, as in
+build-nanogpt.
 
 Completion and resume: every shard is written to a temporary file next to it (`{name}.tmp.HOST.PID.RANDOM`)
-and renamed into place, so a shard file is either complete or absent. `{out}/{prefix}_manifest.json` (also written by rename) records the run's
-settings and, after each shard, where in the document stream the next shard starts; its `complete` flag
-turns true only after the last shard. Rerunning the same command skips a complete output, and otherwise
-checks the shards the manifest lists, deletes leftover temporary files and continues after the last good
-shard without re-tokenizing what is already written. A different command aimed at the same shards is refused.
+and renamed into place, so a shard file is either complete or absent. `{out}/{prefix}_manifest.json` (also
+written by rename) records the run's settings and, after each shard, where in the document stream the next
+shard starts; its `complete` flag turns true only after the last shard. Rerunning the same command skips a
+complete output, and otherwise checks the shards the manifest lists, deletes leftover temporary files and
+continues after the last good shard without re-tokenizing what is already written. A different command aimed
+at the same shards is refused.
 One run per --out: an OS lock on `{out}/.lock` stops a second run into it with one line naming the first.
 """
 
@@ -95,7 +98,8 @@ def check_inputs(paths):
             raise UserError(f"{path}: cannot read input file ({one_line(e)})") from None
         if first is not None and not first[1].startswith(b"{"):
             raise UserError(
-                f'{path}: line {first[0]} is not a JSON object (one {{"text": ...}} per line): fix or remove it'
+                f'{path}: line {first[0]} is not a JSON object (one {{"text": ...}} per line): '
+                "fix or remove it"
             )
 
 

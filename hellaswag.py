@@ -85,7 +85,8 @@ def parse_args(argv=None):
     parser.add_argument(
         "-c",
         "--checkpoint",
-        help="a train_gpt2.py checkpoint, e.g. log/model_19072.pt, or a sharded one (--fsdp), e.g. log/model_19072",
+        help="a train_gpt2.py checkpoint, e.g. log/model_19072.pt, or a sharded one (--fsdp), "
+        "e.g. log/model_19072",
     )
     parser.add_argument(
         "-d", "--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps"

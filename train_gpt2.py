@@ -137,7 +137,8 @@ def config_for(name, **overrides):
 
 
 def model_config(name, **fields_):
-    """GPTConfig's fields as a dict: of a config_for name, or of the fields given (defaults filled) when name is None."""
+    """GPTConfig's fields as a dict: of a config_for name, or of the fields given (defaults filled)
+    when name is None."""
     return asdict(config_for(name, **fields_) if name else GPTConfig(**fields_))
 
 
@@ -157,7 +158,8 @@ SDPA_BACKENDS = {
 
 
 def sdpa_priority(name):
-    """The SDPA kernels allowed, in order of preference, for an SDPA_BACKENDS name; None for PyTorch's choice."""
+    """The SDPA kernels allowed, in order of preference, for an SDPA_BACKENDS name; None for
+    PyTorch's choice."""
     if name not in SDPA_BACKENDS:
         raise ValueError(f"unknown SDPA backend {name!r}: use one of {', '.join(SDPA_BACKENDS)}")
     first = SDPA_BACKENDS[name]
@@ -496,7 +498,8 @@ class DataLoaderLite:
                 f"the '{self.split}' shards differ from those the checkpoint was trained on: "
                 "resume with the same --data-dir, or start a new run with --resume none"
             )
-        # the token counts match, so the position still means something; checkpoints from before digests have none
+        # the token counts match, so the position still means something; checkpoints from before
+        # digests have none
         changed = [
             name
             for name, digest, file in zip(state["shards"], state.get("shard_digests") or [], self.files)
@@ -505,7 +508,8 @@ class DataLoaderLite:
         if changed and self.process_rank == 0:
             print(
                 f"warning: {len(changed)} '{self.split}' shard(s) changed since the checkpoint ({changed[0]}"
-                f"{', ...' if len(changed) > 1 else ''}): same names and token counts, other tokens; resuming on them"
+                f"{', ...' if len(changed) > 1 else ''}): same names and token counts, other tokens; "
+                "resuming on them"
             )
         # the order the run was trained in goes on (checkpoints from before block shuffling have none)
         self.shuffle_seed, self.block_tokens = state["shuffle_seed"], state.get("block_tokens")
@@ -577,14 +581,15 @@ class TrainConfig:
     weight_decay: float = flag(0.1, "AdamW weight decay on matrices and embeddings")
     optimizer: str = flag(
         "adamw",
-        "adamw: AdamW for every parameter; muon: Muon (torch.optim.Muon) for the blocks' weight matrices, AdamW "
-        "at --lr for the embeddings, LayerNorms and biases (see docs/optimizers.md)",
+        "adamw: AdamW for every parameter; muon: Muon (torch.optim.Muon) for the blocks' weight matrices, "
+        "AdamW at --lr for the embeddings, LayerNorms and biases (see docs/optimizers.md)",
     )
     muon_lr: float = flag(0.02, "with --optimizer muon: Muon's peak lr, scaled by the same schedule as --lr")
     muon_momentum: float = flag(0.95, "with --optimizer muon: Muon's (Nesterov) momentum")
     muon_weight_decay: float = flag(
         0.0,
-        "with --optimizer muon: Muon's decoupled weight decay (each step scales the matrices by 1 - lr * this)",
+        "with --optimizer muon: Muon's decoupled weight decay (each step scales the matrices by "
+        "1 - lr * this)",
     )
     grad_clip: float = flag(1.0, "clip the gradient norm to this; 0: no clipping")
     eval_every: int = flag(250, "val loss (and HellaSwag) every N steps and at the end; 0: never")
@@ -647,8 +652,9 @@ class TrainConfig:
     )
     collective_timeout: float = flag(
         600.0,
-        "under torchrun: seconds without progress (a step, an eval batch) after which every live rank names the "
-        "stalled rank and exits, for torchrun to restart; longer than a checkpoint write or an eval",
+        "under torchrun: seconds without progress (a step, an eval batch) after which every live rank "
+        "names the stalled rank and exits, for torchrun to restart; longer than a checkpoint write or "
+        "an eval",
     )
 
 
@@ -927,7 +933,8 @@ def clip_gradients(model, optimizer, precision, grad_clip):
 def share_step_outcome(loss, norm, lr, stop_requested, failed, dist_ctx):
     """One all-reduce carries the loss, every rank's stop request (e.g. a SIGTERM on one node) and
     whether any rank failed, and one host sync reads loss, norm and the verdicts. The norm is the
-    same on every rank: the gradients it measures were all-reduced (or, with --fsdp, measured over all shards)."""
+    same on every rank: the gradients it measures were all-reduced (or, with --fsdp, measured over all
+    shards)."""
     flags = torch.tensor([float(stop_requested), float(failed)], device=loss.device)
     summed = dist_ctx.sum(torch.cat([loss[None], flags]))
     mean_loss, norm, stops, failures = torch.cat(
@@ -995,7 +1002,8 @@ def train(cfg, dist_ctx, stop=None):
                     result = train_step(run, step, stop)
                 step_metrics.append(log_step(run, step, result, timer.seconds))
                 losses.append(result.loss)
-                # ranks agree through the step's all-reduce; one process also heeds a signal that came after it
+                # ranks agree through the step's all-reduce; one process also heeds a signal that came
+                # after it
                 stopping = result.stop or (not dist_ctx.ddp and stop.requested)
             finish_save(run)  # an --async-checkpoint write still in flight
             dist_ctx.on_every_rank(lambda: raise_failure(run.log.failure))  # an append of the last evals
@@ -1087,8 +1095,9 @@ def setup_run(cfg, dist_ctx, writes_log=True):
             else "fresh start"
         )
         print(
-            f"model {model_name(cfg)}: {raw_model.num_parameters():,} parameters | {dist_ctx.world_size} process(es) "
-            f"on {device.type} | {precision.name} | compile {use_compile} | grad accum {grad_accum_steps} | {how}"
+            f"model {model_name(cfg)}: {raw_model.num_parameters():,} parameters | "
+            f"{dist_ctx.world_size} process(es) on {device.type} | {precision.name} | "
+            f"compile {use_compile} | grad accum {grad_accum_steps} | {how}"
             f"{' | fsdp' if cfg.fsdp else ''}{' | recompute' if cfg.recompute else ''}"
             f"{' | eval only' if cfg.eval_only else ''}"
         )
@@ -1173,8 +1182,8 @@ def print_schedule(cfg):
     if cfg.lr_schedule == "wsd" and not cfg.eval_only:
         print(
             f"lr schedule wsd: warmup {cfg.warmup_steps} steps, lr {cfg.lr:g} until step "
-            f"{cfg.max_steps - cfg.cooldown_steps}, {cfg.cooldown_shape} cooldown to {cfg.lr * cfg.min_lr_ratio:g} "
-            f"at step {cfg.max_steps}"
+            f"{cfg.max_steps - cfg.cooldown_steps}, {cfg.cooldown_shape} cooldown to "
+            f"{cfg.lr * cfg.min_lr_ratio:g} at step {cfg.max_steps}"
         )
 
 
@@ -1190,8 +1199,8 @@ def claim_log_dir(cfg, dist_ctx):
     if cfg.eval_only and dist_ctx.decide(lambda: rundir.holds_files(cfg.log_dir)):
         if dist_ctx.master_process:
             print(
-                f"note: --eval-only writes nothing into --log-dir {cfg.log_dir}, which holds files already: its "
-                "results are only printed (a new or empty --log-dir logs them)"
+                f"note: --eval-only writes nothing into --log-dir {cfg.log_dir}, which holds files already: "
+                "its results are only printed (a new or empty --log-dir logs them)"
             )
         yield False
         return

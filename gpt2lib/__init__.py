@@ -7,12 +7,14 @@
     checkpoints        checkpoint files, whole or sharded: writing, reading back verified, listing
     resume             which checkpoint a run resumes (across nodes), the resume checks, restoring state
     rundir             one writer per directory (the lock, checked before each write), leftovers
-    previous_runs      other runs' files in a log dir set aside into previous_N/, logs trimmed to the resume point
+    previous_runs      other runs' files in a log dir set aside into previous_N/, logs trimmed to the
+                       resume point
     runlog             log.txt and metrics.jsonl, and the trackers they feed
     run_state          the Start every rank receives and the Run a training run holds
     distributed        process groups, each torchrun attempt's store, rank-0 decisions shared with every rank
     parallel           FSDP2 sharding, DDP/compile wrapping, full weights for evals and samples
-    optimizers         --optimizer muon: torch's Muon for the blocks' matrices, AdamW for the rest, as one optimizer
+    optimizers         --optimizer muon: torch's Muon for the blocks' matrices, AdamW for the rest, as
+                       one optimizer
     evals              val loss and HellaSwag during training
     step_metrics       the step's timer and metrics, the --benchmark summary
     flops              FLOPs per token and GPU peak FLOP/s, for MFU

@@ -86,9 +86,9 @@ def read_checkpoint(path, weights=True):
     """A checkpoint dict, loaded with weights_only=True (opening a checkpoint never runs code), its
     checksum verified and its model shape checked before anything is allocated. check_layout then
     checks every weight, and for a resume the optimizer, loader and RNG state, against the model the
-    caller builds from checkpoint["config"]. Any problem is a one-line UserError naming path. For a sharded checkpoint directory, "sharded" is its
-    path and "model" the full weights gathered from its shards (not with weights=False: then every rank
-    of a resumed run reads its own shards)."""
+    caller builds from checkpoint["config"]. Any problem is a one-line UserError naming path. For a
+    sharded checkpoint directory, "sharded" is its path and "model" the full weights gathered from its
+    shards (not with weights=False: then every rank of a resumed run reads its own shards)."""
     if os.path.isdir(path):
         return read_sharded_checkpoint(path, weights)
     if not os.path.isfile(path):
@@ -287,7 +287,8 @@ def check_shard_files(path, digests):
 
 
 def verify_file_digests(path, digests):
-    """Each file recorded in digests ({name: {"size", CHECKSUM_ALGORITHM}}) is there, of that size and digest."""
+    """Each file recorded in digests ({name: {"size", CHECKSUM_ALGORITHM}}) is there, of that size and
+    digest."""
     if not isinstance(digests, dict) or not all(isinstance(d, dict) for d in digests.values()):
         raise UserError(f"checkpoint {path} is damaged: the digests of its files are unreadable")
     for name, recorded in digests.items():

@@ -15,6 +15,8 @@ import torch
 
 from gpt2lib.common import UserError, one_line, pick_device
 
+CPU = torch.device("cpu")  # DistContext's default device: a single process on the CPU
+
 
 class FollowerStop(UserError):
     """Raised on every rank but 0 when rank 0 (or another rank) stopped the run with a UserError:
@@ -32,7 +34,7 @@ class DistContext:
     """Rank, world size and device of this process, and the collectives the loop needs.
     A single process (no torchrun) is world_size 1 and every collective is a no-op."""
 
-    def __init__(self, rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), watchdog=None):
+    def __init__(self, rank=0, local_rank=0, world_size=1, device=CPU, watchdog=None):
         self.rank, self.local_rank, self.world_size, self.device = rank, local_rank, world_size, device
         self.master_process = rank == 0
         self.watchdog = watchdog
@@ -324,8 +326,8 @@ class Watchdog:
             if since is not None and now - since >= self.timeout_s and not self.stopped.is_set():
                 print(
                     f"error: rank {self.rank}: no progress for {now - since:.0f} s (--collective-timeout "
-                    f"{self.timeout_s:g}): {self._culprit(now, reachable)}; ending this rank so that torchrun "
-                    "can restart the run",
+                    f"{self.timeout_s:g}): {self._culprit(now, reachable)}; ending this rank so that "
+                    "torchrun can restart the run",
                     file=sys.stderr,
                     flush=True,
                 )
@@ -341,7 +343,10 @@ class Watchdog:
     def _culprit(self, now, reachable):
         """Which rank stalled, in words."""
         if not reachable:
-            return "the rendezvous store does not answer (its host, or rank 0 without torchrun, is stopped or gone)"
+            return (
+                "the rendezvous store does not answer (its host, or rank 0 without torchrun, "
+                "is stopped or gone)"
+            )
         others = [r for r in range(self.world_size) if r != self.rank]
         silent = [r for r in others if r not in self.seen or now - self.seen[r][1] >= 3 * self.poll_s]
         if silent:

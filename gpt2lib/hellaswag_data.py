@@ -167,7 +167,8 @@ def validate_example(row, where, style="completion"):
 
 
 def read_jsonl(path, name=None, style="completion"):
-    """The rows of a HellaSwag jsonl file, validated for `style`; errors name `name:line` (name defaults to path)."""
+    """The rows of a HellaSwag jsonl file, validated for `style`; errors name `name:line` (name
+    defaults to path)."""
     name = name or path
     rows = []
     try:

@@ -16,7 +16,8 @@ DIGEST_SAMPLES, DIGEST_SAMPLE_TOKENS = 16, 16384
 
 
 def make_command(data_root):
-    """The command that makes data_root's shards: `fineweb.py --demo` for the directory it writes (data/pydoc)."""
+    """The command that makes data_root's shards: `fineweb.py --demo` for the directory it writes
+    (data/pydoc)."""
     demo = os.path.normpath(os.path.abspath(data_root)).split(os.sep)[-2:] == ["data", "pydoc"]
     return "`python fineweb.py --demo`" if demo else "`python fineweb.py`"
 

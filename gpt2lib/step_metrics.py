@@ -76,7 +76,8 @@ def report_benchmark(timed, name, cfg, dist_ctx):
     if dist_ctx.master_process:
         line = (
             f"benchmark {name} | B {cfg.batch_size} T {cfg.seq_len} x {dist_ctx.world_size} "
-            f"process(es) | {len(timed)} steps | median {median['dt_ms']:.1f} ms/step | {median['tokens_per_sec']:,.0f} tokens/s"
+            f"process(es) | {len(timed)} steps | median {median['dt_ms']:.1f} ms/step | "
+            f"{median['tokens_per_sec']:,.0f} tokens/s"
         )
         if "mfu" in median:
             line += f" | MFU {median['mfu'] * 100:.1f}%"

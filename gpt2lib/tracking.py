@@ -39,7 +39,8 @@ def missing_packages(wandb_project, tensorboard):
 
 
 def metric_names(row):
-    """{tracker name: number} of a metrics.jsonl row: `train/loss`, `train/lr`, `val/loss`, `hella/acc_norm`, ..."""
+    """{tracker name: number} of a metrics.jsonl row: `train/loss`, `train/lr`, `val/loss`,
+    `hella/acc_norm`, ..."""
     kind = row["kind"]
     out = {}
     for key, value in row.items():

@@ -242,9 +242,9 @@ def test_block_shuffle_resumes_exactly_on_the_same_and_another_world_size(shards
     block = 128
 
     def steps(loaders, n):  # the tokens of n optimizer steps, in rank order within each micro-step
-        per_micro = sum(l.B * l.T for l in loaders)
+        per_micro = sum(loader.B * loader.T for loader in loaders)
         return [
-            np.concatenate([l.next_batch()[0].flatten().numpy() for l in loaders])
+            np.concatenate([loader.next_batch()[0].flatten().numpy() for loader in loaders])
             for _ in range(n * block // per_micro)
         ]
 

@@ -217,9 +217,10 @@ def test_reexport_replaces_the_directory_completely(tmp_path, offline):
     assert sorted(os.listdir(tmp_path)) == ["out"]  # no temporary directories left behind
     fresh = tmp_path / "fresh"
     second.save_pretrained(fresh)
-    same = lambda files: {
-        name: data for name, data in files.items() if name != hf.EXPORT_MARKER
-    }  # it names the target
+
+    def same(files):  # all but the export marker: it names the target
+        return {name: data for name, data in files.items() if name != hf.EXPORT_MARKER}
+
     assert same(export_files(out)) == same(export_files(fresh))
     assert export_files(out)["model.safetensors"] != first_files["model.safetensors"]
 

@@ -125,8 +125,8 @@ def test_tensorboard_on_a_full_disk_is_one_line_without_the_writer_threads_trace
         )
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [
-        "warning: TensorBoard tracking failed (OSError: [Errno 28] No space left on device): training goes on "
-        "without it",
+        "warning: TensorBoard tracking failed (OSError: [Errno 28] No space left on device): "
+        "training goes on without it",
         "training went on",
     ]
     assert result.stderr == ""

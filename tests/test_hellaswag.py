@@ -255,7 +255,8 @@ def test_acc_and_acc_norm_pick_different_endings():
     cat, dog, fish = enc.encode(" cat"), enc.encode(" dog"), enc.encode(" fish")
     assert len(cat) == len(dog) == len(fish) == 1
     fn = cost_logits({cat[0]: 5.0, dog[0]: 2.0, fish[0]: 10.0})  # context tokens cost about ln(50257)
-    # ending 1 " cat": sum 5, mean 5; ending 2 " dog dog dog dog": sum 8, mean 2; " fish fish": sum 20, mean 10
+    # ending 1 " cat": sum 5, mean 5; ending 2 " dog dog dog dog": sum 8, mean 2;
+    # " fish fish": sum 20, mean 10
     endings = ["fish fish", "cat", "dog dog dog dog", "fish fish fish"]
     examples = [
         {"ctx": "Hello there", "endings": endings, "label": 1},  # acc right, acc_norm wrong
@@ -304,7 +305,8 @@ def test_row_longer_than_model_context(workdir):
 @pytest.mark.parametrize(
     "row, query, choices",
     [
-        # WikiHow: " [title]" ends a sentence, other tags go, double spaces collapse; capitalize() meets "[" first
+        # WikiHow: " [title]" ends a sentence, other tags go, double spaces collapse;
+        # capitalize() meets "[" first
         (
             {
                 "activity_label": "Home and Garden",

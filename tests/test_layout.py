@@ -115,8 +115,8 @@ def test_importing_does_no_heavy_work(module):
     """transformers, tiktoken, datasets, wandb and tensorboard load on first use, never at import."""
     code = (
         f"import sys; import {module}; "
-        "print(sorted(m for m in ('transformers', 'tiktoken', 'datasets', 'safetensors', 'wandb', 'tensorboard')"
-        " if m in sys.modules))"
+        "print(sorted(m for m in ('transformers', 'tiktoken', 'datasets', 'safetensors', 'wandb', "
+        "'tensorboard') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

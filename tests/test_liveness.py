@@ -115,8 +115,8 @@ def test_a_log_dir_moved_or_deleted_under_a_live_run_stops_it_with_one_line(tmp_
         out, err = first.communicate(timeout=60)
         assert first.returncode == 2, err
         assert only_errors(err) == [
-            "error: --log-dir log was moved or deleted while this run was using it: stopped without writing more "
-            "into it; resume from the directory that holds its checkpoints"
+            "error: --log-dir log was moved or deleted while this run was using it: stopped without "
+            "writing more into it; resume from the directory that holds its checkpoints"
         ], err
         assert "Traceback" not in err
         assert os.listdir(log) == []

@@ -148,7 +148,9 @@ def test_torn_log_lines_are_dropped_on_resume(tmp_path, capsys):
     for name in ("log.txt", "metrics.jsonl"):
         with open(os.path.join(cut.log_dir, name)) as f, open(os.path.join(full.log_dir, name)) as g:
             # every line but the timings equals the uninterrupted run's
-            strip = lambda text: re.sub(r'"(dt_ms|tokens_per_sec)": [0-9.e+-]+', "", text)
+            def strip(text):
+                return re.sub(r'"(dt_ms|tokens_per_sec)": [0-9.e+-]+', "", text)
+
             assert strip(f.read()) == strip(g.read()), name
 
 

@@ -35,7 +35,8 @@ SMALL_OURS = dict(block_size=64, n_layer=2, n_head=4, n_embd=64)
 
 VARIED_TEXT = (
     "Hello, world! It's a test: we'll see; THEY'RE here, I'd say.\n"
-    "Ünïcödé façade naïve coöperate — Straße, 日本語のテキスト, 中文, русский текст, ελληνικά, עברית, العربية.\n"
+    "Ünïcödé façade naïve coöperate — Straße, 日本語のテキスト, 中文, "
+    "русский текст, ελληνικά, עברית, العربية.\n"
     "Emoji: 🤖🎉🚀 family 👨\u200d👩\u200d👧 flag 🇫🇷 skin 👍🏽 and a lone combining mark e\u0301.\n"
     "def f(x):\n    return {'a': [x ** 2, x // 3]}  # code\n\tif x != 0 && y >= 1 { z++; }\n"
     "Whitespace runs:     five spaces,\t\ttwo tabs,\n\n\n\nfour newlines, \r\n CRLF,   trailing   \n"
@@ -399,7 +400,9 @@ ENCODING_REPORT = textwrap.dedent("""
             name=enc.name, n_vocab=enc.n_vocab, eot=enc.eot_token,
             ids=enc.encode_ordinary(text),
             special=enc.encode("a<|endoftext|>b", allowed_special="all"),
-            tokens=hashlib.sha256(b"\\0".join(enc.decode_single_token_bytes(i) for i in range(enc.n_vocab))).hexdigest(),
+            tokens=hashlib.sha256(
+                b"\\0".join(enc.decode_single_token_bytes(i) for i in range(enc.n_vocab))
+            ).hexdigest(),
         )
 """)
 

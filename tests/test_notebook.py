@@ -9,12 +9,12 @@ import sys
 import numpy as np
 import pytest
 
+import train_gpt2
+
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
 pytest.importorskip("matplotlib")
-
-import train_gpt2
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(REPO, "play.ipynb")

@@ -79,8 +79,8 @@ def test_reexport_on_the_command_line_checks_the_digests_before_loading_anything
     assert e.value.code == 2
     assert capsys.readouterr().err.splitlines() == [
         f"error: {out / 'model.safetensors'} was changed since it was exported (its contents differ from the "
-        "digest the export recorded): export into a new or empty directory, or move this one away; nothing was "
-        "changed"
+        "digest the export recorded): export into a new or empty directory, or move this one away; "
+        "nothing was changed"
     ]
     assert export_files(out) == before
 
@@ -130,7 +130,10 @@ def test_a_full_disk_at_any_export_file_is_one_line_and_leaves_nothing(tmp_path,
     """A real tmpfs filled so that exactly the files before `full_at` fit: tokenizers reports its
     failed write of tokenizer.json as a plain Exception."""
     tiny_model(seed=1).save_pretrained(tmp_path / "sizes")
-    pages = lambda name: -(-os.path.getsize(tmp_path / "sizes" / name) // PAGE)
+
+    def pages(name):
+        return -(-os.path.getsize(tmp_path / "sizes" / name) // PAGE)
+
     room = pages(hf.EXPORT_MARKER) + sum(pages(name) for name in EXPORT_ORDER[: EXPORT_ORDER.index(full_at)])
     with tmpfs(tmp_path / "disk", "64m") as disk:
         with open(disk / "filler", "wb") as f:

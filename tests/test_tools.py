@@ -1,5 +1,6 @@
-"""tools/: the device check's parsing, table and build-nanogpt patch, and the mutation check's list, on the CPU. The GPU side runs
-only on a device machine (tools/README.md); these tests keep its plumbing from breaking unseen."""
+"""tools/: the device check's parsing, table and build-nanogpt patch, and the mutation check's list, on
+the CPU. The GPU side runs only on a device machine (tools/README.md); these tests keep its plumbing from
+breaking unseen."""
 
 import json
 import os
@@ -51,7 +52,8 @@ def test_anchor_log_median_skips_warmup_steps():
     steps = [(0, 61000.0), (1, 1100.0), (2, 1020.0), (3, 1010.0), (4, 1030.0), (5, 1000.0)]
     log = (
         "".join(
-            f"step {s:5d} | loss: 10.9 | lr 6e-7 | norm: 1.0 | dt: {dt:.2f}ms | tok/sec: {524288 / dt * 1000:.2f}\n"
+            f"step {s:5d} | loss: 10.9 | lr 6e-7 | norm: 1.0 | dt: {dt:.2f}ms | "
+            f"tok/sec: {524288 / dt * 1000:.2f}\n"
             for s, dt in steps
         )
         + "peak memory allocated: 40.50 GiB\n"

@@ -35,7 +35,8 @@ def jsonl_rows(log_dir):
 
 
 def jsonl_scalars(rows):
-    """{tag: [(step, value), ...]} of every number in metrics.jsonl, named `kind/key` (value: the kind's name)."""
+    """{tag: [(step, value), ...]} of every number in metrics.jsonl, named `kind/key` (value: the
+    kind's name)."""
     names = {"train": "loss", "val": "loss", "hella": "acc_norm"}
     out = {}
     for row in rows:
@@ -58,7 +59,8 @@ def tensorboard_scalars(log_dir, purge=True):
 
 
 def wandb_records(path):
-    """The protobuf records of a .wandb file (W&B's leveldb-style log: 32 KiB blocks, 7-byte record headers)."""
+    """The protobuf records of a .wandb file (W&B's leveldb-style log: 32 KiB blocks, 7-byte record
+    headers)."""
     with open(path, "rb") as f:
         data = f.read()
     assert data[:4] == b":W&B"
@@ -160,7 +162,8 @@ def test_tensorboard_and_wandb_match_metrics_jsonl_across_sigkill_and_resume(tmp
     assert [r["step"] for r in samples] == [3, 6, 8] and all(len(r["texts"]) == 4 for r in samples)
     assert acc.Tags()["tensors"] == ["sample/text/text_summary"]
 
-    # W&B: two offline runs (before and after the kill) of the same W&B run; the summary has the final val loss
+    # W&B: two offline runs (before and after the kill) of the same W&B run; the summary has the final
+    # val loss
     run_dirs = sorted(glob.glob(os.path.join(cfg.log_dir, "wandb", "offline-run-*")))
     assert len(run_dirs) == 2
     # the killed process's record file may end before its buffered records: its directory names the id

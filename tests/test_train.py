@@ -221,9 +221,12 @@ def logged(log_dir, kind="train"):
 def write_hellaswag(path, n=10, seed=0):
     rng = np.random.default_rng(seed)
     words = "the a cat dog runs jumps over under quickly slowly and then".split()
+
+    def sentence(k):
+        return " ".join(rng.choice(words, k))
+
     with open(path, "w") as f:
         for i in range(n):
-            sentence = lambda k: " ".join(rng.choice(words, k))
             row = {
                 "ind": i,
                 "ctx": sentence(int(rng.integers(3, 12))),

@@ -1,7 +1,8 @@
 """Results of tools/device_check.sh: read each stage's log, keep one JSON row per stage, write the table.
 
     python3 tools/device_report.py env ENV_JSON                       # card, driver, torch, CUDA, cuDNN
-    python3 tools/device_report.py missing-flags HELP_FILE FLAG...     # flags that `train_gpt2.py --help` lacks
+    python3 tools/device_report.py missing-flags HELP_FILE FLAG...     # flags that `train_gpt2.py --help`
+                                                                       # lacks
     python3 tools/device_report.py pytest-summary PYTEST_LOG
     python3 tools/device_report.py add RESULTS KIND NAME WHAT STATUS [LOG]
     python3 tools/device_report.py render ENV_JSON RESULTS PYTEST_LOG TABLE_MD
@@ -48,7 +49,8 @@ def number(text):
 
 
 def parse_benchmark(log):
-    """{ms_per_step, tokens_per_s, mfu, peak_mem_gib} from train_gpt2.py --benchmark output; None if absent."""
+    """{ms_per_step, tokens_per_s, mfu, peak_mem_gib} from train_gpt2.py --benchmark output; None if
+    absent."""
     m = last_match(BENCHMARK_LINE, log)
     if m is None:
         return None
@@ -195,7 +197,10 @@ def render(env, rows, pytest_summary):
     for row in rows:
         what = row["what"] if row["status"] == "ok" else f"{row['what']} ({row['status']})"
         if "first_eval_s" in row:
-            what += f"; {row['ms_per_example']:.3f} ms/example; the first eval, which builds the batches, {row['first_eval_s']:.1f} s"
+            what += (
+                f"; {row['ms_per_example']:.3f} ms/example; the first eval, which builds the batches, "
+                f"{row['first_eval_s']:.1f} s"
+            )
         lines.append(
             "| "
             + " | ".join(

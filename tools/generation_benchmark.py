@@ -91,8 +91,8 @@ def main(argv=None):
     )
     print()
     print(
-        "| threads | new tokens | ours wall (s) | transformers wall (s) | ours CPU (s) | transformers CPU (s) | "
-        "speed-up (wall) | speed-up (CPU) | same text |"
+        "| threads | new tokens | ours wall (s) | transformers wall (s) | ours CPU (s) | "
+        "transformers CPU (s) | speed-up (wall) | speed-up (CPU) | same text |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for n_threads in threads:
@@ -106,8 +106,9 @@ def main(argv=None):
             theirs_wall, theirs_cpu = min(t[0] for t in theirs_runs), min(t[1] for t in theirs_runs)
             same = "yes" if ours_runs[-1][2] == theirs_runs[-1][2] else "NO"
             print(
-                f"| {n_threads} | {n} | {ours_wall:.2f} | {theirs_wall:.2f} | {ours_cpu:.2f} | {theirs_cpu:.2f} | "
-                f"{theirs_wall / ours_wall:.2f}x | {theirs_cpu / ours_cpu:.2f}x | {same} |",
+                f"| {n_threads} | {n} | {ours_wall:.2f} | {theirs_wall:.2f} | {ours_cpu:.2f} | "
+                f"{theirs_cpu:.2f} | {theirs_wall / ours_wall:.2f}x | {theirs_cpu / ours_cpu:.2f}x | "
+                f"{same} |",
                 flush=True,
             )
 

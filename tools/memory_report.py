@@ -64,7 +64,8 @@ def measure_state(model_name, world_size, fsdp):
 
 def state_table(model_name, worlds, modes):
     print(
-        f"| {model_name} | world | params MiB | grads MiB | AdamW MiB | total MiB per rank | peak RSS MiB (max rank) |"
+        f"| {model_name} | world | params MiB | grads MiB | AdamW MiB | total MiB per rank | "
+        "peak RSS MiB (max rank) |"
     )
     print("|---|---|---|---|---|---|---|")
     for fsdp in [mode == "fsdp" for mode in modes]:
@@ -73,8 +74,9 @@ def state_table(model_name, worlds, modes):
             worst = max(ranks, key=lambda r: r["params"] + r["grads"] + r["optimizer"])
             total = worst["params"] + worst["grads"] + worst["optimizer"]
             print(
-                f"| {'FSDP' if fsdp else 'DDP'} | {world} | {worst['params'] / MIB:,.1f} | {worst['grads'] / MIB:,.1f} | "
-                f"{worst['optimizer'] / MIB:,.1f} | {total / MIB:,.1f} | {max(r['peak_rss'] for r in ranks) / MIB:,.0f} |",
+                f"| {'FSDP' if fsdp else 'DDP'} | {world} | {worst['params'] / MIB:,.1f} | "
+                f"{worst['grads'] / MIB:,.1f} | {worst['optimizer'] / MIB:,.1f} | {total / MIB:,.1f} | "
+                f"{max(r['peak_rss'] for r in ranks) / MIB:,.0f} |",
                 flush=True,
             )
 

@@ -16,7 +16,8 @@ AdamW's sweep runs first; Muon's runs then use AdamW's best lr for the parameter
     python tools/optimizer_benchmark.py                       # d4, CPU, 8x128 tokens per step, 400 steps
     python tools/optimizer_benchmark.py --steps 600 --plot optimizers.png
     python tools/optimizer_benchmark.py --model gpt2 --device cuda --batch-size 16 --seq-len 1024 \\
-        --total-batch-size 524288 --steps 2000 --warmup 200 --adamw-lrs 6e-4 1.2e-3 1.8e-3 --data-dir edu_fineweb10B
+        --total-batch-size 524288 --steps 2000 --warmup 200 --adamw-lrs 6e-4 1.2e-3 1.8e-3 \\
+        --data-dir edu_fineweb10B
 """
 
 import argparse
@@ -113,7 +114,7 @@ def corpus_documents(seed):
 
     rng = random.Random(seed)
     docs = list(topics.values())
-    for source, files in sorted(source_files(rng).items()):
+    for _source, files in sorted(source_files(rng).items()):
         taken = 0
         for path in files:
             if taken >= MAX_SOURCE_CHARS:
