@@ -1031,23 +1031,6 @@ def print_samples(run, step):
 # setting up a run: data, the start rank 0 chooses, model, optimizer, logs
 
 
-def setup_model(start, cfg, dist_ctx, precision):
-    """The model in training mode on this rank's device, the same initial weights on every rank:
-    --init-from's (read by rank 0, sent to the others) or a seeded init; with --fsdp sharded across
-    the ranks, before an optimizer sees its parameters. A resumed checkpoint's weights are loaded
-    later, by restore."""
-    torch.manual_seed(cfg.seed)
-    model = GPT(GPTConfig(**start.config))
-    if start.weights is not None:
-        model.load_state_dict(start.weights)
-    model.set_sdpa_backend(cfg.sdpa_backend)  # before torch.compile traces the attention
-    model.set_recompute(cfg.recompute)
-    model = model.to(dist_ctx.device)
-    if cfg.fsdp:
-        parallel.shard_for_training(model, precision, dist_ctx.device)
-    return model
-
-
 def setup_run(cfg, dist_ctx, writes_log=True):
     """Model (seeded, from --init-from, or resumed from a checkpoint of this run when rank 0 finds one),
     optimizer, data and logs (writes_log False: log_dir is left as it is, results are only printed)."""
@@ -1177,16 +1160,6 @@ def make_loaders(cfg, dist_ctx):
     return train_loader, val_loader
 
 
-def print_schedule(cfg):
-    """One line at start for a wsd run: where its stable phase ends and how it cools down."""
-    if cfg.lr_schedule == "wsd" and not cfg.eval_only:
-        print(
-            f"lr schedule wsd: warmup {cfg.warmup_steps} steps, lr {cfg.lr:g} until step "
-            f"{cfg.max_steps - cfg.cooldown_steps}, {cfg.cooldown_shape} cooldown to "
-            f"{cfg.lr * cfg.min_lr_ratio:g} at step {cfg.max_steps}"
-        )
-
-
 # ---- how a run starts: a seeded init, --init-from's weights, or a checkpoint of this run to resume
 
 
@@ -1246,33 +1219,6 @@ def local_checkpoint(cfg, dist_ctx):
     return dist_ctx.on_every_rank(look)
 
 
-def checkpoint_layout(config, optimizer="adamw"):
-    """({key: shape} of the model's state_dict, [(shape, state names)] of each parameter of the
-    --optimizer's state in its order) for a GPTConfig dict, built on the meta device: checking a
-    checkpoint's structure allocates nothing."""
-    with torch.device("meta"):
-        model = GPT(GPTConfig(**config))
-    built = configure_optimizer(model, 0.0, 1.0, "meta", muon=dict(lr=1.0) if optimizer == "muon" else None)
-    return (
-        {key: tuple(t.shape) for key, t in model.state_dict().items()},
-        [
-            (tuple(p.shape), optimizers.state_names(group))
-            for group in built.param_groups
-            for p in group["params"]
-        ],
-    )
-
-
-def read_verified(path, resume=False, weights=True):
-    """A checkpoint read and verified by gpt2lib.checkpoints (checksum, config), then checked against the
-    model its config builds here; resume: also what a resume restores (optimizer, data position, RNG).
-    weights False: a sharded checkpoint's weights stay on disk (restore loads each rank's part)."""
-    checkpoint = checkpoints.read_checkpoint(path, weights)
-    layout, optimizer_layout = checkpoint_layout(checkpoint["config"], checkpoints.trained_with(checkpoint))
-    checkpoints.check_layout(path, checkpoint, layout, optimizer_layout if resume else None)
-    return checkpoint
-
-
 def find_checkpoint(resume, log_dir, training=True):
     """(path, checkpoint read and verified) that --resume picks, or (None, None) to start fresh: auto
     takes the newest good checkpoint in log_dir (a damaged one is skipped with a warning, and set aside
@@ -1305,6 +1251,60 @@ def find_checkpoint(resume, log_dir, training=True):
     if damaged:
         raise checkpoints.all_damaged(log_dir, damaged)
     return None, None
+
+
+def read_verified(path, resume=False, weights=True):
+    """A checkpoint read and verified by gpt2lib.checkpoints (checksum, config), then checked against the
+    model its config builds here; resume: also what a resume restores (optimizer, data position, RNG).
+    weights False: a sharded checkpoint's weights stay on disk (restore loads each rank's part)."""
+    checkpoint = checkpoints.read_checkpoint(path, weights)
+    layout, optimizer_layout = checkpoint_layout(checkpoint["config"], checkpoints.trained_with(checkpoint))
+    checkpoints.check_layout(path, checkpoint, layout, optimizer_layout if resume else None)
+    return checkpoint
+
+
+def checkpoint_layout(config, optimizer="adamw"):
+    """({key: shape} of the model's state_dict, [(shape, state names)] of each parameter of the
+    --optimizer's state in its order) for a GPTConfig dict, built on the meta device: checking a
+    checkpoint's structure allocates nothing."""
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**config))
+    built = configure_optimizer(model, 0.0, 1.0, "meta", muon=dict(lr=1.0) if optimizer == "muon" else None)
+    return (
+        {key: tuple(t.shape) for key, t in model.state_dict().items()},
+        [
+            (tuple(p.shape), optimizers.state_names(group))
+            for group in built.param_groups
+            for p in group["params"]
+        ],
+    )
+
+
+def choose_start(cfg, holder):
+    """On the rank that holds the checkpoint to resume (rank 0 when there is none): the Start.
+    A checkpoint of this run takes precedence over --init-from: a preempted fine-tune continues."""
+    if holder is not None:
+        path, checkpoint = holder.path, holder.checkpoint
+        config, weights, source = model_config(None, **checkpoint["config"]), None, path
+        check_resumable(path, checkpoint, config, cfg, wanted_model(cfg))
+        if cfg.init_from:
+            print(
+                f"resuming {path}, a run started from --init-from {cfg.init_from}, which is not loaded again"
+            )
+    elif cfg.init_from:
+        checkpoint, model = None, load_init_source(cfg.init_from, cfg.vocab_multiple)
+        config, weights, source = asdict(model.config), model.state_dict(), f"--init-from {cfg.init_from}"
+        check_model_flag(config, source, cfg.model, wanted_model(cfg))
+    else:
+        checkpoint, weights = None, None
+        config = asdict(config_for(cfg.model or DEFAULT_MODEL, vocab_multiple=cfg.vocab_multiple))
+        source = f"--model {cfg.model or DEFAULT_MODEL}"
+    if cfg.seq_len > config["block_size"]:
+        raise UserError(f"--seq-len {cfg.seq_len} exceeds the block size {config['block_size']} of {source}")
+    run_id = (checkpoint or {}).get("run_id") or uuid.uuid4().hex  # checkpoints from before run ids get one
+    # rank 0 is on another node: it takes over the run's logs, when the checkpoint is in this log dir
+    moved = holder is not None and holder.rank != 0 and checkpoints.continues_in(cfg.log_dir, holder.path)
+    return Start(config, checkpoint, weights, run_id, resume.read_logs(cfg.log_dir) if moved else None)
 
 
 def wanted_model(cfg):
@@ -1343,31 +1343,34 @@ def load_init_source(source, vocab_multiple):
     return model
 
 
-def choose_start(cfg, holder):
-    """On the rank that holds the checkpoint to resume (rank 0 when there is none): the Start.
-    A checkpoint of this run takes precedence over --init-from: a preempted fine-tune continues."""
-    if holder is not None:
-        path, checkpoint = holder.path, holder.checkpoint
-        config, weights, source = model_config(None, **checkpoint["config"]), None, path
-        check_resumable(path, checkpoint, config, cfg, wanted_model(cfg))
-        if cfg.init_from:
-            print(
-                f"resuming {path}, a run started from --init-from {cfg.init_from}, which is not loaded again"
-            )
-    elif cfg.init_from:
-        checkpoint, model = None, load_init_source(cfg.init_from, cfg.vocab_multiple)
-        config, weights, source = asdict(model.config), model.state_dict(), f"--init-from {cfg.init_from}"
-        check_model_flag(config, source, cfg.model, wanted_model(cfg))
-    else:
-        checkpoint, weights = None, None
-        config = asdict(config_for(cfg.model or DEFAULT_MODEL, vocab_multiple=cfg.vocab_multiple))
-        source = f"--model {cfg.model or DEFAULT_MODEL}"
-    if cfg.seq_len > config["block_size"]:
-        raise UserError(f"--seq-len {cfg.seq_len} exceeds the block size {config['block_size']} of {source}")
-    run_id = (checkpoint or {}).get("run_id") or uuid.uuid4().hex  # checkpoints from before run ids get one
-    # rank 0 is on another node: it takes over the run's logs, when the checkpoint is in this log dir
-    moved = holder is not None and holder.rank != 0 and checkpoints.continues_in(cfg.log_dir, holder.path)
-    return Start(config, checkpoint, weights, run_id, resume.read_logs(cfg.log_dir) if moved else None)
+# ---- the model and the start-up line
+
+
+def setup_model(start, cfg, dist_ctx, precision):
+    """The model in training mode on this rank's device, the same initial weights on every rank:
+    --init-from's (read by rank 0, sent to the others) or a seeded init; with --fsdp sharded across
+    the ranks, before an optimizer sees its parameters. A resumed checkpoint's weights are loaded
+    later, by restore."""
+    torch.manual_seed(cfg.seed)
+    model = GPT(GPTConfig(**start.config))
+    if start.weights is not None:
+        model.load_state_dict(start.weights)
+    model.set_sdpa_backend(cfg.sdpa_backend)  # before torch.compile traces the attention
+    model.set_recompute(cfg.recompute)
+    model = model.to(dist_ctx.device)
+    if cfg.fsdp:
+        parallel.shard_for_training(model, precision, dist_ctx.device)
+    return model
+
+
+def print_schedule(cfg):
+    """One line at start for a wsd run: where its stable phase ends and how it cools down."""
+    if cfg.lr_schedule == "wsd" and not cfg.eval_only:
+        print(
+            f"lr schedule wsd: warmup {cfg.warmup_steps} steps, lr {cfg.lr:g} until step "
+            f"{cfg.max_steps - cfg.cooldown_steps}, {cfg.cooldown_shape} cooldown to "
+            f"{cfg.lr * cfg.min_lr_ratio:g} at step {cfg.max_steps}"
+        )
 
 
 # -----------------------------------------------------------------------------
