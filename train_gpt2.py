@@ -1,11 +1,12 @@
 """
 Pretrain GPT-2 (124M and its larger siblings) from scratch, nanoGPT-style.
 
-Read top to bottom: the model config, the GPT-2 model (HuggingFace's key names) and sampling, the
-sharded token DataLoader, the training config, one optimizer step, the training loop, the command
-line. The machinery that hellaswag.py, fineweb.py and tools/ share with this script (HF interchange,
-checkpoints and the run directory, rank-0 decisions, the chunked loss, HellaSwag scoring) is in
-gpt2lib/, one module per job.
+Read top to bottom: the model config, the GPT-2 model (HuggingFace's key names), the sharded token
+DataLoader, the training config, one optimizer step, the training loop, the run's construction (the
+start every rank agrees on, the checkpoint to resume, the model and optimizer), the other modes and
+the command line. gpt2lib/ offers the services this script, hellaswag.py, fineweb.py and tools/ share
+(checkpoint files, the resume agreement, the run directory, HF interchange, the chunked loss, HellaSwag
+scoring, sampling, tracking), one module per job; they take this script's instances and values.
 
     python train_gpt2.py                                  # one GPU (or CPU/MPS for small models)
     torchrun --standalone --nproc_per_node=8 train_gpt2.py  # one node, eight GPUs
