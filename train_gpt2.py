@@ -707,7 +707,7 @@ def validate(cfg, world_size, rank=0):
             problems.append(f"--model: {e}")
             model_config = None
     for name in ("batch_size", "seq_len", "total_batch_size", "max_steps", "val_steps", "collective_timeout"):
-        if getattr(cfg, name) <= 0:
+        if name not in not_finite and getattr(cfg, name) <= 0:
             problems.append(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     for name in (
         "benchmark",

@@ -311,7 +311,9 @@ def wait_for(predicate, timeout=120):
 def test_a_signal_to_one_rank_stops_all_at_once_without_evals(tmp_path, sig, rank):
     """The signalled rank reads its stop request after the micro-steps of the step in flight, and the
     step's all-reduce carries it to the others: the checkpoint is at the next step boundary, or at the
-    one after when the signal came while that rank already waited in the step's all-reduce."""
+    one after when the signal came while that rank already waited in the step's all-reduce. With evals
+    at every step, the signal may also come during the evals at the top of the step in flight: they
+    end at the next batch, and the checkpoint is at that step."""
     make_data(tmp_path / "data", n_train=200000)
     write_hellaswag(tmp_path / "h.jsonl")
     args = TINY_ARGS + [
@@ -340,7 +342,7 @@ def test_a_signal_to_one_rank_stops_all_at_once_without_evals(tmp_path, sig, ran
     assert proc.returncode == 0, err
     [name] = checkpoints(tmp_path / "log")
     step = int(name[6:11])
-    assert done + 1 <= step <= done + 2, f"signal during step {done}, checkpoint at step {step}"
+    assert done <= step <= done + 2, f"signal during step {done}, checkpoint at step {step}"
     text = log.read_text()
     assert f"stopped by signal after step {step - 1}" in out and text.count(" train ") == step
     assert not re.search(rf"^{step} (val|hella) ", text, re.M), "the stop step must not run evals"
