@@ -181,3 +181,32 @@ def test_the_optimizer_pair_works_with_the_fp16_loss_scaler():
     scaler.step(optimizer)
     changed = [not torch.equal(b, p) for b, p in zip(before, model.parameters())]
     assert all(changed)  # both parts stepped, the grads unscaled first
+
+
+@pytest.mark.usefixtures("offline")  # tests/conftest.py: no hub, no network
+def test_init_from_fine_tunes_under_muon_and_exports_plain_gpt2(tmp_path):
+    """--init-from an AdamW run's checkpoint with --optimizer muon: a fresh Muon/AdamW pair trains from
+    its weights (the blocks' matrices move), and the export is a plain GPT2LMHeadModel whose logits
+    equal ours."""
+    from transformers import GPT2LMHeadModel
+
+    base = tiny_config(make_data(tmp_path / "data"), str(tmp_path / "base"), max_steps=3)
+    train(base, DistContext())
+    start = os.path.join(base.log_dir, "model_00003.pt")
+    tuned = replace(
+        base, log_dir=str(tmp_path / "tuned"), init_from=start, model="", optimizer="muon", muon_lr=0.02
+    )
+    assert train(tuned, DistContext())["losses"]
+    before, after = (
+        GPT.from_checkpoint(start),
+        GPT.from_checkpoint(os.path.join(tuned.log_dir, "model_00003.pt")),
+    )
+    key = "transformer.h.0.mlp.c_fc.weight"  # on Muon
+    assert not torch.equal(before.state_dict()[key], after.state_dict()[key])
+    assert train_gpt2.read_verified(os.path.join(tuned.log_dir, "model_00003.pt"), resume=True)
+    export = str(tmp_path / "export")
+    after.save_pretrained(export)
+    hf = GPT2LMHeadModel.from_pretrained(export).eval()
+    idx = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(hf(idx).logits, after.eval()(idx)[0], atol=1e-4)
