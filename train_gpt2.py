@@ -71,6 +71,7 @@ from gpt2lib.resume import (
     check_model_flag,
     check_resumable,
     cooldown_start,
+    print_schedule,
     restore,
     schedule_config,
     shape_text,
@@ -969,9 +970,12 @@ def train(cfg, dist_ctx, stop=None):
     next top of a step writes a checkpoint and nothing else: the evals would be redone on resume.
 
     With --eval-only, only the evals of the start step run (logged as a training run logs them, into
-    a new or empty log dir only: see claim_log_dir): no training, no checkpoint."""
+    a new or empty log dir only: see rundir.claim): no training, no checkpoint."""
     stop = stop or StopRequest()
-    with claim_log_dir(cfg, dist_ctx) as writes_log:  # False: an --eval-only that leaves log_dir as it is
+    # rank 0 holds log_dir's lock throughout; False: an --eval-only that leaves a log dir with files as it is
+    with rundir.claim(
+        cfg.log_dir, "--log-dir", checkpoints.RUN_FILE_NAMES, dist_ctx, read_only=cfg.eval_only
+    ) as writes_log:
         run = setup_run(cfg, dist_ctx, writes_log)
         with run.log:  # at the end, the trackers' runs finish (as failed when training raised)
             if cfg.eval_only:
@@ -1164,29 +1168,11 @@ def make_loaders(cfg, dist_ctx):
 # ---- how a run starts: a seeded init, --init-from's weights, or a checkpoint of this run to resume
 
 
-@contextlib.contextmanager
-def claim_log_dir(cfg, dist_ctx):
-    """Yields whether this run writes into cfg.log_dir. A run holds its lock throughout (on rank 0),
-    so a second run into it stops before touching anything. --eval-only never changes what a log dir
-    holds: into a new or empty one it logs its evals (a baseline for play.ipynb); into any other it
-    takes no lock, sets nothing aside, trims no log and writes no line: its results are only printed."""
-    if cfg.eval_only and dist_ctx.decide(lambda: rundir.holds_files(cfg.log_dir)):
-        if dist_ctx.master_process:
-            print(
-                f"note: --eval-only writes nothing into --log-dir {cfg.log_dir}, which holds files already: "
-                "its results are only printed (a new or empty --log-dir logs them)"
-            )
-        yield False
-        return
-    with rundir.held(cfg.log_dir, "--log-dir", checkpoints.RUN_FILE_NAMES, dist_ctx.decide):
-        yield True
-
-
 def agree_on_start(cfg, dist_ctx, writes_log=True):
     """Every node reports its newest good checkpoint; the rank that holds the newest of all builds the
     Start from it (choose_start) and sends it to every rank. Then rank 0, which writes checkpoints and
     logs from now on, sets its log dir up, with the holder's logs when the checkpoint came from another
-    node (unless writes_log is False: see claim_log_dir)."""
+    node (unless writes_log is False: see rundir.claim)."""
     holder = resume.find_holder(local_checkpoint(cfg, dist_ctx), cfg.resume, dist_ctx)
     start = dist_ctx.decide(lambda: choose_start(cfg, holder), src=holder.rank if holder else 0)
     resume_step = start.checkpoint["step"] if start.checkpoint else None
@@ -1362,16 +1348,6 @@ def setup_model(start, cfg, dist_ctx, precision):
     if cfg.fsdp:
         parallel.shard_for_training(model, precision, dist_ctx.device)
     return model
-
-
-def print_schedule(cfg):
-    """One line at start for a wsd run: where its stable phase ends and how it cools down."""
-    if cfg.lr_schedule == "wsd" and not cfg.eval_only:
-        print(
-            f"lr schedule wsd: warmup {cfg.warmup_steps} steps, lr {cfg.lr:g} until step "
-            f"{cfg.max_steps - cfg.cooldown_steps}, {cfg.cooldown_shape} cooldown to "
-            f"{cfg.lr * cfg.min_lr_ratio:g} at step {cfg.max_steps}"
-        )
 
 
 # -----------------------------------------------------------------------------

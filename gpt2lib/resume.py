@@ -161,6 +161,16 @@ def cooldown_start(max_steps, cooldown_steps):
     return max_steps - (cooldown_steps or max_steps // 5)
 
 
+def print_schedule(cfg):
+    """One line at start for a wsd run: where its stable phase ends and how it cools down."""
+    if cfg.lr_schedule == "wsd" and not cfg.eval_only:
+        print(
+            f"lr schedule wsd: warmup {cfg.warmup_steps} steps, lr {cfg.lr:g} until step "
+            f"{cfg.max_steps - cfg.cooldown_steps}, {cfg.cooldown_shape} cooldown to "
+            f"{cfg.lr * cfg.min_lr_ratio:g} at step {cfg.max_steps}"
+        )
+
+
 def schedule_config(cfg, checkpoint):
     """cfg with the wsd cooldown fixed, so that the lr of the steps a resumed checkpoint already
     trained never changes. A checkpoint of the stable phase continues it under a larger --max-steps,

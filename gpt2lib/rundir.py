@@ -230,6 +230,24 @@ def held(directory, flag, name_pattern, decide=lambda fn: fn()):
         lock.release()
 
 
+@contextlib.contextmanager
+def claim(directory, flag, name_pattern, dist_ctx, read_only=False):
+    """Yields whether this run writes into directory. A run holds its lock throughout (on rank 0, see
+    held), so a second run into it stops before touching anything. A read_only run (--eval-only) never
+    changes what a directory holds: into a new or empty one it writes as a run does (a baseline for
+    play.ipynb); into any other it takes no lock, sets nothing aside, trims no log and writes nothing."""
+    if read_only and dist_ctx.decide(lambda: holds_files(directory)):
+        if dist_ctx.master_process:
+            print(
+                f"note: --eval-only writes nothing into {flag} {directory}, which holds files already: "
+                f"its results are only printed (a new or empty {flag} logs them)"
+            )
+        yield False
+        return
+    with held(directory, flag, name_pattern, dist_ctx.decide):
+        yield True
+
+
 def holds_files(directory):
     """Whether directory holds anything but a lock file."""
     return os.path.isdir(directory) and bool(set(os.listdir(directory)) - {LOCK_NAME})

@@ -506,11 +506,11 @@ MUTATIONS = [
     ),
     Mutation(
         "eval_only_read_only",
-        "train_gpt2.py",
+        "gpt2lib/rundir.py",
         [
             (
-                "    if cfg.eval_only and dist_ctx.decide(lambda: rundir.holds_files(cfg.log_dir)):\n",
-                "    if cfg.eval_only and dist_ctx.decide(lambda: not os.path.isdir(cfg.log_dir)):\n",
+                "    if read_only and dist_ctx.decide(lambda: holds_files(directory)):\n",
+                "    if read_only and dist_ctx.decide(lambda: not os.path.isdir(directory)):\n",
             )
         ],
         [T + "test_readonly.py::test_eval_only_in_a_run_log_dir_changes_nothing_and_prints_its_results"],
