@@ -36,8 +36,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import fineweb  # noqa: E402
+from gpt2lib import optimizers  # noqa: E402
 from train_gpt2 import DistContext, TrainConfig, train  # noqa: E402
 
+MUON_ADAMW = optimizers.muon_adamw
 SKIPPED_NAMES = (
     "license",
     "licence",
@@ -162,23 +164,59 @@ def val_curve(log_dir):
     return [(row["step"], row["value"]) for row in rows if row.get("kind") == "val"]
 
 
-def run_one(base, optimizer, lr, muon_lr=None, threads=1):
-    """Train one configuration; its val curve and median seconds per step."""
+class SplitQKV(optimizers.MuonAdamW):
+    """MuonAdamW whose Muon orthogonalizes each c_attn's q, k and v blocks as three (C, C) matrices
+    instead of one (3C, C) matrix, for --qkv split. Muon steps three Parameters that are views of the
+    block's rows of c_attn.weight (they share its storage), and step() hands each the matching rows of
+    c_attn's gradient. A measurement only: GradScaler (fp16) would not see these gradients."""
+
+    def __init__(self, mixed, model):
+        muon = mixed.muon
+        self.blocks = []
+        params = []
+        for name, p in model.named_parameters():
+            if not optimizers.is_muon_parameter(name, p):
+                continue
+            if name.endswith("attn.c_attn.weight"):
+                views = [torch.nn.Parameter(rows) for rows in p.data.chunk(3)]
+                self.blocks.append((p, views))
+                params += views
+            else:
+                params.append(p)
+        group = {k: v for k, v in muon.param_groups[0].items() if k != "params"}
+        split = torch.optim.Muon([{**group, "params": params}], **muon.defaults)
+        super().__init__(mixed.adamw, split)
+
+    def step(self):
+        for matrix, views in self.blocks:
+            for view, grad in zip(views, matrix.grad.chunk(3)):
+                view.grad = grad
+        super().step()
+
+
+def split_qkv_muon(model, *args):
+    return SplitQKV(MUON_ADAMW(model, *args), model)
+
+
+def run_one(base, run, threads=1):
+    """Train one configuration (a dict: optimizer, lr, muon_lr, steps, qkv); the same dict with its
+    val curve and median seconds per step."""
     if threads:
         torch.set_num_threads(threads)
+    optimizers.muon_adamw = split_qkv_muon if run.get("qkv") == "split" else MUON_ADAMW
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = replace(base, optimizer=optimizer, lr=lr, muon_lr=muon_lr or base.muon_lr, log_dir=tmp)
+        cfg = replace(
+            base,
+            optimizer=run["optimizer"],
+            lr=run["lr"],
+            muon_lr=run["muon_lr"] or base.muon_lr,
+            max_steps=run["steps"],
+            log_dir=tmp,
+        )
         result = train(cfg, DistContext(device=torch.device(base.device)))
         curve = val_curve(tmp)
     seconds = sorted(m["dt_ms"] / 1000 for m in result["metrics"])
-    return {
-        "optimizer": optimizer,
-        "lr": lr,
-        "muon_lr": muon_lr,
-        "curve": curve,
-        "final": curve[-1][1],
-        "s_per_step": seconds[len(seconds) // 2],
-    }
+    return {**run, "curve": curve, "final": curve[-1][1], "s_per_step": seconds[len(seconds) // 2]}
 
 
 def tokens_to_reach(curve, target, tokens_per_step):
@@ -222,9 +260,30 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads per run (0: torch's default)")
     p.add_argument("--jobs", type=int, default=1, help="runs trained side by side, each in its own process")
     p.add_argument(
+        "--horizons",
+        type=float,
+        nargs="*",
+        default=[],
+        help="also train Muon's best lr for these fractions of --steps, each with its schedule (warmup, "
+        "decay) fit to its length: the shortest that reaches AdamW's best final val loss gives the "
+        "fraction of AdamW's tokens Muon needs, as the field's step-count comparisons measure it",
+    )
+    p.add_argument(
+        "--compare-qkv",
+        action="store_true",
+        help="also train Muon's best lr with c_attn orthogonalized as three (C, C) blocks (q, k, v)",
+    )
+    p.add_argument(
+        "--runs-from",
+        nargs="*",
+        default=[],
+        help="--json files of earlier runs on the same data and shapes: reported, not trained again",
+    )
+    p.add_argument(
         "--repeat-best",
         action="store_true",
-        help="train each optimizer's best run again and check that it gives the same curve",
+        help="train again, per optimizer, the shortest run that reaches AdamW's best final val loss, "
+        "and check that it gives the same curve",
     )
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--corpus-seed", type=int, default=0)
@@ -234,76 +293,171 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def report(runs, tokens_per_step):
-    adamw = [r for r in runs if r["optimizer"] == "adamw"]
-    target = min(r["final"] for r in adamw)
-    adamw_tokens = adamw[0]["curve"][-1][0] * tokens_per_step
+def label(r):
+    return f"{r['optimizer']} lr {r['muon_lr'] or r['lr']:g}" + (
+        ", q/k/v split" if r["qkv"] == "split" else ""
+    )
+
+
+def best_runs(runs, steps):
+    """Each optimizer's run with the lowest final val loss among the full-length lr sweep."""
+    return {
+        name: min(
+            (r for r in runs if r["optimizer"] == name and r["steps"] == steps and r["qkv"] == "whole"),
+            key=lambda r: r["final"],
+        )
+        for name in ("adamw", "muon")
+    }
+
+
+def report(runs, tokens_per_step, steps):
+    """Print the table; return the best runs. The target is AdamW's best final val loss; a run's
+    token ratio is the tokens at which its val curve first reaches it over AdamW's tokens."""
+    best = best_runs(runs, steps)
+    target = best["adamw"]["final"]
+    adamw_tokens = steps * tokens_per_step
+    columns = [s for s, _ in best["adamw"]["curve"][1::4]]
     print(f"\ntarget: AdamW's best final val loss {target:.4f} at {adamw_tokens:,} tokens")
     print(
-        "| optimizer | lr (Muon lr) | val loss at "
-        + " | ".join(f"{s * tokens_per_step // 1000}k" for s, _ in adamw[0]["curve"][1::4])
-        + " | tokens to target / AdamW's | s/step |"
+        "| optimizer | lr (Muon lr) | c_attn | steps | val loss at "
+        + " | ".join(f"{s * tokens_per_step // 1000}k" for s in columns)
+        + " | final | tokens to target / AdamW's | s/step |"
     )
-    print("|---" * (4 + len(adamw[0]["curve"][1::4])) + "|")
-    for r in runs:
+    print("|---" * (7 + len(columns)) + "|")
+    for r in sorted(
+        runs, key=lambda r: (r["optimizer"], r["qkv"] != "whole", -r["steps"], r["muon_lr"] or r["lr"])
+    ):
         reach = tokens_to_reach(r["curve"], target, tokens_per_step)
         r["token_ratio"] = None if reach is None else reach / adamw_tokens
+        at = dict(r["curve"])
         lr = f"{r['lr']:g}" + (f" ({r['muon_lr']:g})" if r["muon_lr"] else "")
         ratio = "not reached" if reach is None else f"{r['token_ratio']:.3f}"
         print(
-            f"| {r['optimizer']} | {lr} | "
-            + " | ".join(f"{v:.4f}" for _, v in r["curve"][1::4])
-            + f" | {ratio} | {r['s_per_step']:.3f} |"
+            f"| {r['optimizer']} | {lr} | {r['qkv'] if r['muon_lr'] else ''} | {r['steps']} | "
+            + " | ".join(f"{at[s]:.4f}" if s in at else "" for s in columns)
+            + f" | {r['final']:.4f} | {ratio} | {r['s_per_step']:.3f} |"
         )
-    best = {
-        name: min((r for r in runs if r["optimizer"] == name), key=lambda r: r["final"])
-        for name in ("adamw", "muon")
-    }
-    ratio = best["muon"]["token_ratio"]
+    muon = best["muon"]
     print(
-        f"\nMuon (best lr {best['muon']['muon_lr']:g}) reaches AdamW's best final val loss "
-        + ("never" if ratio is None else f"in {ratio:.3f}x AdamW's tokens")
-        + "; "
-        f"s/step AdamW {best['adamw']['s_per_step']:.3f}, Muon {best['muon']['s_per_step']:.3f}"
+        f"\nMuon at its best lr ({muon['muon_lr']:g}) over the full {steps} steps reaches AdamW's best "
+        + ("never" if muon["token_ratio"] is None else f"in {muon['token_ratio']:.3f}x AdamW's tokens")
     )
+    shorter = [
+        r
+        for r in runs
+        if r["optimizer"] == "muon"
+        and r["muon_lr"] == muon["muon_lr"]
+        and r["qkv"] == "whole"
+        and r["steps"] < steps
+    ]
+    for r in sorted(shorter, key=lambda r: r["steps"]):
+        verdict = "reaches it" if r["token_ratio"] is not None else "does not reach it"
+        print(
+            f"Muon trained for {r['steps']} steps ({r['steps'] / steps:.2f}x, its schedule fit to that "
+            f"length) ends at {r['final']:.4f}: {verdict}"
+            + ("" if r["token_ratio"] is None else f" at {r['token_ratio']:.3f}x AdamW's tokens")
+        )
+    reached = [r["token_ratio"] for r in shorter + [muon] if r["token_ratio"] is not None]
+    if reached:
+        print(f"the fewest tokens Muon at lr {muon['muon_lr']:g} needed: {min(reached):.3f}x AdamW's")
+    print(f"s/step: AdamW {best['adamw']['s_per_step']:.3f}, Muon {muon['s_per_step']:.3f}")
     return best
 
 
-def plot(best, tokens_per_step, path):
+def plot(runs, tokens_per_step, path):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for r in best.values():
-        label = f"{r['optimizer']} lr {r['muon_lr'] or r['lr']:g}"
-        ax.plot([s * tokens_per_step for s, _ in r["curve"]], [v for _, v in r["curve"]], label=label)
+    for r in runs:
+        name = label(r) + (f", {r['steps']} steps" if r["steps"] != runs[0]["steps"] else "")
+        ax.plot([s * tokens_per_step for s, _ in r["curve"]], [v for _, v in r["curve"]], label=name)
     ax.set_xlabel("tokens")
     ax.set_ylabel("val loss")
-    ax.set_ylim(top=min(8.0, max(v for r in best.values() for _, v in r["curve"][2:]) + 0.2))
+    ax.set_ylim(top=min(8.0, max(v for r in runs for _, v in r["curve"][2:]) + 0.2))
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
 
-def run_all(configs, base, jobs, threads):
-    """run_one for each (optimizer, lr, muon_lr), `jobs` at a time in processes of their own."""
+RUN_KEYS = ("optimizer", "lr", "muon_lr", "steps", "qkv")
+SAME_DATA = ("model", "dtype", "batch_size", "seq_len", "total_batch_size", "warmup", "eval_every")
+SAME_DATA += ("val_tokens", "seed", "corpus_seed", "shard_size")
+
+
+def make_run(optimizer, lr, muon_lr, steps, qkv="whole"):
+    return dict(optimizer=optimizer, lr=lr, muon_lr=muon_lr, steps=steps, qkv=qkv)
+
+
+def same_run(a, b):
+    return all(a[k] == b[k] for k in RUN_KEYS)
+
+
+def run_all(wanted, done, base, jobs, threads):
+    """run_one for each wanted run not already in `done` (the same optimizer, lrs, steps and c_attn),
+    `jobs` at a time in processes of their own; the new runs."""
+    todo = [run for run in wanted if not any(same_run(run, d) for d in done)]
     if jobs <= 1:
-        return [run_one(base, *config, threads=threads) for config in configs]
-    import multiprocessing
+        new = [run_one(base, run, threads=threads) for run in todo]
+    else:
+        import multiprocessing
 
-    with multiprocessing.get_context("spawn").Pool(jobs) as pool:
-        return pool.starmap(run_one, [(base, *config, threads) for config in configs])
+        with multiprocessing.get_context("spawn").Pool(jobs) as pool:
+            new = pool.starmap(run_one, [(base, run, threads) for run in todo])
+    for r in new:
+        print(f"{label(r)}, {r['steps']} steps: final val {r['final']:.4f}, {r['s_per_step']:.3f} s/step")
+    return new
 
 
-def print_run(r):
-    rest = f" (AdamW lr {r['lr']:g} for the rest)" if r["muon_lr"] else ""
-    print(
-        f"{r['optimizer']} lr {r['muon_lr'] or r['lr']:g}{rest}: final val {r['final']:.4f}, "
-        f"{r['s_per_step']:.3f} s/step",
-        flush=True,
-    )
+def load_runs(paths, args):
+    """The runs of earlier --json files trained on the same data and shapes as these args."""
+    runs = []
+    for path in paths:
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+        except (OSError, ValueError) as e:
+            sys.exit(f"--runs-from {path}: cannot read it as a --json file of this tool ({e})")
+        differ = [k for k in SAME_DATA if saved["args"].get(k) != getattr(args, k)]
+        if differ:
+            sys.exit(f"{path}: its runs differ from these in {', '.join(differ)}: pass the same settings")
+        runs += [{"steps": saved["args"]["steps"], "qkv": "whole", **r} for r in saved["runs"]]
+    return runs
+
+
+def sweep(args, runs, train_some):
+    """The lr sweeps, then at Muon's best lr the shorter schedules (--horizons) and c_attn split into
+    q, k and v (--compare-qkv)."""
+    adamw = [make_run("adamw", lr, None, args.steps) for lr in args.adamw_lrs]
+    rest_lr = args.rest_lr
+    if not rest_lr:  # Muon's runs wait for AdamW's best lr
+        train_some(adamw)
+        rest_lr = min((r for r in runs if r["optimizer"] == "adamw"), key=lambda r: r["final"])["lr"]
+    train_some(adamw + [make_run("muon", rest_lr, m, args.steps) for m in args.muon_lrs])
+    muon = best_runs(runs, args.steps)["muon"]
+    more = [make_run("muon", muon["lr"], muon["muon_lr"], round(f * args.steps)) for f in args.horizons]
+    if args.compare_qkv:
+        more.append(make_run("muon", muon["lr"], muon["muon_lr"], args.steps, "split"))
+    train_some(more)
+
+
+def shortest_reaching(runs, best, name):
+    """The fewest-steps run of this optimizer that reaches AdamW's best final val loss (its best run
+    if none does)."""
+    reaching = [r for r in runs if r["optimizer"] == name and r["token_ratio"] and r["qkv"] == "whole"]
+    return min(reaching, key=lambda r: r["steps"]) if reaching else best[name]
+
+
+def repeat_shortest(runs, best, base, args):
+    """Train each optimizer's shortest_reaching run again; print whether the val curve is the same."""
+    again = [shortest_reaching(runs, best, name) for name in ("adamw", "muon")]
+    for first, second in zip(again, run_all(again, [], base, args.jobs, args.threads)):
+        print(
+            f"repeat {label(first)}, {first['steps']} steps: the same val curve twice: "
+            f"{first['curve'] == second['curve']} (final {first['final']:.6f}, {second['final']:.6f})"
+        )
 
 
 def main(argv=None):
@@ -330,34 +484,21 @@ def main(argv=None):
         dtype=args.dtype,
         seed=args.seed,
     )
-    # with --rest-lr given, both sweeps run together; else Muon's runs wait for AdamW's best lr
-    adamw_configs = [("adamw", lr, None) for lr in args.adamw_lrs]
-    if args.rest_lr:
-        runs = run_all(
-            adamw_configs + [("muon", args.rest_lr, m) for m in args.muon_lrs], base, args.jobs, args.threads
-        )
-    else:
-        runs = run_all(adamw_configs, base, args.jobs, args.threads)
-        rest_lr = min(runs, key=lambda r: r["final"])["lr"]
-        runs += run_all([("muon", rest_lr, m) for m in args.muon_lrs], base, args.jobs, args.threads)
-    for r in runs:
-        print_run(r)
-    best = report(runs, tokens_per_step)
+    runs = load_runs(args.runs_from, args)
+    sweep(args, runs, lambda wanted: runs.extend(run_all(wanted, runs, base, args.jobs, args.threads)))
+    best = report(runs, tokens_per_step, args.steps)
     if args.repeat_best:
-        again = run_all(
-            [(r["optimizer"], r["lr"], r["muon_lr"]) for r in best.values()], base, args.jobs, args.threads
-        )
-        for first, second in zip(best.values(), again):
-            same = first["curve"] == second["curve"]
-            print(
-                f"repeat {first['optimizer']}: the same val curve twice: {same} (final {first['final']:.6f}, "
-                f"{second['final']:.6f})"
-            )
+        repeat_shortest(runs, best, base, args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "runs": runs}, f, indent=1)
     if args.plot:
-        plot(best, tokens_per_step, args.plot)
+        shortest = shortest_reaching(runs, best, "muon")
+        plot(
+            [best["adamw"], best["muon"]] + [shortest] * (shortest is not best["muon"]),
+            tokens_per_step,
+            args.plot,
+        )
         print(f"wrote {args.plot}")
 
 
