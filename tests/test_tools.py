@@ -7,9 +7,11 @@ import os
 import sys
 
 import pytest
+import torch
 from test_train import tiny_config
 
 import train_gpt2
+from gpt2lib import optimizers
 from train_gpt2 import DistContext
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -19,6 +21,7 @@ import device_report  # noqa: E402
 import hellaswag_timing  # noqa: E402
 import mutation_check  # noqa: E402
 import nanogpt_anchor  # noqa: E402
+import optimizer_benchmark  # noqa: E402
 
 
 def test_benchmark_line_of_a_real_cpu_run_is_parsed(tmp_path, capsys, monkeypatch):
@@ -146,3 +149,47 @@ def test_every_mutation_still_fits_the_code_and_names_existing_tests():
             path, name = node.split("::")
             with open(os.path.join(REPO, path)) as f:  # a parametrized test's id ends in [its case]
                 assert f"def {name.split('[')[0]}(" in f.read(), node
+
+
+def test_tokens_to_reach_interpolates_between_evals():
+    curve = [(0, 10.0), (10, 6.0), (20, 4.0), (30, 3.0)]
+    # 5.0 is halfway between the evals at steps 10 and 20: step 15, 100 tokens a step
+    assert optimizer_benchmark.tokens_to_reach(curve, 5.0, 100) == 1500
+    assert optimizer_benchmark.tokens_to_reach(curve, 6.0, 100) == 1000
+    assert optimizer_benchmark.tokens_to_reach(curve, 2.9, 100) is None
+
+
+def test_split_qkv_steps_q_k_and_v_each_as_a_matrix_of_its_own():
+    torch.manual_seed(0)
+    model = train_gpt2.GPT(train_gpt2.GPTConfig(block_size=8, vocab_size=32, n_layer=1, n_head=2, n_embd=8))
+    weight = model.transformer.h[0].attn.c_attn.weight  # (3C, C)
+    before = weight.detach().clone()
+    split = optimizer_benchmark.SplitQKV(
+        optimizers.muon_adamw(model, 0.0, 1e-3, False, 0.02, 0.95, 0.0), model
+    )
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    grad = weight.grad.clone()
+    split.step()
+    # the reference: torch's Muon on three separate (C, C) matrices with the q, k and v rows' grads
+    blocks = [torch.nn.Parameter(rows.clone()) for rows in before.chunk(3)]
+    for block, rows in zip(blocks, grad.chunk(3)):
+        block.grad = rows.clone()
+    torch.optim.Muon(blocks, lr=0.02, momentum=0.95, weight_decay=0.0, adjust_lr_fn="original").step()
+    torch.testing.assert_close(weight.detach(), torch.cat([b.detach() for b in blocks]), rtol=0, atol=0)
+    # and not what one (3C, C) matrix would have done
+    whole = torch.nn.Parameter(before.clone())
+    whole.grad = grad.clone()
+    torch.optim.Muon([whole], lr=0.02, momentum=0.95, weight_decay=0.0, adjust_lr_fn="original").step()
+    assert not torch.allclose(weight.detach(), whole.detach())
+
+
+def test_runs_from_a_file_of_other_settings_is_refused_in_one_line(tmp_path):
+    saved = tmp_path / "runs.json"
+    args = optimizer_benchmark.parse_args(["--batch-size", "4"])
+    saved.write_text(json.dumps({"args": vars(args), "runs": []}))
+    assert optimizer_benchmark.load_runs([str(saved)], args) == []
+    with pytest.raises(SystemExit, match="runs.json: its runs differ from these in batch_size"):
+        optimizer_benchmark.load_runs([str(saved)], optimizer_benchmark.parse_args(["--batch-size", "8"]))
+    with pytest.raises(SystemExit, match="missing.json: cannot read it"):
+        optimizer_benchmark.load_runs([str(tmp_path / "missing.json")], args)

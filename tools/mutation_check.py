@@ -69,6 +69,28 @@ MUTATIONS = [
         ],
         [T + "test_muon.py::test_each_group_follows_the_schedule_from_its_own_peak_lr"],
     ),
+    Mutation(
+        "split_qkv_steps_copies",
+        "tools/optimizer_benchmark.py",
+        [
+            (
+                "                views = [torch.nn.Parameter(rows) for rows in p.data.chunk(3)]\n",
+                "                views = [torch.nn.Parameter(rows.clone()) for rows in p.data.chunk(3)]\n",
+            )
+        ],
+        [T + "test_tools.py::test_split_qkv_steps_q_k_and_v_each_as_a_matrix_of_its_own"],
+    ),
+    Mutation(
+        "tokens_to_reach_without_interpolation",
+        "tools/optimizer_benchmark.py",
+        [
+            (
+                "            step = s0 + (s1 - s0) * (v0 - target) / (v0 - v1) if v0 > target else s0\n",
+                "            step = s1\n",
+            )
+        ],
+        [T + "test_tools.py::test_tokens_to_reach_interpolates_between_evals"],
+    ),
     # ---- the six that once passed every test
     Mutation(
         "loss_not_divided_before_backward",
