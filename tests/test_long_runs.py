@@ -360,7 +360,7 @@ def test_torchrun_restart_after_sigkill_ends_like_an_uninterrupted_run(tmp_path)
         "--total-batch-size",
         "256",
         "--max-steps",
-        "60",
+        "30",
         "--eval-every",
         "0",
         "--sample-every",
@@ -379,8 +379,8 @@ def test_torchrun_restart_after_sigkill_ends_like_an_uninterrupted_run(tmp_path)
     os.kill(worker_pid(proc.pid, rank=1), signal.SIGKILL)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
-    assert re.search(r"resuming at step ([1-5][05])", out), out[-2000:]
-    assert same_weights(final_weights(tmp_path / "log", 60), final_weights(tmp_path / "reference", 60))
+    assert re.search(r"resuming at step (10|15|20|25)\b", out), out[-2000:]
+    assert same_weights(final_weights(tmp_path / "log", 30), final_weights(tmp_path / "reference", 30))
     assert logged(tmp_path / "log") == logged(tmp_path / "reference")
 
 
