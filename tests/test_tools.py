@@ -187,8 +187,10 @@ def test_split_qkv_steps_q_k_and_v_each_as_a_matrix_of_its_own():
 def test_runs_from_a_file_of_other_settings_is_refused_in_one_line(tmp_path):
     saved = tmp_path / "runs.json"
     args = optimizer_benchmark.parse_args(["--batch-size", "4"])
-    saved.write_text(json.dumps({"args": vars(args), "runs": []}))
-    assert optimizer_benchmark.load_runs([str(saved)], args) == []
+    run = {**optimizer_benchmark.make_run("adamw", 1e-3, None, 400), "curve": [(0, 10.5), (25, 7.25)]}
+    saved.write_text(json.dumps({"args": vars(args), "runs": [run]}))
+    # a curve read back compares equal to the same curve trained again (--repeat-best)
+    assert optimizer_benchmark.load_runs([str(saved)], args) == [run]
     with pytest.raises(SystemExit, match="runs.json: its runs differ from these in batch_size"):
         optimizer_benchmark.load_runs([str(saved)], optimizer_benchmark.parse_args(["--batch-size", "8"]))
     with pytest.raises(SystemExit, match="missing.json: cannot read it"):

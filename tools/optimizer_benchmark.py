@@ -130,8 +130,11 @@ def corpus_documents(seed):
 
 
 def prepare_corpus(data_dir, shard_size, seed):
-    """Shuffled documents -> data_dir/corpus_{val,train}_NNNNNN.npy (shard 0 is val), once."""
-    if glob.glob(os.path.join(data_dir, "corpus_train_*.npy")):
+    """Shuffled documents -> data_dir/corpus_{val,train}_NNNNNN.npy (shard 0 is val), once: a
+    data_dir that has train shards already (these, or fineweb.py's) is used as it is."""
+    if glob.glob(os.path.join(data_dir, "*_train_*.npy")) or glob.glob(
+        os.path.join(data_dir, "*_train_*.bin")
+    ):
         return
     docs = corpus_documents(seed)
     os.makedirs(data_dir, exist_ok=True)
@@ -365,6 +368,7 @@ def report(runs, tokens_per_step, steps):
 
 
 def plot(runs, tokens_per_step, path):
+    """The val curves of `runs` (AdamW's best first) against tokens, and AdamW's best final val loss."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -374,6 +378,8 @@ def plot(runs, tokens_per_step, path):
     for r in runs:
         name = label(r) + (f", {r['steps']} steps" if r["steps"] != runs[0]["steps"] else "")
         ax.plot([s * tokens_per_step for s, _ in r["curve"]], [v for _, v in r["curve"]], label=name)
+    target = runs[0]["final"]  # AdamW's best
+    ax.axhline(target, color="gray", linestyle=":", linewidth=1, label=f"AdamW's best final {target:.4f}")
     ax.set_xlabel("tokens")
     ax.set_ylabel("val loss")
     ax.set_ylim(top=min(8.0, max(v for r in runs for _, v in r["curve"][2:]) + 0.2))
@@ -423,7 +429,16 @@ def load_runs(paths, args):
         differ = [k for k in SAME_DATA if saved["args"].get(k) != getattr(args, k)]
         if differ:
             sys.exit(f"{path}: its runs differ from these in {', '.join(differ)}: pass the same settings")
-        runs += [{"steps": saved["args"]["steps"], "qkv": "whole", **r} for r in saved["runs"]]
+        # json gives the curve's (step, loss) pairs back as lists: tuples again, as run_one makes them
+        runs += [
+            {
+                "steps": saved["args"]["steps"],
+                "qkv": "whole",
+                **r,
+                "curve": [tuple(point) for point in r["curve"]],
+            }
+            for r in saved["runs"]
+        ]
     return runs
 
 
