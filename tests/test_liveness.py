@@ -17,12 +17,15 @@ import threading
 import time
 
 import pytest
+import torch
 from test_integrity import TINY_CLI, start_cli, wait_for_steps
 from test_long_runs import TRAIN, same_weights, torchrun
 from test_train import REPO, final_weights, make_data
 
-from gpt2lib import rundir
-from gpt2lib.common import UserError
+from gpt2lib import evals, hellaswag_scoring, rundir
+from gpt2lib.common import Precision, UserError
+from gpt2lib.distributed import DistContext, StopRequest
+from train_gpt2 import GPT, GPTConfig
 
 # ---- a lock that holds
 
@@ -147,7 +150,7 @@ def contend(directory_root, n, barrier, results):
 def test_a_refused_contender_always_names_the_holder(tmp_path):
     """Two processes race for 1000 fresh directories (3 s): each loser names the winner's PID. The
     holder's name was once written after the lock was taken: 15 of 1000 losers read an empty file."""
-    n = 1000
+    n = 500
     ctx = multiprocessing.get_context("fork")
     barrier, results = ctx.Barrier(2), ctx.SimpleQueue()  # put() is done when it returns
     procs = [ctx.Process(target=contend, args=(str(tmp_path), n, barrier, results)) for _ in range(2)]
@@ -312,3 +315,42 @@ def test_a_stopped_rank_is_named_by_the_other_within_the_collective_timeout(tmp_
     ), errors
     assert seconds < timeout_s + 10
     assert proc.returncode != 0
+
+
+def test_a_signal_during_the_hellaswag_eval_ends_it_at_the_next_batch():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=128, n_layer=1, n_head=2, n_embd=64)).eval()
+    rng = torch.Generator().manual_seed(0)
+
+    def ids(n):
+        return torch.randint(0, 50257, (n,), generator=rng).tolist()
+
+    # short rows, so that the eval is many batches (256 rows each) of a fraction of a second
+    n = 500
+    examples = hellaswag_scoring.TokenizedExamples(
+        [ids(10) for _ in range(n)], [[ids(5) for _ in range(4)] for _ in range(n)], [0] * n
+    )
+    precision, dist_ctx = Precision("fp32", torch.device("cpu")), DistContext()
+    started = time.time()
+    whole = evals.evaluate_hellaswag(model, examples, precision, dist_ctx, StopRequest())
+    whole_s = time.time() - started
+    assert whole["n"] == n  # no signal: the whole split is scored
+    stop = StopRequest()
+    previous = signal.signal(signal.SIGINT, stop)
+    timer = threading.Timer(whole_s / 10, os.kill, (os.getpid(), signal.SIGINT))  # a real signal
+    try:
+        timer.start()
+        started = time.time()
+        stopped = evals.evaluate_hellaswag(model, examples, precision, dist_ctx, stop)
+        seconds = time.time() - started
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGINT, previous)
+    print(
+        f"HellaSwag eval {whole_s:.2f} s; stopped {seconds:.2f} s after it began "
+        f"(the signal at {whole_s / 10:.2f} s)"
+    )
+    assert stop.requested and stopped is None
+    assert seconds < whole_s / 2, (
+        f"the stop took {seconds:.1f} s of a {whole_s:.1f} s eval: it waited for the eval"
+    )

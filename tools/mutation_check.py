@@ -594,6 +594,12 @@ MUTATIONS = [
         ],
     ),
     Mutation(
+        "hellaswag_eval_stop",
+        "gpt2lib/evals.py",
+        [("        return stop is not None and stop.requested\n", "        return False\n")],
+        [T + "test_liveness.py::test_a_signal_during_the_hellaswag_eval_ends_it_at_the_next_batch"],
+    ),
+    Mutation(
         "watchdog",
         "gpt2lib/distributed.py",
         [
