@@ -11,7 +11,13 @@ corpus ordered by source would measure the data order (val loss jumps as the tra
 domain), not the optimizer. fineweb.py writes the shards from a jsonl of the shuffled documents.
 
 AdamW's sweep runs first; Muon's runs then use AdamW's best lr for the parameters AdamW keeps
-(embeddings, LayerNorms, biases), so that only the hidden matrices' optimizer differs.
+(embeddings, LayerNorms, biases), so that only the hidden matrices' optimizer differs, unless
+--rest-lr sets it.
+
+The fraction of AdamW's tokens that Muon needs is measured two ways: where the val curve of Muon's
+best full-length run first reaches AdamW's best final val loss, and (--horizons) by training Muon's
+best lr for fewer steps, each run with its schedule fit to its length: the shortest that ends below
+AdamW's best is how step counts to a target are compared in the field.
 
     python tools/optimizer_benchmark.py                       # d4, CPU, 8x128 tokens per step, 400 steps
     python tools/optimizer_benchmark.py --steps 600 --plot optimizers.png
