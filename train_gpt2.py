@@ -78,7 +78,7 @@ from gpt2lib.resume import (
 )
 from gpt2lib.run_state import Run, Start
 from gpt2lib.runlog import RunLog
-from gpt2lib.sampling import generate, sample_and_print
+from gpt2lib.sampling import generate, print_samples, sample_and_print
 from gpt2lib.shards import ShardFile, find_shards
 from gpt2lib.step_metrics import StepTimer, log_step, report_benchmark
 
@@ -1017,19 +1017,6 @@ def train(cfg, dist_ctx, stop=None):
 
 def due(every, step, last_step):
     return every > 0 and (step % every == 0 or last_step)
-
-
-def print_samples(run, step):
-    """Rank 0 samples; with --fsdp every rank takes part in gathering the full weights it samples from."""
-    master = run.dist_ctx.master_process
-    if not master and not run.cfg.fsdp:
-        return
-    run.raw_model.eval()
-    with parallel.full_weights(run.raw_model), run.precision.autocast():
-        if master:
-            texts = sample_and_print(run.raw_model, run.cfg.sample_prompt, run.cfg, run.cfg.seed + step)
-            run.log.write_samples(step, run.cfg.sample_prompt, texts)
-    run.raw_model.train()
 
 
 # -----------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from gpt2lib import parallel
 from gpt2lib.common import GPT2_EOT, get_encoding
 
 
@@ -228,3 +229,17 @@ def sample_and_print(model, prompt, settings, seed):
     for text in texts:
         print(f"sample: {text!r}")
     return texts
+
+
+def print_samples(run, step):
+    """The training run's samples at this step (run: a run_state.Run), written to its log. Rank 0
+    samples; with --fsdp every rank takes part in gathering the full weights it samples from."""
+    master = run.dist_ctx.master_process
+    if not master and not run.cfg.fsdp:
+        return
+    run.raw_model.eval()
+    with parallel.full_weights(run.raw_model), run.precision.autocast():
+        if master:
+            texts = sample_and_print(run.raw_model, run.cfg.sample_prompt, run.cfg, run.cfg.seed + step)
+            run.log.write_samples(step, run.cfg.sample_prompt, texts)
+    run.raw_model.train()

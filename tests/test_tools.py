@@ -195,3 +195,10 @@ def test_runs_from_a_file_of_other_settings_is_refused_in_one_line(tmp_path):
         optimizer_benchmark.load_runs([str(saved)], optimizer_benchmark.parse_args(["--batch-size", "8"]))
     with pytest.raises(SystemExit, match="missing.json: cannot read it"):
         optimizer_benchmark.load_runs([str(tmp_path / "missing.json")], args)
+
+
+def test_compare_qkv_under_fp16_is_refused_in_one_line(tmp_path):
+    # its blocks' gradients are handed over at step(), after fp16's loss scaler would have unscaled them
+    with pytest.raises(SystemExit, match="--compare-qkv runs in fp32 or bf16"):
+        optimizer_benchmark.main(["--compare-qkv", "--dtype", "fp16", "--data-dir", str(tmp_path / "none")])
+    assert not (tmp_path / "none").exists()  # refused before the corpus is built

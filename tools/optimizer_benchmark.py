@@ -175,7 +175,7 @@ def val_curve(log_dir):
 
 class SplitQKV(optimizers.MuonAdamW):
     """MuonAdamW whose Muon orthogonalizes each c_attn's q, k and v blocks as three (C, C) matrices
-    instead of one (3C, C) matrix, for --qkv split. Muon steps three Parameters that are views of the
+    instead of one (3C, C) matrix, for --compare-qkv. Muon steps three Parameters that are views of the
     block's rows of c_attn.weight (they share its storage), and step() hands each the matching rows of
     c_attn's gradient. A measurement only: GradScaler (fp16) would not see these gradients."""
 
@@ -483,6 +483,8 @@ def repeat_shortest(runs, best, base, args):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.compare_qkv and args.dtype == "fp16":
+        sys.exit("--compare-qkv runs in fp32 or bf16: fp16's loss scaler would not unscale the q/k/v blocks")
     if args.threads:
         torch.set_num_threads(args.threads)
     prepare_corpus(args.data_dir, args.shard_size, args.corpus_seed)
